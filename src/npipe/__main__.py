@@ -1,0 +1,5 @@
+import sys
+
+from npipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""The ``npipe`` command: demo, health, call, ls.
+
+Exit codes: 0 ok, 1 the call failed (gRPC status printed), 2 bad usage or address.
+Errors are one line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from npipe.cli import commands
+from npipe.errors import AddressError, ConfigError, NpipeError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _common(top: bool) -> argparse.ArgumentParser:
+    # Accepted before and after the subcommand; the subcommand's copy must not reset
+    # what was given before it, hence SUPPRESS there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show tracebacks and debug logs",
+        default=False if top else argparse.SUPPRESS,
+    )
+    common.add_argument(
+        "--pipe-dir", metavar="DIR", help="where local pipes live (default: $NPIPE_PIPE_DIR, "
+        "$XDG_RUNTIME_DIR/npipe or /tmp/npipe-UID)", default=None if top else argparse.SUPPRESS,
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(top=False)
+    dial = argparse.ArgumentParser(add_help=False)
+    dial.add_argument("address", help=r"NAME, \\.\pipe\NAME, //./pipe/NAME or unix:/path")
+    dial.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    dial.add_argument(
+        "--server-user", metavar="USER",
+        help="trust a pipe served by USER (by default only by you or root)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="npipe", description="gRPC and byte streams over named pipes.",
+        parents=[_common(top=True)],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "demo", parents=[common], help="serve the Buy example on a pipe and call it through it",
+        description="Start MyService on a pipe, call Buy through the pipe, print both sides. "
+        "With --serve, keep serving until interrupted.",
+    )
+    p.add_argument("--pipe", default="npipe-demo", help="pipe name (default npipe-demo)")
+    p.add_argument("--id", default="apple", help="BuyRequest.id")
+    p.add_argument("--quantity", type=int, default=3, help="BuyRequest.quantity")
+    p.add_argument("--price", type=int, default=10, help="BuyRequest.price")
+    p.add_argument("--serve", action="store_true", help="keep serving instead of exiting")
+    p.add_argument("--acl", help="also allow: user:NAME,group:NAME,uid:N,gid:N,everyone")
+    p.set_defaults(func=commands.demo)
+
+    p = sub.add_parser(
+        "health", parents=[common, dial], help="check a gRPC server's health over a pipe",
+        description="Print the serving status (grpc.health.v1); exit 0 only when SERVING.",
+    )
+    p.add_argument("--service", default="", help="service name (default: the whole server)")
+    p.set_defaults(func=commands.health)
+
+    p = sub.add_parser(
+        "call", parents=[common, dial], help="call a gRPC method with JSON (via reflection)",
+        description="Call package.Service/Method with a JSON request, found through server "
+        "reflection; print the response(s) as JSON.",
+    )
+    p.add_argument("method", help="package.Service/Method")
+    p.add_argument("-d", "--data", default="{}", help="request as JSON (a list for streams)")
+    p.add_argument(
+        "-H", "--header", action="append", default=[], metavar="KEY:VALUE",
+        help="request metadata (repeatable)",
+    )
+    p.set_defaults(func=commands.call)
+
+    p = sub.add_parser("ls", parents=[common], help="list local pipes",
+                       description="List the pipes in the pipe directory and .NET's pipes.")
+    p.set_defaults(func=commands.ls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="npipe: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (AddressError, ConfigError, ValueError) as e:
+        return _fail(args, f"npipe: {e}", EXIT_USAGE)
+    except grpc.RpcError as e:
+        code = e.code() if hasattr(e, "code") else None
+        details = e.details() if hasattr(e, "details") else str(e)
+        name = code.name if code is not None else "UNKNOWN"
+        return _fail(args, f"npipe: call failed: {name}: {details}", EXIT_FAILED)
+    except (NpipeError, OSError) as e:
+        return _fail(args, f"npipe: {e}", EXIT_FAILED)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.debug:
+        logging.exception("failed")
+    print(message, file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""One exception type per kind of failure, all under :class:`NpipeError`.
+
+Each message names what failed and, where there is one, what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class NpipeError(Exception):
+    """Base class of every error npipe raises on purpose."""
+
+
+class AddressError(NpipeError, ValueError):
+    """A pipe address or pipe name is malformed."""
+
+
+class PipeNotFound(NpipeError, FileNotFoundError):
+    """Nothing is listening on the pipe."""
+
+
+class PipeBusy(NpipeError):
+    """The pipe exists but cannot take another connection now."""
+
+
+class PipeInUse(NpipeError):
+    """A live server already serves this pipe name (like FILE_FLAG_FIRST_PIPE_INSTANCE)."""
+
+
+class AccessDenied(NpipeError, PermissionError):
+    """The caller may not open the pipe, or the pipe's server is not the one expected."""
+
+
+class AuthenticationError(NpipeError):
+    """Credentials were refused."""
+
+
+class ConnectionLost(NpipeError, ConnectionError):
+    """The peer went away mid-stream."""
+
+
+class UnsupportedPlatform(NpipeError, NotImplementedError):
+    """This feature does not exist on this operating system (yet)."""
+
+
+class ConfigError(NpipeError, ValueError):
+    """A setting (ACL entry, pipe directory, option) is invalid."""

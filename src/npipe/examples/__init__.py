@@ -1,0 +1,1 @@
+"""Example services used by npipe's docs, CLI demos and tests."""

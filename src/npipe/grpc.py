@@ -1,0 +1,174 @@
+"""grpcio over pipes: serve on a pipe, dial a pipe, learn who called.
+
+Generated stubs and servicers are used unchanged::
+
+    server = grpc.server(ThreadPoolExecutor())
+    buy_pb2_grpc.add_MyServiceServicer_to_server(MyService(), server)
+    npipe.grpc.add_pipe_port(server, "shop")
+    server.start()
+
+    stub = buy_pb2_grpc.MyServiceStub(npipe.grpc.channel("shop"))
+
+The pipe's socket speaks plain gRPC (HTTP/2 with prior knowledge), so any gRPC
+client that dials ``unix:`` sockets reaches it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from npipe import frontdoor
+from npipe.acl import OWNER_ONLY, Acl
+from npipe.address import PipeAddress, parse_address
+from npipe.errors import UnsupportedPlatform
+from npipe.identity import Caller
+from npipe.local.dial import find_socket
+from npipe.local.paths import pipe_dir
+from npipe.streams import claim_pipe
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+__all__ = ["PipePort", "add_pipe_port", "aio_channel", "caller", "channel", "target"]
+
+
+class PipePort:
+    """A pipe that a grpcio server serves; closed when the server stops."""
+
+    def __init__(self, door: frontdoor.FrontDoor, address: PipeAddress) -> None:
+        self._door = door
+        self.address = address
+
+    @property
+    def path(self) -> Path:
+        return self._door.path
+
+    def close(self) -> None:
+        self._door.close()
+
+
+def add_pipe_port(
+    server: grpc.Server | grpc.aio.Server,
+    address: str | PipeAddress,
+    *,
+    acl: Acl = OWNER_ONLY,
+    pipe_dir: str | os.PathLike[str] | None = None,
+    dotnet: bool = False,
+) -> PipePort:
+    """Serve ``server`` on a pipe (``grpc.Server`` or ``grpc.aio.Server``, before start()).
+
+    Only the owner (and root) may connect unless ``acl`` allows more; the pipe is
+    given up when the server stops. ``dotnet=True`` listens where .NET looks on Linux
+    (``/tmp/CoreFxPipe_NAME``).
+    """
+    addr = parse_address(address)
+    if addr.is_remote:
+        raise UnsupportedPlatform(f"{addr} is remote: a server serves local pipe names only")
+    claimed = claim_pipe(addr, acl=acl, directory=pipe_dir, dotnet=dotnet)
+    try:
+        workdir = frontdoor.private_dir(_pipe_dir(pipe_dir))
+        backend = workdir / "grpc.sock"
+        if server.add_insecure_port(f"unix:{backend}") == 0:
+            raise OSError(f"grpcio could not listen on {backend}")
+    except BaseException:
+        claimed.release()
+        raise
+    door = frontdoor.FrontDoor(claimed, backend, workdir, acl)
+    door.start()
+    port = PipePort(door, addr)
+    _close_with(server, port)
+    return port
+
+
+def caller(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> Caller | None:
+    """Who made this call: the caller's identity inside a handler, None if not via a pipe."""
+    return frontdoor.lookup(context.peer())
+
+
+def target(
+    address: str | PipeAddress,
+    *,
+    server_user: str | int | None = None,
+    pipe_dir: str | os.PathLike[str] | None = None,
+) -> str:
+    """The grpcio target (``unix:/...``) for a pipe, after checking who serves it."""
+    addr = parse_address(address)
+    if addr.is_remote:
+        raise UnsupportedPlatform(
+            f"{addr} is a remote pipe: dialing pipes over SMB is not in this version"
+        )
+    return f"unix:{find_socket(addr, server_user=server_user, directory=pipe_dir)}"
+
+
+def channel(
+    address: str | PipeAddress,
+    *,
+    options: ChannelOptions = (),
+    compression: grpc.Compression | None = None,
+    server_user: str | int | None = None,
+    pipe_dir: str | os.PathLike[str] | None = None,
+) -> grpc.Channel:
+    """A grpcio channel to a pipe; generated stubs use it unchanged."""
+    tgt = target(address, server_user=server_user, pipe_dir=pipe_dir)
+    return grpc.insecure_channel(tgt, options=_options(options), compression=compression)
+
+
+def aio_channel(
+    address: str | PipeAddress,
+    *,
+    options: ChannelOptions = (),
+    compression: grpc.Compression | None = None,
+    server_user: str | int | None = None,
+    pipe_dir: str | os.PathLike[str] | None = None,
+) -> grpc.aio.Channel:
+    """A ``grpc.aio`` channel to a pipe."""
+    tgt = target(address, server_user=server_user, pipe_dir=pipe_dir)
+    return grpc.aio.insecure_channel(tgt, options=_options(options), compression=compression)
+
+
+def _options(options: ChannelOptions) -> list[tuple[str, Any]]:
+    # .NET's Kestrel and others route by :authority; a pipe has no host, so say localhost.
+    opts = list(options)
+    if not any(k == "grpc.default_authority" for k, _ in opts):
+        opts.append(("grpc.default_authority", "localhost"))
+    return opts
+
+
+def _pipe_dir(override: str | os.PathLike[str] | None) -> Path:
+    from npipe.local.paths import ensure_pipe_dir
+
+    return ensure_pipe_dir(pipe_dir(override))
+
+
+def _close_with(server: grpc.Server | grpc.aio.Server, port: PipePort) -> None:
+    """Give up the pipe when the server stops (or is collected).
+
+    grpcio has no stop callback, so the instance's ``stop`` is wrapped; the front
+    door stops accepting at once and live calls drain as grpcio's grace allows.
+    """
+    weakref.finalize(server, port.close)
+    stop = server.stop
+    if asyncio.iscoroutinefunction(stop):
+
+        @functools.wraps(stop)
+        async def astop(grace: float | None) -> None:
+            port.close()
+            await stop(grace)
+
+        server.stop = astop
+    else:
+
+        @functools.wraps(stop)
+        def sstop(grace: float | None) -> Any:
+            port.close()
+            return stop(grace)
+
+        server.stop = sstop

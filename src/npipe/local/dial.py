@@ -1,0 +1,52 @@
+"""Finding and checking a local pipe's socket before connecting to it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from npipe.address import PipeAddress
+from npipe.errors import AccessDenied, PipeBusy, PipeNotFound
+from npipe.identity import user_name
+from npipe.local.paths import candidate_paths, check_trusted_path, trusted_uids
+from npipe.local.peercred import peer_credentials
+
+
+def find_socket(
+    addr: PipeAddress,
+    *,
+    server_user: str | int | None = None,
+    directory: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The trusted socket path of a local pipe; PipeNotFound / AccessDenied otherwise."""
+    paths = candidate_paths(addr, directory=directory)
+    for path in paths:
+        if os.path.lexists(path):
+            check_trusted_path(path, trusted_uids(server_user))
+            return path
+    where = " or ".join(str(p) for p in paths)
+    raise PipeNotFound(f"no pipe {addr}: nothing at {where}; is its server running?")
+
+
+def check_server(sock: socket.socket, path: Path, server_user: str | int | None) -> None:
+    """Refuse a connected socket whose listener runs as a user the caller did not trust."""
+    _pid, uid, _gid = peer_credentials(sock)
+    if uid not in trusted_uids(server_user):
+        raise AccessDenied(
+            f"pipe {path} is served by {user_name(uid) or uid}, not by you or root: "
+            "name the server user you expect (server_user=...) if you trust it"
+        )
+
+
+def connect_error(exc: OSError, path: Path) -> Exception:
+    """Turn a failed connect() into npipe's error for it."""
+    if isinstance(exc, ConnectionRefusedError):
+        return PipeNotFound(f"pipe {path} has no server (a stale socket); is it running?")
+    if isinstance(exc, FileNotFoundError):
+        return PipeNotFound(f"pipe {path} went away")
+    if isinstance(exc, PermissionError):
+        return AccessDenied(f"no permission to open pipe {path}")
+    if isinstance(exc, BlockingIOError):
+        return PipeBusy(f"pipe {path} is busy (its backlog is full); try again")
+    return exc

@@ -1,0 +1,161 @@
+"""Raw byte streams over pipes, mirroring ``asyncio.open_connection`` / ``start_server``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from npipe.acl import OWNER_ONLY, Acl
+from npipe.address import PipeAddress, parse_address
+from npipe.errors import UnsupportedPlatform
+from npipe.identity import Caller
+from npipe.local.dial import check_server, connect_error, find_socket
+from npipe.local.listener import ClaimedSocket, claim
+from npipe.local.paths import pipe_dir, socket_path
+from npipe.local.peercred import peer_caller
+
+log = logging.getLogger("npipe.streams")
+
+# asyncio's default StreamReader limit; a full buffer pauses reading (backpressure).
+DEFAULT_LIMIT = 64 * 1024
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+_callers: weakref.WeakKeyDictionary[asyncio.StreamWriter, Caller] = weakref.WeakKeyDictionary()
+
+
+def caller(writer: asyncio.StreamWriter) -> Caller:
+    """The identity of the peer of a server-side stream (inside a start_server handler)."""
+    try:
+        return _callers[writer]
+    except KeyError:
+        raise LookupError("this stream was not accepted by an npipe server") from None
+
+
+async def open_connection(
+    address: str | PipeAddress,
+    *,
+    server_user: str | int | None = None,
+    pipe_dir: str | os.PathLike[str] | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a pipe and return asyncio streams.
+
+    A local pipe must be served by this user, root, or ``server_user``: anything else
+    is refused with AccessDenied before a byte is sent.
+    """
+    addr = parse_address(address)
+    if addr.is_remote:
+        raise _remote_unsupported(addr)
+    path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+    try:
+        reader, writer = await asyncio.open_unix_connection(os.fspath(path), limit=limit)
+    except OSError as e:
+        raise connect_error(e, path) from e
+    try:
+        check_server(writer.get_extra_info("socket"), path, server_user)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+class PipeServer:
+    """A running pipe server; close it (or use ``async with``) to give up the name."""
+
+    def __init__(self, server: asyncio.Server, claimed: ClaimedSocket, address: PipeAddress):
+        self._server = server
+        self._claimed = claimed
+        self.address = address
+
+    @property
+    def path(self) -> Path:
+        return self._claimed.path
+
+    def close(self) -> None:
+        self._server.close()
+        self._claimed.release()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def __aenter__(self) -> PipeServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def start_server(
+    handler: Handler,
+    address: str | PipeAddress,
+    *,
+    acl: Acl = OWNER_ONLY,
+    pipe_dir: str | os.PathLike[str] | None = None,
+    dotnet: bool = False,
+    limit: int = DEFAULT_LIMIT,
+) -> PipeServer:
+    """Serve ``handler(reader, writer)`` on a pipe; ``npipe.caller(writer)`` says who called.
+
+    Callers the ACL does not allow are closed before the handler runs, and logged.
+    """
+    addr = parse_address(address)
+    if addr.is_remote:
+        raise _remote_unsupported(addr)
+    claimed = claim_pipe(addr, acl=acl, directory=pipe_dir, dotnet=dotnet)
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        who = peer_caller(writer.get_extra_info("socket"))
+        if not acl.allows(who):
+            log.warning("refused %s on pipe %s: not allowed by its ACL", who, addr)
+            writer.close()
+            return
+        _callers[writer] = who
+        try:
+            await handler(reader, writer)
+        except Exception:
+            log.exception("handler failed for %s on pipe %s", who, addr)
+        finally:
+            writer.close()
+
+    claimed.sock.setblocking(False)
+    try:
+        server = await asyncio.start_unix_server(on_connect, sock=claimed.sock, limit=limit)
+    except BaseException:
+        claimed.release()
+        raise
+    return PipeServer(server, claimed, addr)
+
+
+def claim_pipe(
+    addr: PipeAddress,
+    *,
+    acl: Acl = OWNER_ONLY,
+    directory: str | os.PathLike[str] | None = None,
+    dotnet: bool = False,
+) -> ClaimedSocket:
+    """Bind the public socket of a local pipe, open to others only if the ACL says so."""
+    path = socket_path(addr, directory=directory, dotnet=dotnet)
+    mode = 0o600 if acl == OWNER_ONLY else 0o666  # the ACL itself is checked per connection
+    lock_dir = pipe_dir(directory)
+    claimed = claim(path, lock_dir, mode=mode)
+    if mode != 0o600 and path.parent == lock_dir:
+        os.chmod(lock_dir, 0o711)  # others may traverse to this socket, not list the pipes
+    return claimed
+
+
+def _remote_unsupported(addr: PipeAddress) -> UnsupportedPlatform:
+    return UnsupportedPlatform(
+        f"{addr} is a remote pipe: dialing and serving pipes over SMB is not in this version"
+    )
+
+
+__all__ = ["PipeServer", "caller", "claim_pipe", "open_connection", "start_server"]

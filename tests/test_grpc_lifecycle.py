@@ -1,0 +1,255 @@
+"""A gRPC pipe's life: claiming the name, giving it up on stop, and what clients see."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_support import (
+    WAIT,
+    aio_serve,
+    method,
+    run_async,
+    serve,
+    temp_pipe_dir,
+    wait_until,
+)
+
+import npipe
+import npipe.grpc
+
+
+@pytest.fixture
+def pipe_dir() -> Iterator[Path]:
+    with temp_pipe_dir() as d:
+        yield d
+
+
+def _leftovers(pipe_dir: Path) -> list[str]:
+    """What is left in a pipe directory besides lock files (which npipe keeps)."""
+    return sorted(n for n in os.listdir(pipe_dir) if not n.startswith(".lock-"))
+
+
+def _echo(pipe_dir: Path, name: str = "svc", payload: bytes = b"ping") -> bytes:
+    with npipe.grpc.channel(name, pipe_dir=pipe_dir) as chan:
+        return chan.unary_unary(method("Echo"))(payload, timeout=WAIT)
+
+
+# --- stopping ----------------------------------------------------------------------------------
+
+
+def test_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
+    with serve(pipe_dir) as s, npipe.grpc.channel("svc", pipe_dir=pipe_dir) as chan:
+        path = s.path
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        call = chan.unary_stream(method("Forever"))(b"", timeout=20)
+        assert [next(call) for _ in range(3)] == [b"0", b"1", b"2"]
+
+        start = time.monotonic()
+        stopped = s.server.stop(0)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+        elapsed = time.monotonic() - start
+        # grpcio 1.85 reports a server going away mid-call as UNAVAILABLE (its GOAWAY);
+        # CANCELLED would mean the stream was reset instead.
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert elapsed < 5.0, elapsed
+        assert stopped.wait(WAIT)
+        assert s.probe.terminated.wait(5.0)
+        assert not os.path.lexists(path)
+        assert _leftovers(pipe_dir) == []  # the private backend dir went too
+        with pytest.raises(npipe.PipeNotFound):
+            npipe.grpc.channel("svc", pipe_dir=pipe_dir)
+
+
+def test_aio_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
+    async def scenario() -> None:
+        async with aio_serve(pipe_dir) as s, npipe.grpc.aio_channel(
+            "svc", pipe_dir=pipe_dir
+        ) as chan:
+            path = s.path
+            call = chan.unary_stream(method("Forever"))(b"", timeout=20)
+            assert [await call.read() for _ in range(3)] == [b"0", b"1", b"2"]
+            start = time.monotonic()
+            await asyncio.wait_for(s.server.stop(0), WAIT)
+            code = await asyncio.wait_for(call.code(), WAIT)
+            assert code == grpc.StatusCode.UNAVAILABLE, await call.details()
+            assert time.monotonic() - start < 5.0
+            assert s.probe.stream_ended.is_set()
+            assert not os.path.lexists(path)
+            assert _leftovers(pipe_dir) == []
+
+    run_async(scenario)
+
+
+def test_stop_with_grace_lets_live_calls_finish_but_frees_the_name(pipe_dir: Path) -> None:
+    with serve(pipe_dir) as s, npipe.grpc.channel("svc", pipe_dir=pipe_dir) as chan:
+        slow = chan.unary_unary(method("Sleep")).future(b"0.5", timeout=WAIT)
+        assert wait_until(lambda: "Sleep" in s.probe.handled)
+        stopped = s.server.stop(5)
+        # The name is given up at once: no new client can find it ...
+        assert not os.path.lexists(s.path)
+        with pytest.raises(npipe.PipeNotFound):
+            npipe.grpc.channel("svc", pipe_dir=pipe_dir)
+        # ... while the call in flight finishes within the grace period.
+        assert slow.result(timeout=WAIT) == b"slept"
+        assert stopped.wait(WAIT)
+
+
+def test_name_can_be_served_again_after_stop(pipe_dir: Path) -> None:
+    with serve(pipe_dir) as first:
+        assert _echo(pipe_dir, payload=b"one") == b"one"
+        first.server.stop(None).wait(WAIT)
+    with serve(pipe_dir) as second:
+        assert _echo(pipe_dir, payload=b"two") == b"two"
+        assert second.probe.handled == ["Echo"]
+    assert _leftovers(pipe_dir) == []
+
+
+def test_aio_stop_frees_the_name(pipe_dir: Path) -> None:
+    async def scenario() -> Path:
+        async with aio_serve(pipe_dir) as s:
+            assert await asyncio.to_thread(_echo, pipe_dir) == b"ping"
+            await s.server.stop(None)
+            return s.path
+
+    path = run_async(scenario)
+    assert not os.path.lexists(path)
+    assert _leftovers(pipe_dir) == []
+
+
+def test_collected_server_gives_up_the_pipe(pipe_dir: Path) -> None:
+    """add_pipe_port without start, then the server is dropped: the pipe goes with it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    path = npipe.grpc.add_pipe_port(server, "svc", pipe_dir=pipe_dir).path
+    assert os.path.lexists(path)
+    del server
+    assert wait_until(lambda: gc.collect() >= 0 and not os.path.lexists(path), 5.0)
+
+
+# --- finding a pipe ----------------------------------------------------------------------------
+
+
+def test_missing_pipe_is_pipe_not_found(pipe_dir: Path) -> None:
+    with pytest.raises(npipe.PipeNotFound):
+        npipe.grpc.channel("nobody", pipe_dir=pipe_dir)
+    with pytest.raises(npipe.PipeNotFound):
+        npipe.grpc.aio_channel("nobody", pipe_dir=pipe_dir)
+    with pytest.raises(FileNotFoundError):  # PipeNotFound is one
+        npipe.grpc.channel("nobody", pipe_dir=pipe_dir)
+
+
+def test_pipe_names_are_case_insensitive(pipe_dir: Path) -> None:
+    with serve(pipe_dir, "MixedCase") as s:
+        assert s.path.name == "mixedcase"
+        assert _echo(pipe_dir, "MIXEDCASE") == b"ping"
+        assert _echo(pipe_dir, r"\\.\pipe\mixedcase") == b"ping"
+        assert _echo(pipe_dir, f"unix:{s.path}") == b"ping"
+
+
+# --- claiming a name ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second_name", ["svc", "SVC"])
+def test_second_server_on_live_name_is_pipe_in_use(pipe_dir: Path, second_name: str) -> None:
+    with serve(pipe_dir) as first:
+        before = os.lstat(first.path)
+        second = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        with pytest.raises(npipe.PipeInUse):
+            npipe.grpc.add_pipe_port(second, second_name, pipe_dir=pipe_dir)
+        second.stop(None)
+        after = os.lstat(first.path)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+        assert _echo(pipe_dir, payload=b"still here") == b"still here"
+        assert first.probe.handled == ["Echo"]
+        assert len([n for n in _leftovers(pipe_dir) if n.startswith(".srv-")]) == 1
+
+
+def test_aio_second_server_on_live_name_is_pipe_in_use(pipe_dir: Path) -> None:
+    async def scenario() -> None:
+        async with aio_serve(pipe_dir):
+            second = grpc.aio.server()
+            with pytest.raises(npipe.PipeInUse):
+                npipe.grpc.add_pipe_port(second, "svc", pipe_dir=pipe_dir)
+            assert await asyncio.to_thread(_echo, pipe_dir) == b"ping"
+
+    run_async(scenario)
+
+
+def _connect(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(WAIT)
+        probe.connect(os.fspath(path))
+
+
+@pytest.mark.parametrize("listened", [False, True], ids=["bound", "listened"])
+def test_stale_socket_is_replaced(pipe_dir: Path, listened: bool) -> None:
+    path = pipe_dir / "svc"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.fspath(path))
+    if listened:
+        stale.listen(1)
+    stale.close()  # without unlinking: what a crashed server leaves behind
+    os.chmod(path, 0o644)  # a mark the new socket will not have (inode numbers get reused)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    with pytest.raises(ConnectionRefusedError):
+        _connect(path)
+
+    with serve(pipe_dir) as s:
+        assert s.path == path
+        new = os.lstat(path)
+        assert stat.S_ISSOCK(new.st_mode)
+        assert stat.S_IMODE(new.st_mode) == 0o600  # a new socket, owner-only as its ACL says
+        _connect(path)
+        assert _echo(pipe_dir) == b"ping"
+    assert not os.path.lexists(path)
+
+
+def _make_file(path: Path) -> None:
+    path.write_bytes(b"precious data\n")
+    os.chmod(path, 0o640)
+
+
+def _make_dir(path: Path) -> None:
+    path.mkdir()
+    (path / "inside").write_text("x")
+
+
+def _make_symlink(path: Path) -> None:
+    target = path.with_name("target")
+    target.write_text("target")
+    os.symlink(target, path)
+
+
+@pytest.mark.parametrize("make", [_make_file, _make_dir, _make_symlink], ids=lambda f: f.__name__)
+def test_non_socket_at_the_path_is_pipe_in_use_and_untouched(
+    pipe_dir: Path, make: Callable[[Path], None]
+) -> None:
+    path = pipe_dir / "svc"
+    make(path)
+    before = os.lstat(path)
+    listing = sorted(os.listdir(pipe_dir))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    with pytest.raises(npipe.PipeInUse):
+        npipe.grpc.add_pipe_port(server, "svc", pipe_dir=pipe_dir)
+    server.stop(None)
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_mode, before.st_size, before.st_mtime_ns,
+    )
+    if make is _make_file:
+        assert path.read_bytes() == b"precious data\n"
+    assert [n for n in sorted(os.listdir(pipe_dir)) if not n.startswith(".lock-")] == [
+        n for n in listing if not n.startswith(".lock-")
+    ]
