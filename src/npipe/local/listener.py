@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import secrets
@@ -49,6 +48,8 @@ def claim(path: Path, lock_dir: Path, *, mode: int = 0o600) -> ClaimedSocket:
 
     ``lock_dir`` is the (private) pipe directory; the lock is per socket path.
     """
+    import fcntl  # POSIX only; importing npipe must work on Windows too
+
     ensure_pipe_dir(lock_dir)
     digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
     lock_path = lock_dir / f".lock-{digest}"

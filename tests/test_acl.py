@@ -1,0 +1,65 @@
+"""ACLs and caller identities (platform-neutral)."""
+
+from __future__ import annotations
+
+import pytest
+
+from npipe import Acl, Caller, ConfigError
+from npipe.acl import OWNER_ONLY
+
+OWNER = 1000
+
+
+def local(uid: int, gid: int = 100, groups: tuple[int, ...] = ()) -> Caller:
+    return Caller("local", uid=uid, gid=gid, pid=42, groups=groups, user=f"u{uid}")
+
+
+def test_owner_only_by_default() -> None:
+    assert OWNER_ONLY.allows(local(OWNER), owner_uid=OWNER)
+    assert OWNER_ONLY.allows(local(0), owner_uid=OWNER)  # root
+    assert not OWNER_ONLY.allows(local(1001), owner_uid=OWNER)
+
+
+def test_users_groups_and_supplementary_groups() -> None:
+    acl = Acl.allow(users=[1001], groups=[500])
+    assert acl.allows(local(1001), owner_uid=OWNER)
+    assert acl.allows(local(1002, gid=500), owner_uid=OWNER)
+    assert acl.allows(local(1003, groups=(7, 500)), owner_uid=OWNER)
+    assert not acl.allows(local(1004, gid=501, groups=(7,)), owner_uid=OWNER)
+
+
+def test_everyone() -> None:
+    assert Acl.parse("everyone").allows(local(4242), owner_uid=OWNER)
+
+
+def test_remote_callers_by_sid_and_account() -> None:
+    acl = Acl.allow(users=["NPIPE\\alice"], sids=["S-1-5-21-1-2-3-1104"])
+    alice = Caller("smb", account="alice", domain="NPIPE", sids=("S-1-5-21-9-9-9-500",))
+    bob = Caller("smb", account="bob", domain="NPIPE", sids=("s-1-5-21-1-2-3-1104",))
+    eve = Caller("smb", account="eve", domain="NPIPE", sids=("S-1-5-21-1-2-3-666",))
+    assert acl.allows(alice, owner_uid=OWNER)
+    assert acl.allows(bob, owner_uid=OWNER)  # SIDs compare case-insensitively
+    assert not acl.allows(eve, owner_uid=OWNER)
+
+
+def test_parse_forms() -> None:
+    acl = Acl.parse("uid:1001, gid:500,sid:S-1-5-32-544")
+    assert acl.uids == {1001} and acl.gids == {500} and acl.sids == {"S-1-5-32-544"}
+
+
+@pytest.mark.parametrize("text", ["user", "uid:abc", "group:", "sid:X-1", "admin:1", "everyone:x"])
+def test_parse_rejects(text: str) -> None:
+    with pytest.raises(ConfigError):
+        Acl.parse(text)
+
+
+def test_unknown_user_fails_at_construction() -> None:
+    pytest.importorskip("pwd")
+    with pytest.raises(ConfigError, match="unknown user 'no-such-user-xyz'"):
+        Acl.allow(users=["no-such-user-xyz"])
+
+
+def test_caller_text() -> None:
+    assert str(local(1000)) == "u1000 uid=1000 pid=42"
+    remote = Caller("smb", account="alice", domain="NPIPE", address="198.18.0.2", port=50000)
+    assert str(remote) == "NPIPE\\alice from 198.18.0.2:50000"

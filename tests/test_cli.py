@@ -1,0 +1,152 @@
+"""The npipe command, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+NPIPE = [sys.executable, "-m", "npipe"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NPIPE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def served(pipe_dir: Path) -> Iterator[str]:
+    """`npipe demo --serve` in the background, on a pipe named shop."""
+    proc = subprocess.Popen([*NPIPE, "demo", "--serve", "--pipe", "shop"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (pipe_dir / "shop").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "npipe demo --serve did not start"
+        time.sleep(0.05)
+    yield "shop"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_demo_serves_and_calls_through_a_pipe(pipe_dir: Path) -> None:
+    r = run("demo")
+    assert r.returncode == 0, r.stderr
+    assert "request:  BuyRequest(id='apple', quantity=3, price=10)" in r.stdout
+    assert "bought 3 x 'apple' for 30 (caller: " in r.stdout
+    assert f"uid={os.getuid()}" in r.stdout
+    assert not (pipe_dir / "npipe-demo").exists(), "the demo leaves no socket behind"
+
+
+def test_demo_with_other_values(pipe_dir: Path) -> None:
+    r = run("demo", "--pipe", r"\\.\pipe\Other", "--id", "pear", "--quantity", "4",
+            "--price", "25")
+    assert r.returncode == 0, r.stderr
+    assert "bought 4 x 'pear' for 100" in r.stdout
+
+
+def test_demo_invalid_request_fails_with_status(pipe_dir: Path) -> None:
+    r = run("demo", "--quantity", "0")
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "npipe: call failed: INVALID_ARGUMENT: quantity must be positive, got 0"
+    )
+
+
+def test_health_serving(served: str) -> None:
+    r = run("health", served)
+    assert (r.returncode, r.stdout.strip()) == (0, "SERVING"), r.stderr
+    r = run("health", f"//./pipe/{served}", "--service", "buy.MyService")
+    assert (r.returncode, r.stdout.strip()) == (0, "SERVING"), r.stderr
+
+
+def test_health_unknown_service(served: str) -> None:
+    r = run("health", served, "--service", "nope.Nope")
+    assert r.returncode == 1
+    assert r.stdout.startswith("SERVICE_UNKNOWN")
+
+
+def test_call_via_reflection(served: str) -> None:
+    r = run("call", served, "buy.MyService/Buy", "-d",
+            '{"id": "pear", "quantity": 2, "price": 7}')
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)["result"]
+    assert result.startswith("bought 2 x 'pear' for 14 (caller: ")
+
+
+def test_call_failure_prints_status(served: str) -> None:
+    r = run("call", served, "buy.MyService/Buy", "-d", '{"id": "", "quantity": 1}')
+    assert r.returncode == 1
+    assert r.stderr.strip() == "npipe: call failed: INVALID_ARGUMENT: id must not be empty"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("buy.MyService/Nope", "-d", "{}"), "has no method 'Nope'"),
+        (("nope.Svc/M", "-d", "{}"), "buy.MyService"),  # lists what there is
+        (("buy.MyService/Buy", "-d", "{not json"), "JSON"),
+        (("buy.MyService/Buy", "-d", '{"idx": 1}'), "idx"),
+        (("buy.MyService/Buy", "-H", "no-colon"), "KEY:VALUE"),
+        (("Buy",), "method"),
+    ],
+)
+def test_call_usage_errors(served: str, args: tuple[str, ...], message: str) -> None:
+    r = run("call", served, *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ls_shows_live_pipes(served: str, pipe_dir: Path) -> None:
+    r = run("ls")
+    assert r.returncode == 0
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("shop"))
+    assert line.split()[1] == "live" and str(pipe_dir / "shop") in line
+
+
+def test_ls_empty(pipe_dir: Path) -> None:
+    r = run("ls")
+    assert r.returncode == 0 and "no pipes" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "address", [r"\\.\pipe\a\b", "//./pipe/..", "unix:relative", "//h:0/pipe/x", ""]
+)
+def test_bad_address_is_exit_2_one_line(pipe_dir: Path, address: str) -> None:
+    r = run("health", address)
+    assert r.returncode == 2
+    assert r.stderr.startswith("npipe: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_pipe_is_exit_1(pipe_dir: Path) -> None:
+    r = run("health", "nosuch")
+    assert r.returncode == 1
+    assert "no pipe" in r.stderr and "nosuch" in r.stderr
+
+
+def test_debug_shows_traceback(pipe_dir: Path) -> None:
+    r = run("health", "nosuch", "--debug")
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_remote_address_says_what_is_missing(pipe_dir: Path) -> None:
+    r = run("health", "//server1/pipe/x")
+    assert r.returncode == 1
+    assert "remote pipe" in r.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["health"], ["call"], ["ls"]])
+def test_help_everywhere(command: list[str]) -> None:
+    r = run(*command, "--help")
+    assert r.returncode == 0 and "usage: npipe" in r.stdout
+
+
+def test_no_command_is_usage_error() -> None:
+    r = run()
+    assert r.returncode == 2 and "usage" in r.stderr
