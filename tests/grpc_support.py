@@ -454,21 +454,22 @@ with grpc.insecure_channel("unix:/nonexistent/warm-up") as _warm:
     except grpc.RpcError as _e:
         _e.code(), _e.details()
 _uid, _gid = int(sys.argv[1]), int(sys.argv[2])
+_groups = [int(g) for g in sys.argv[3].split(",") if g]
 if _uid >= 0:
-    os.setgroups([])
+    os.setgroups(_groups)
     os.setgid(_gid)
     os.setuid(_uid)
     assert os.getresuid() == (_uid,) * 3 and os.getresgid() == (_gid,) * 3
-    assert os.getgroups() == []
+    assert sorted(os.getgroups()) == sorted(_groups)
 def result(value):
     print("RESULT " + json.dumps(value), flush=True)
 """
 
 
-def _child_argv(body: str, user: TestUser | None) -> list[str]:
+def _child_argv(body: str, user: TestUser | None, groups: tuple[int, ...] = ()) -> list[str]:
     script = _PRELUDE + textwrap.dedent(body)
     uid, gid = (user.uid, user.gid) if user else (-1, -1)
-    return [sys.executable, "-c", script, str(uid), str(gid)]
+    return [sys.executable, "-c", script, str(uid), str(gid), ",".join(map(str, groups))]
 
 
 def _child_env() -> dict[str, str]:
@@ -491,13 +492,20 @@ class ChildResult:
         return self.result
 
 
-def run_python(body: str, user: TestUser | None = None, timeout: float = 30.0) -> ChildResult:
+def run_python(
+    body: str,
+    user: TestUser | None = None,
+    *,
+    groups: tuple[int, ...] = (),
+    timeout: float = 30.0,
+) -> ChildResult:
     """Run ``body`` in a new Python process (as ``user`` if given, else as this user).
 
-    The body may call ``result(value)`` to hand a JSON value back.
+    ``user`` gets exactly the supplementary ``groups`` (none by default). The body may
+    call ``result(value)`` to hand a JSON value back.
     """
     proc = subprocess.Popen(
-        _child_argv(body, user), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        _child_argv(body, user, groups), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL, text=True, cwd="/", env=_child_env(),
     )
     try:

@@ -6,6 +6,7 @@ root these tests skip, or fail when CI=true (see grpc_support.require_root).
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
@@ -208,3 +209,32 @@ def test_client_trusts_another_users_pipe_only_when_named(
             who = json.loads(chan.unary_unary(method("Whoami"))(b"", timeout=WAIT))
         assert (who["uid"], who["pid"]) == (0, os.getpid())
     assert not os.path.lexists(path)  # t2's server gave up its pipe on stop
+
+
+def test_supplementary_group_in_acl(shared_dir: Path, t1: TestUser) -> None:
+    """SO_PEERGROUPS: a caller allowed only through a supplementary group."""
+    try:
+        group = grp.getgrnam("users")
+    except KeyError:
+        pytest.skip("no 'users' group on this system")
+    assert group.gr_gid != t1.gid
+    with serve(shared_dir, acl=npipe.Acl.allow(groups=[group.gr_name])) as s:
+        body = whoami_client("svc", shared_dir, server_user=0)
+        member = run_python(body, user=t1, groups=(group.gr_gid,))
+        outsider = run_python(body, user=t1)
+        assert len(s.probe.callers) == 1
+    caller = member.check()["caller"]
+    assert (caller["uid"], caller["pid"]) == (t1.uid, member.pid)
+    assert group.gr_gid in caller["groups"]
+    assert outsider.check().get("code") == "UNAVAILABLE"
+
+
+def test_unreachable_pipe_dir_is_access_denied_not_pipe_not_found(t1: TestUser) -> None:
+    """BUG: a live pipe in a directory the client may not enter is reported as missing.
+
+    find_socket() uses os.path.lexists(), which turns EACCES into False, so the client
+    hears "nothing at ...; is its server running?" about a running server.
+    """
+    with temp_pipe_dir() as private, serve(private):  # 0700: root's private pipe dir
+        outcome = run_python(whoami_client("svc", private, server_user=0), user=t1).check()
+    assert outcome.get("error") == "AccessDenied", outcome
