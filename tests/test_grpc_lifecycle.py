@@ -253,3 +253,61 @@ def test_non_socket_at_the_path_is_pipe_in_use_and_untouched(
     assert [n for n in sorted(os.listdir(pipe_dir)) if not n.startswith(".lock-")] == [
         n for n in listing if not n.startswith(".lock-")
     ]
+
+
+# --- unusual but valid paths and names ---------------------------------------------------------
+
+
+def _dir_for_path_length(base: Path, name: str, length: int) -> Path:
+    """A pipe dir under ``base`` such that ``<dir>/<name>`` is exactly ``length`` bytes."""
+    pad = length - len(os.fsencode(base)) - 2 - len(name)  # two slashes
+    assert pad > 0
+    return base / ("d" * pad)
+
+
+@pytest.mark.parametrize("length", [80, 87, 88, 98, 107])
+def test_pipe_path_up_to_the_limit_can_be_served(pipe_dir: Path, length: int) -> None:
+    """BUG (88 and up): socket_path() accepts pipe paths up to 107 bytes, but serving one
+    over 87 bytes (here, name "svc") fails with grpcio's RuntimeError or a bare OSError:
+    the backend socket ``<dir>/.srv-XXXXXXXX/grpc.sock`` and the claim's temporary name
+    ``<dir>/.svc.XXXXXXXX`` are longer than the pipe path and overflow sun_path."""
+    directory = _dir_for_path_length(pipe_dir, "svc", length)
+    assert len(os.fsencode(directory / "svc")) == length
+    with serve(directory) as s:
+        assert len(os.fsencode(s.path)) == length
+        assert _echo(directory) == b"ping"
+
+
+def test_failed_add_pipe_port_leaves_nothing_behind(pipe_dir: Path) -> None:
+    """BUG: when grpcio cannot listen, add_pipe_port gives up the pipe name but leaves
+    its private ``.srv-*`` directory in the pipe directory."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_insecure_port = lambda address: 0  # grpcio's "could not bind"
+    with pytest.raises(OSError):
+        npipe.grpc.add_pipe_port(server, "svc", pipe_dir=pipe_dir)
+    assert not os.path.lexists(pipe_dir / "svc")  # the name was given up ...
+    assert _leftovers(pipe_dir) == []  # ... and so should the backend directory be
+
+
+URI_NAMES = ["sp ace", "uni-é✓", "col:on", "br[a]", "q?x", "hash#x", "pct%41x"]
+
+
+@pytest.mark.parametrize("name", URI_NAMES)
+def test_pipe_names_with_uri_characters(pipe_dir: Path, name: str) -> None:
+    """BUG for ?, # and %XX: npipe accepts these names and serves them, but target()
+    hands grpcio ``unix:<path>`` unescaped; grpcio parses it as a URI, so the client dials
+    ``.../q`` for "q?x", ``.../hash`` for "hash#x" and ``.../pctAx`` for "pct%41x"."""
+    with serve(pipe_dir, name) as s:
+        assert s.path.name == name.lower()
+        assert _echo(pipe_dir, name) == b"ping"
+
+
+@pytest.mark.parametrize("odd", ["a b", "a?b", "a#b", "a%41b"])
+def test_pipe_dir_with_uri_characters(pipe_dir: Path, odd: str) -> None:
+    """BUG for ?, # and %XX: add_pipe_port gives grpcio ``unix:<dir>/.srv-*/grpc.sock``
+    unescaped, so grpcio listens somewhere else (``<base>/a`` for "a#b": outside the
+    private directory) or cannot bind at all."""
+    directory = pipe_dir / odd
+    with serve(directory):
+        assert _echo(directory) == b"ping"
+        assert not os.path.lexists(pipe_dir / "a")  # nothing escaped the pipe dir

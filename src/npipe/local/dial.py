@@ -21,10 +21,22 @@ def find_socket(
 ) -> Path:
     """The trusted socket path of a local pipe; PipeNotFound / AccessDenied otherwise."""
     paths = candidate_paths(addr, directory=directory)
+    unreachable: list[Path] = []
     for path in paths:
-        if os.path.lexists(path):
-            check_trusted_path(path, trusted_uids(server_user))
-            return path
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            unreachable.append(path)  # a live pipe may be behind a directory we cannot enter
+            continue
+        check_trusted_path(path, trusted_uids(server_user))
+        return path
+    if unreachable:
+        raise AccessDenied(
+            f"no permission to reach pipe {addr} at {unreachable[0]}: a directory above it "
+            "is closed to you"
+        )
     where = " or ".join(str(p) for p in paths)
     raise PipeNotFound(f"no pipe {addr}: nothing at {where}; is its server running?")
 
