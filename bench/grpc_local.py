@@ -15,7 +15,7 @@ The transports are measured round-robin over several rounds (the order rotates e
 round); each round gives a p50, a p99 and a median throughput per transport, and the
 table shows the median over the rounds and the ratio to the plain Unix socket.
 
-    python bench/grpc_local.py                  # 7 rounds, about a minute
+    python bench/grpc_local.py                  # 7 rounds, about a minute on 2 CPUs
     python bench/grpc_local.py --quick          # smoke run, a few seconds
     python bench/grpc_local.py --json out.json --plot out.png
     python bench/grpc_local.py --variants       # also the relay experiments (see README)
@@ -57,7 +57,7 @@ CALL_TIMEOUT_S = 60.0
 PIPE_NAME = "bench"
 BASELINE = "unix"
 
-MAIN_TRANSPORTS = ("tcp", "unix", "npipe")
+MAIN_TRANSPORTS = ("tcp", "unix", "npipe", "npipe-direct")
 # Experiments on the front door's relay (not part of the default run; see bench/README.md).
 VARIANTS = {
     "npipe-splice": "npipe, relay threads move bytes with os.splice (no copy to user space)",
@@ -70,6 +70,7 @@ DESCRIPTIONS = {
     "tcp": "grpcio, TCP 127.0.0.1",
     "unix": "grpcio, plain Unix socket",
     "npipe": "npipe local pipe (front door + caller())",
+    "npipe-direct": "npipe local pipe, caller_identity=False (no relay, no caller())",
     **VARIANTS,
 }
 
@@ -124,7 +125,7 @@ def _serve(transport: str, workdir: str, conn: Any) -> None:
     from npipe import frontdoor
 
     stats = {"calls": 0, "caller_checked": 0, "caller": None}
-    check_caller = transport.startswith("npipe")
+    check_caller = transport.startswith("npipe") and transport != "npipe-direct"
 
     def who(context: grpc.ServicerContext) -> None:
         stats["calls"] += 1
@@ -177,7 +178,9 @@ def _serve(transport: str, workdir: str, conn: Any) -> None:
         target = {"target": f"unix:{path}"}
     else:
         pipes = os.path.join(workdir, f"pipes-{transport}")
-        npipe.grpc.add_pipe_port(server, PIPE_NAME, pipe_dir=pipes)
+        npipe.grpc.add_pipe_port(
+            server, PIPE_NAME, pipe_dir=pipes, caller_identity=transport != "npipe-direct"
+        )
         target = {"pipe": PIPE_NAME, "pipe_dir": pipes}
     server.start()
     conn.send(target)
@@ -454,6 +457,7 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
@@ -461,16 +465,31 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     pooled = [[x for rnd in results[t].latencies for x in rnd] for t in names]
     ax1.boxplot(pooled, whis=(1, 99), showfliers=False)
+    ax1.set_yscale("log")
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0f}")
+    ax1.yaxis.set_major_formatter(fmt)
+    ax1.yaxis.set_minor_formatter(fmt)
     ax1.set_xticks(range(1, len(names) + 1), names, rotation=20 if len(names) > 3 else 0)
-    ax1.set_ylabel("unary latency, us (box: quartiles, whiskers: p1-p99)")
-    ax1.set_title("100-byte unary call")
-    ax1.grid(axis="y", alpha=0.3)
+    for i, t in enumerate(names, start=1):
+        p50 = statistics.median(results[t].p50s())
+        ax1.annotate(
+            f"{p50:.0f}",
+            (i, p50),
+            xytext=(24, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax1.set_ylabel("latency, us, log scale")
+    ax1.set_title("100-byte unary call (all rounds; box: quartiles, whiskers: p1-p99)", fontsize=10)
+    ax1.grid(axis="y", which="both", alpha=0.3)
     meds = [statistics.median(results[t].mbps()) for t in names]
     lo = [m - min(results[t].mbps()) for t, m in zip(names, meds, strict=True)]
     hi = [max(results[t].mbps()) - m for t, m in zip(names, meds, strict=True)]
-    ax2.bar(names, meds, yerr=[lo, hi], capsize=4, color="tab:blue", alpha=0.8)
+    bars = ax2.bar(names, meds, yerr=[lo, hi], capsize=4, color="tab:blue", alpha=0.8)
+    ax2.bar_label(bars, fmt="%.0f", label_type="center", color="white", fontsize=9)
     ax2.set_ylabel("MB/s (median of rounds; bars: min-max)")
-    ax2.set_title("client stream of 1 MiB messages")
+    ax2.set_title("client stream of 1 MiB messages", fontsize=10)
     ax2.grid(axis="y", alpha=0.3)
     if len(names) > 3:
         ax2.tick_params(axis="x", rotation=20)
@@ -492,11 +511,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=7, help="round-robin rounds (default 7)")
     p.add_argument(
-        "--calls", type=int, default=2000, help="unary calls per transport per round (2000)"
+        "--calls", type=int, default=3000, help="unary calls per transport per round (3000)"
     )
-    p.add_argument(
-        "--streams", type=int, default=3, help="1 MiB streams per transport per round (3)"
-    )
+    p.add_argument("--streams", type=int, default=5, help="streams per transport per round (5)")
     p.add_argument("--msgs", type=int, default=64, help="1 MiB messages per stream (64)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few seconds in all")
     p.add_argument(
@@ -554,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for t in args.names:
         stats = servers[t].stats
-        if t.startswith("npipe") and stats.get("caller_checked") != stats.get("calls"):
+        identified = t.startswith("npipe") and t != "npipe-direct"
+        if identified and stats.get("caller_checked") != stats.get("calls"):
             print(f"{t}: caller() was not known on every call: {stats}", file=sys.stderr)
             return 1
     summary = summarize(results)
@@ -594,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t, res in results.items()
             },
         }
-        Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(raw, separators=(",", ":")) + "\n")
         print(f"raw numbers written to {args.json}", file=sys.stderr)
     if args.plot:
         write_plot(args.plot, results, info)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import shutil
+import urllib.parse
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,12 @@ import grpc.aio
 
 from npipe import frontdoor
 from npipe.acl import OWNER_ONLY, Acl
-from npipe.address import PipeAddress, parse_address
-from npipe.errors import UnsupportedPlatform
+from npipe.address import PipeAddress, parse_address, validate_unix_path
+from npipe.errors import ConfigError, UnsupportedPlatform
 from npipe.identity import Caller
 from npipe.local.dial import find_socket
-from npipe.local.paths import pipe_dir
+from npipe.local.listener import ClaimedPath, claim_existing
+from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path
 from npipe.streams import claim_pipe
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -41,18 +44,15 @@ __all__ = ["PipePort", "add_pipe_port", "aio_channel", "caller", "channel", "tar
 
 
 class PipePort:
-    """A pipe that a grpcio server serves; closed when the server stops."""
+    """A pipe that a grpcio server serves; given up when the server stops."""
 
-    def __init__(self, door: frontdoor.FrontDoor, address: PipeAddress) -> None:
-        self._door = door
+    def __init__(self, address: PipeAddress, path: Path, close: Callable[[], None]) -> None:
         self.address = address
-
-    @property
-    def path(self) -> Path:
-        return self._door.path
+        self.path = path
+        self._close = close
 
     def close(self) -> None:
-        self._door.close()
+        self._close()
 
 
 def add_pipe_port(
@@ -62,30 +62,59 @@ def add_pipe_port(
     acl: Acl = OWNER_ONLY,
     pipe_dir: str | os.PathLike[str] | None = None,
     dotnet: bool = False,
+    caller_identity: bool = True,
 ) -> PipePort:
     """Serve ``server`` on a pipe (``grpc.Server`` or ``grpc.aio.Server``, before start()).
 
     Only the owner (and root) may connect unless ``acl`` allows more; the pipe is
     given up when the server stops. ``dotnet=True`` listens where .NET looks on Linux
     (``/tmp/CoreFxPipe_NAME``).
+
+    ``caller_identity=False`` trades :func:`caller` for speed: grpcio's own socket is
+    linked to the pipe's name, so calls cost exactly what a plain Unix socket costs
+    (the front door's relay costs ~10% of a small call on a busy 2-core machine, see
+    docs/benchmarks.md). The kernel then enforces owner-only access (socket mode 0600)
+    and :func:`caller` returns None; an ACL beyond the owner needs the front door.
     """
     addr = parse_address(address)
     if addr.is_remote:
         raise UnsupportedPlatform(f"{addr} is remote: a server serves local pipe names only")
-    claimed = claim_pipe(addr, acl=acl, directory=pipe_dir, dotnet=dotnet)
+    if not caller_identity and acl != OWNER_ONLY:
+        raise ConfigError("an ACL beyond the owner needs caller_identity=True (the front door)")
+    directory = _pipe_dir(pipe_dir)
+    # Without the front door grpcio's socket is hard-linked to the pipe's name, so it
+    # must be on the same file system: in the pipe directory.
+    workdir = frontdoor.private_dir(None if caller_identity else directory)
+    backend = workdir / "g"
     try:
-        workdir = frontdoor.private_dir(_pipe_dir(pipe_dir))
-        backend = workdir / "grpc.sock"
-        if server.add_insecure_port(f"unix:{backend}") == 0:
-            raise OSError(f"grpcio could not listen on {backend}")
+        if not caller_identity:
+            validate_unix_path(str(backend))
+            if server.add_insecure_port(_grpc_unix_target(backend)) == 0:
+                raise OSError(f"grpcio could not listen on {backend}")
+            path = socket_path(addr, directory=pipe_dir, dotnet=dotnet)
+            linked = claim_existing(backend, path, directory, mode=0o600)
+            port = PipePort(addr, path, lambda: _release_direct(linked, workdir))
+        else:
+            claimed = claim_pipe(addr, acl=acl, directory=pipe_dir, dotnet=dotnet)
+            try:
+                if server.add_insecure_port(_grpc_unix_target(backend)) == 0:
+                    raise OSError(f"grpcio could not listen on {backend}")
+            except BaseException:
+                claimed.release()
+                raise
+            door = frontdoor.FrontDoor(claimed, backend, workdir, acl)
+            door.start()
+            port = PipePort(addr, claimed.path, door.close)
     except BaseException:
-        claimed.release()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise
-    door = frontdoor.FrontDoor(claimed, backend, workdir, acl)
-    door.start()
-    port = PipePort(door, addr)
     _close_with(server, port)
     return port
+
+
+def _release_direct(linked: ClaimedPath, workdir: Path) -> None:
+    linked.release()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def caller(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> Caller | None:
@@ -105,7 +134,12 @@ def target(
         raise UnsupportedPlatform(
             f"{addr} is a remote pipe: dialing pipes over SMB is not in this version"
         )
-    return f"unix:{find_socket(addr, server_user=server_user, directory=pipe_dir)}"
+    return _grpc_unix_target(find_socket(addr, server_user=server_user, directory=pipe_dir))
+
+
+def _grpc_unix_target(path: Path) -> str:
+    # grpcio parses targets as URIs: '?', '#' and '%' in a pipe name must be escaped.
+    return "unix:" + urllib.parse.quote(os.fspath(path), safe="/")
 
 
 def channel(
@@ -143,8 +177,6 @@ def _options(options: ChannelOptions) -> list[tuple[str, Any]]:
 
 
 def _pipe_dir(override: str | os.PathLike[str] | None) -> Path:
-    from npipe.local.paths import ensure_pipe_dir
-
     return ensure_pipe_dir(pipe_dir(override))
 
 

@@ -2,10 +2,10 @@
 
 Like FILE_FLAG_FIRST_PIPE_INSTANCE on Windows, a second server on a live pipe
 gets :class:`PipeInUse`; a socket left behind by a dead server is replaced.
-The socket is bound under a temporary name, given its mode, then hard-linked to
-the pipe's path, so it never appears with the wrong permissions and two servers
-racing for a name cannot both win (link fails with EEXIST). A lock file in the
-pipe directory serialises the check-then-replace of a stale socket.
+The socket's mode is set before bind(), so it never appears more open than it
+should; two servers racing for a name cannot both win (bind fails with
+EADDRINUSE), and a lock file in the pipe directory serialises the
+check-then-replace of a stale socket among one user's servers.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 import socket
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +29,9 @@ LISTEN_BACKLOG = 1024
 
 
 @dataclass
-class ClaimedSocket:
-    """A listening socket bound at ``path``; :meth:`release` unlinks it if it is still ours."""
+class ClaimedPath:
+    """A pipe's path, linked to a listening socket; :meth:`release` unlinks it if still ours."""
 
-    sock: socket.socket
     path: Path
     _ino: int
 
@@ -40,6 +39,16 @@ class ClaimedSocket:
         with contextlib.suppress(OSError):
             if os.lstat(self.path).st_ino == self._ino:
                 os.unlink(self.path)
+
+
+@dataclass
+class ClaimedSocket(ClaimedPath):
+    """A listening socket of our own at ``path``."""
+
+    sock: socket.socket
+
+    def release(self) -> None:
+        super().release()
         self.sock.close()
 
 
@@ -48,16 +57,34 @@ def claim(path: Path, lock_dir: Path, *, mode: int = 0o600) -> ClaimedSocket:
 
     ``lock_dir`` is the (private) pipe directory; the lock is per socket path.
     """
+    with _name_lock(path, lock_dir):
+        _remove_if_stale(path)
+        return _bind(path, mode)
+
+
+def claim_existing(socket_path: Path, path: Path, lock_dir: Path, *, mode: int) -> ClaimedPath:
+    """Give a socket that someone else (grpcio) listens on the pipe's name ``path``."""
+    with _name_lock(path, lock_dir):
+        _remove_if_stale(path)
+        os.chmod(socket_path, mode)
+        try:
+            os.link(socket_path, path)
+        except FileExistsError:
+            raise PipeInUse(f"pipe {path} was claimed by another server just now") from None
+        return ClaimedPath(path, os.lstat(path).st_ino)
+
+
+@contextlib.contextmanager
+def _name_lock(path: Path, lock_dir: Path) -> Iterator[None]:
+    """Serialise the check-then-replace of one pipe name among this user's servers."""
     import fcntl  # POSIX only; importing npipe must work on Windows too
 
     ensure_pipe_dir(lock_dir)
     digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
-    lock_path = lock_dir / f".lock-{digest}"
-    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    lock_fd = os.open(lock_dir / f".lock-{digest}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        _remove_if_stale(path)
-        return _bind_and_link(path, mode)
+        yield
     finally:
         os.close(lock_fd)  # also drops the flock
 
@@ -95,21 +122,18 @@ def _remove_if_stale(path: Path) -> None:
         os.unlink(path)
 
 
-def _bind_and_link(path: Path, mode: int) -> ClaimedSocket:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+def _bind(path: Path, mode: int) -> ClaimedSocket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(os.fspath(tmp))
-        try:
-            os.chmod(tmp, mode)
-            sock.listen(LISTEN_BACKLOG)
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-    except FileExistsError:
+        # bind() creates the file with the socket inode's mode less the umask: set it
+        # first, so the name never appears more open than ``mode``.
+        os.fchmod(sock.fileno(), mode)
+        sock.bind(os.fspath(path))
+        os.chmod(path, mode)  # put back what the umask took (0666 for ACL'd pipes)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
         sock.close()
-        raise PipeInUse(f"pipe {path} was claimed by another server just now") from None
-    except BaseException:
-        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PipeInUse(f"pipe {path} was claimed by another server just now") from None
         raise
-    return ClaimedSocket(sock, path, os.lstat(path).st_ino)
+    return ClaimedSocket(path, os.lstat(path).st_ino, sock)
