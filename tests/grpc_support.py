@@ -36,6 +36,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -343,6 +344,31 @@ def aio_handler(probe: Probe) -> grpc.GenericRpcHandler:
 # --- servers -------------------------------------------------------------------------------
 
 
+def record_backends(server: Any) -> list[Path]:
+    """Note the unix: addresses that npipe makes ``server`` listen on (its backends).
+
+    Wraps the instance's add_insecure_port, so tests can check that a backend socket
+    and the private directory around it go away with the pipe, wherever npipe puts them.
+    """
+    seen: list[Path] = []
+    add = server.add_insecure_port
+
+    def recording(address: str) -> int:
+        if address.startswith("unix:"):
+            seen.append(Path(urllib.parse.unquote(address[len("unix:"):])))
+        return add(address)
+
+    server.add_insecure_port = recording
+    return seen
+
+
+def backend_leftovers(backends: list[Path], pipe_dir: Path) -> list[Path]:
+    """Backend sockets, or private directories holding them, that still exist."""
+    left = [b for b in backends if os.path.lexists(b)]
+    left += [b.parent for b in backends if b.parent != pipe_dir and os.path.lexists(b.parent)]
+    return left
+
+
 @dataclass
 class Served:
     server: Any  # grpc.Server or grpc.aio.Server
@@ -350,10 +376,14 @@ class Served:
     probe: Probe
     pipe_dir: Path
     name: str
+    backends: list[Path]  # where grpcio itself listens (see record_backends)
 
     @property
     def path(self) -> Path:
         return self.port.path
+
+    def leftovers(self) -> list[Path]:
+        return backend_leftovers(self.backends, self.pipe_dir)
 
 
 @contextlib.contextmanager
@@ -375,10 +405,11 @@ def serve(
     server.add_generic_rpc_handlers((sync_handler(probe),))
     if setup is not None:
         setup(server)
+    backends = record_backends(server)
     port = npipe.grpc.add_pipe_port(server, name, acl=acl, pipe_dir=pipe_dir)
     server.start()
     try:
-        yield Served(server, port, probe, pipe_dir, name)
+        yield Served(server, port, probe, pipe_dir, name, backends)
     finally:
         server.stop(0).wait(WAIT)
 
@@ -395,10 +426,11 @@ async def aio_serve(
     probe = Probe()
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((aio_handler(probe),))
+    backends = record_backends(server)
     port = npipe.grpc.add_pipe_port(server, name, acl=acl, pipe_dir=pipe_dir)
     await server.start()
     try:
-        yield Served(server, port, probe, pipe_dir, name)
+        yield Served(server, port, probe, pipe_dir, name, backends)
     finally:
         await asyncio.wait_for(server.stop(0), WAIT)
 

@@ -230,11 +230,13 @@ def test_supplementary_group_in_acl(shared_dir: Path, t1: TestUser) -> None:
 
 
 def test_unreachable_pipe_dir_is_access_denied_not_pipe_not_found(t1: TestUser) -> None:
-    """BUG: a live pipe in a directory the client may not enter is reported as missing.
+    """A live pipe in a directory the client may not enter is AccessDenied, not missing.
 
-    find_socket() uses os.path.lexists(), which turns EACCES into False, so the client
-    hears "nothing at ...; is its server running?" about a running server.
+    Regression: find_socket() used os.path.lexists(), which turns EACCES into False,
+    so the client heard "nothing at ...; is its server running?" about a running server.
     """
-    with temp_pipe_dir() as private, serve(private):  # 0700: root's private pipe dir
+    with temp_pipe_dir() as private, serve(private) as s:  # 0700: root's private pipe dir
         outcome = run_python(whoami_client("svc", private, server_user=0), user=t1).check()
+        assert s.probe.handled == []
     assert outcome.get("error") == "AccessDenied", outcome
+    assert outcome["uid"] == t1.uid

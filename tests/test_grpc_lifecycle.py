@@ -17,8 +17,11 @@ import grpc.aio
 import pytest
 from grpc_support import (
     WAIT,
+    Served,
     aio_serve,
+    backend_leftovers,
     method,
+    record_backends,
     run_async,
     serve,
     temp_pipe_dir,
@@ -68,7 +71,8 @@ def test_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
         assert stopped.wait(WAIT)
         assert s.probe.terminated.wait(5.0)
         assert not os.path.lexists(path)
-        assert _leftovers(pipe_dir) == []  # the private backend dir went too
+        assert _leftovers(pipe_dir) == []
+        assert s.leftovers() == []  # grpcio's backend socket and its private dir went too
         with pytest.raises(npipe.PipeNotFound):
             npipe.grpc.channel("svc", pipe_dir=pipe_dir)
 
@@ -103,6 +107,7 @@ def test_aio_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
             assert s.probe.stream_ended.is_set()
             assert not os.path.lexists(path)
             assert _leftovers(pipe_dir) == []
+            assert s.leftovers() == []
 
     run_async(scenario)
 
@@ -129,18 +134,35 @@ def test_name_can_be_served_again_after_stop(pipe_dir: Path) -> None:
         assert _echo(pipe_dir, payload=b"two") == b"two"
         assert second.probe.handled == ["Echo"]
     assert _leftovers(pipe_dir) == []
+    assert first.leftovers() == [] and second.leftovers() == []
+
+
+def test_open_channel_reaches_the_restarted_server(pipe_dir: Path) -> None:
+    """A channel made while one server ran reaches the next server on the same name."""
+    with serve(pipe_dir):
+        chan = npipe.grpc.channel("svc", pipe_dir=pipe_dir)
+        echo = chan.unary_unary(method("Echo"))
+        assert echo(b"before", timeout=WAIT) == b"before"
+    with chan:
+        with pytest.raises(grpc.RpcError) as info:
+            echo(b"between", timeout=WAIT)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with serve(pipe_dir) as again:
+            assert echo(b"after", timeout=WAIT, wait_for_ready=True) == b"after"
+            assert again.probe.handled == ["Echo"]
 
 
 def test_aio_stop_frees_the_name(pipe_dir: Path) -> None:
-    async def scenario() -> Path:
+    async def scenario() -> Served:
         async with aio_serve(pipe_dir) as s:
             assert await asyncio.to_thread(_echo, pipe_dir) == b"ping"
             await s.server.stop(None)
-            return s.path
+            return s
 
-    path = run_async(scenario)
-    assert not os.path.lexists(path)
+    s = run_async(scenario)
+    assert not os.path.lexists(s.path)
     assert _leftovers(pipe_dir) == []
+    assert s.leftovers() == []
 
 
 def test_collected_server_gives_up_the_pipe(pipe_dir: Path) -> None:
@@ -149,7 +171,8 @@ def test_collected_server_gives_up_the_pipe(pipe_dir: Path) -> None:
     path = npipe.grpc.add_pipe_port(server, "svc", pipe_dir=pipe_dir).path
     assert os.path.lexists(path)
     del server
-    assert wait_until(lambda: gc.collect() >= 0 and not os.path.lexists(path), 5.0)
+    gc.collect()  # the wrapped stop() makes a reference cycle
+    assert wait_until(lambda: not os.path.lexists(path), 5.0)
 
 
 # --- finding a pipe ----------------------------------------------------------------------------
@@ -180,14 +203,16 @@ def test_second_server_on_live_name_is_pipe_in_use(pipe_dir: Path, second_name: 
     with serve(pipe_dir) as first:
         before = os.lstat(first.path)
         second = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        second_backends = record_backends(second)
         with pytest.raises(npipe.PipeInUse):
             npipe.grpc.add_pipe_port(second, second_name, pipe_dir=pipe_dir)
         second.stop(None)
+        assert backend_leftovers(second_backends, pipe_dir) == []
         after = os.lstat(first.path)
         assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
         assert _echo(pipe_dir, payload=b"still here") == b"still here"
         assert first.probe.handled == ["Echo"]
-        assert not [n for n in _leftovers(pipe_dir) if n.startswith((".srv-", ".np-"))]
+        assert _leftovers(pipe_dir) == ["svc"]  # the failed claim left nothing behind
 
 
 def test_aio_second_server_on_live_name_is_pipe_in_use(pipe_dir: Path) -> None:
@@ -253,7 +278,7 @@ def test_non_socket_at_the_path_is_pipe_in_use_and_untouched(
     path = pipe_dir / "svc"
     make(path)
     before = os.lstat(path)
-    listing = sorted(os.listdir(pipe_dir))
+    listing = _leftovers(pipe_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     with pytest.raises(npipe.PipeInUse):
         npipe.grpc.add_pipe_port(server, "svc", pipe_dir=pipe_dir)
@@ -264,9 +289,7 @@ def test_non_socket_at_the_path_is_pipe_in_use_and_untouched(
     )
     if make is _make_file:
         assert path.read_bytes() == b"precious data\n"
-    assert [n for n in sorted(os.listdir(pipe_dir)) if not n.startswith(".lock-")] == [
-        n for n in listing if not n.startswith(".lock-")
-    ]
+    assert _leftovers(pipe_dir) == listing
 
 
 # --- unusual but valid paths and names ---------------------------------------------------------
@@ -281,10 +304,11 @@ def _dir_for_path_length(base: Path, name: str, length: int) -> Path:
 
 @pytest.mark.parametrize("length", [80, 87, 88, 98, 107])
 def test_pipe_path_up_to_the_limit_can_be_served(pipe_dir: Path, length: int) -> None:
-    """BUG (88 and up): socket_path() accepts pipe paths up to 107 bytes, but serving one
-    over 87 bytes (here, name "svc") fails with grpcio's RuntimeError or a bare OSError:
-    the backend socket ``<dir>/.srv-XXXXXXXX/grpc.sock`` and the claim's temporary name
-    ``<dir>/.svc.XXXXXXXX`` are longer than the pipe path and overflow sun_path."""
+    """socket_path() accepts pipe paths up to 107 bytes, so all of them must be servable.
+
+    Regression: serving one over 87 bytes (name "svc") used to fail with grpcio's
+    RuntimeError or a bare OSError, because the backend socket (``<dir>/.srv-*/grpc.sock``)
+    and the claim's temporary name (``<dir>/.svc.XXXXXXXX``) overflowed sun_path."""
     directory = _dir_for_path_length(pipe_dir, "svc", length)
     assert len(os.fsencode(directory / "svc")) == length
     with serve(directory) as s:
@@ -293,14 +317,19 @@ def test_pipe_path_up_to_the_limit_can_be_served(pipe_dir: Path, length: int) ->
 
 
 def test_failed_add_pipe_port_leaves_nothing_behind(pipe_dir: Path) -> None:
-    """BUG: when grpcio cannot listen, add_pipe_port gives up the pipe name but leaves
-    its private ``.srv-*`` directory in the pipe directory."""
+    """Regression: when grpcio could not listen, add_pipe_port gave up the pipe name but
+    left its private backend directory behind."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     server.add_insecure_port = lambda address: 0  # grpcio's "could not bind"
+    backends = record_backends(server)
     with pytest.raises(OSError):
         npipe.grpc.add_pipe_port(server, "svc", pipe_dir=pipe_dir)
+    assert backends, "add_pipe_port never asked grpcio to listen"
     assert not os.path.lexists(pipe_dir / "svc")  # the name was given up ...
-    assert _leftovers(pipe_dir) == []  # ... and so should the backend directory be
+    assert _leftovers(pipe_dir) == []
+    assert backend_leftovers(backends, pipe_dir) == []  # ... and the backend's dir too
+    with serve(pipe_dir):  # and the name is free for the next server
+        assert _echo(pipe_dir) == b"ping"
 
 
 URI_NAMES = ["sp ace", "uni-é✓", "col:on", "br[a]", "q?x", "hash#x", "pct%41x"]
@@ -308,9 +337,11 @@ URI_NAMES = ["sp ace", "uni-é✓", "col:on", "br[a]", "q?x", "hash#x", "pct%41x
 
 @pytest.mark.parametrize("name", URI_NAMES)
 def test_pipe_names_with_uri_characters(pipe_dir: Path, name: str) -> None:
-    """BUG for ?, # and %XX: npipe accepts these names and serves them, but target()
-    hands grpcio ``unix:<path>`` unescaped; grpcio parses it as a URI, so the client dials
-    ``.../q`` for "q?x", ``.../hash`` for "hash#x" and ``.../pctAx`` for "pct%41x"."""
+    """Any valid pipe name can be dialed through grpcio.
+
+    Regression for ?, # and %XX: target() handed grpcio ``unix:<path>`` unescaped and
+    grpcio parses targets as URIs, so the client dialed ``.../q`` for "q?x",
+    ``.../hash`` for "hash#x" and ``.../pctAx`` for "pct%41x"."""
     with serve(pipe_dir, name) as s:
         assert s.path.name == name.lower()
         assert _echo(pipe_dir, name) == b"ping"
@@ -318,10 +349,11 @@ def test_pipe_names_with_uri_characters(pipe_dir: Path, name: str) -> None:
 
 @pytest.mark.parametrize("odd", ["a b", "a?b", "a#b", "a%41b"])
 def test_pipe_dir_with_uri_characters(pipe_dir: Path, odd: str) -> None:
-    """BUG for ?, # and %XX: add_pipe_port gives grpcio ``unix:<dir>/.srv-*/grpc.sock``
-    unescaped, so grpcio listens somewhere else (``<base>/a`` for "a#b": outside the
-    private directory) or cannot bind at all."""
+    """Regression for ?, # and %XX: add_pipe_port gave grpcio its backend address
+    unescaped, so grpcio listened somewhere else (``<base>/a`` for "a#b", outside the
+    private directory) or could not bind at all."""
     directory = pipe_dir / odd
-    with serve(directory):
+    with serve(directory) as s:
         assert _echo(directory) == b"ping"
         assert not os.path.lexists(pipe_dir / "a")  # nothing escaped the pipe dir
+        assert all(os.path.lexists(b) for b in s.backends)  # grpcio is where npipe said
