@@ -553,10 +553,16 @@ def run_python(
     return ChildResult(proc.pid, proc.returncode, out, err, value)
 
 
+@dataclass
+class Background:
+    proc: subprocess.Popen[str]
+    ready_line: str  # the line that started with ``ready``, without its newline
+
+
 @contextlib.contextmanager
 def background_python(
     body: str, user: TestUser | None = None, ready: str = "READY", timeout: float = 20.0
-) -> Iterator[subprocess.Popen[str]]:
+) -> Iterator[Background]:
     """Run ``body`` in a Python process until the block ends; wait for ``ready`` on stdout.
 
     The child should exit when its stdin closes (``sys.stdin.read()``). Its stderr goes
@@ -584,7 +590,7 @@ def background_python(
                 if not line:
                     proc.wait(timeout=WAIT)
                     raise AssertionError(f"child exited early:\n{stderr_text()}")
-            yield proc
+            yield Background(proc, line.rstrip("\n"))
         finally:
             with contextlib.suppress(OSError):
                 proc.stdin.close()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
+import shutil
+import signal
 import socket
 import stat
 import time
@@ -20,6 +23,7 @@ from grpc_support import (
     Served,
     aio_serve,
     backend_leftovers,
+    background_python,
     method,
     record_backends,
     run_async,
@@ -357,3 +361,47 @@ def test_pipe_dir_with_uri_characters(pipe_dir: Path, odd: str) -> None:
         assert _echo(directory) == b"ping"
         assert not os.path.lexists(pipe_dir / "a")  # nothing escaped the pipe dir
         assert all(os.path.lexists(b) for b in s.backends)  # grpcio is where npipe said
+
+
+# --- a server that dies without stop() ---------------------------------------------------------
+
+# Serves t.Svc on pipe "svc" in DIR and prints where grpcio listens; never stops itself.
+CRASHING_SERVER = """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc_support.sync_handler(grpc_support.Probe()),))
+    backends = grpc_support.record_backends(server)
+    npipe.grpc.add_pipe_port(server, "svc", pipe_dir={pipe_dir!r})
+    server.start()
+    print("READY " + json.dumps([str(b) for b in backends]), flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
+def test_next_server_cleans_up_after_a_dead_one(pipe_dir: Path, signum: int) -> None:
+    """A server killed before stop() leaves a stale socket, which the next server on the
+    name replaces; what the dead server kept privately must not outlive that either.
+
+    BUG (since the private backend directory moved to /tmp/npipe-XXXXXXXX): nothing
+    ever removes the dead server's private directory and its backend socket, so every
+    crashed or SIGTERMed server leaves one behind in /tmp for good.
+    """
+    dead: list[Path] = []
+    try:
+        with background_python(CRASHING_SERVER.format(pipe_dir=str(pipe_dir))) as child:
+            dead = [Path(p) for p in json.loads(child.ready_line.split(" ", 1)[1])]
+            assert dead, "the server did not listen anywhere"
+            assert _echo(pipe_dir) == b"ping"
+            child.proc.send_signal(signum)
+            assert child.proc.wait(WAIT) == -signum
+        assert stat.S_ISSOCK(os.lstat(pipe_dir / "svc").st_mode)  # stale, left behind
+
+        with serve(pipe_dir) as s:  # replaces the stale socket ...
+            assert _echo(pipe_dir) == b"ping"
+            assert s.probe.handled == ["Echo"]
+        assert _leftovers(pipe_dir) == []
+        assert backend_leftovers(dead, pipe_dir) == []  # ... and the dead one's private dir
+    finally:
+        for backend in dead:  # do not leave this test's own litter in /tmp
+            if backend.parent != pipe_dir:
+                shutil.rmtree(backend.parent, ignore_errors=True)

@@ -141,12 +141,13 @@ def claim_pipe(
     acl: Acl = OWNER_ONLY,
     directory: str | os.PathLike[str] | None = None,
     dotnet: bool = False,
+    private: Path | None = None,
 ) -> ClaimedSocket:
     """Bind the public socket of a local pipe, open to others only if the ACL says so."""
     path = socket_path(addr, directory=directory, dotnet=dotnet)
     mode = 0o600 if acl == OWNER_ONLY else 0o666  # the ACL itself is checked per connection
     lock_dir = pipe_dir(directory)
-    claimed = claim(path, lock_dir, mode=mode)
+    claimed = claim(path, lock_dir, mode=mode, private=private)
     if mode != 0o600 and path.parent == lock_dir:
         os.chmod(lock_dir, 0o711)  # others may traverse to this socket, not list the pipes
     return claimed

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import socket
 import stat
 from collections.abc import Iterator
@@ -52,30 +53,40 @@ class ClaimedSocket(ClaimedPath):
         self.sock.close()
 
 
-def claim(path: Path, lock_dir: Path, *, mode: int = 0o600) -> ClaimedSocket:
+def claim(
+    path: Path, lock_dir: Path, *, mode: int = 0o600, private: Path | None = None
+) -> ClaimedSocket:
     """Bind and listen on ``path``; raise PipeInUse if a live server has it.
 
     ``lock_dir`` is the (private) pipe directory; the lock is per socket path.
+    ``private`` is a directory the server keeps beside the pipe (the backend socket):
+    it is recorded so that whoever replaces this server's socket once it is dead
+    removes that directory too.
     """
-    with _name_lock(path, lock_dir):
-        _remove_if_stale(path)
-        return _bind(path, mode)
+    with _name_lock(path, lock_dir) as lock_fd:
+        _remove_if_stale(path, lock_fd)
+        claimed = _bind(path, mode)
+        _record_private_dir(lock_fd, private)
+        return claimed
 
 
-def claim_existing(socket_path: Path, path: Path, lock_dir: Path, *, mode: int) -> ClaimedPath:
+def claim_existing(
+    socket_path: Path, path: Path, lock_dir: Path, *, mode: int, private: Path | None = None
+) -> ClaimedPath:
     """Give a socket that someone else (grpcio) listens on the pipe's name ``path``."""
-    with _name_lock(path, lock_dir):
-        _remove_if_stale(path)
+    with _name_lock(path, lock_dir) as lock_fd:
+        _remove_if_stale(path, lock_fd)
         os.chmod(socket_path, mode)
         try:
             os.link(socket_path, path)
         except FileExistsError:
             raise PipeInUse(f"pipe {path} was claimed by another server just now") from None
+        _record_private_dir(lock_fd, private)
         return ClaimedPath(path, os.lstat(path).st_ino)
 
 
 @contextlib.contextmanager
-def _name_lock(path: Path, lock_dir: Path) -> Iterator[None]:
+def _name_lock(path: Path, lock_dir: Path) -> Iterator[int]:
     """Serialise the check-then-replace of one pipe name among this user's servers."""
     import fcntl  # POSIX only; importing npipe must work on Windows too
 
@@ -84,9 +95,40 @@ def _name_lock(path: Path, lock_dir: Path) -> Iterator[None]:
     lock_fd = os.open(lock_dir / f".lock-{digest}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        yield
+        yield lock_fd
     finally:
         os.close(lock_fd)  # also drops the flock
+
+
+# Names the private directories get (npipe.frontdoor.private_dir); nothing else is removed.
+PRIVATE_DIR_PREFIXES = ("npipe-", ".np-")
+BACKEND_SOCKET = "g"
+
+
+def _record_private_dir(lock_fd: int, private: Path | None) -> None:
+    os.ftruncate(lock_fd, 0)
+    if private is not None:
+        os.pwrite(lock_fd, os.fsencode(private), 0)
+
+
+def _remove_dead_private_dir(lock_fd: int) -> None:
+    """Remove the private directory a dead server recorded, if it is surely its own."""
+    recorded = os.pread(lock_fd, 4096, 0)
+    if not recorded:
+        return
+    private = Path(os.fsdecode(recorded))
+    try:
+        st = os.lstat(private)
+    except OSError:
+        return
+    if (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.getuid()
+        and stat.S_IMODE(st.st_mode) == 0o700
+        and private.name.startswith(PRIVATE_DIR_PREFIXES)
+        and not is_live(private / BACKEND_SOCKET)
+    ):
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def is_live(path: Path) -> bool:
@@ -104,7 +146,7 @@ def is_live(path: Path) -> bool:
         probe.close()
 
 
-def _remove_if_stale(path: Path) -> None:
+def _remove_if_stale(path: Path, lock_fd: int) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -120,6 +162,7 @@ def _remove_if_stale(path: Path) -> None:
         )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+    _remove_dead_private_dir(lock_fd)
 
 
 def _bind(path: Path, mode: int) -> ClaimedSocket:
