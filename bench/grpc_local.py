@@ -78,8 +78,8 @@ DESCRIPTIONS = {
 # --------------------------------------------------------------------------- server side
 
 
-def _splice_pump(src: socket.socket, dst: socket.socket, done: Any) -> None:
-    """frontdoor._pump with os.splice through a kernel pipe instead of recv_into/sendall."""
+def _splice_copy(src: socket.socket, dst: socket.socket) -> None:
+    """frontdoor._copy with os.splice through a kernel pipe instead of recv_into/sendall."""
     import fcntl
 
     from npipe import frontdoor
@@ -92,26 +92,20 @@ def _splice_pump(src: socket.socket, dst: socket.socket, done: Any) -> None:
         while n := os.splice(sfd, w, frontdoor.RELAY_CHUNK):
             while n:
                 n -= os.splice(r, dfd, n)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
     finally:
         os.close(r)
         os.close(w)
-        done.tick()
 
 
 def _door_process(pipe_dir: str, backend: str, conn: Any) -> None:
     """Run npipe's FrontDoor alone in this process, in front of a plain Unix socket."""
     from npipe import frontdoor
     from npipe.address import parse_address
+    from npipe.local.listener import private_dir
     from npipe.streams import claim_pipe
 
     claimed = claim_pipe(parse_address(PIPE_NAME), directory=pipe_dir)
-    door = frontdoor.FrontDoor(claimed, Path(backend), frontdoor.private_dir(Path(pipe_dir)))
+    door = frontdoor.FrontDoor(claimed, Path(backend), private_dir(Path(pipe_dir)))
     door.start()
     conn.send("ready")
     with contextlib.suppress(EOFError, OSError):
@@ -156,7 +150,7 @@ def _serve(transport: str, workdir: str, conn: Any) -> None:
         },
     )
     if transport == "npipe-splice":
-        frontdoor._pump = _splice_pump  # type: ignore[assignment]
+        frontdoor._copy = _splice_copy
     elif transport == "npipe-64k":
         frontdoor.RELAY_CHUNK = 64 * 1024
     elif transport == "npipe-1m":

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -45,16 +44,6 @@ _counter = itertools.count(1)
 def lookup(peer: str) -> Caller | None:
     """The caller behind a grpcio peer string such as ``unix:/.../c17``."""
     return _callers.get(peer)
-
-
-def private_dir(parent: Path | None = None) -> Path:
-    """A fresh 0700 directory for a backend socket and the relay's bound names.
-
-    By default under /tmp: its paths must stay short (sun_path holds 107 bytes),
-    whatever the length of the pipe's own path.
-    """
-    base = parent or (Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir()))
-    return Path(tempfile.mkdtemp(prefix=".np-" if parent else "npipe-", dir=base))
 
 
 class FrontDoor:
@@ -169,13 +158,18 @@ class _Countdown:
             self._then()
 
 
-def _pump(src: socket.socket, dst: socket.socket, done: _Countdown) -> None:
-    """Copy src to dst until EOF, then pass the half-close on; blocking send is backpressure."""
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    """Copy src to dst until EOF; blocking send is the backpressure."""
     buf = bytearray(RELAY_CHUNK)
     view = memoryview(buf)
+    while n := src.recv_into(buf):
+        dst.sendall(view[:n])
+
+
+def _pump(src: socket.socket, dst: socket.socket, done: _Countdown) -> None:
+    """Relay one direction (with :func:`_copy`), then pass the half-close on."""
     try:
-        while n := src.recv_into(buf):
-            dst.sendall(view[:n])
+        _copy(src, dst)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
     except OSError:

@@ -34,7 +34,7 @@ from npipe.address import PipeAddress, parse_address, validate_unix_path
 from npipe.errors import ConfigError, UnsupportedPlatform
 from npipe.identity import Caller
 from npipe.local.dial import find_socket
-from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing
+from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path
 from npipe.streams import claim_pipe
 
@@ -84,13 +84,12 @@ def add_pipe_port(
     directory = _pipe_dir(pipe_dir)
     # Without the front door grpcio's socket is hard-linked to the pipe's name, so it
     # must be on the same file system: in the pipe directory.
-    workdir = frontdoor.private_dir(None if caller_identity else directory)
+    workdir = private_dir(None if caller_identity else directory)
     backend = workdir / BACKEND_SOCKET
     try:
         if not caller_identity:
             validate_unix_path(str(backend))
-            if server.add_insecure_port(_grpc_unix_target(backend)) == 0:
-                raise OSError(f"grpcio could not listen on {backend}")
+            _listen(server, backend)
             path = socket_path(addr, directory=pipe_dir, dotnet=dotnet)
             linked = claim_existing(backend, path, directory, mode=0o600, private=workdir)
             port = PipePort(addr, path, lambda: _release_direct(linked, workdir))
@@ -99,8 +98,7 @@ def add_pipe_port(
                 addr, acl=acl, directory=pipe_dir, dotnet=dotnet, private=workdir
             )
             try:
-                if server.add_insecure_port(_grpc_unix_target(backend)) == 0:
-                    raise OSError(f"grpcio could not listen on {backend}")
+                _listen(server, backend)
             except BaseException:
                 claimed.release()
                 raise
@@ -112,6 +110,11 @@ def add_pipe_port(
         raise
     _close_with(server, port)
     return port
+
+
+def _listen(server: grpc.Server | grpc.aio.Server, backend: Path) -> None:
+    if server.add_insecure_port(_grpc_unix_target(backend)) == 0:
+        raise OSError(f"grpcio could not listen on {backend}")
 
 
 def _release_direct(linked: ClaimedPath, workdir: Path) -> None:

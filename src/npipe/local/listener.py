@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +101,21 @@ def _name_lock(path: Path, lock_dir: Path) -> Iterator[int]:
         os.close(lock_fd)  # also drops the flock
 
 
-# Names the private directories get (npipe.frontdoor.private_dir); nothing else is removed.
+# The names private_dir gives; a dead server's directory is removed only if it has one.
 PRIVATE_DIR_PREFIXES = ("npipe-", ".np-")
 BACKEND_SOCKET = "g"
+
+
+def private_dir(parent: Path | None = None) -> Path:
+    """A fresh 0700 directory for a server's backend socket (and the relay's bound names).
+
+    By default under /tmp: its paths must stay short (sun_path holds 107 bytes),
+    whatever the length of the pipe's own path.
+    """
+    if parent is not None:
+        return Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[1], dir=parent))
+    base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[0], dir=base))
 
 
 def _record_private_dir(lock_fd: int, private: Path | None) -> None:
