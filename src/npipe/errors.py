@@ -44,3 +44,7 @@ class UnsupportedPlatform(NpipeError, NotImplementedError):
 
 class ConfigError(NpipeError, ValueError):
     """A setting (ACL entry, pipe directory, option) is invalid."""
+
+
+class HostUnreachable(NpipeError, ConnectionError):
+    """The remote host did not answer on its SMB port."""
