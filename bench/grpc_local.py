@@ -105,7 +105,8 @@ def _door_process(pipe_dir: str, backend: str, conn: Any) -> None:
     from npipe.streams import claim_pipe
 
     claimed = claim_pipe(parse_address(PIPE_NAME), directory=pipe_dir)
-    door = frontdoor.FrontDoor(claimed, Path(backend), private_dir(Path(pipe_dir)))
+    workdir = private_dir(Path(pipe_dir))
+    door = frontdoor.FrontDoor(claimed, Path(backend), workdir, frontdoor.local_identify())
     door.start()
     conn.send("ready")
     with contextlib.suppress(EOFError, OSError):

@@ -46,22 +46,37 @@ def lookup(peer: str) -> Caller | None:
     return _callers.get(peer)
 
 
+# Who is at the door: a Caller to let in, or None to close (the identifier logs why).
+Identify = Callable[[socket.socket], "Caller | None"]
+
+
+def local_identify(acl: Acl = OWNER_ONLY, pipe: object = "") -> Identify:
+    """Identify local callers by SO_PEERCRED and admit those the ACL allows."""
+
+    def identify(conn: socket.socket) -> Caller | None:
+        caller = peer_caller(conn)
+        if acl.allows(caller):
+            return caller
+        log.warning("refused %s on pipe %s: not allowed by its ACL", caller, pipe)
+        return None
+
+    return identify
+
+
 class FrontDoor:
-    """Accepts on a claimed public socket and relays each allowed caller to ``backend``."""
+    """Accepts on a claimed public socket and relays each admitted caller to ``backend``.
+
+    ``identify`` runs on a thread of the connection's own (a handshake may wait on the
+    peer), before any byte is relayed.
+    """
 
     def __init__(
-        self,
-        claimed: ClaimedSocket,
-        backend: Path,
-        workdir: Path,
-        acl: Acl = OWNER_ONLY,
-        *,
-        authorize: Callable[[Caller], bool] | None = None,
+        self, claimed: ClaimedSocket, backend: Path, workdir: Path, identify: Identify
     ) -> None:
         self._claimed = claimed
         self._backend = os.fspath(backend)
         self._workdir = workdir
-        self._allowed = authorize or acl.allows
+        self._identify = identify
         self._closed = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -103,16 +118,17 @@ class FrontDoor:
                     return
                 log.exception("accept failed on %s", self.path)
                 continue
-            try:
-                self._admit(conn)
-            except Exception:
-                log.exception("could not relay a connection on %s", self.path)
-                conn.close()
+            threading.Thread(
+                target=self._admit, args=(conn,), name="npipe-relay-in", daemon=True
+            ).start()
 
     def _admit(self, conn: socket.socket) -> None:
-        caller = peer_caller(conn)
-        if not self._allowed(caller):
-            log.warning("refused %s on pipe %s: not allowed by its ACL", caller, self.path)
+        try:
+            caller = self._identify(conn)
+        except Exception:
+            log.exception("could not identify a caller on %s", self.path)
+            caller = None
+        if caller is None:
             conn.close()
             return
         backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -133,10 +149,10 @@ class FrontDoor:
         with self._lock:
             self._conns.update((conn, backend))
         done = _Countdown(2, lambda: self._finish(peer, conn, backend))
-        for src, dst, name in ((conn, backend, "in"), (backend, conn, "out")):
-            threading.Thread(
-                target=_pump, args=(src, dst, done), name=f"npipe-relay-{name}", daemon=True
-            ).start()
+        threading.Thread(
+            target=_pump, args=(backend, conn, done), name="npipe-relay-out", daemon=True
+        ).start()
+        _pump(conn, backend, done)  # this thread relays the way in
 
     def _finish(self, peer: str, conn: socket.socket, backend: socket.socket) -> None:
         _callers.pop(peer, None)

@@ -102,7 +102,9 @@ def add_pipe_port(
             except BaseException:
                 claimed.release()
                 raise
-            door = frontdoor.FrontDoor(claimed, backend, workdir, acl)
+            door = frontdoor.FrontDoor(
+                claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path)
+            )
             door.start()
             port = PipePort(addr, claimed.path, door.close)
     except BaseException:
