@@ -135,10 +135,20 @@ def test_debug_shows_traceback(pipe_dir: Path) -> None:
     assert r.returncode == 1 and "Traceback" in r.stderr
 
 
-def test_remote_address_says_what_is_missing(pipe_dir: Path) -> None:
-    r = run("health", "//server1/pipe/x")
+def test_unreachable_remote_host_is_exit_1(pipe_dir: Path) -> None:
+    r = run("health", "//no-such-host.invalid/pipe/x", "--timeout", "3")
     assert r.returncode == 1
-    assert "remote pipe" in r.stderr
+    assert "no-such-host.invalid" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_demo_over_smb(pipe_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("npipe demo --smb starts a private smbd: needs root")
+    r = run("demo", "--smb", "--smb-port", "4446", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "calling \\\\127.0.0.1:4446\\pipe\\npipe-demo" in r.stdout
+    assert "bought 3 x 'apple' for 30 (caller: " in r.stdout and "npipe-demo uid=" in r.stdout
+    assert "from 127.0.0.1:" in r.stdout
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["health"], ["call"], ["ls"]])

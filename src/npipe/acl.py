@@ -86,7 +86,9 @@ class Acl:
         owner = os.getuid() if owner_uid is None else owner_uid
         if self.everyone:
             return True
-        if caller.transport == "local" and caller.uid in (owner, 0):
+        # The owner's own account, local or over SMB (Samba maps it to the same uid);
+        # root only locally: a remote session mapped to uid 0 is not the machine's root.
+        if caller.uid == owner or (caller.transport == "local" and caller.uid == 0):
             return True
         if caller.uid is not None and caller.uid in self.uids:
             return True

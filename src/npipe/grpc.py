@@ -36,6 +36,8 @@ from npipe.identity import Caller
 from npipe.local.dial import find_socket
 from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path
+from npipe.samba import frontdoor as samba
+from npipe.smb.credentials import Credentials
 from npipe.streams import claim_pipe
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -63,6 +65,7 @@ def add_pipe_port(
     pipe_dir: str | os.PathLike[str] | None = None,
     dotnet: bool = False,
     caller_identity: bool = True,
+    smb: bool = False,
 ) -> PipePort:
     """Serve ``server`` on a pipe (``grpc.Server`` or ``grpc.aio.Server``, before start()).
 
@@ -75,12 +78,18 @@ def add_pipe_port(
     (the front door's relay costs ~10% of a small call on a busy 2-core machine, see
     docs/benchmarks.md). The kernel then enforces owner-only access (socket mode 0600)
     and :func:`caller` returns None; an ACL beyond the owner needs the front door.
+
+    ``smb=True`` also serves the pipe to SMB clients (``\\\\HOST\\pipe\\NAME``) through
+    Samba: a second front door listens in smbd's np/ directory, where the caller's
+    authenticated account, domain and SIDs arrive with each open (see npipe.samba).
     """
     addr = parse_address(address)
     if addr.is_remote:
         raise UnsupportedPlatform(f"{addr} is remote: a server serves local pipe names only")
-    if not caller_identity and acl != OWNER_ONLY:
-        raise ConfigError("an ACL beyond the owner needs caller_identity=True (the front door)")
+    if not caller_identity and (acl != OWNER_ONLY or smb):
+        raise ConfigError(
+            "an ACL beyond the owner, or smb=True, needs caller_identity=True (the front door)"
+        )
     directory = _pipe_dir(pipe_dir)
     # Without the front door grpcio's socket is hard-linked to the pipe's name, so it
     # must be on the same file system: in the pipe directory.
@@ -102,16 +111,30 @@ def add_pipe_port(
             except BaseException:
                 claimed.release()
                 raise
-            door = frontdoor.FrontDoor(
+            doors = [frontdoor.FrontDoor(
                 claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path)
-            )
-            door.start()
-            port = PipePort(addr, claimed.path, door.close)
+            )]
+            if smb:
+                try:
+                    smb_claimed = samba.claim_samba_pipe(addr, directory=pipe_dir)
+                except BaseException:
+                    claimed.release()
+                    raise
+                identify = samba.samba_identify(acl, smb_claimed.path)
+                doors.append(frontdoor.FrontDoor(smb_claimed, backend, workdir, identify))
+            for door in doors:
+                door.start()
+            port = PipePort(addr, claimed.path, functools.partial(_close_all, doors))
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     _close_with(server, port)
     return port
+
+
+def _close_all(doors: list[frontdoor.FrontDoor]) -> None:
+    for door in doors:
+        door.close()
 
 
 def _listen(server: grpc.Server | grpc.aio.Server, backend: Path) -> None:
@@ -134,19 +157,26 @@ def target(
     *,
     server_user: str | int | None = None,
     pipe_dir: str | os.PathLike[str] | None = None,
+    credentials: Credentials | None = None,
+    timeout: float = 10.0,
+    encrypt: bool | None = None,
+    smb_backend: str = "smbprotocol",
 ) -> str:
-    """The grpcio target (``unix:/...``) for a pipe, after checking who serves it."""
+    """The grpcio target (``unix:/...``) for a pipe, after checking who serves it.
+
+    A remote pipe is reached through an in-process bridge: a private Unix socket
+    (0700 directory, only this user admitted) whose connections each open the pipe
+    over SMB (see :func:`npipe.open_connection` for the SMB options).
+    """
     addr = parse_address(address)
     if addr.is_remote:
-        raise UnsupportedPlatform(
-            f"{addr} is a remote pipe: dialing pipes over SMB is not in this version"
+        from npipe import smb
+
+        bridge = smb.bridge_for(
+            addr, credentials=credentials, timeout=timeout, encrypt=encrypt, backend=smb_backend
         )
+        return bridge.target
     return _grpc_unix_target(find_socket(addr, server_user=server_user, directory=pipe_dir))
-
-
-def _grpc_unix_target(path: Path) -> str:
-    # grpcio parses targets as URIs: '?', '#' and '%' in a pipe name must be escaped.
-    return "unix:" + urllib.parse.quote(os.fspath(path), safe="/")
 
 
 def channel(
@@ -154,12 +184,15 @@ def channel(
     *,
     options: ChannelOptions = (),
     compression: grpc.Compression | None = None,
-    server_user: str | int | None = None,
-    pipe_dir: str | os.PathLike[str] | None = None,
+    **dial: Any,
 ) -> grpc.Channel:
-    """A grpcio channel to a pipe; generated stubs use it unchanged."""
-    tgt = target(address, server_user=server_user, pipe_dir=pipe_dir)
-    return grpc.insecure_channel(tgt, options=_options(options), compression=compression)
+    """A grpcio channel to a pipe; generated stubs use it unchanged.
+
+    ``dial`` takes :func:`target`'s options (server_user, pipe_dir, credentials, ...).
+    """
+    return grpc.insecure_channel(
+        target(address, **dial), options=_options(options), compression=compression
+    )
 
 
 def aio_channel(
@@ -167,12 +200,17 @@ def aio_channel(
     *,
     options: ChannelOptions = (),
     compression: grpc.Compression | None = None,
-    server_user: str | int | None = None,
-    pipe_dir: str | os.PathLike[str] | None = None,
+    **dial: Any,
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to a pipe."""
-    tgt = target(address, server_user=server_user, pipe_dir=pipe_dir)
-    return grpc.aio.insecure_channel(tgt, options=_options(options), compression=compression)
+    return grpc.aio.insecure_channel(
+        target(address, **dial), options=_options(options), compression=compression
+    )
+
+
+def _grpc_unix_target(path: Path) -> str:
+    # grpcio parses targets as URIs: '?', '#' and '%' in a pipe name must be escaped.
+    return "unix:" + urllib.parse.quote(os.fspath(path), safe="/")
 
 
 def _options(options: ChannelOptions) -> list[tuple[str, Any]]:

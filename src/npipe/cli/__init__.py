@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import grpc
 
 from npipe.cli import commands
+from npipe.cli.samba import add_samba_parser
 from npipe.errors import AddressError, ConfigError, NpipeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -37,11 +38,22 @@ def _common(top: bool) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _common(top=False)
     dial = argparse.ArgumentParser(add_help=False)
-    dial.add_argument("address", help=r"NAME, \\.\pipe\NAME, //./pipe/NAME or unix:/path")
+    dial.add_argument(
+        "address", help=r"NAME, \\.\pipe\NAME, //HOST/pipe/NAME (over SMB) or unix:/path"
+    )
     dial.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     dial.add_argument(
         "--server-user", metavar="USER",
-        help="trust a pipe served by USER (by default only by you or root)",
+        help="trust a local pipe served by USER (by default only by you or root)",
+    )
+    smb = dial.add_argument_group("remote pipes (SMB)")
+    smb.add_argument("--user", help=r"SMB user, DOMAIN\user or user@REALM (default $NPIPE_USER,"
+                     " else the Kerberos cache)")
+    smb.add_argument("--domain", help="SMB domain (default $NPIPE_DOMAIN)")
+    smb.add_argument("--auth", choices=["negotiate", "ntlm", "kerberos"], help="default negotiate")
+    smb.add_argument(
+        "--encrypt", action=argparse.BooleanOptionalAction, default=None,
+        help="require (or refuse) SMB encryption; by default encrypt where the server can",
     )
 
     parser = argparse.ArgumentParser(
@@ -61,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price", type=int, default=10, help="BuyRequest.price")
     p.add_argument("--serve", action="store_true", help="keep serving instead of exiting")
     p.add_argument("--acl", help="also allow: user:NAME,group:NAME,uid:N,gid:N,everyone")
+    p.add_argument(
+        "--smb", action="store_true",
+        help="go through SMB: start a private smbd on loopback (root), serve the pipe through "
+        "it and call \\\\127.0.0.1\\pipe\\NAME",
+    )
+    p.add_argument("--smb-port", type=int, default=4445, help="the private smbd's port (4445)")
     p.set_defaults(func=commands.demo)
 
     p = sub.add_parser(
@@ -82,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="request metadata (repeatable)",
     )
     p.set_defaults(func=commands.call)
+
+    add_samba_parser(sub, [common])
 
     p = sub.add_parser("ls", parents=[common], help="list local pipes",
                        description="List the pipes in the pipe directory and .NET's pipes.")

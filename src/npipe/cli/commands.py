@@ -3,31 +3,75 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import shutil
 import stat
 import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import npipe
 import npipe.grpc
 from npipe.acl import OWNER_ONLY, Acl
-from npipe.address import parse_address
+from npipe.address import PipeAddress, parse_address
+from npipe.errors import NpipeError
 from npipe.local.listener import is_live
 from npipe.local.paths import DOTNET_PREFIX, pipe_dir
 
 
 def demo(args: argparse.Namespace) -> int:
-    from npipe.examples.buy import buy_pb2, buy_pb2_grpc, service
-
     address = parse_address(args.pipe)
     acl = Acl.parse(args.acl) if args.acl else OWNER_ONLY
+    if not args.smb:
+        return _demo(args, address, acl, address, {})
+    return _demo_over_smb(args, address, acl)
+
+
+def _demo_over_smb(args: argparse.Namespace, address: PipeAddress, acl: Acl) -> int:
+    """The demo through a private smbd on loopback: serve NAME, call //127.0.0.1/pipe/NAME."""
+    import secrets
+    import tempfile
+
+    from npipe.samba.smbd import PrivateSmbd
+    from npipe.smb.credentials import Credentials
+
+    if os.geteuid() != 0:
+        raise NpipeError("npipe demo --smb starts a private smbd and needs root")
+    user, password = "npipe-demo", secrets.token_urlsafe(12)
+    workdir = tempfile.mkdtemp(prefix="npipe-demo-", dir="/tmp")
+    try:
+        smbd = PrivateSmbd(Path(workdir), port=args.smb_port, users={user: password})
+        with smbd:
+            os.environ["NPIPE_SAMBA_NP_DIR"] = str(smbd.np_dir)
+            print(f"private smbd on 127.0.0.1:{args.smb_port} (user {user}, {workdir})")
+            remote = parse_address(f"//127.0.0.1:{args.smb_port}/pipe/{address.name}")
+            dial = {"credentials": Credentials(user, password)}
+            return _demo(args, address, Acl.allow(users=[user]) if acl == OWNER_ONLY else acl,
+                         remote, dial)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _demo(
+    args: argparse.Namespace,
+    address: PipeAddress,
+    acl: Acl,
+    dial_address: PipeAddress,
+    dial: dict[str, Any],
+) -> int:
+    from npipe.examples.buy import buy_pb2, buy_pb2_grpc, service
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     service.add_to_server(server, service.MyService(lambda ctx: str(npipe.grpc.caller(ctx))))
-    port = npipe.grpc.add_pipe_port(server, address, acl=acl, pipe_dir=args.pipe_dir)
+    port = npipe.grpc.add_pipe_port(
+        server, address, acl=acl, pipe_dir=args.pipe_dir, smb=args.smb
+    )
     server.start()
     try:
         print(f"serving buy.MyService on {address} (socket {port.path})")
@@ -36,7 +80,8 @@ def demo(args: argparse.Namespace) -> int:
             threading.Event().wait()
             return 0
         request = buy_pb2.BuyRequest(id=args.id, quantity=args.quantity, price=args.price)
-        with npipe.grpc.channel(address, pipe_dir=args.pipe_dir) as channel:
+        print(f"calling {dial_address}")
+        with npipe.grpc.channel(dial_address, pipe_dir=args.pipe_dir, **dial) as channel:
             stub = buy_pb2_grpc.MyServiceStub(channel)  # type: ignore[no-untyped-call]
             print(f"request:  BuyRequest(id={request.id!r}, quantity={request.quantity}, "
                   f"price={request.price})")
@@ -82,6 +127,13 @@ def call(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _probe(address: PipeAddress, credentials: Any, args: argparse.Namespace) -> None:
+    _reader, writer = await npipe.open_connection(
+        address, credentials=credentials, timeout=args.timeout, encrypt=args.encrypt
+    )
+    writer.close()
+
+
 def ls(args: argparse.Namespace) -> int:
     directory = pipe_dir(args.pipe_dir)
     rows = [(p.name, p) for p in _sockets(directory) if not p.name.startswith(".")]
@@ -112,10 +164,22 @@ def _is_socket(path: Path) -> bool:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
+    from npipe.smb.credentials import Credentials
+
+    # The password only from $NPIPE_PASSWORD: a command line is visible to every user.
+    credentials = Credentials.resolve(args.user, None, args.domain, args.auth)
+    address = parse_address(args.address)
+    if address.is_remote:
+        # grpcio reports any failure to reach the pipe as UNAVAILABLE; open it once first
+        # so that the user hears why (host, credentials, pipe name, ACL).
+        asyncio.run(_probe(address, credentials, args))
     return npipe.grpc.channel(
         args.address,
         server_user=args.server_user,
         pipe_dir=args.pipe_dir,
+        credentials=credentials,
+        timeout=args.timeout,
+        encrypt=args.encrypt,
         # grpcurl's limit: responses up to 4 MiB are grpcio's default, allow more here.
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )

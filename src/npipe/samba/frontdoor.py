@@ -1,0 +1,190 @@
+"""Serving a pipe to SMB clients through Samba: the listener in smbd's np/ directory.
+
+smbd hands each open of ``\\\\HOST\\pipe\\NAME`` to ``<ncalrpc dir>/np/<name>`` and
+introduces the caller in a named_pipe_auth request; we answer with the reply, and from
+then on the connection carries the pipe's bytes. The request is the only word on who
+called, so it is believed only from root (smbd): a local user who can reach the socket
+could otherwise claim to be anyone. smbd ignores the reply's status, so a caller the
+ACL refuses is closed without a reply (the client's CREATE then fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+
+from npipe.acl import Acl
+from npipe.address import PipeAddress
+from npipe.errors import ConfigError
+from npipe.frontdoor import Identify
+from npipe.identity import Caller
+from npipe.local.listener import ClaimedSocket, claim
+from npipe.local.paths import pipe_dir
+from npipe.local.peercred import peer_credentials
+from npipe.samba.npa import (
+    LENGTH_SIZE,
+    MAX_REQUEST_SIZE,
+    NpaError,
+    NpaRequest,
+    build_reply,
+    parse_request,
+)
+
+log = logging.getLogger("npipe.samba")
+
+# smbd waits for our reply with no timeout of its own, holding that client's smbd
+# process: a peer that stalls mid-request is cut off after this many seconds.
+HANDSHAKE_TIMEOUT = 10.0
+
+# Pipes samba-dcerpcd serves from the same np/ directory (source3/rpc_server and
+# librpc/idl): taking one of these names would hijack or break Samba itself.
+RESERVED_NAMES = frozenset({
+    "lsarpc", "lsass", "samr", "netlogon", "srvsvc", "wkssvc", "winreg", "spoolss",
+    "svcctl", "eventlog", "ntsvcs", "dssetup", "epmapper", "mdssvc", "fssagentrpc",
+    "initshutdown", "protected_storage", "rpcecho", "winspool", "unixinfo", "browser",
+    "atsvc", "ntlmssp", "keysvc", "plugplay", "scerpc", "epm", "witness",
+})
+
+
+def np_dir() -> Path:
+    """Samba's np/ directory: $NPIPE_SAMBA_NP_DIR, else from smb.conf ($NPIPE_SAMBA_CONF)."""
+    from npipe.samba.smbd import np_dir_from_conf
+
+    return np_dir_from_conf(None)
+
+
+def claim_samba_pipe(
+    addr: PipeAddress, *, directory: str | os.PathLike[str] | None = None
+) -> ClaimedSocket:
+    """Listen where smbd will look for pipe ``addr``.
+
+    As root the socket goes straight into np/ (smbd insists np/ is root's, mode 0700).
+    Anyone else listens in their pipe directory, and root must link np/<name> to it
+    (``npipe samba link NAME``); until then SMB clients get "pipe not found".
+    """
+    if addr.key in RESERVED_NAMES:
+        raise ConfigError(f"pipe name {addr.name!r} belongs to Samba's own RPC services")
+    lock_dir = pipe_dir(directory)
+    np = np_dir()
+    if os.geteuid() == 0:
+        if not np.is_dir():
+            raise ConfigError(
+                f"Samba's pipe directory {np} does not exist: start smbd once (it creates "
+                "it), or point NPIPE_SAMBA_NP_DIR / NPIPE_SAMBA_CONF at the right one"
+            )
+        return claim(np / addr.key, lock_dir, mode=0o600)
+    path = lock_dir / f".smb-{addr.key}"
+    claimed = claim(path, lock_dir, mode=0o600)  # root (smbd) can connect whatever the mode
+    log.warning(
+        "not root: SMB clients reach pipe %s only once root runs: ln -sfn %s %s",
+        addr.name, path, np / addr.key,
+    )
+    return claimed
+
+
+def caller_from_request(request: NpaRequest) -> Caller:
+    s = request.session
+    return Caller(
+        "smb",
+        uid=s.uid,
+        gid=s.gid,
+        groups=s.unix_groups,
+        user=s.unix_name or s.sanitized_username,
+        account=s.account_name,
+        domain=s.domain_name,
+        sids=s.sids,
+        address=request.remote_client_addr,
+        port=request.remote_client_port,
+        extra={"upn": s.user_principal_name, "dns_domain": s.dns_domain_name,
+               "samba": request.samba_releases},
+    )
+
+
+def admit(request: NpaRequest, acl: Acl, pipe: object) -> tuple[Caller | None, bytes]:
+    """Decide on a request: the caller and the reply to send, or (None, b"") to refuse."""
+    caller = caller_from_request(request)
+    if request.probe_only:  # smbd only checks that the pipe exists (Samba master)
+        return None, build_reply(request.level)
+    if not request.session.authenticated:
+        log.warning("refused an unauthenticated (guest) SMB session %s on pipe %s", caller, pipe)
+        return None, b""
+    if not acl.allows(caller):
+        log.warning("refused %s on pipe %s: not allowed by its ACL", caller, pipe)
+        return None, b""
+    return caller, build_reply(request.level)
+
+
+def samba_identify(acl: Acl, pipe: object) -> Identify:
+    """The front door's identify step for a socket in np/ (blocking, bounded in time)."""
+
+    def identify(conn: socket.socket) -> Caller | None:
+        _pid, uid, _gid = peer_credentials(conn)
+        if uid != 0:
+            log.warning("refused a non-root peer (uid %s) on Samba pipe %s", uid, pipe)
+            return None
+        conn.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            request = parse_request(_recv_message(conn))
+            caller, reply = admit(request, acl, pipe)
+            if reply:
+                conn.sendall(reply)
+            conn.settimeout(None)
+        except (OSError, ValueError) as e:
+            log.warning("bad named_pipe_auth handshake on Samba pipe %s: %s", pipe, e)
+            return None
+        return caller
+
+    return identify
+
+
+async def handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, acl: Acl, pipe: object
+) -> Caller | None:
+    """The same for an asyncio stream server; None means: close it."""
+    _pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
+    if uid != 0:
+        log.warning("refused a non-root peer (uid %s) on Samba pipe %s", uid, pipe)
+        return None
+    try:
+        message = await asyncio.wait_for(_read_message(reader), HANDSHAKE_TIMEOUT)
+        caller, reply = admit(parse_request(message), acl, pipe)
+        if reply:
+            writer.write(reply)
+            await writer.drain()
+    except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+        log.warning("bad named_pipe_auth handshake on Samba pipe %s: %s", pipe, e)
+        return None
+    return caller
+
+
+async def _read_message(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readexactly(LENGTH_SIZE)
+    size = int.from_bytes(head, "big")
+    _check_size(size)
+    return head + await reader.readexactly(size)
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_REQUEST_SIZE:
+        raise NpaError(f"named_pipe_auth request of {size} bytes is over {MAX_REQUEST_SIZE}")
+
+
+def _recv_message(conn: socket.socket) -> bytes:
+    """Exactly one length-prefixed request: nothing past it is read (it is pipe data)."""
+    head = _recv_exactly(conn, LENGTH_SIZE)
+    size = int.from_bytes(head, "big")
+    _check_size(size)
+    return head + _recv_exactly(conn, size)
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)

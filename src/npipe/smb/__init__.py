@@ -1,0 +1,169 @@
+"""Remote pipes: the client side of ``\\\\HOST\\pipe\\NAME`` over SMB.
+
+Two calls make the whole interface; a backend does the SMB work behind them::
+
+    reader, writer = await npipe.smb.open_pipe("//server/pipe/shop")
+    bridge = npipe.smb.bridge_for("//server/pipe/shop")   # bridge.target: unix:/tmp/...
+
+``backend="smbprotocol"`` (pure Python, the only one so far) is where a faster native
+client will slot in: a backend is any object with the two coroutine methods of
+:class:`PipeClient`. Credentials default to :meth:`Credentials.resolve` (NPIPE_USER,
+NPIPE_PASSWORD, NPIPE_DOMAIN, else the Kerberos cache). ``encrypt=None`` encrypts
+when the server can (SMB 3) and signs otherwise; ``True`` requires encryption;
+``False`` asks for signing only. Signing is always required.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import socket
+import threading
+from typing import Protocol
+
+from npipe.address import PipeAddress, parse_address
+from npipe.errors import AddressError, ConfigError
+from npipe.smb.bridge import PipeBridge
+from npipe.smb.credentials import Credentials
+
+BACKENDS = ("smbprotocol",)
+
+
+class PipeClient(Protocol):
+    """What a remote-pipe backend provides."""
+
+    async def open_pipe(
+        self,
+        address: PipeAddress,
+        *,
+        credentials: Credentials,
+        timeout: float = ...,
+        encrypt: bool | None = ...,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the pipe; asyncio streams on it. Closing the writer closes the pipe."""
+        ...
+
+    async def attach(
+        self,
+        address: PipeAddress,
+        sock: socket.socket,
+        *,
+        credentials: Credentials,
+        timeout: float = ...,
+        encrypt: bool | None = ...,
+    ) -> None:
+        """Open the pipe and relay it to ``sock``, which it then owns (closed on failure)."""
+        ...
+
+
+_clients: dict[str, PipeClient] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(backend: str = "smbprotocol") -> PipeClient:
+    """The (shared) client object of a backend; ConfigError for an unknown name."""
+    with _clients_lock:
+        client = _clients.get(backend)
+        if client is not None:
+            return client
+        if backend == "smbprotocol":
+            from npipe.smb.smbprotocol_backend import SmbprotocolClient
+
+            client = SmbprotocolClient()
+        else:
+            raise ConfigError(
+                f"unknown remote pipe backend {backend!r}: known backends are "
+                + ", ".join(BACKENDS)
+            )
+        _clients[backend] = client
+        return client
+
+
+def _remote(address: str | PipeAddress) -> PipeAddress:
+    addr = parse_address(address)
+    if not addr.is_remote:
+        raise AddressError(
+            f"{addr} is not a remote pipe: use \\\\HOST\\pipe\\NAME or //HOST/pipe/NAME"
+        )
+    return addr
+
+
+async def open_pipe(
+    address: str | PipeAddress,
+    *,
+    credentials: Credentials | None = None,
+    timeout: float = 10.0,
+    encrypt: bool | None = None,
+    backend: str = "smbprotocol",
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a remote pipe and return asyncio streams on it.
+
+    A missing or busy pipe is retried until ``timeout`` (which bounds the whole open),
+    then PipeNotFound / PipeBusy. Other failures: HostUnreachable, AuthenticationError,
+    AccessDenied (a server that refuses you), ConfigError (``encrypt=True`` against a
+    server that cannot encrypt). A connection lost later ends the stream (EOF).
+    """
+    client = get_client(backend)
+    addr = _remote(address)
+    creds = credentials if credentials is not None else Credentials.resolve()
+    return await client.open_pipe(addr, credentials=creds, timeout=timeout, encrypt=encrypt)
+
+
+BridgeKey = tuple[str, PipeAddress, tuple[str | None, str | None, str, str | None], float, object]
+
+_bridges: dict[BridgeKey, PipeBridge] = {}
+_bridges_lock = threading.Lock()
+
+
+def bridge_for(
+    address: str | PipeAddress,
+    *,
+    credentials: Credentials | None = None,
+    timeout: float = 10.0,
+    encrypt: bool | None = None,
+    backend: str = "smbprotocol",
+) -> PipeBridge:
+    """A running :class:`PipeBridge` to the remote pipe (``.target`` for grpcio).
+
+    Repeated calls with the same address, credentials and options return the same
+    bridge while it is open. Each connection to the bridge opens its own pipe
+    instance; a failed open closes that connection (grpcio: UNAVAILABLE) and is logged.
+    """
+    client = get_client(backend)
+    addr = _remote(address)
+    creds = credentials if credentials is not None else Credentials.resolve()
+    key: BridgeKey = (backend, addr, creds.identity(), timeout, encrypt)
+    with _bridges_lock:
+        bridge = _bridges.get(key)
+        if bridge is not None and not bridge.closed:
+            return bridge
+
+        async def attach(sock: socket.socket) -> None:
+            await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt)
+
+        bridge = PipeBridge(attach, description=addr.posix())
+        _bridges[key] = bridge
+        return bridge
+
+
+def close_bridges() -> None:
+    """Close every bridge made by :func:`bridge_for` (also done at exit)."""
+    with _bridges_lock:
+        bridges = list(_bridges.values())
+        _bridges.clear()
+    for bridge in bridges:
+        bridge.close()
+
+
+atexit.register(close_bridges)
+
+__all__ = [
+    "BACKENDS",
+    "Credentials",
+    "PipeBridge",
+    "PipeClient",
+    "bridge_for",
+    "close_bridges",
+    "get_client",
+    "open_pipe",
+]

@@ -1,0 +1,984 @@
+"""Remote pipes over SMB2/3 with smbprotocol (pure Python; the slow, portable backend).
+
+One TCP connection, session and IPC$ tree connect per (host, port, credentials,
+encryption choice) is shared by every pipe opened through it (a module-level registry;
+a connection that died is replaced on the next open). Signing is always required;
+encryption is on by default where the server can do it:
+
+* ``encrypt=None`` (the default): encrypt if the negotiated dialect can (SMB 3.x with a
+  cipher), else fall back to signing only.
+* ``encrypt=True``: encryption is required; a server that cannot encrypt is refused
+  with :class:`ConfigError`.
+* ``encrypt=False``: signing only (the server may still insist on encryption, and then
+  it is used).
+
+Each open pipe is relayed to a connected stream socket by two daemon threads: one
+keeps an SMB READ posted and copies what it returns to the socket; the other reads the
+socket and issues SMB WRITEs. A WRITE does not wait for the pending READ (smbprotocol
+sends from any thread and its receive thread completes requests by message id), so
+the pipe is full duplex. :meth:`SmbprotocolClient.open_pipe` hands back asyncio streams
+on the other end of a ``socketpair``; :meth:`SmbprotocolClient.attach` relays a socket
+the caller already has (the bridge's accepted Unix connections), without a second hop.
+Closing the local side (or ``write_eof()``: pipes have no half-close) CLOSEs the pipe;
+the pipe's end (its server closed) or a lost connection ends the local stream with EOF,
+the latter logged as :class:`ConnectionLost`.
+
+Samba behaviours this module works around (Samba 4.17, seen here):
+
+* An SMB2 READ pending on a pipe is never answered once the client CLOSEs the pipe,
+  and SMB2 CANCEL does not touch it (IPC reads have no cancel function). The reader
+  thread therefore gives up on it after a short grace and leaves the request behind
+  (~9 KB in smbprotocol each); a connection is recycled after
+  ``ABANDONED_READS_LIMIT`` of them.
+* A pipe server that closes without answering the handshake makes the CREATE fail
+  with STATUS_CONNECTION_DISCONNECTED or, if it did not read the request first,
+  STATUS_CONNECTION_RESET: both mean "refused" (AccessDenied).
+* A CREATE of a missing pipe takes ~75 ms to fail, so a retried open may end that much
+  after its timeout.
+* Data the client has not READ yet when the pipe's server closes its end is discarded:
+  the READ fails with STATUS_PIPE_BROKEN. Servers should linger until the client
+  closes (nothing here can recover those bytes).
+* FSCTL_PIPE_WAIT answers STATUS_FS_DRIVER_REQUIRED: remembered per connection, after
+  which a busy or missing pipe is handled by retrying the CREATE with backoff.
+* A pipe server that accepts smbd's connection but never answers the handshake stalls
+  that smbd process, and with it every pipe on the connection: a CREATE that times out
+  retires the connection for new opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from smbprotocol import Dialects
+from smbprotocol.connection import Connection
+from smbprotocol.exceptions import (
+    SMBAuthenticationError,
+    SMBConnectionClosed,
+    SMBException,
+    SMBResponseException,
+)
+from smbprotocol.ioctl import CtlCode, IOCTLFlags, SMB2IOCTLRequest
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
+from smbprotocol.session import Session
+from smbprotocol.tree import TreeConnect
+
+from npipe.address import PipeAddress
+from npipe.errors import (
+    AccessDenied,
+    AddressError,
+    AuthenticationError,
+    ConfigError,
+    ConnectionLost,
+    HostUnreachable,
+    NpipeError,
+    PipeBusy,
+    PipeNotFound,
+)
+from npipe.smb.bridge import close_gently
+from npipe.smb.credentials import Credentials
+
+log = logging.getLogger("npipe.smb")
+
+T = TypeVar("T")
+
+# asyncio's default StreamReader limit; a full buffer pauses the relay (backpressure).
+DEFAULT_LIMIT = 64 * 1024
+# Samba returns at most 65,535 bytes per pipe READ; asking for more gains nothing.
+READ_SIZE = 65536
+# What the writer thread takes from the socket at once, and the largest WRITE it sends
+# (16 credits; the negotiated max_write_size may be smaller).
+SOCKET_CHUNK = 1 << 20
+MAX_WRITE = 1 << 20
+# CREATE retry backoff while a pipe is missing or busy.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+# How long a closing pipe waits for its pending READ to be answered (Windows answers
+# at once; Samba never does), and for the CLOSE itself.
+READ_GRACE = 1.0
+CLOSE_TIMEOUT = 5.0
+# The least time a CREATE is given before its pipe counts as stuck.
+CREATE_MIN_TIMEOUT = 2.0
+# smbprotocol keeps each unanswered READ (~9 KB) for the connection's lifetime: after
+# this many closed pipes a connection takes no new pipes and goes once they are closed.
+ABANDONED_READS_LIMIT = 1024
+# Ask for more credits when fewer than this many are left; a pending READ holds one.
+CREDIT_LOW_WATER = 256
+CREDIT_EXTRA = 64
+CREDIT_WAIT = 30.0
+
+# NTSTATUS values (MS-ERREF 2.3.1); smbprotocol lacks some of them.
+STATUS_SUCCESS = 0x00000000
+STATUS_PENDING = 0x00000103
+STATUS_INVALID_HANDLE = 0xC0000008
+STATUS_INVALID_DEVICE_REQUEST = 0xC0000010
+STATUS_END_OF_FILE = 0xC0000011
+STATUS_ACCESS_DENIED = 0xC0000022
+STATUS_OBJECT_NAME_INVALID = 0xC0000033
+STATUS_OBJECT_NAME_NOT_FOUND = 0xC0000034
+STATUS_OBJECT_PATH_NOT_FOUND = 0xC000003A
+STATUS_WRONG_PASSWORD = 0xC000006A
+STATUS_NO_SUCH_USER = 0xC0000064
+STATUS_LOGON_FAILURE = 0xC000006D
+STATUS_ACCOUNT_RESTRICTION = 0xC000006E
+STATUS_INVALID_LOGON_HOURS = 0xC000006F
+STATUS_INVALID_WORKSTATION = 0xC0000070
+STATUS_PASSWORD_EXPIRED = 0xC0000071
+STATUS_ACCOUNT_DISABLED = 0xC0000072
+STATUS_PIPE_NOT_AVAILABLE = 0xC00000AC
+STATUS_PIPE_BUSY = 0xC00000AE
+STATUS_PIPE_DISCONNECTED = 0xC00000B0
+STATUS_PIPE_CLOSING = 0xC00000B1
+STATUS_IO_TIMEOUT = 0xC00000B5
+STATUS_NOT_SUPPORTED = 0xC00000BB
+STATUS_NETWORK_NAME_DELETED = 0xC00000C9
+STATUS_BAD_NETWORK_NAME = 0xC00000CC
+STATUS_CANCELLED = 0xC0000120
+STATUS_FILE_CLOSED = 0xC0000128
+STATUS_PIPE_BROKEN = 0xC000014B
+STATUS_LOGON_TYPE_NOT_GRANTED = 0xC000015B
+STATUS_FS_DRIVER_REQUIRED = 0xC000019C
+STATUS_ACCOUNT_EXPIRED = 0xC0000193
+STATUS_USER_SESSION_DELETED = 0xC0000203
+STATUS_CONNECTION_DISCONNECTED = 0xC000020C
+STATUS_CONNECTION_RESET = 0xC000020D
+STATUS_CONNECTION_REFUSED = 0xC0000236
+STATUS_ACCOUNT_LOCKED_OUT = 0xC0000234
+STATUS_NETWORK_SESSION_EXPIRED = 0xC000035C
+
+# A CREATE that may succeed later: nobody listens yet, or every instance is taken.
+_RETRY_STATUSES = {
+    STATUS_OBJECT_NAME_NOT_FOUND: "not found",
+    STATUS_PIPE_NOT_AVAILABLE: "busy",
+    STATUS_PIPE_BUSY: "busy",
+}
+# smbd connected to the pipe's socket and the server closed it without answering the
+# named_pipe_auth handshake: the server's way of refusing a caller.
+_REFUSED_STATUSES = {
+    STATUS_CONNECTION_DISCONNECTED,
+    STATUS_CONNECTION_RESET,
+    STATUS_CONNECTION_REFUSED,
+}
+# The end of the pipe's byte stream, seen on a READ or a WRITE.
+_EOF_STATUSES = {
+    STATUS_PIPE_BROKEN,
+    STATUS_PIPE_DISCONNECTED,
+    STATUS_PIPE_CLOSING,
+    STATUS_END_OF_FILE,
+    STATUS_FILE_CLOSED,
+    STATUS_INVALID_HANDLE,
+    STATUS_CANCELLED,
+}
+# The session or tree connect is gone: open a new connection and try again.
+_LINK_GONE_STATUSES = {
+    STATUS_NETWORK_NAME_DELETED,
+    STATUS_USER_SESSION_DELETED,
+    STATUS_NETWORK_SESSION_EXPIRED,
+}
+_AUTH_STATUSES = {
+    STATUS_LOGON_FAILURE: "wrong user name or password",
+    STATUS_WRONG_PASSWORD: "wrong password",
+    STATUS_NO_SUCH_USER: "no such user",
+    STATUS_ACCOUNT_RESTRICTION: "account restriction",
+    STATUS_INVALID_LOGON_HOURS: "not allowed to log on at this time",
+    STATUS_INVALID_WORKSTATION: "not allowed to log on from this workstation",
+    STATUS_PASSWORD_EXPIRED: "password expired",
+    STATUS_ACCOUNT_DISABLED: "account disabled",
+    STATUS_ACCOUNT_EXPIRED: "account expired",
+    STATUS_ACCOUNT_LOCKED_OUT: "account locked out",
+    STATUS_LOGON_TYPE_NOT_GRANTED: "network logon not granted",
+}
+# The name cannot be a pipe on this server: not worth retrying.
+_BAD_NAME_STATUSES = {
+    STATUS_OBJECT_NAME_INVALID,
+    STATUS_OBJECT_PATH_NOT_FOUND,
+    STATUS_BAD_NETWORK_NAME,
+}
+# The server cannot do FSCTL_PIPE_WAIT (Samba: FS_DRIVER_REQUIRED).
+_NO_PIPE_WAIT_STATUSES = {
+    STATUS_FS_DRIVER_REQUIRED,
+    STATUS_NOT_SUPPORTED,
+    STATUS_INVALID_DEVICE_REQUEST,
+}
+
+_DIALECTS = {
+    Dialects.SMB_2_0_2: "2.0.2",
+    Dialects.SMB_2_1_0: "2.1",
+    Dialects.SMB_3_0_0: "3.0",
+    Dialects.SMB_3_0_2: "3.0.2",
+    Dialects.SMB_3_1_1: "3.1.1",
+}
+
+LinkKey = tuple[str, int, tuple[str | None, str | None, str, str | None], bool | None]
+
+
+def _status(exc: BaseException) -> int | None:
+    if isinstance(exc, SMBResponseException):
+        return int(exc.status)
+    return None
+
+
+def _status_text(exc: BaseException) -> str:
+    status = _status(exc)
+    if status is None:
+        return str(exc)
+    return f"NTSTATUS {status:#010x}"
+
+
+@dataclass(frozen=True)
+class SmbConnectionInfo:
+    """What one shared SMB connection negotiated (for tests, logs and diagnostics)."""
+
+    host: str
+    port: int
+    user: str | None
+    dialect: str
+    signing_required: bool  # the connection requires signed messages
+    signed: bool  # the session has a signing key (signing or encryption protects it)
+    encrypted: bool  # every message of the session is encrypted
+    pipes: int  # pipes open through it now
+    alive: bool
+
+
+class _Link:
+    """One TCP connection + authenticated session + IPC$ tree connect."""
+
+    def __init__(
+        self, host: str, port: int, credentials: Credentials, encrypt: bool | None
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.credentials = credentials
+        self.encrypt = encrypt
+        self.conn: Any = Connection(uuid.uuid4(), host, port, require_signing=True)
+        self.session: Any = None
+        self.tree: Any = None
+        # Until the server says it cannot (Samba), try FSCTL_PIPE_WAIT on a busy pipe.
+        self.pipe_wait = True
+        self.retired = False
+        self.aborted = False
+        self.pipes = 0
+        self.abandoned_reads = 0
+        self._lock = threading.Lock()
+
+    # --- setup ----------------------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def establish(self, timeout: float) -> None:
+        """Connect, negotiate, authenticate and connect IPC$ (blocking, ~timeout)."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.conn.connect(timeout=max(timeout, 0.1))
+        except ValueError as exc:  # smbprotocol's wrapper of the socket error
+            cause = exc.__cause__ or exc
+            reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+            raise HostUnreachable(f"cannot reach the SMB server {self.where}: {reason}") from None
+        except (SMBException, OSError) as exc:
+            self._drop()
+            raise HostUnreachable(
+                f"{self.where} did not complete SMB negotiation within {timeout:g} s: {exc}"
+            ) from None
+        # A WRITE and the next READ go out back to back: without TCP_NODELAY the second
+        # waits for the first's ACK (Nagle), which doubled the echo latency here.
+        sock = getattr(self.conn.transport, "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # smbprotocol waits forever for SESSION_SETUP and TREE_CONNECT answers: a
+        # watchdog closes the transport at the deadline, which wakes the waiting thread.
+        watchdog = threading.Timer(max(deadline - time.monotonic(), 0.01), self.abort)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            self._authenticate()
+            self._connect_ipc()
+        except NpipeError:
+            self._drop()
+            raise
+        except Exception as exc:
+            self._drop()
+            if self.aborted:
+                raise HostUnreachable(
+                    f"{self.where} did not complete SMB session setup within {timeout:g} s"
+                ) from None
+            raise ConnectionLost(f"SMB session setup with {self.where} failed: {exc}") from exc
+        finally:
+            watchdog.cancel()
+
+    def _authenticate(self) -> None:
+        conn = self.conn
+        creds = self.credentials
+        can_encrypt = bool(conn.supports_encryption)
+        if self.encrypt and not can_encrypt:
+            raise ConfigError(
+                f"{self.where} cannot encrypt (SMB {self.dialect}): encrypt=True requires "
+                "SMB 3 with a cipher; pass encrypt=None to accept signing only"
+            )
+        require_encryption = can_encrypt if self.encrypt is None else self.encrypt
+        self.session = Session(
+            conn,
+            creds.principal,
+            creds.password,
+            require_encryption=require_encryption,
+            auth_protocol=creds.auth_protocol,
+        )
+        try:
+            self.session.connect()
+        except SMBAuthenticationError as exc:
+            raise AuthenticationError(
+                f"{self.where} did not accept {creds.describe()}: {_spnego_reason(exc)}"
+            ) from None
+        except SMBResponseException as exc:
+            status = _status(exc)
+            if status in _AUTH_STATUSES:
+                raise AuthenticationError(
+                    f"{self.where} refused the logon of {creds.describe()}: "
+                    f"{_AUTH_STATUSES[status]} ({status:#010x})"
+                ) from None
+            raise
+        except SMBException as exc:
+            if "guest" in str(exc):
+                raise AuthenticationError(
+                    f"{self.where} logged {creds.describe()} on as a guest, which cannot "
+                    "sign: the server does not know this user or password"
+                ) from None
+            raise
+
+    def _connect_ipc(self) -> None:
+        self.tree = TreeConnect(self.session, f"\\\\{self.host}\\IPC$")
+        try:
+            self.tree.connect()
+        except SMBResponseException as exc:
+            if _status(exc) == STATUS_ACCESS_DENIED:
+                raise AccessDenied(
+                    f"{self.where} denies {self.credentials.describe()} access to IPC$"
+                ) from None
+            raise
+
+    @property
+    def dialect(self) -> str:
+        d = self.conn.dialect
+        return _DIALECTS.get(d, f"{d:#06x}") if d is not None else "?"
+
+    # --- state ----------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        transport = self.conn.transport
+        return (
+            transport is not None
+            and bool(transport.connected)
+            and self.conn._t_exc is None
+            and not self.aborted
+        )
+
+    def usable(self) -> bool:
+        return self.alive() and not self.retired
+
+    def abort(self) -> None:
+        """Close the TCP connection now: every waiting thread wakes with an error."""
+        self.aborted = True
+        self._drop()
+
+    def _drop(self) -> None:
+        transport = self.conn.transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
+
+    def retire(self, why: str) -> None:
+        """No new pipes here; disconnect once the open ones are closed."""
+        with self._lock:
+            if self.retired:
+                return
+            self.retired = True
+            idle = self.pipes == 0
+        log.info("retiring SMB connection to %s: %s", self.where, why)
+        if idle:
+            self._drop()
+
+    def abandoned(self) -> None:
+        """A closed pipe's READ will never be answered (Samba): count it, recycle at the limit."""
+        with self._lock:
+            self.abandoned_reads += 1
+            full = self.abandoned_reads >= ABANDONED_READS_LIMIT
+        if full:
+            self.retire(f"{ABANDONED_READS_LIMIT} unanswered READs of closed pipes pile up")
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.pipes += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.pipes -= 1
+            idle = self.pipes == 0 and self.retired
+        if idle:
+            self._drop()
+
+    def info(self) -> SmbConnectionInfo:
+        session = self.session
+        return SmbConnectionInfo(
+            host=self.host,
+            port=self.port,
+            user=self.credentials.principal,
+            dialect=self.dialect,
+            signing_required=bool(self.conn.require_signing),
+            signed=session is not None and session.signing_key is not None,
+            encrypted=session is not None and bool(session.encrypt_data),
+            pipes=self.pipes,
+            alive=self.alive(),
+        )
+
+    # --- requests -------------------------------------------------------------------
+
+    def send(self, message: Any, payload: int = 0) -> Any:
+        """Send one request on the IPC$ tree, topping up credits when they run low.
+
+        smbprotocol refuses (rather than waits) when the credit window is too small;
+        responses return credits, so wait for them briefly.
+        """
+        conn = self.conn
+        charge = 1 + max(0, payload - 1) // 65536 if conn.supports_multi_credit else 1
+        deadline = time.monotonic() + CREDIT_WAIT
+        pause = 0.001
+        while True:
+            with conn.sequence_lock:
+                available = conn.sequence_window["high"] - conn.sequence_window["low"]
+            credit_request = charge + CREDIT_EXTRA if available < CREDIT_LOW_WATER else None
+            try:
+                return conn.send(
+                    message,
+                    sid=self.session.session_id,
+                    tid=self.tree.tree_connect_id,
+                    credit_request=credit_request,
+                )
+            except SMBException as exc:
+                if "credits" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def wait(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> bool:
+        """Block until ``request`` has its final answer (True) or gives up (False).
+
+        Gives up at ``timeout``, or ``READ_GRACE`` after ``stop`` is set (whoever sets
+        it also sets the request's event to wake this). A dead connection counts as an
+        answer: smbprotocol's receive() then raises its error.
+        """
+        conn = self.conn
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            # Checked before every wait: a stop set just before this request was sent
+            # found nothing to wake.
+            if stop is not None and stop.is_set():
+                grace = time.monotonic() + READ_GRACE
+                deadline = grace if deadline is None else min(deadline, grace)
+                stop = None
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not request.response_event.wait(remaining):
+                return False
+            with request.response_event_lock:
+                response = request.response
+                if response is None or response["status"].get_value() != STATUS_PENDING:
+                    return True
+                if conn._t_exc is not None or not conn.transport.connected:
+                    return True
+                request.response_event.clear()
+
+    def create_pipe(self, name: str, timeout: float) -> Any:
+        """One CREATE of pipe ``name`` (blocking); raises smbprotocol's errors."""
+        op = Open(self.tree, name)
+        message, receive = op.create(
+            ImpersonationLevel.Impersonation,
+            FilePipePrinterAccessMask.FILE_READ_DATA | FilePipePrinterAccessMask.FILE_WRITE_DATA,
+            0,
+            ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE,
+            CreateDisposition.FILE_OPEN,
+            CreateOptions.FILE_NON_DIRECTORY_FILE,
+            send=False,
+        )
+        request = self.send(message)
+        if not self.wait(request, timeout=timeout):
+            _cancel(request)
+            raise _CreateTimeout()
+        receive(request)
+        return op
+
+    def wait_for_pipe(self, name: str, timeout: float) -> int | None:
+        """FSCTL_PIPE_WAIT: the NTSTATUS, or None when the server cannot do it."""
+        encoded = name.encode("utf-16-le")
+        # MS-FSCC 2.3.49; the timeout in the NT convention (negative: relative, 100 ns).
+        ticks = -max(1, int(timeout * 10_000_000))
+        ioctl = SMB2IOCTLRequest()
+        ioctl["ctl_code"] = CtlCode.FSCTL_PIPE_WAIT
+        ioctl["file_id"] = b"\xff" * 16
+        ioctl["max_input_response"] = 0
+        ioctl["max_output_response"] = 0
+        ioctl["flags"] = IOCTLFlags.SMB2_0_IOCTL_IS_FSCTL
+        ioctl["buffer"] = struct.pack("<qIBB", ticks, len(encoded), 1, 0) + encoded
+        request = self.send(ioctl)
+        if not self.wait(request, timeout=timeout + 1.0):
+            _cancel(request)
+            return STATUS_IO_TIMEOUT
+        try:
+            self.conn.receive(request)
+        except SMBResponseException as exc:
+            status = _status(exc)
+            if status in _NO_PIPE_WAIT_STATUSES:
+                self.pipe_wait = False
+                log.debug("%s has no FSCTL_PIPE_WAIT (%#010x)", self.where, status)
+                return None
+            return status
+        return STATUS_SUCCESS
+
+
+class _CreateTimeout(Exception):
+    """The CREATE was not answered in time."""
+
+
+def _cancel(request: Any) -> None:
+    with contextlib.suppress(Exception):
+        request.cancel()
+
+
+def _spnego_reason(exc: BaseException) -> str:
+    text = str(exc)
+    prefix = "Failed to authenticate with server: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+# --- the registry of shared connections --------------------------------------------
+
+_registry_lock = threading.Lock()
+_links: dict[LinkKey, concurrent.futures.Future[_Link]] = {}
+
+
+def _link_key(
+    host: str, port: int, credentials: Credentials, encrypt: bool | None
+) -> LinkKey:
+    return (host.lower(), port, credentials.identity(), encrypt)
+
+
+def _link_future(
+    host: str, port: int, credentials: Credentials, encrypt: bool | None, timeout: float
+) -> concurrent.futures.Future[_Link]:
+    """The shared link for this key: live, being set up, or set up now in a thread."""
+    key = _link_key(host, port, credentials, encrypt)
+    with _registry_lock:
+        future = _links.get(key)
+        if future is not None:
+            if not future.done():
+                return future
+            if future.exception() is None:
+                if future.result().usable():
+                    return future
+                future.result().retire("the connection died")
+        future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # waiters cannot cancel the shared setup
+        _links[key] = future
+
+    def setup() -> None:
+        link = _Link(host, port, credentials, encrypt)
+        try:
+            link.establish(timeout)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            log.info(
+                "SMB connection to %s as %s: dialect %s, %s",
+                link.where,
+                credentials.describe(),
+                link.dialect,
+                "encrypted" if link.session.encrypt_data else "signed",
+            )
+            future.set_result(link)
+
+    threading.Thread(target=setup, name=f"npipe-smb-setup {host}:{port}", daemon=True).start()
+    return future
+
+
+def connections() -> list[SmbConnectionInfo]:
+    """The shared connections set up so far (live or dead, not yet replaced)."""
+    with _registry_lock:
+        futures = list(_links.values())
+    return [f.result().info() for f in futures if f.done() and f.exception() is None]
+
+
+def close_connections() -> None:
+    """Disconnect every shared connection now (their pipes see end of stream)."""
+    with _registry_lock:
+        futures = list(_links.values())
+        _links.clear()
+    for future in futures:
+        if future.done() and future.exception() is None:
+            future.result().abort()
+
+
+# --- the relay between a pipe and a socket -----------------------------------------
+
+
+class _Relay:
+    """Two daemon threads copying between an open pipe and a connected socket."""
+
+    def __init__(self, link: _Link, op: Any, sock: socket.socket, label: str) -> None:
+        self.link = link
+        self.op = op
+        self.sock = sock
+        self.label = label
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._running = 2
+        self._pending_read: Any = None
+        self._pending_write: Any = None
+
+    def start(self) -> None:
+        self.sock.setblocking(True)
+        for target, role in ((self._read_loop, "read"), (self._write_loop, "write")):
+            threading.Thread(
+                target=target, name=f"npipe-smb-{role} {self.label}", daemon=True
+            ).start()
+
+    def _read_loop(self) -> None:
+        """Keep one READ posted; copy its data to the socket; EOF on a broken pipe."""
+        link = self.link
+        try:
+            while not self.stop.is_set():
+                message, receive = self.op.read(0, READ_SIZE, send=False)
+                request = link.send(message)
+                self._pending_read = request
+                if not link.wait(request, stop=self.stop):
+                    link.abandoned()  # closing, and the server does not answer it (Samba)
+                    return
+                self._pending_read = None
+                try:
+                    data = receive(request)
+                except SMBResponseException as exc:
+                    if _status(exc) in _EOF_STATUSES:
+                        log.debug("pipe %s: end of stream (%s)", self.label, _status_text(exc))
+                        return
+                    raise
+                if not data:
+                    return
+                try:
+                    self.sock.sendall(data)
+                except OSError as exc:
+                    log.debug("pipe %s: the local side went away: %s", self.label, exc)
+                    return
+        except Exception as exc:
+            if not self.stop.is_set():
+                self._lost(exc)
+        finally:
+            self._finish()
+
+    def _write_loop(self) -> None:
+        """Copy the socket to the pipe in WRITEs of at most MAX_WRITE bytes."""
+        link = self.link
+        limit = max(1, min(MAX_WRITE, int(link.conn.max_write_size or MAX_WRITE)))
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(SOCKET_CHUNK)
+                except OSError as exc:
+                    log.debug("pipe %s: the local side went away: %s", self.label, exc)
+                    return
+                if not data:
+                    return  # the local side closed (or shut down writing): close the pipe
+                view = memoryview(data)
+                for start in range(0, len(data), limit):
+                    chunk = bytes(view[start : start + limit])
+                    message, receive = self.op.write(chunk, send=False)
+                    request = link.send(message, len(chunk))
+                    self._pending_write = request
+                    if not link.wait(request, stop=self.stop):
+                        return
+                    self._pending_write = None
+                    try:
+                        receive(request)
+                    except SMBResponseException as exc:
+                        if _status(exc) in _EOF_STATUSES:
+                            log.debug(
+                                "pipe %s: closed by its server while writing (%s)",
+                                self.label,
+                                _status_text(exc),
+                            )
+                            return
+                        raise
+        except Exception as exc:
+            if not self.stop.is_set():
+                self._lost(exc)
+        finally:
+            self._finish()
+
+    def _lost(self, exc: BaseException) -> None:
+        if isinstance(exc, SMBConnectionClosed) or not self.link.alive():
+            err = ConnectionLost(f"the SMB connection to {self.link.where} was lost")
+        else:
+            err = ConnectionLost(f"pipe {self.label} failed: {exc}")
+        log.warning("%s; the pipe's stream ends here", err)
+
+    def _finish(self) -> None:
+        """First thread out closes the pipe and the socket's directions; last closes it."""
+        with self._lock:
+            first = not self.stop.is_set()
+            self.stop.set()
+            self._running -= 1
+            last = self._running == 0
+        if first:
+            # The local side sees end of stream after the data already relayed, and its
+            # writes fail from now on; the other thread's recv() returns b"".
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self._close_pipe()
+        if last:
+            close_gently(self.sock)  # unread data would turn the peer's EOF into a reset
+
+    def _close_pipe(self) -> None:
+        link = self.link
+        pending = [r for r in (self._pending_read, self._pending_write) if r is not None]
+        try:
+            if link.alive():
+                for request in pending:
+                    _cancel(request)
+                message, receive = self.op.close(send=False)
+                request = link.send(message)
+                if link.wait(request, timeout=CLOSE_TIMEOUT):
+                    with contextlib.suppress(SMBResponseException):
+                        receive(request)
+        except Exception as exc:
+            log.debug("pipe %s: CLOSE failed: %s", self.label, exc)
+        finally:
+            for request in pending:
+                request.response_event.set()  # its waiter now checks stop: grace, give up
+            link.release()
+
+
+# --- the client ---------------------------------------------------------------------
+
+
+class SmbprotocolClient:
+    """Opens remote pipes with smbprotocol; see the module docstring for the model."""
+
+    name = "smbprotocol"
+
+    async def open_pipe(
+        self,
+        address: PipeAddress,
+        *,
+        credentials: Credentials,
+        timeout: float = 10.0,
+        encrypt: bool | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the remote pipe and return asyncio streams on it.
+
+        Retries a missing or busy pipe until ``timeout`` (which bounds the whole open,
+        connection setup included). Closing the writer closes the pipe; so does
+        ``write_eof()`` (pipes have no half-close).
+        """
+        ours, theirs = socket.socketpair()
+        try:
+            await self.attach(
+                address, theirs, credentials=credentials, timeout=timeout, encrypt=encrypt
+            )
+            return await asyncio.open_connection(sock=ours, limit=limit)
+        except BaseException:
+            ours.close()
+            raise
+
+    async def attach(
+        self,
+        address: PipeAddress,
+        sock: socket.socket,
+        *,
+        credentials: Credentials,
+        timeout: float = 10.0,
+        encrypt: bool | None = None,
+    ) -> None:
+        """Open the remote pipe and relay it to ``sock`` (a connected stream socket).
+
+        Takes ownership of ``sock``: it is closed when the pipe ends, or at once if
+        the open fails.
+        """
+        try:
+            link, op = await self._open(address, credentials, timeout, encrypt)
+        except BaseException:
+            close_gently(sock)
+            raise
+        _Relay(link, op, sock, address.posix()).start()
+
+    async def _open(
+        self,
+        address: PipeAddress,
+        credentials: Credentials,
+        timeout: float,
+        encrypt: bool | None,
+    ) -> tuple[_Link, Any]:
+        if not address.is_remote:
+            raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = RETRY_FIRST
+        relinks = 0
+        last_status = STATUS_OBJECT_NAME_NOT_FOUND
+        while True:
+            link = await self._link(address, credentials, encrypt, deadline)
+            # A CREATE of a missing pipe takes ~75 ms on Samba: the last attempt may end
+            # a little after the deadline rather than be cut short.
+            create_timeout = max(deadline - loop.time(), CREATE_MIN_TIMEOUT)
+            try:
+                op = await _in_thread(
+                    _create_and_acquire,
+                    link,
+                    address.name,
+                    create_timeout,
+                    cleanup=functools.partial(_close_unused, link),
+                )
+                return link, op
+            except _CreateTimeout:
+                link.retire("a CREATE was not answered (the pipe's server may be stuck)")
+                raise PipeBusy(
+                    f"pipe {address} did not answer within {create_timeout:g} s (its server "
+                    "accepted the connection but did not complete the handshake)"
+                ) from None
+            except Exception as exc:
+                status = _status(exc)
+                if status in _RETRY_STATUSES:
+                    last_status = status
+                elif status in _LINK_GONE_STATUSES or not link.alive():
+                    link.retire(f"the session is gone ({_status_text(exc)})")
+                    relinks += 1
+                    if relinks > 2 or loop.time() >= deadline:
+                        raise ConnectionLost(
+                            f"the SMB connection to {link.where} keeps failing: {exc}"
+                        ) from None
+                    continue
+                else:
+                    raise _create_error(exc, address, credentials) from None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if link.pipe_wait:
+                waited = await _in_thread(link.wait_for_pipe, address.name, remaining)
+                if waited == STATUS_SUCCESS:
+                    continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, RETRY_MAX)
+        if _RETRY_STATUSES[last_status] == "busy":
+            raise PipeBusy(f"pipe {address} stayed busy for {timeout:g} s")
+        raise PipeNotFound(f"no pipe {address}: nothing listened on it for {timeout:g} s")
+
+    async def _link(
+        self,
+        address: PipeAddress,
+        credentials: Credentials,
+        encrypt: bool | None,
+        deadline: float,
+    ) -> _Link:
+        loop = asyncio.get_running_loop()
+        remaining = max(deadline - loop.time(), 0.05)
+        future = _link_future(address.host, address.port, credentials, encrypt, remaining)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
+        except asyncio.TimeoutError:
+            raise HostUnreachable(
+                f"no SMB session with {address.host}:{address.port} within {remaining:g} s"
+            ) from None
+
+    @staticmethod
+    def connections() -> list[SmbConnectionInfo]:
+        return connections()
+
+    @staticmethod
+    def close_connections() -> None:
+        close_connections()
+
+
+def _create_and_acquire(link: _Link, name: str, timeout: float) -> Any:
+    op = link.create_pipe(name, timeout)
+    link.acquire()
+    return op
+
+
+def _close_unused(link: _Link, op: Any) -> None:
+    """A pipe opened for a caller that gave up (cancelled): close it again."""
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            op.close()
+        link.release()
+
+    threading.Thread(target=close, name="npipe-smb-close", daemon=True).start()
+
+
+async def _in_thread(
+    fn: Callable[..., T], *args: Any, cleanup: Callable[[T], None] | None = None
+) -> T:
+    """Run blocking smbprotocol work in a thread; if the caller is cancelled meanwhile,
+    hand a late result to ``cleanup`` instead of leaking it."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if cleanup is not None:
+            late_cleanup = cleanup
+
+            def late(done: asyncio.Future[T]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    late_cleanup(done.result())
+
+            future.add_done_callback(late)
+        raise
+
+
+def _create_error(exc: BaseException, address: PipeAddress, credentials: Credentials) -> Exception:
+    status = _status(exc)
+    if status in _REFUSED_STATUSES:
+        return AccessDenied(
+            f"the server refused the connection to pipe {address} (its ACL does not allow "
+            f"you: {credentials.describe()})"
+        )
+    if status == STATUS_ACCESS_DENIED:
+        return AccessDenied(f"access to pipe {address} is denied to {credentials.describe()}")
+    if status in _BAD_NAME_STATUSES:
+        return PipeNotFound(f"the server has no pipe named {address.name!r} ({status:#010x})")
+    if isinstance(exc, NpipeError):
+        return exc
+    return ConnectionLost(f"opening pipe {address} failed: {exc}")
+
+
+__all__ = [
+    "SmbConnectionInfo",
+    "SmbprotocolClient",
+    "close_connections",
+    "connections",
+]

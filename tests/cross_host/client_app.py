@@ -1,0 +1,135 @@
+"""Client-side checks run inside the client's network namespace; prints one JSON result.
+
+    python client_app.py SCENARIO ADDRESS [ARG]
+
+Credentials come from NPIPE_USER / NPIPE_PASSWORD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+
+import npipe
+import npipe.grpc
+
+MB = 16 * 1024 * 1024
+OPTIONS = [("grpc.max_receive_message_length", MB), ("grpc.max_send_message_length", MB)]
+
+
+def channel(address: str) -> grpc.Channel:
+    return npipe.grpc.channel(address, options=OPTIONS)
+
+
+def calls(address: str) -> dict[str, Any]:
+    """Every call kind, 8 MiB messages, 100 concurrent calls on one channel."""
+    with channel(address) as ch:
+        who = json.loads(ch.unary_unary("/x.Svc/Whoami")(b"", timeout=30))
+        assert ch.unary_unary("/x.Svc/Echo")(b"ping", timeout=30) == b"ping"
+        counted = [int(m) for m in ch.unary_stream("/x.Svc/Count")(b"100", timeout=30)]
+        joined = ch.stream_unary("/x.Svc/Concat")(iter([b"a", b"b", b"c"] * 10), timeout=30)
+        flipped = list(ch.stream_stream("/x.Svc/Bidi")(iter([b"abc", b"xyz"]), timeout=30))
+        big = bytes(range(256)) * (8 * 4096)  # 8 MiB
+        big_ok = ch.unary_unary("/x.Svc/Echo")(big, timeout=60) == big
+        echo = ch.unary_unary("/x.Svc/Echo")
+        fs = [echo.future(str(i).encode(), timeout=60) for i in range(100)]
+        concurrent_ok = all(f.result() == str(i).encode() for i, f in enumerate(fs))
+    return {"who": who, "counted": counted == list(range(100)), "joined": joined == b"abc" * 10,
+            "flipped": flipped == [b"cba", b"zyx"], "big": big_ok, "concurrent": concurrent_ok}
+
+
+def clients(address: str, n: int = 20) -> dict[str, Any]:
+    """n clients at once, each with its own channel (so its own pipe)."""
+    results: list[bool] = [False] * n
+
+    def one(i: int) -> None:
+        payload = f"c{i}".encode()
+        with channel(address) as ch:
+            results[i] = ch.unary_unary("/x.Svc/Echo")(payload, timeout=60) == payload
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    return {"ok": sum(results)}
+
+
+def error(address: str) -> dict[str, Any]:
+    """What opening the pipe raw gives: the npipe error type and message."""
+    async def main() -> dict[str, Any]:
+        try:
+            _reader, writer = await npipe.open_connection(address, timeout=3)
+        except npipe.NpipeError as e:
+            return {"error": type(e).__name__, "message": str(e)}
+        writer.close()
+        return {"error": None}
+
+    return asyncio.run(main())
+
+
+def raw(address: str) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        reader, writer = await npipe.open_connection(address)
+        greeting = (await asyncio.wait_for(reader.readline(), 30)).decode().strip()
+        writer.write(b"raw bytes")
+        await writer.drain()
+        echoed = await asyncio.wait_for(reader.readexactly(9), 30)
+        writer.close()
+        return {"greeting": greeting, "echo": echoed.decode()}
+
+    return asyncio.run(main())
+
+
+def until_ok(address: str, seconds: float = 30) -> dict[str, Any]:
+    """Keep calling on one channel until a call succeeds (recovery after a restart)."""
+    codes: list[str] = []
+    deadline = time.monotonic() + seconds
+    with channel(address) as ch:
+        echo = ch.unary_unary("/x.Svc/Echo")
+        while time.monotonic() < deadline:
+            try:
+                if echo(b"again", timeout=5) == b"again":
+                    return {"ok": True, "codes": codes}
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+            time.sleep(0.2)
+    return {"ok": False, "codes": codes}
+
+
+def held_call(address: str) -> dict[str, Any]:
+    """A call on a channel; signal 'called' and wait for a line on stdin; call again."""
+    with channel(address) as ch:
+        echo = ch.unary_unary("/x.Svc/Echo")
+        first = echo(b"one", timeout=30) == b"one"
+        print(json.dumps({"called": first}), flush=True)
+        sys.stdin.readline()
+        try:
+            echo(b"two", timeout=10)
+            code = "OK"
+        except grpc.RpcError as e:
+            code = e.code().name
+        return {"second": code, **until_ok_on(echo)}
+
+
+def until_ok_on(echo: Any, seconds: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if echo(b"again", timeout=5) == b"again":
+                return {"recovered": True}
+        except grpc.RpcError:
+            time.sleep(0.2)
+    return {"recovered": False}
+
+
+if __name__ == "__main__":
+    scenario, address = sys.argv[1], sys.argv[2]
+    result = globals()[scenario](address)
+    print(json.dumps(result), flush=True)

@@ -1,0 +1,218 @@
+"""Cross-host named pipes: a client in one network namespace calls, through a real smbd on
+port 445 in another, an npipe server that Samba hands each pipe open to.
+
+    client ns 198.18.0.2  --SMB2/3 over TCP 445 (veth)-->  server ns 198.18.0.1: smbd
+                                                           -> np/NAME -> npipe front door
+                                                           -> grpcio / stream handler
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netns import Hosts, popen_in, require_root_and_samba, run_in, two_hosts
+
+from npipe.samba.smbd import PrivateSmbd
+
+APPS = Path(__file__).resolve().parent / "cross_host"
+ALICE, BOB, PASSWORD = "npt-alice", "npt-bob", "Pipe-Passw0rd!"
+WAIT = 60
+
+
+@dataclass
+class Site:
+    hosts: Hosts
+    smbd: PrivateSmbd
+    workdir: Path
+
+    def address(self, name: str) -> str:
+        return f"//{self.hosts.server_ip}/pipe/{name}"
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    require_root_and_samba()
+    workdir = Path(tempfile.mkdtemp(prefix="npx", dir="/tmp"))
+    try:
+        with two_hosts() as hosts:
+            smbd = PrivateSmbd(
+                workdir / "smbd", port=445, interfaces=hosts.server_if,
+                users={ALICE: PASSWORD, BOB: PASSWORD}, netns=hosts.server_ns,
+            )
+            with smbd:
+                yield Site(hosts, smbd, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve(site: Site, name: str, kind: str = "grpc", users: str = ALICE) -> Iterator[None]:
+    """The npipe server app in the server namespace, serving NAME locally and via smbd."""
+    env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(site.smbd.np_dir),
+           "NPIPE_PIPE_DIR": str(site.workdir / "pipes")}
+    proc = popen_in(site.hosts.server_ns, [sys.executable, str(APPS / "server_app.py"), kind,
+                                           name, users],
+                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.strip() == "ready", f"server app did not start: {line!r}"
+        yield
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def client(site: Site, scenario: str, address: str, *, user: str = ALICE,
+           password: str = PASSWORD) -> dict[str, Any]:
+    """Run a client scenario in the client namespace; its JSON result."""
+    env = {**os.environ, "NPIPE_USER": user, "NPIPE_PASSWORD": password}
+    done = run_in(site.hosts.client_ns, [sys.executable, str(APPS / "client_app.py"), scenario,
+                                         address],
+                  env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_grpc_calls_across_hosts(site: Site) -> None:
+    with serve(site, "shop"):
+        r = client(site, "calls", site.address("shop"))
+    who = r.pop("who")
+    assert r == {"counted": True, "joined": True, "flipped": True, "big": True,
+                 "concurrent": True}
+    assert who["transport"] == "smb" and who["account"] == ALICE
+    assert who["address"] == site.hosts.client_ip  # the client host, as smbd saw it
+    assert who["sids"][0].startswith("S-1-5-21-") and who["uid"] is not None
+
+
+def test_twenty_clients_at_once(site: Site) -> None:
+    with serve(site, "many"):
+        assert client(site, "clients", site.address("many")) == {"ok": 20}
+
+
+def test_user_the_acl_refuses(site: Site) -> None:
+    with serve(site, "private"):
+        r = client(site, "error", site.address("private"), user=BOB)
+    assert r["error"] == "AccessDenied" and "refused" in r["message"]
+
+
+def test_wrong_password(site: Site) -> None:
+    with serve(site, "pw"):
+        r = client(site, "error", site.address("pw"), password="Not-Her-Secret-7")
+    assert r["error"] == "AuthenticationError" and ALICE in r["message"]
+    assert "Not-Her-Secret-7" not in r["message"]  # never the password
+
+
+def test_unknown_pipe(site: Site) -> None:
+    r = client(site, "error", site.address("nosuchpipe"))
+    assert r["error"] == "PipeNotFound"
+
+
+def test_unreachable_host(site: Site) -> None:
+    r = client(site, "error", "//198.18.0.3/pipe/x")  # nobody on the link has it
+    assert r["error"] == "HostUnreachable"
+
+
+def test_raw_stream_server_across_hosts(site: Site) -> None:
+    with serve(site, "rawpipe", kind="raw"):
+        r = client(site, "raw", site.address("rawpipe"))
+    assert r == {"greeting": f"hello {r['greeting'].split()[1]}", "echo": "raw bytes"}
+    assert r["greeting"].endswith(f"\\{ALICE}")
+
+
+def test_impacket_talks_to_a_raw_server(site: Site) -> None:
+    """An independent SMB client (impacket) opens the pipe, writes and reads."""
+    script = (
+        "from impacket.smbconnection import SMBConnection\n"
+        f"c = SMBConnection('{site.hosts.server_ip}', '{site.hosts.server_ip}')\n"
+        f"c.login('{ALICE}', '{PASSWORD}')\n"
+        "t = c.connectTree('IPC$')\n"
+        "f = c.openFile(t, '\\\\rawimp', desiredAccess=0x12019f, creationOption=0x40,"
+        " fileAttributes=0x80)\n"
+        "print(c.readFile(t, f, 0, 4096).decode().strip())\n"
+        "c.writeFile(t, f, b'from impacket')\n"
+        "print(c.readFile(t, f, 0, 4096).decode())\n"
+        "c.closeFile(t, f)\n"
+    )
+    with serve(site, "rawimp", kind="raw"):
+        done = run_in(site.hosts.client_ns, [sys.executable, "-c", script],
+                      capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    greeting, echoed = done.stdout.splitlines()
+    assert greeting.startswith("hello ") and greeting.endswith(ALICE)
+    assert echoed == "from impacket"
+
+
+def test_npipe_server_restart(site: Site) -> None:
+    """Calls fail (UNAVAILABLE) while the npipe server is down and recover on retry."""
+    env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
+    with serve(site, "phoenix"):
+        proc = popen_in(site.hosts.client_ns, [sys.executable, str(APPS / "client_app.py"),
+                                               "held_call", site.address("phoenix")],
+                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout and proc.stdin
+        assert json.loads(proc.stdout.readline()) == {"called": True}
+    # the server is gone: the next call fails; then it comes back
+    with serve(site, "phoenix"):
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=120)
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["second"] in ("UNAVAILABLE", "OK") and r["recovered"] is True
+
+
+def test_smbd_restart(site: Site) -> None:
+    env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
+    with serve(site, "sturdy"):
+        proc = popen_in(site.hosts.client_ns, [sys.executable, str(APPS / "client_app.py"),
+                                               "held_call", site.address("sturdy")],
+                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout and proc.stdin
+        assert json.loads(proc.stdout.readline()) == {"called": True}
+        site.smbd.restart()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=120)
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["second"] in ("UNAVAILABLE", "OK") and r["recovered"] is True
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"server signing": "mandatory"},
+        {"smb encrypt": "required"},
+        {"server max protocol": "SMB2_10"},
+        {"server max protocol": "SMB3_11", "smb encrypt": "required"},
+    ],
+    ids=["signing-mandatory", "encrypt-required", "smb2_10", "smb3_11-encrypted"],
+)
+def test_server_security_settings(site: Site, options: dict[str, str]) -> None:
+    saved = dict(site.smbd.extra)
+    try:
+        for key, value in options.items():
+            site.smbd.set_option(key, value)
+        site.smbd.restart()
+        with serve(site, "secure"):
+            r = client(site, "until_ok", site.address("secure"))
+        assert r["ok"] is True, r
+    finally:
+        site.smbd.extra.clear()
+        site.smbd.extra.update(saved)
+        site.smbd.write_config()
+        site.smbd.restart()

@@ -1,0 +1,655 @@
+"""The remote pipe client (npipe.smb, smbprotocol backend) against a real private smbd.
+
+Each smbd listens on loopback on a free port with its own directories; pipe servers are
+raw Unix listeners placed in smbd's ``<ncalrpc dir>/np/`` that answer the
+named_pipe_auth handshake with ``npipe.samba.npa``. Needs root and Samba's smbd:
+without them these tests skip, or fail when CI=true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from npipe.errors import (
+    AccessDenied,
+    AddressError,
+    AuthenticationError,
+    ConfigError,
+    HostUnreachable,
+    PipeNotFound,
+)
+from npipe.samba.npa import NpaRequestReader, build_reply
+from npipe.smb import bridge_for, close_bridges, get_client, open_pipe
+from npipe.smb import smbprotocol_backend as backend
+from npipe.smb.credentials import Credentials
+
+pytestmark = pytest.mark.root
+
+TEMPLATE = Path("/work/shared/samba/private-smb.conf")
+USER = "npt-client"
+PASSWORD = "npt-client-pw-1"
+OTHER_USER = "npt-other"
+CREDS = Credentials(USER, PASSWORD)
+
+Handler = Callable[[socket.socket, bytes], None]
+T = TypeVar("T")
+
+
+def _require_smbd() -> None:
+    reason = None
+    if os.geteuid() != 0:
+        reason = "needs root to run smbd and serve pipes in its np/ directory"
+    elif shutil.which("smbd") is None or shutil.which("smbpasswd") is None:
+        reason = "needs Samba (smbd, smbpasswd)"
+    elif not TEMPLATE.exists():
+        reason = f"needs the smbd config template {TEMPLATE}"
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI=true, so this must not be skipped", pytrace=False)
+    pytest.skip(reason)
+
+
+def _ensure_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Smbd:
+    """A private smbd on 127.0.0.1:port, stopped (with its children) by stop()."""
+
+    def __init__(self, extra: dict[str, str]) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="npsmb", dir="/tmp"))
+        self.port = _free_port()
+        self.conf = self.dir / "smb.conf"
+        self.proc: subprocess.Popen[bytes] | None = None
+        text = TEMPLATE.read_text()
+        text = text.replace("DIR", str(self.dir)).replace("IFACE", "lo")
+        text = text.replace("PORT", str(self.port))
+        lines = [text.rstrip("\n"), "  map to guest = never"]
+        lines += [f"  {k} = {v}" for k, v in extra.items()]
+        self.conf.write_text("\n".join(lines) + "\n")
+        for sub in ("private", "lock", "state", "cache", "pid", "log"):
+            (self.dir / sub).mkdir()
+
+    @property
+    def np_dir(self) -> Path:
+        return self.dir / "ncalrpc" / "np"
+
+    def address(self, name: str) -> str:
+        return f"//127.0.0.1:{self.port}/pipe/{name}"
+
+    def start(self) -> None:
+        _ensure_user(USER)
+        subprocess.run(
+            ["smbpasswd", "-c", str(self.conf), "-a", "-s", USER],
+            input=f"{PASSWORD}\n{PASSWORD}\n".encode(),
+            check=True,
+            capture_output=True,
+        )
+        log = open(self.dir / "smbd.out", "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            ["smbd", "-s", str(self.conf), "-F", "--no-process-group", "-d", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends the children too
+        )
+        log.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = (self.dir / "smbd.out").read_text(errors="replace")
+                raise RuntimeError(f"smbd exited with {self.proc.returncode}: {out[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.2
+            ):
+                if self.np_dir.is_dir():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("smbd did not start listening within 15 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if self.proc is not None:
+            # Children may outlive the parent for a moment; they are in its group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def connection_pids(self) -> list[int]:
+        """The smbd children serving established TCP connections (one per connection)."""
+        out = subprocess.run(
+            ["ss", "-Htnp", "state", "established", f"( sport = :{self.port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        pids = set()
+        for line in out.splitlines():
+            for part in line.split("pid=")[1:]:
+                pids.add(int(part.split(",")[0]))
+        return sorted(pids)
+
+    def established(self) -> int:
+        out = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"( dport = :{self.port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return len(out.splitlines())
+
+
+@contextlib.contextmanager
+def _running_smbd(extra: dict[str, str]) -> Iterator[Smbd]:
+    _require_smbd()
+    smbd = Smbd(extra)
+    try:
+        smbd.start()
+        yield smbd
+    finally:
+        smbd.stop()
+
+
+@pytest.fixture(scope="module")
+def smbd() -> Iterator[Smbd]:
+    with _running_smbd({}) as s:
+        yield s
+        backend.close_connections()
+        close_bridges()
+
+
+@pytest.fixture(scope="module")
+def strict_smbd() -> Iterator[Smbd]:
+    with _running_smbd({"server signing": "mandatory", "smb encrypt": "required"}) as s:
+        yield s
+        backend.close_connections()
+
+
+@pytest.fixture(scope="module")
+def smb2_smbd() -> Iterator[Smbd]:
+    with _running_smbd({"server max protocol": "SMB2_10"}) as s:
+        yield s
+        backend.close_connections()
+
+
+# --- pipe servers in np/ --------------------------------------------------------------
+
+
+class PipeServer:
+    """A raw Unix listener at np/NAME: handshake (unless ``handshake=False``), then handler."""
+
+    def __init__(self, np_dir: Path, name: str, handler: Handler, handshake: bool = True):
+        self.path = np_dir / name
+        self.handler = handler
+        self.handshake = handshake
+        self.accepted = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(self.path))
+        self.sock.listen(64)
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if not self.handshake:
+                self.handler(conn, b"")
+                return
+            reader = NpaRequestReader()
+            request = None
+            while request is None:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                request = reader.feed(data)
+            conn.sendall(build_reply(request.level))
+            self.handler(conn, reader.unused_data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def echo(conn: socket.socket, data: bytes) -> None:
+    if data:
+        conn.sendall(data)
+    while data := conn.recv(1 << 20):
+        conn.sendall(data)
+
+
+def linger(conn: socket.socket) -> None:
+    """Wait for the client to close: Samba drops pipe data the client has not READ yet
+    when the server closes first."""
+    conn.settimeout(30)
+    with contextlib.suppress(OSError):
+        while conn.recv(65536):
+            pass
+
+
+def answer_after(total: int) -> Handler:
+    """Send nothing until ``total`` bytes came in; then say how many."""
+
+    def handler(conn: socket.socket, data: bytes) -> None:
+        got = len(data)
+        while got < total:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                return
+            got += len(chunk)
+        conn.sendall(b"got %d" % got)
+        linger(conn)
+
+    return handler
+
+
+def refuse(conn: socket.socket, data: bytes) -> None:
+    conn.close()
+
+
+def partial_then_close(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(b"partial")
+    time.sleep(0.3)  # let the client READ it before the end (see linger)
+
+
+@pytest.fixture
+def serve(smbd: Smbd) -> Iterator[Callable[..., PipeServer]]:
+    servers: list[PipeServer] = []
+
+    def make(name: str, handler: Handler, *, on: Smbd = smbd, handshake: bool = True) -> PipeServer:
+        server = PipeServer(on.np_dir, name, handler, handshake)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def _echo_roundtrip(address: str, payload: bytes, encrypt: bool | None = None) -> bytes:
+    reader, writer = await open_pipe(address, credentials=CREDS, encrypt=encrypt)
+    try:
+        # Read while writing: an echo of more than the buffers hold deadlocks otherwise.
+        echoed = asyncio.ensure_future(reader.readexactly(len(payload)))
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(echoed, 30)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def _link_info(smbd: Smbd) -> backend.SmbConnectionInfo:
+    infos = [c for c in backend.connections() if c.port == smbd.port and c.alive]
+    assert infos, "no live connection to this smbd"
+    return infos[0]
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def test_echo_small_and_large(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
+    serve("echo", echo)
+    payload = os.urandom(8 << 20)
+
+    async def main() -> None:
+        assert await _echo_roundtrip(smbd.address("echo"), b"hello") == b"hello"
+        assert await _echo_roundtrip(smbd.address("ECHO"), payload) == payload  # names fold
+
+    run(main())
+
+
+def test_full_duplex_write_while_read_pending(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
+    """The server answers only after 1 MiB came in; the client's READ is posted first.
+
+    If a WRITE waited for the pending READ this would deadlock (and time out)."""
+    total = 1 << 20
+    serve("duplex", answer_after(total))
+
+    async def main() -> bytes:
+        reader, writer = await open_pipe(smbd.address("duplex"), credentials=CREDS)
+        try:
+            await asyncio.sleep(0.2)  # the relay's READ is posted and pending by now
+            writer.write(os.urandom(total))
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(100), 10)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    assert run(main()) == b"got %d" % total
+
+
+def test_twenty_pipes_share_one_connection(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
+    serve("many", echo)
+    backend.close_connections()
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> bool:
+        payload = b"%d-" % i * 5000
+        writer.write(payload)
+        await writer.drain()
+        ok = await asyncio.wait_for(reader.readexactly(len(payload)), 20) == payload
+        return ok
+
+    async def main() -> None:
+        streams = await asyncio.gather(
+            *(open_pipe(smbd.address("many"), credentials=CREDS) for _ in range(20))
+        )
+        try:
+            results = await asyncio.gather(*(one(r, w, i) for i, (r, w) in enumerate(streams)))
+            assert all(results)
+            live = [c for c in backend.connections() if c.port == smbd.port and c.alive]
+            assert len(live) == 1 and live[0].pipes == 20
+            assert smbd.established() == 1
+        finally:
+            for _, writer in streams:
+                writer.close()
+
+    run(main())
+
+
+def test_server_closing_mid_stream_ends_the_reader(
+    smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    serve("partial", partial_then_close)
+
+    async def main() -> bytes:
+        reader, writer = await open_pipe(smbd.address("partial"), credentials=CREDS)
+        try:
+            return await asyncio.wait_for(reader.read(), 10)  # to EOF
+        finally:
+            writer.close()
+
+    assert run(main()) == b"partial"
+
+
+def test_lost_connection_ends_the_stream(
+    smbd: Smbd, serve: Callable[..., PipeServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    serve("lost", echo)
+    caplog.set_level(logging.WARNING, logger="npipe.smb")
+
+    async def main() -> None:
+        reader, writer = await open_pipe(smbd.address("lost"), credentials=CREDS)
+        try:
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            for pid in smbd.connection_pids():  # the smbd child serving our connection
+                os.kill(pid, signal.SIGKILL)
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        finally:
+            writer.close()
+        # The dead connection is replaced on the next open.
+        assert await _echo_roundtrip(smbd.address("lost"), b"again") == b"again"
+
+    run(main())
+    assert "was lost" in caplog.text
+
+
+# --- opening: retries and errors ------------------------------------------------------
+
+
+def test_unknown_pipe_retries_until_the_timeout(smbd: Smbd) -> None:
+    start = time.monotonic()
+    with pytest.raises(PipeNotFound, match="nowhere"):
+        run(open_pipe(smbd.address("nowhere"), credentials=CREDS, timeout=0.8))
+    elapsed = time.monotonic() - start
+    assert 0.7 <= elapsed < 3.0
+    # Samba has no FSCTL_PIPE_WAIT: asked once, remembered for the connection.
+    links = [f.result() for f in backend._links.values() if f.done() and not f.exception()]
+    assert any(link.port == smbd.port and not link.pipe_wait for link in links)
+
+
+def test_pipe_that_appears_later_is_found(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
+    async def main() -> float:
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, lambda: serve("late", echo))
+        reader, writer = await open_pipe(smbd.address("late"), credentials=CREDS, timeout=5)
+        elapsed = time.monotonic() - start
+        writer.write(b"late")
+        assert await reader.readexactly(4) == b"late"
+        writer.close()
+        return elapsed
+
+    assert 0.5 <= run(main()) < 4
+
+
+def test_a_server_that_closes_without_answering_refuses(
+    smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    server = serve("closed", refuse, handshake=False)
+    with pytest.raises(AccessDenied, match="refused"):
+        run(open_pipe(smbd.address("closed"), credentials=CREDS, timeout=3))
+    assert server.accepted >= 1
+
+
+def test_wrong_password_is_an_authentication_error(smbd: Smbd) -> None:
+    bad = Credentials(USER, "not-the-password")
+    with pytest.raises(AuthenticationError) as info:
+        run(open_pipe(smbd.address("echo"), credentials=bad, timeout=5))
+    message = str(info.value)
+    assert USER in message and f"127.0.0.1:{smbd.port}" in message
+    assert "not-the-password" not in message
+
+
+def test_nothing_listening_is_host_unreachable_at_once() -> None:
+    port = _free_port()
+    start = time.monotonic()
+    with pytest.raises(HostUnreachable, match=f"127.0.0.1:{port}"):
+        run(open_pipe(f"//127.0.0.1:{port}/pipe/x", credentials=CREDS, timeout=5))
+    assert time.monotonic() - start < 1.5
+
+
+def test_unknown_backend_and_local_address() -> None:
+    with pytest.raises(ConfigError, match="smbprotocol"):
+        get_client("native")
+    with pytest.raises(ConfigError, match="smbprotocol"):
+        run(open_pipe("//h/pipe/x", credentials=CREDS, backend="native"))
+    with pytest.raises(AddressError, match="not a remote pipe"):
+        run(open_pipe("shop", credentials=CREDS))
+
+
+# --- signing and encryption -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["default", "strict"])
+def test_signed_and_encrypted_by_default(
+    server: str, request: pytest.FixtureRequest, serve: Callable[..., PipeServer]
+) -> None:
+    target: Smbd = request.getfixturevalue("smbd" if server == "default" else "strict_smbd")
+    serve("sig", echo, on=target)
+    assert run(_echo_roundtrip(target.address("sig"), b"signed")) == b"signed"
+    info = _link_info(target)
+    assert info.dialect == "3.1.1"
+    assert info.signing_required and info.signed and info.encrypted
+    if server == "strict":
+        # The server requires encryption, so even encrypt=False gets it.
+        assert run(_echo_roundtrip(target.address("sig"), b"x", encrypt=False)) == b"x"
+        assert all(c.encrypted for c in backend.connections() if c.port == target.port)
+
+
+def test_smb2_server_falls_back_to_signing(
+    smb2_smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    serve("old", echo, on=smb2_smbd)
+    assert run(_echo_roundtrip(smb2_smbd.address("old"), b"2.1")) == b"2.1"
+    info = _link_info(smb2_smbd)
+    assert info.dialect == "2.1" and info.signed and not info.encrypted
+    with pytest.raises(ConfigError, match="cannot encrypt"):
+        run(open_pipe(smb2_smbd.address("old"), credentials=CREDS, encrypt=True, timeout=5))
+
+
+# --- the bridge -----------------------------------------------------------------------
+
+
+def _unix_echo(path: str, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_bridge_relays_a_raw_client(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
+    serve("bridged", echo)
+    bridge = bridge_for(smbd.address("bridged"), credentials=CREDS)
+    assert bridge_for(smbd.address("bridged"), credentials=CREDS) is bridge
+    assert bridge.target == f"unix:{bridge.path}"
+    assert bridge.path.startswith("/tmp/npipe-br-")
+    assert os.stat(bridge.directory).st_mode & 0o777 == 0o700
+    payload = os.urandom(300_000)
+    assert _unix_echo(bridge.path, payload) == payload
+    assert _unix_echo(bridge.path, b"second") == b"second"  # a new pipe instance each time
+    directory = bridge.directory
+    bridge.close()
+    assert not os.path.exists(directory)
+    assert bridge_for(smbd.address("bridged"), credentials=CREDS) is not bridge
+
+
+def test_bridge_closes_the_connection_when_the_open_fails(
+    smbd: Smbd, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="npipe.smb.bridge")
+    bridge = bridge_for(smbd.address("absent"), credentials=CREDS, timeout=0.5)
+    start = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(bridge.path)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\n")
+        assert s.recv(100) == b""
+    assert time.monotonic() - start < 3
+    bridge.close()
+    assert "no pipe" in caplog.text
+
+
+def test_bridge_refuses_other_users(
+    smbd: Smbd, serve: Callable[..., PipeServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs /usr/bin/python3 to run a probe as another user")
+    serve("private", echo)
+    _ensure_user(OTHER_USER)
+    caplog.set_level(logging.WARNING, logger="npipe.smb.bridge")
+    bridge = bridge_for(smbd.address("private"), credentials=CREDS)
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.settimeout(10)\n"
+        "try:\n"
+        "    s.connect(sys.argv[1])\n"
+        "    print('read', repr(s.recv(100)))\n"
+        "except OSError as e:\n"
+        "    print('error', type(e).__name__)\n"
+    )
+
+    def attempt() -> str:
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", probe, bridge.path],
+            user=OTHER_USER,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.strip() + out.stderr.strip()
+
+    # The 0700 directory stops another user before the socket.
+    assert attempt() == "error PermissionError"
+    # Opened up, the socket still refuses: SO_PEERCRED says another uid.
+    os.chmod(bridge.directory, 0o711)
+    os.chmod(bridge.path, 0o666)
+    assert attempt() == "read b''"
+    assert "refused a connection from uid" in caplog.text
+    # This user still gets through.
+    assert _unix_echo(bridge.path, b"mine") == b"mine"
+    bridge.close()
+
+
+# --- credentials (no smbd) ------------------------------------------------------------
+
+
+def test_credentials_resolve_and_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NPIPE_USER", "NPIPE_PASSWORD", "NPIPE_DOMAIN", "NPIPE_AUTH_PROTOCOL"):
+        monkeypatch.delenv(name, raising=False)
+    assert Credentials.resolve() == Credentials(None, None, None)
+    monkeypatch.setenv("NPIPE_USER", "CORP\\alice")
+    monkeypatch.setenv("NPIPE_PASSWORD", "s3cret")
+    creds = Credentials.resolve()
+    assert (creds.username, creds.domain, creds.password) == ("alice", "CORP", "s3cret")
+    assert creds.principal == "CORP\\alice"
+    assert "s3cret" not in repr(creds) and "s3cret" not in str(creds)
+    # An explicit other user does not get the environment's password.
+    assert Credentials.resolve("bob").password is None
+    upn = Credentials.resolve("carol@example.test", "pw")
+    assert (upn.username, upn.domain, upn.principal) == (
+        "carol",
+        "example.test",
+        "carol@example.test",
+    )
+    assert Credentials.resolve("dave", "pw", domain="X").principal == "X\\dave"
+    assert Credentials("a", "1").identity() != Credentials("a", "2").identity()
+    with pytest.raises(ConfigError, match="auth_protocol"):
+        Credentials("a", "b", None, "basic")
