@@ -57,10 +57,11 @@ def site() -> Iterator[Site]:
 
 
 @contextlib.contextmanager
-def serve(site: Site, name: str, kind: str = "grpc", users: str = ALICE) -> Iterator[None]:
+def serve(site: Site, name: str, kind: str = "grpc", users: str = ALICE,
+          **env_extra: str) -> Iterator[None]:
     """The npipe server app in the server namespace, serving NAME locally and via smbd."""
     env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(site.smbd.np_dir),
-           "NPIPE_PIPE_DIR": str(site.workdir / "pipes")}
+           "NPIPE_PIPE_DIR": str(site.workdir / "pipes"), **env_extra}
     proc = popen_in(site.hosts.server_ns, [sys.executable, str(APPS / "server_app.py"), kind,
                                            name, users],
                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -216,3 +217,47 @@ def test_server_security_settings(site: Site, options: dict[str, str]) -> None:
         site.smbd.extra.update(saved)
         site.smbd.write_config()
         site.smbd.restart()
+
+
+def test_non_root_server_behind_a_link(site: Site) -> None:
+    """A server run by an ordinary user listens in its own pipe directory; root links
+    np/NAME to it with `npipe samba link`, and SMB clients reach it."""
+    import pwd
+
+    bob = pwd.getpwnam(BOB)
+    pipes = site.workdir / "bob-pipes"  # BOB's own pipe directory
+    pipes.mkdir(mode=0o700)
+    os.chown(pipes, bob.pw_uid, bob.pw_gid)
+    os.chmod(site.workdir, 0o755)
+    env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(site.smbd.np_dir)}
+    with serve(site, "bobs", users=ALICE, NPIPE_TEST_RUN_AS=BOB, NPIPE_PIPE_DIR=str(pipes)):
+        socket_path = pipes / ".smb-bobs"
+        assert socket_path.stat().st_uid != 0 and not (site.smbd.np_dir / "bobs").exists()
+        done = subprocess.run([sys.executable, "-m", "npipe", "samba", "link", "bobs",
+                               "--target", str(socket_path)],
+                              env=env, capture_output=True, text=True, timeout=WAIT)
+        assert done.returncode == 0, done.stderr
+        assert os.readlink(site.smbd.np_dir / "bobs") == str(socket_path)
+        r = client(site, "calls", site.address("bobs"))
+        assert r["who"]["account"] == ALICE and r["big"] is True
+        done = subprocess.run([sys.executable, "-m", "npipe", "samba", "link", "bobs",
+                               "--remove"], env=env, capture_output=True, text=True,
+                              timeout=WAIT)
+        assert done.returncode == 0 and not os.path.lexists(site.smbd.np_dir / "bobs")
+
+
+def test_health_and_call_from_the_shell(site: Site) -> None:
+    env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
+    npipe_cmd = [sys.executable, "-m", "npipe"]
+    with serve(site, "shell"):
+        health = run_in(site.hosts.client_ns, [*npipe_cmd, "health", site.address("shell")],
+                        env=env, capture_output=True, text=True, timeout=WAIT)
+        call = run_in(site.hosts.client_ns, [*npipe_cmd, "call", site.address("shell"),
+                                             "x.Health/Nope"],
+                      env=env, capture_output=True, text=True, timeout=WAIT)
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING"), health.stderr
+    assert call.returncode == 2 and "x.Health" in call.stderr
+    refused = run_in(site.hosts.client_ns, [*npipe_cmd, "health", site.address("nosuch"),
+                                            "--timeout", "2"],
+                     env=env, capture_output=True, text=True, timeout=WAIT)
+    assert refused.returncode == 1 and "nosuch" in refused.stderr

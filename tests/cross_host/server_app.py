@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -18,9 +19,12 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 import npipe
 import npipe.grpc
+import npipe.samba.smbd
 
 SERVICE = "x.Svc"
 
@@ -70,6 +74,12 @@ def serve_grpc(name: str, users: list[str]) -> None:
         "Concat": grpc.stream_unary_rpc_method_handler(concat),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
     }),))
+    # health and reflection, for `npipe health` and `npipe call` from the other host
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if run_as := os.environ.get("NPIPE_TEST_RUN_AS"):
+        become(run_as)  # the pipe is claimed, and served, as that user
     npipe.grpc.add_pipe_port(server, name, smb=True, acl=npipe.Acl.allow(users=users))
     server.start()
     print("ready", flush=True)
@@ -99,6 +109,17 @@ def serve_raw(name: str, users: list[str]) -> None:
             await done
 
     asyncio.run(main())
+
+
+def become(user: str) -> None:
+    """Drop root for USER, after every import (the interpreter may live under /root)."""
+    import fcntl  # noqa: F401  (npipe imports it lazily)
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""``npipe samba setup`` and ``npipe samba run``: Samba's side of pipes from other hosts.
+"""``npipe samba setup | run | link``: Samba's side of pipes from other hosts.
 
 ``setup`` reports where the system's smbd looks for pipes it does not serve itself (the
 np directory) and the smb.conf settings that matter; ``run`` runs a private smbd in the
-foreground for demos and tests. Both print one-line errors and return 0 or 1.
+foreground for demos and tests; ``link`` lets smbd reach a non-root user's pipe. All
+print one-line errors and return 0 or 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -37,7 +39,7 @@ def add_samba_parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    """Add ``samba`` with its subcommands ``setup`` and ``run`` to ``sub``."""
+    """Add ``samba`` with its subcommands ``setup``, ``run`` and ``link`` to ``sub``."""
     p = sub.add_parser(
         "samba", parents=parents, help="Samba: reach pipes from other hosts through smbd",
         description="Pipes from other hosts go through Samba: an SMB client opens pipe NAME "
@@ -84,6 +86,72 @@ def add_samba_parser(
     r.add_argument("--timeout", type=float, default=20.0,
                    help="seconds to wait for smbd to listen (default 20)")
     r.set_defaults(func=run)
+
+    k = samba_sub.add_parser(
+        "link", parents=parents, help="let smbd reach a pipe served by a non-root user (root)",
+        description="smbd looks for pipe NAME at np/<name>, which only root may write: link "
+        "it to the socket that USER's npipe server (add_pipe_port(..., smb=True)) listens "
+        "on in USER's pipe directory.",
+    )
+    k.add_argument("name", help="the pipe name")
+    who = k.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="the user whose npipe server serves NAME")
+    who.add_argument("--target", type=Path, metavar="PATH", help="the socket to link to")
+    who.add_argument("--remove", action="store_true", help="remove the link instead")
+    k.add_argument("--conf", type=Path, metavar="PATH", help="the smb.conf to read")
+    k.set_defaults(func=link)
+
+
+def link(args: argparse.Namespace) -> int:
+    from npipe.address import local
+    from npipe.samba.frontdoor import RESERVED_NAMES, samba_socket_name
+
+    if os.geteuid() != 0:
+        return _error("npipe samba link writes in smbd's np directory and needs root")
+    addr = local(args.name)
+    if addr.key in RESERVED_NAMES:
+        return _error(f"pipe name {addr.name!r} belongs to Samba's own RPC services")
+    np = np_dir_from_conf(args.conf)
+    if not np.is_dir():
+        return _error(f"{np} does not exist: start smbd once, it creates it")
+    path = np / addr.key
+    if os.path.lexists(path) and not path.is_symlink():
+        return _error(f"{path} is not a link (a server of root's?): not touching it")
+    if args.remove:
+        if path.is_symlink():
+            path.unlink()
+        print(f"removed {path}")
+        return EXIT_OK
+    target = args.target or _user_socket(args.user, samba_socket_name(addr.key))
+    tmp = path.with_name(f".{addr.key}.link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, path)  # atomic: smbd never sees the name missing
+    print(f"{path} -> {target}")
+    return EXIT_OK
+
+
+def _user_socket(user: str, name: str) -> Path:
+    """Where USER's npipe server listens for smbd: in USER's pipe directory."""
+    import pwd
+
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise NpipeError(f"unknown user {user!r}") from None
+    for directory in (Path(f"/run/user/{uid}/npipe"), Path(f"/tmp/npipe-{uid}")):
+        try:
+            st = directory.stat()
+        except OSError:
+            continue
+        if st.st_uid != uid or st.st_mode & 0o022:
+            raise NpipeError(f"{directory} is not {user}'s own private directory")
+        return directory / name
+    raise NpipeError(
+        f"{user} has no pipe directory yet (/run/user/{uid}/npipe or /tmp/npipe-{uid}): "
+        "start the server first, or give --target"
+    )
 
 
 def _port(text: str) -> int:

@@ -49,6 +49,11 @@ RESERVED_NAMES = frozenset({
 })
 
 
+def samba_socket_name(key: str) -> str:
+    """The socket name a non-root server listens on for smbd, in its pipe directory."""
+    return f".smb-{key}"
+
+
 def np_dir() -> Path:
     """Samba's np/ directory: $NPIPE_SAMBA_NP_DIR, else from smb.conf ($NPIPE_SAMBA_CONF)."""
     from npipe.samba.smbd import np_dir_from_conf
@@ -76,12 +81,13 @@ def claim_samba_pipe(
                 "it), or point NPIPE_SAMBA_NP_DIR / NPIPE_SAMBA_CONF at the right one"
             )
         return claim(np / addr.key, lock_dir, mode=0o600)
-    path = lock_dir / f".smb-{addr.key}"
+    path = lock_dir / samba_socket_name(addr.key)
     claimed = claim(path, lock_dir, mode=0o600)  # root (smbd) can connect whatever the mode
-    log.warning(
-        "not root: SMB clients reach pipe %s only once root runs: ln -sfn %s %s",
-        addr.name, path, np / addr.key,
-    )
+    if os.path.realpath(np / addr.key) != os.path.realpath(path):
+        log.warning(
+            "not root: SMB clients reach pipe %s only once root runs: "
+            "npipe samba link %s --target %s", addr.name, addr.name, path,
+        )
     return claimed
 
 
