@@ -1,0 +1,181 @@
+"""The Samba front door on its own: what smbd would send, and what it must survive.
+
+No smbd here: the tests play smbd's part on the socket in np/ (as root, as smbd is),
+with the named_pipe_auth requests captured from Samba 4.17 and 4.22.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from test_npa import LEVEL7_NTLM, LEVEL8_NTLM
+
+import npipe
+import npipe.grpc
+from npipe.samba import frontdoor as samba
+from npipe.samba.npa import REPLY_SIZE
+
+
+def require_root() -> None:
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("needs root (it plays smbd, which runs as root); CI=true", pytrace=False)
+    pytest.skip("needs root: it plays smbd, which runs as root")
+
+
+@pytest.fixture
+def np_dir(pipe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    require_root()
+    np = pipe_dir.parent / "np"
+    np.mkdir(mode=0o700)
+    monkeypatch.setenv("NPIPE_SAMBA_NP_DIR", str(np))
+    return np
+
+
+@pytest.fixture
+def served(np_dir: Path) -> Iterator[Path]:
+    """A grpcio echo server on pipe 'door', open to npt (the user in the vectors)."""
+    def whoami(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return str(npipe.grpc.caller(context)).encode()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handlers = {"Who": grpc.unary_unary_rpc_method_handler(whoami)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("d.S", handlers),))
+    # the vectors' user is npt (uid 1002 on 4.17, 1000 on 4.22): allow by account name
+    npipe.grpc.add_pipe_port(server, "door", smb=True, acl=npipe.Acl(accounts=frozenset({"npt"})))
+    server.start()
+    yield np_dir / "door"
+    server.stop(None).wait()
+
+
+def smbd_connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(path))
+    return s
+
+
+def recv_all(s: socket.socket) -> bytes:
+    """Everything until the door closes (a reset, when it closed with our bytes unread)."""
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("vector", [LEVEL7_NTLM, LEVEL8_NTLM], ids=["level7", "level8"])
+def test_a_real_request_opens_the_pipe(served: Path, vector: bytes) -> None:
+    s = smbd_connect(served)
+    s.sendall(vector)
+    reply = s.recv(REPLY_SIZE)
+    assert len(reply) == REPLY_SIZE and reply[4:8] == b"NPAM"
+    # now the pipe's bytes: an HTTP/2 client preface reaches grpcio, which answers
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+    assert s.recv(9)[3] == 0x04  # grpcio's SETTINGS frame
+    s.close()
+
+
+def test_a_caller_the_acl_refuses_gets_no_reply(np_dir: Path) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    npipe.grpc.add_pipe_port(server, "strict", smb=True)  # owner-only: root; npt is not
+    server.start()
+    try:
+        s = smbd_connect(np_dir / "strict")
+        s.sendall(LEVEL7_NTLM)
+        assert recv_all(s) == b""  # closed without a reply: smbd fails the CREATE
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"\x00\x00\x00\x04NPAX",
+        b"\x00\x00\x00\x0cNPAM\x05\x00\x00\x00\x05\x00\x00\x00",  # level 5
+        b"\xff\xff\xff\xff" + b"x" * 100,  # a length far over the limit
+        LEVEL7_NTLM[:300],  # truncated, then closed
+        b"GET / HTTP/1.1\r\n\r\n",
+        os.urandom(2000),
+    ],
+    ids=["empty", "bad-magic", "level5", "huge", "truncated", "http", "random"],
+)
+def test_garbage_is_closed_and_the_pipe_keeps_serving(served: Path, garbage: bytes) -> None:
+    s = smbd_connect(served)
+    s.sendall(garbage)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == b""
+    s.close()
+    s = smbd_connect(served)  # the next (good) open still works
+    s.sendall(LEVEL8_NTLM)
+    assert len(s.recv(REPLY_SIZE)) == REPLY_SIZE
+    s.close()
+
+
+def test_a_stalled_handshake_is_cut_off(served: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(samba, "HANDSHAKE_TIMEOUT", 0.5)
+    s = smbd_connect(served)
+    s.sendall(LEVEL7_NTLM[:100])  # then nothing: smbd would wait for us forever
+    started = time.monotonic()
+    assert recv_all(s) == b""
+    assert time.monotonic() - started < 5
+
+
+def test_no_threads_or_sockets_leak_after_bad_opens(served: Path) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    for _ in range(5):  # warm up thread pools
+        s = smbd_connect(served)
+        s.sendall(b"junk")
+        s.shutdown(socket.SHUT_WR)
+        recv_all(s)
+        s.close()
+    time.sleep(0.2)
+    threads, fds = threading.active_count(), open_fds()
+    for _ in range(100):
+        s = smbd_connect(served)
+        s.sendall(os.urandom(64))
+        s.shutdown(socket.SHUT_WR)
+        recv_all(s)
+        s.close()
+    deadline = time.monotonic() + 5
+    while (threading.active_count(), open_fds()) > (threads, fds) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= threads and open_fds() <= fds
+
+
+def test_only_root_may_speak_for_smbd(served: Path) -> None:
+    """A local user who reaches the socket cannot pose as smbd with a forged request."""
+    script = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(10)\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        f"s.connect({str(served)!r})\n"
+        "try:\n"
+        f"    s.sendall(bytes.fromhex({LEVEL7_NTLM.hex()!r}))\n"
+        "    print(len(s.recv(100)))\n"
+        "except ConnectionResetError:\n"
+        "    print(0)\n"
+    )
+    os.chmod(served, 0o666)  # even with the socket open to all (a misconfiguration) ...
+    for d in (served.parent, served.parent.parent):
+        os.chmod(d, 0o711)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"  # ... it is closed without a reply
