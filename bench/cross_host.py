@@ -751,7 +751,15 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=100,
                              gridspec_kw={"width_ratios": [3, 6, 5]})
-    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0f}")
+    ticker = matplotlib.ticker
+    fmt = ticker.FuncFormatter(lambda v, _: f"{v:.0f}")
+
+    def log_axis(ax: Any) -> None:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
     groups = [
         (axes[0], [t for t in GRPC_TRANSPORTS if t in results],
          "gRPC unary, 100 B (box: quartiles, whiskers: p1-p99)"),
@@ -764,9 +772,7 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
             continue
         pooled = [[x for rnd in results[t].latencies for x in rnd] for t in names]
         ax.boxplot(pooled, whis=(1, 99), showfliers=False)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(fmt)
-        ax.yaxis.set_minor_formatter(fmt)
+        log_axis(ax)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=25, ha="right")
         for i, t in enumerate(names, start=1):
             p50 = statistics.median(results[t].p50s())
@@ -783,8 +789,7 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
     colors = ["tab:blue" if t in GRPC_TRANSPORTS else "tab:orange" for t in names]
     bars = ax.bar(names, meds, yerr=[lo, hi], capsize=4, color=colors, alpha=0.85)
     ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(fmt)
+    log_axis(ax)
     ax.set_ylabel("MB/s, log scale (median of rounds; bars: min-max)")
     ax.set_title("blue: gRPC client stream of 1 MiB msgs; orange: 1 MiB echo", fontsize=10)
     ax.tick_params(axis="x", rotation=25)

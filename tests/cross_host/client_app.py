@@ -23,8 +23,9 @@ MB = 16 * 1024 * 1024
 OPTIONS = [("grpc.max_receive_message_length", MB), ("grpc.max_send_message_length", MB)]
 
 
-def channel(address: str) -> grpc.Channel:
-    return npipe.grpc.channel(address, options=OPTIONS)
+def channel(address: str, open_timeout: float = 10.0) -> grpc.Channel:
+    """open_timeout: how long the bridge retries a missing or busy pipe per connection."""
+    return npipe.grpc.channel(address, options=OPTIONS, timeout=open_timeout)
 
 
 def calls(address: str) -> dict[str, Any]:
@@ -104,29 +105,27 @@ def until_ok(address: str, seconds: float = 30) -> dict[str, Any]:
 
 
 def held_call(address: str) -> dict[str, Any]:
-    """A call on a channel; signal 'called' and wait for a line on stdin; call again."""
-    with channel(address) as ch:
+    """Call, then on each line from stdin: call once more (and say how it went), then
+    keep calling until a call succeeds (recovery). A missing pipe is waited for 2 s, so
+    the call (10 s deadline) ends UNAVAILABLE rather than DEADLINE_EXCEEDED."""
+    with channel(address, open_timeout=2) as ch:
         echo = ch.unary_unary("/x.Svc/Echo")
-        first = echo(b"one", timeout=30) == b"one"
-        print(json.dumps({"called": first}), flush=True)
+        print(json.dumps({"called": echo(b"one", timeout=30) == b"one"}), flush=True)
         sys.stdin.readline()
         try:
-            echo(b"two", timeout=10)
-            code = "OK"
+            code = "OK" if echo(b"two", timeout=10) == b"two" else "WRONG"
         except grpc.RpcError as e:
             code = e.code().name
-        return {"second": code, **until_ok_on(echo)}
-
-
-def until_ok_on(echo: Any, seconds: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if echo(b"again", timeout=5) == b"again":
-                return {"recovered": True}
-        except grpc.RpcError:
-            time.sleep(0.2)
-    return {"recovered": False}
+        print(json.dumps({"second": code}), flush=True)
+        sys.stdin.readline()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if echo(b"again", timeout=5) == b"again":
+                    return {"recovered": True}
+            except grpc.RpcError:
+                time.sleep(0.2)
+        return {"recovered": False}
 
 
 if __name__ == "__main__":
