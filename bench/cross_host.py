@@ -28,7 +28,7 @@ does: each round is cut into slices and the order rotates every slice, so noise 
 elsewhere on the machine lands on all of them alike; the tables show the median over
 rounds of each round's p50, p99 and median MB/s, and ratios between those medians.
 
-    python bench/cross_host.py                  # 5 rounds, about 4 minutes on 2 CPUs
+    python bench/cross_host.py                  # 5 rounds, about 3.5 minutes on 2 CPUs
     python bench/cross_host.py --quick          # smoke run, well under a minute
     python bench/cross_host.py --json out.json --plot out.png
 
@@ -790,6 +790,7 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
     bars = ax.bar(names, meds, yerr=[lo, hi], capsize=4, color=colors, alpha=0.85)
     ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
     log_axis(ax)
+    ax.set_ylim(bottom=10)
     ax.set_ylabel("MB/s, log scale (median of rounds; bars: min-max)")
     ax.set_title("blue: gRPC client stream of 1 MiB msgs; orange: 1 MiB echo", fontsize=10)
     ax.tick_params(axis="x", rotation=25)
