@@ -55,12 +55,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpc_local import _rotated, machine_info, percentile
+from grpc_local import SERVICE, _rotated, bench_service, machine_info, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
@@ -69,7 +69,7 @@ USER = "npbench"
 PASSWORD = "Bench-Passw0rd-7"
 GRPC_PIPE = "benchgrpc"
 RAW_PIPE = "benchraw"
-SERVICE = "bench.Bench"
+# the service bench_service() serves (grpc_local.SERVICE)
 ECHO = f"/{SERVICE}/Echo"
 UPLOAD = f"/{SERVICE}/Upload"
 UNARY_BYTES = 100
@@ -135,35 +135,9 @@ def _serve_grpc(kind: str, host: str) -> int:
     import npipe
     import npipe.grpc
 
-    stats: dict[str, Any] = {"calls": 0, "caller_checked": 0, "caller": None}
-    check_caller = kind == "grpc-pipe"
-
-    def who(context: grpc.ServicerContext) -> None:
-        stats["calls"] += 1
-        if not check_caller:
-            return
-        caller = npipe.grpc.caller(context)
-        if caller is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unknown caller {context.peer()}")
-        stats["caller_checked"] += 1
-        stats["caller"] = str(caller)
-
-    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
-        who(context)
-        return request
-
-    def upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        who(context)
-        total = 0
-        for msg in requests:
-            total += len(msg)
-        return total.to_bytes(8, "little")
-
+    handler, stats = bench_service(check_caller=kind == "grpc-pipe")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_WORKERS))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        "Echo": grpc.unary_unary_rpc_method_handler(echo),
-        "Upload": grpc.stream_unary_rpc_method_handler(upload),
-    }),))
+    server.add_generic_rpc_handlers((handler,))
     if kind == "grpc-tcp":
         port = server.add_insecure_port(f"{host}:0")
         if port == 0:

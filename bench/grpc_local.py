@@ -114,13 +114,12 @@ def _door_process(pipe_dir: str, backend: str, conn: Any) -> None:
     door.close(drop_connections=True)
 
 
-def _serve(transport: str, workdir: str, conn: Any) -> None:
-    """Server process: serve the bench service on ``transport`` until told to stop."""
+def bench_service(check_caller: bool) -> tuple[grpc.GenericRpcHandler, dict[str, Any]]:
+    """The benchmarked service (Echo, Upload) and the counts it keeps; with check_caller
+    every call asks npipe.grpc.caller() and fails if the caller is unknown."""
     import npipe.grpc
-    from npipe import frontdoor
 
-    stats = {"calls": 0, "caller_checked": 0, "caller": None}
-    check_caller = transport.startswith("npipe") and transport != "npipe-direct"
+    stats: dict[str, Any] = {"calls": 0, "caller_checked": 0, "caller": None}
 
     def who(context: grpc.ServicerContext) -> None:
         stats["calls"] += 1
@@ -150,6 +149,16 @@ def _serve(transport: str, workdir: str, conn: Any) -> None:
             "Upload": grpc.stream_unary_rpc_method_handler(upload),
         },
     )
+    return handler, stats
+
+
+def _serve(transport: str, workdir: str, conn: Any) -> None:
+    """Server process: serve the bench service on ``transport`` until told to stop."""
+    import npipe.grpc
+    from npipe import frontdoor
+
+    check_caller = transport.startswith("npipe") and transport != "npipe-direct"
+    handler, stats = bench_service(check_caller)
     if transport == "npipe-splice":
         frontdoor._copy = _splice_copy
     elif transport == "npipe-64k":
