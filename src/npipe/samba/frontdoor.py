@@ -127,9 +127,7 @@ def samba_identify(acl: Acl, pipe: object) -> Identify:
     """The front door's identify step for a socket in np/ (blocking, bounded in time)."""
 
     def identify(conn: socket.socket) -> Caller | None:
-        _pid, uid, _gid = peer_credentials(conn)
-        if uid != 0:
-            log.warning("refused a non-root peer (uid %s) on Samba pipe %s", uid, pipe)
+        if not _from_smbd(conn, pipe):
             return None
         conn.settimeout(HANDSHAKE_TIMEOUT)
         try:
@@ -150,9 +148,7 @@ async def handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, acl: Acl, pipe: object
 ) -> Caller | None:
     """The same for an asyncio stream server; None means: close it."""
-    _pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
-    if uid != 0:
-        log.warning("refused a non-root peer (uid %s) on Samba pipe %s", uid, pipe)
+    if not _from_smbd(writer.get_extra_info("socket"), pipe):
         return None
     try:
         message = await asyncio.wait_for(_read_message(reader), HANDSHAKE_TIMEOUT)
@@ -164,6 +160,14 @@ async def handshake(
         log.warning("bad named_pipe_auth handshake on Samba pipe %s: %s", pipe, e)
         return None
     return caller
+
+
+def _from_smbd(sock: socket.socket, pipe: object) -> bool:
+    """Only root (smbd) may introduce callers: anyone else could forge the request."""
+    _pid, uid, _gid = peer_credentials(sock)
+    if uid != 0:
+        log.warning("refused a non-root peer (uid %s) on Samba pipe %s", uid, pipe)
+    return uid == 0
 
 
 async def _read_message(reader: asyncio.StreamReader) -> bytes:
