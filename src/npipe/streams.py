@@ -17,6 +17,7 @@ from npipe.local.dial import check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket, claim
 from npipe.local.paths import pipe_dir, socket_path
 from npipe.local.peercred import peer_caller
+from npipe.smb import DEFAULT_BACKEND
 from npipe.smb.credentials import Credentials
 
 log = logging.getLogger("npipe.streams")
@@ -46,7 +47,7 @@ async def open_connection(
     credentials: Credentials | None = None,
     timeout: float = 10.0,
     encrypt: bool | None = None,
-    smb_backend: str = "smbprotocol",
+    smb_backend: str = DEFAULT_BACKEND,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a pipe and return asyncio streams.
 

@@ -5,9 +5,10 @@ Two calls make the whole interface; a backend does the SMB work behind them::
     reader, writer = await npipe.smb.open_pipe("//server/pipe/shop")
     bridge = npipe.smb.bridge_for("//server/pipe/shop")   # bridge.target: unix:/tmp/...
 
-``backend="smbprotocol"`` (pure Python, the only one so far) is where a faster native
-client will slot in: a backend is any object with the two coroutine methods of
-:class:`PipeClient`. Credentials default to :meth:`Credentials.resolve` (NPIPE_USER,
+Backends: ``"native"`` (the default: npipe's own asyncio SMB2/3 client,
+:mod:`npipe.smb.native`) and ``"smbprotocol"`` (the smbprotocol library, slower; kept
+as a reference and a fallback). A backend is any object with the two coroutine methods
+of :class:`PipeClient`. Credentials default to :meth:`Credentials.resolve` (NPIPE_USER,
 NPIPE_PASSWORD, NPIPE_DOMAIN, else the Kerberos cache). ``encrypt=None`` encrypts
 when the server can (SMB 3) and signs otherwise; ``True`` requires encryption;
 ``False`` asks for signing only. Signing is always required.
@@ -26,7 +27,8 @@ from npipe.errors import AddressError, ConfigError
 from npipe.smb.bridge import PipeBridge
 from npipe.smb.credentials import Credentials
 
-BACKENDS = ("smbprotocol",)
+BACKENDS = ("native", "smbprotocol")
+DEFAULT_BACKEND = "native"
 
 
 class PipeClient(Protocol):
@@ -60,13 +62,17 @@ _clients: dict[str, PipeClient] = {}
 _clients_lock = threading.Lock()
 
 
-def get_client(backend: str = "smbprotocol") -> PipeClient:
+def get_client(backend: str = DEFAULT_BACKEND) -> PipeClient:
     """The (shared) client object of a backend; ConfigError for an unknown name."""
     with _clients_lock:
         client = _clients.get(backend)
         if client is not None:
             return client
-        if backend == "smbprotocol":
+        if backend == "native":
+            from npipe.smb.native import NativeClient
+
+            client = NativeClient()
+        elif backend == "smbprotocol":
             from npipe.smb.smbprotocol_backend import SmbprotocolClient
 
             client = SmbprotocolClient()
@@ -94,7 +100,7 @@ async def open_pipe(
     credentials: Credentials | None = None,
     timeout: float = 10.0,
     encrypt: bool | None = None,
-    backend: str = "smbprotocol",
+    backend: str = DEFAULT_BACKEND,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a remote pipe and return asyncio streams on it.
 
@@ -121,7 +127,7 @@ def bridge_for(
     credentials: Credentials | None = None,
     timeout: float = 10.0,
     encrypt: bool | None = None,
-    backend: str = "smbprotocol",
+    backend: str = DEFAULT_BACKEND,
 ) -> PipeBridge:
     """A running :class:`PipeBridge` to the remote pipe (``.target`` for grpcio).
 
@@ -159,6 +165,7 @@ atexit.register(close_bridges)
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BACKEND",
     "Credentials",
     "PipeBridge",
     "PipeClient",

@@ -58,7 +58,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from smbprotocol import Dialects
@@ -95,6 +94,28 @@ from npipe.errors import (
 )
 from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
+from npipe.smb.info import SmbConnectionInfo
+from npipe.smb.status import (
+    EOF_STATUSES as _EOF_STATUSES,
+)
+from npipe.smb.status import (
+    LINK_GONE_STATUSES as _LINK_GONE_STATUSES,
+)
+from npipe.smb.status import (
+    NO_PIPE_WAIT_STATUSES as _NO_PIPE_WAIT_STATUSES,
+)
+from npipe.smb.status import (
+    RETRY_STATUSES as _RETRY_STATUSES,
+)
+from npipe.smb.status import (
+    STATUS_ACCESS_DENIED,
+    STATUS_IO_TIMEOUT,
+    STATUS_OBJECT_NAME_NOT_FOUND,
+    STATUS_PENDING,
+    STATUS_SUCCESS,
+    auth_error,
+    create_error,
+)
 
 log = logging.getLogger("npipe.smb")
 
@@ -125,100 +146,6 @@ CREDIT_LOW_WATER = 256
 CREDIT_EXTRA = 64
 CREDIT_WAIT = 30.0
 
-# NTSTATUS values (MS-ERREF 2.3.1); smbprotocol lacks some of them.
-STATUS_SUCCESS = 0x00000000
-STATUS_PENDING = 0x00000103
-STATUS_INVALID_HANDLE = 0xC0000008
-STATUS_INVALID_DEVICE_REQUEST = 0xC0000010
-STATUS_END_OF_FILE = 0xC0000011
-STATUS_ACCESS_DENIED = 0xC0000022
-STATUS_OBJECT_NAME_INVALID = 0xC0000033
-STATUS_OBJECT_NAME_NOT_FOUND = 0xC0000034
-STATUS_OBJECT_PATH_NOT_FOUND = 0xC000003A
-STATUS_WRONG_PASSWORD = 0xC000006A
-STATUS_NO_SUCH_USER = 0xC0000064
-STATUS_LOGON_FAILURE = 0xC000006D
-STATUS_ACCOUNT_RESTRICTION = 0xC000006E
-STATUS_INVALID_LOGON_HOURS = 0xC000006F
-STATUS_INVALID_WORKSTATION = 0xC0000070
-STATUS_PASSWORD_EXPIRED = 0xC0000071
-STATUS_ACCOUNT_DISABLED = 0xC0000072
-STATUS_PIPE_NOT_AVAILABLE = 0xC00000AC
-STATUS_PIPE_BUSY = 0xC00000AE
-STATUS_PIPE_DISCONNECTED = 0xC00000B0
-STATUS_PIPE_CLOSING = 0xC00000B1
-STATUS_IO_TIMEOUT = 0xC00000B5
-STATUS_NOT_SUPPORTED = 0xC00000BB
-STATUS_NETWORK_NAME_DELETED = 0xC00000C9
-STATUS_BAD_NETWORK_NAME = 0xC00000CC
-STATUS_CANCELLED = 0xC0000120
-STATUS_FILE_CLOSED = 0xC0000128
-STATUS_PIPE_BROKEN = 0xC000014B
-STATUS_LOGON_TYPE_NOT_GRANTED = 0xC000015B
-STATUS_FS_DRIVER_REQUIRED = 0xC000019C
-STATUS_ACCOUNT_EXPIRED = 0xC0000193
-STATUS_USER_SESSION_DELETED = 0xC0000203
-STATUS_CONNECTION_DISCONNECTED = 0xC000020C
-STATUS_CONNECTION_RESET = 0xC000020D
-STATUS_CONNECTION_REFUSED = 0xC0000236
-STATUS_ACCOUNT_LOCKED_OUT = 0xC0000234
-STATUS_NETWORK_SESSION_EXPIRED = 0xC000035C
-
-# A CREATE that may succeed later: nobody listens yet, or every instance is taken.
-_RETRY_STATUSES = {
-    STATUS_OBJECT_NAME_NOT_FOUND: "not found",
-    STATUS_PIPE_NOT_AVAILABLE: "busy",
-    STATUS_PIPE_BUSY: "busy",
-}
-# smbd connected to the pipe's socket and the server closed it without answering the
-# named_pipe_auth handshake: the server's way of refusing a caller.
-_REFUSED_STATUSES = {
-    STATUS_CONNECTION_DISCONNECTED,
-    STATUS_CONNECTION_RESET,
-    STATUS_CONNECTION_REFUSED,
-}
-# The end of the pipe's byte stream, seen on a READ or a WRITE.
-_EOF_STATUSES = {
-    STATUS_PIPE_BROKEN,
-    STATUS_PIPE_DISCONNECTED,
-    STATUS_PIPE_CLOSING,
-    STATUS_END_OF_FILE,
-    STATUS_FILE_CLOSED,
-    STATUS_INVALID_HANDLE,
-    STATUS_CANCELLED,
-}
-# The session or tree connect is gone: open a new connection and try again.
-_LINK_GONE_STATUSES = {
-    STATUS_NETWORK_NAME_DELETED,
-    STATUS_USER_SESSION_DELETED,
-    STATUS_NETWORK_SESSION_EXPIRED,
-}
-_AUTH_STATUSES = {
-    STATUS_LOGON_FAILURE: "wrong user name or password",
-    STATUS_WRONG_PASSWORD: "wrong password",
-    STATUS_NO_SUCH_USER: "no such user",
-    STATUS_ACCOUNT_RESTRICTION: "account restriction",
-    STATUS_INVALID_LOGON_HOURS: "not allowed to log on at this time",
-    STATUS_INVALID_WORKSTATION: "not allowed to log on from this workstation",
-    STATUS_PASSWORD_EXPIRED: "password expired",
-    STATUS_ACCOUNT_DISABLED: "account disabled",
-    STATUS_ACCOUNT_EXPIRED: "account expired",
-    STATUS_ACCOUNT_LOCKED_OUT: "account locked out",
-    STATUS_LOGON_TYPE_NOT_GRANTED: "network logon not granted",
-}
-# The name cannot be a pipe on this server: not worth retrying.
-_BAD_NAME_STATUSES = {
-    STATUS_OBJECT_NAME_INVALID,
-    STATUS_OBJECT_PATH_NOT_FOUND,
-    STATUS_BAD_NETWORK_NAME,
-}
-# The server cannot do FSCTL_PIPE_WAIT (Samba: FS_DRIVER_REQUIRED).
-_NO_PIPE_WAIT_STATUSES = {
-    STATUS_FS_DRIVER_REQUIRED,
-    STATUS_NOT_SUPPORTED,
-    STATUS_INVALID_DEVICE_REQUEST,
-}
-
 _DIALECTS = {
     Dialects.SMB_2_0_2: "2.0.2",
     Dialects.SMB_2_1_0: "2.1",
@@ -241,21 +168,6 @@ def _status_text(exc: BaseException) -> str:
     if status is None:
         return str(exc)
     return f"NTSTATUS {status:#010x}"
-
-
-@dataclass(frozen=True)
-class SmbConnectionInfo:
-    """What one shared SMB connection negotiated (for tests, logs and diagnostics)."""
-
-    host: str
-    port: int
-    user: str | None
-    dialect: str
-    signing_required: bool  # the connection requires signed messages
-    signed: bool  # the session has a signing key (signing or encryption protects it)
-    encrypted: bool  # every message of the session is encrypted
-    pipes: int  # pipes open through it now
-    alive: bool
 
 
 class _Link:
@@ -351,12 +263,9 @@ class _Link:
                 f"{self.where} did not accept {creds.describe()}: {_spnego_reason(exc)}"
             ) from None
         except SMBResponseException as exc:
-            status = _status(exc)
-            if status in _AUTH_STATUSES:
-                raise AuthenticationError(
-                    f"{self.where} refused the logon of {creds.describe()}: "
-                    f"{_AUTH_STATUSES[status]} ({status:#010x})"
-                ) from None
+            error = auth_error(int(exc.status), self.where, creds)
+            if error is not None:
+                raise error from None
             raise
         except SMBException as exc:
             if "guest" in str(exc):
@@ -961,19 +870,9 @@ async def _in_thread(
 
 
 def _create_error(exc: BaseException, address: PipeAddress, credentials: Credentials) -> Exception:
-    status = _status(exc)
-    if status in _REFUSED_STATUSES:
-        return AccessDenied(
-            f"the server refused the connection to pipe {address} (its ACL does not allow "
-            f"you: {credentials.describe()})"
-        )
-    if status == STATUS_ACCESS_DENIED:
-        return AccessDenied(f"access to pipe {address} is denied to {credentials.describe()}")
-    if status in _BAD_NAME_STATUSES:
-        return PipeNotFound(f"the server has no pipe named {address.name!r} ({status:#010x})")
-    if isinstance(exc, NpipeError):
+    if isinstance(exc, NpipeError) and _status(exc) is None:
         return exc
-    return ConnectionLost(f"opening pipe {address} failed: {exc}")
+    return create_error(_status(exc), address, credentials, str(exc))
 
 
 __all__ = [

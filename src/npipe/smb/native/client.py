@@ -1,0 +1,356 @@
+"""The native backend: remote pipes on :class:`~.link.Link` connections.
+
+One connection per (event loop, host, port, identity, encryption choice) is shared by
+every pipe opened through it; a dead or retired one is replaced on the next open. A
+pipe opened with :meth:`NativeClient.open_pipe` is an asyncio transport feeding a
+StreamReader directly (no socket pair, no thread); :meth:`NativeClient.attach` relays
+an accepted socket (the grpcio bridge's) to the pipe within the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import weakref
+
+from npipe.address import PipeAddress
+from npipe.errors import AddressError, ConnectionLost, HostUnreachable, PipeBusy, PipeNotFound
+from npipe.smb import status as st
+from npipe.smb.bridge import close_gently
+from npipe.smb.credentials import Credentials
+from npipe.smb.info import SmbConnectionInfo
+from npipe.smb.native import wire
+from npipe.smb.native.core import Options, Response
+from npipe.smb.native.link import Link
+from npipe.smb.native.pipe import RemotePipe
+
+log = logging.getLogger("npipe.smb")
+
+DEFAULT_LIMIT = 64 * 1024
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+CREATE_MIN_TIMEOUT = 2.0
+
+LinkKey = tuple[str, int, tuple[str | None, str | None, str, str | None], bool | None]
+
+_links: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[LinkKey, asyncio.Task[Link]]
+] = weakref.WeakKeyDictionary()
+
+
+async def connect(
+    host: str,
+    port: int = 445,
+    *,
+    credentials: Credentials | None = None,
+    encrypt: bool | None = None,
+    timeout: float = 10.0,
+    options: Options | None = None,
+) -> Link:
+    """A new, unshared connection (for benchmarks and diagnostics: ``await link.echo()``)."""
+    link = Link(host, port, options)
+    await link.establish(credentials or Credentials.resolve(), encrypt, timeout)
+    return link
+
+
+class NativeClient:
+    """Opens remote pipes with npipe's own SMB2/3 client."""
+
+    name = "native"
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options
+
+    async def open_pipe(
+        self,
+        address: PipeAddress,
+        *,
+        credentials: Credentials,
+        timeout: float = 10.0,
+        encrypt: bool | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the remote pipe; asyncio streams on it. Closing the writer closes it."""
+        pipe = await self.open(address, credentials=credentials, timeout=timeout,
+                               encrypt=encrypt)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        pipe.set_protocol(protocol)
+        pipe.start()
+        return reader, asyncio.StreamWriter(pipe, protocol, reader, loop)
+
+    async def attach(
+        self,
+        address: PipeAddress,
+        sock: socket.socket,
+        *,
+        credentials: Credentials,
+        timeout: float = 10.0,
+        encrypt: bool | None = None,
+    ) -> None:
+        """Open the remote pipe and relay it to ``sock``, which it then owns."""
+        try:
+            pipe = await self.open(address, credentials=credentials, timeout=timeout,
+                                   encrypt=encrypt)
+        except BaseException:
+            close_gently(sock)
+            raise
+        relay = _SocketSide(pipe)
+        pipe.set_protocol(_PipeSide(relay))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: relay, sock)
+        except BaseException:
+            pipe.close()
+            close_gently(sock)
+            raise
+        pipe.start()
+
+    async def open(
+        self,
+        address: PipeAddress,
+        *,
+        credentials: Credentials,
+        timeout: float = 10.0,
+        encrypt: bool | None = None,
+    ) -> RemotePipe:
+        """Open the pipe, retrying a missing or busy one until ``timeout``."""
+        if not address.is_remote:
+            raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = RETRY_FIRST
+        relinks = 0
+        last_status = st.STATUS_OBJECT_NAME_NOT_FOUND
+        while True:
+            link = await self._link(address, credentials, encrypt, deadline)
+            create_timeout = max(deadline - loop.time(), CREATE_MIN_TIMEOUT)
+            response = await _create(link, address.name, create_timeout)
+            if response is None:
+                link.retire("a CREATE was not answered (the pipe's server may be stuck)")
+                raise PipeBusy(
+                    f"pipe {address} did not answer within {create_timeout:g} s (its server "
+                    "accepted the connection but did not complete the handshake)"
+                )
+            status = response.status if isinstance(response, Response) else None
+            if status == st.STATUS_SUCCESS:
+                assert isinstance(response, Response)
+                return RemotePipe(link, wire.parse_create(response.message), address.posix())
+            if status in st.RETRY_STATUSES:
+                assert status is not None
+                last_status = status
+            elif status in st.LINK_GONE_STATUSES or not link.alive:
+                link.retire(f"the session is gone ({response})")
+                relinks += 1
+                if relinks > 2 or loop.time() >= deadline:
+                    raise ConnectionLost(
+                        f"the SMB connection to {link.where} keeps failing: {response}"
+                    )
+                continue
+            else:
+                raise st.create_error(status, address, credentials, f"{response}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if link.pipe_wait:
+                waited = await _pipe_wait(link, address.name, remaining)
+                if waited == st.STATUS_SUCCESS:
+                    continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, RETRY_MAX)
+        if st.RETRY_STATUSES[last_status] == "busy":
+            raise PipeBusy(f"pipe {address} stayed busy for {timeout:g} s")
+        raise PipeNotFound(f"no pipe {address}: nothing listened on it for {timeout:g} s")
+
+    async def _link(
+        self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,
+        deadline: float,
+    ) -> Link:
+        loop = asyncio.get_running_loop()
+        links = _links.setdefault(loop, {})
+        key: LinkKey = (address.host.lower(), address.port, credentials.identity(), encrypt)
+        task = links.get(key)
+        if task is not None and task.done() and (
+            task.cancelled() or task.exception() is not None or not task.result().usable
+        ):
+            task = None
+        if task is None:
+            remaining = max(deadline - loop.time(), 0.05)
+            task = loop.create_task(self._establish(address, credentials, encrypt, remaining))
+            links[key] = task
+        remaining = max(deadline - loop.time(), 0.05)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), remaining)
+        except asyncio.TimeoutError:
+            raise HostUnreachable(
+                f"no SMB session with {address.host}:{address.port} within {remaining:g} s"
+            ) from None
+
+    async def _establish(
+        self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,
+        timeout: float,
+    ) -> Link:
+        link = Link(address.host, address.port, self.options)
+        await link.establish(credentials, encrypt, timeout)
+        return link
+
+    @staticmethod
+    def connections() -> list[SmbConnectionInfo]:
+        """The shared connections of every loop (live or dead, not yet replaced)."""
+        infos = []
+        for links in list(_links.values()):
+            for task in list(links.values()):
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    infos.append(_info(task.result()))
+        return infos
+
+    @staticmethod
+    def close_connections() -> None:
+        """Disconnect every shared connection now (their pipes fail with ConnectionLost)."""
+        for links in list(_links.values()):
+            tasks = list(links.values())
+            links.clear()
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    link = task.result()
+                    loop = task.get_loop()
+                    closed = ConnectionLost(f"the SMB connection to {link.where} was closed")
+                    if loop.is_closed():
+                        continue
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(link.abort, closed)
+
+
+def _info(link: Link) -> SmbConnectionInfo:
+    core = link.core
+    neg = core.negotiated
+    return SmbConnectionInfo(
+        host=link.host,
+        port=link.port,
+        user=None,
+        dialect=neg.dialect_name if neg else "?",
+        signing_required=bool(neg and neg.signing_required) or core.options.sign,
+        signed=core.signer is not None,
+        encrypted=core.encrypt,
+        pipes=len(link.pipes),
+        alive=link.alive,
+    )
+
+
+async def _create(link: Link, name: str, timeout: float) -> Response | BaseException | None:
+    """One CREATE: its response, the connection's error, or None if not answered in time.
+    A pipe that opens after its opener gave up is closed again."""
+    future = link.request(wire.CREATE, wire.create_request(name))
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout)
+    except asyncio.TimeoutError:
+        future.add_done_callback(lambda f: _close_late(link, f))
+        return None
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: _close_late(link, f))
+        raise
+    except ConnectionLost as exc:
+        return exc
+
+
+def _close_late(link: Link, future: asyncio.Future[Response]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    response = future.result()
+    if response.status == st.STATUS_SUCCESS and link.alive:
+        file_id = wire.parse_create(response.message)
+        link.request(wire.CLOSE, wire.close_request(file_id)).add_done_callback(
+            lambda f: f.cancelled() or f.exception()
+        )
+
+
+async def _pipe_wait(link: Link, name: str, timeout: float) -> int | None:
+    """FSCTL_PIPE_WAIT: the NTSTATUS, or None when the server cannot do it."""
+    body = wire.ioctl_request(
+        wire.FSCTL_PIPE_WAIT, wire.FILE_ID_RELATED, wire.pipe_wait_input(name, timeout), 0
+    )
+    try:
+        response = await asyncio.wait_for(link.request(wire.IOCTL, body), timeout + 1.0)
+    except asyncio.TimeoutError:
+        return st.STATUS_IO_TIMEOUT
+    except ConnectionLost:
+        return None
+    if response.status in st.NO_PIPE_WAIT_STATUSES:
+        link.pipe_wait = False
+        log.debug("%s has no FSCTL_PIPE_WAIT (%#010x)", link.where, response.status)
+        return None
+    return response.status
+
+
+class _SocketSide(asyncio.Protocol):
+    """The accepted socket's protocol: its bytes go to the pipe; backpressure both ways."""
+
+    def __init__(self, pipe: RemotePipe) -> None:
+        self.pipe = pipe
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.pipe.write(data)
+
+    def eof_received(self) -> bool:
+        self.pipe.close()  # pipes have no half-close
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pipe.close()
+
+    def pause_writing(self) -> None:
+        self.pipe.pause_reading()  # the local side reads slowly: stop posting READs
+
+    def resume_writing(self) -> None:
+        self.pipe.resume_reading()
+
+
+class _PipeSide(asyncio.Protocol):
+    """The pipe's protocol in a relay: its bytes go to the socket."""
+
+    def __init__(self, socket_side: _SocketSide) -> None:
+        self.socket_side = socket_side
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.socket_side.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        transport = self.socket_side.transport
+        if transport is not None:
+            transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        transport = self.socket_side.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.warning("%s; the pipe's stream ends here", exc)
+        transport = self.socket_side.transport
+        if transport is not None and not transport.is_closing():
+            # The local side reads end of stream after the data already relayed.
+            with contextlib.suppress(OSError, RuntimeError):
+                if transport.can_write_eof():
+                    transport.write_eof()
+            transport.close()
+
+
+__all__ = ["NativeClient", "connect"]
+

@@ -1,0 +1,359 @@
+"""The client side of one SMB2/3 connection as a state machine (sans-I/O).
+
+It turns requests into bytes to send and received bytes into :class:`Response` objects,
+and keeps the state that lies between: message ids, credits, the dialect, the preauth
+integrity hash, the session's keys, which responses must be signed or encrypted. It
+never touches a socket; :mod:`npipe.smb.native.link` drives it with asyncio, and the
+tests drive it with bytes.
+
+One connection carries one session (npipe opens one connection per host and identity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from npipe.smb.native import wire
+from npipe.smb.native.crypto import Cipher, PreauthHash, SessionKeys, Signer
+from npipe.smb.native.negotiate import (
+    DEFAULT_CIPHERS,
+    DEFAULT_SIGNING,
+    DIALECTS,
+    SMB_3_0,
+    SMB_3_1_1,
+    Negotiated,
+    negotiate_request,
+    parse_negotiate,
+)
+from npipe.smb.native.wire import ProtocolError
+
+# Keep about this many credits in hand; ask for more when below.
+CREDIT_TARGET = 512
+CREDIT_ASK_MAX = 256
+
+
+@dataclass
+class Options:
+    """How the client negotiates. The defaults are npipe's security policy."""
+
+    dialects: tuple[int, ...] = DIALECTS
+    ciphers: tuple[int, ...] = DEFAULT_CIPHERS
+    signing_algorithms: tuple[int, ...] = DEFAULT_SIGNING
+    # Sign every message once a session exists. Only benchmarks turn this off (and only
+    # a server that does not require signing on SMB 2.x then goes along).
+    sign: bool = True
+    client_guid: bytes = field(default_factory=lambda: __import__("os").urandom(16))
+
+
+@dataclass(slots=True)
+class Response:
+    """One response: its header and the message it is in (``at``: its offset there)."""
+
+    header: wire.Header
+    message: bytes
+    at: int
+    encrypted: bool
+    verified: bool  # False only for the final SESSION_SETUP before the keys exist
+
+    @property
+    def status(self) -> int:
+        return self.header.status
+
+    @property
+    def command(self) -> int:
+        return self.header.command
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """Request bytes ready for the wire (one frame), and the message ids inside."""
+
+    message_ids: list[int]
+    parts: list[bytes | memoryview]
+
+    @property
+    def message_id(self) -> int:
+        return self.message_ids[0]
+
+
+class Smb2Client:
+    """One connection's protocol state. Not thread-safe: one driver owns it."""
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or Options()
+        self.framer = wire.Framer()
+        self.negotiated: Negotiated | None = None
+        self.next_message_id = 0
+        self.credits = 1  # before NEGOTIATE the client may send exactly one request
+        self.session_id = 0
+        self.tree_id = 0
+        self.signer: Signer | None = None
+        self.cipher: Cipher | None = None
+        self.encrypt = False  # every message of the session is encrypted
+        self.sign = False  # every message of the session is signed
+        self.keys: SessionKeys | None = None
+        self._preauth = PreauthHash()
+        self._session_preauth: PreauthHash | None = None
+        self._negotiate_message: bytes | None = None
+
+    # --- state --------------------------------------------------------------------------
+
+    @property
+    def dialect(self) -> int:
+        return self.negotiated.dialect if self.negotiated else 0
+
+    def charge(self, payload: int) -> int:
+        """Credits a request moving ``payload`` bytes costs (MS-SMB2 3.1.5.2)."""
+        if self.negotiated is None or not self.negotiated.large_mtu:
+            return 1
+        return 1 + max(0, payload - 1) // 65536
+
+    def can_send(self, charge: int = 1) -> bool:
+        return self.credits >= charge
+
+    # --- negotiate and session setup ------------------------------------------------------
+
+    def negotiate(self) -> Outgoing:
+        opts = self.options
+        body = negotiate_request(
+            client_guid=opts.client_guid,
+            dialects=opts.dialects,
+            signing_required=opts.sign,
+            ciphers=opts.ciphers,
+            signing_algorithms=opts.signing_algorithms,
+        )
+        out = self._build([(wire.NEGOTIATE, body, 0, 0)], allow_sign=False)
+        message = b"".join(out.parts)
+        self._negotiate_message = message
+        return Outgoing(out.message_ids, [wire.frame(message)])
+
+    def negotiated_by(self, response: Response) -> Negotiated:
+        """Take the NEGOTIATE response; the dialect, limits and algorithms are set."""
+        if response.status != wire.STATUS_SUCCESS:
+            raise ProtocolError(f"NEGOTIATE failed with NTSTATUS {response.status:#010x}")
+        opts = self.options
+        msg = _only(response)
+        self.negotiated = parse_negotiate(
+            msg, offered=opts.dialects, ciphers=opts.ciphers,
+            signing_algorithms=opts.signing_algorithms,
+        )
+        if self.negotiated.dialect >= SMB_3_1_1:
+            assert self._negotiate_message is not None
+            self._preauth.update(self._negotiate_message)
+            self._preauth.update(msg)
+        self._negotiate_message = None
+        return self.negotiated
+
+    def session_setup(self, token: bytes) -> Outgoing:
+        body = wire.session_setup_request(token, signing_required=self.options.sign)
+        out = self._build([(wire.SESSION_SETUP, body, 0, 0)], allow_sign=False)
+        if self.dialect >= SMB_3_1_1:
+            if self._session_preauth is None:
+                self._session_preauth = self._preauth.copy()
+            self._session_preauth.update(b"".join(out.parts))
+        return Outgoing(out.message_ids, [wire.frame(*out.parts)])
+
+    def session_setup_continues(self, response: Response) -> bytes:
+        """A MORE_PROCESSING_REQUIRED response: remember the session id, hash it; its token."""
+        self.session_id = response.header.session_id
+        if self._session_preauth is not None:
+            self._session_preauth.update(_only(response))
+        return wire.parse_session_setup(response.message, response.at).token
+
+    def session_established(self, response: Response, session_key: bytes) -> int:
+        """The final SESSION_SETUP response: derive keys, verify it; its session flags."""
+        self.session_id = response.header.session_id
+        neg = self.negotiated
+        assert neg is not None
+        flags = wire.parse_session_setup(response.message, response.at).session_flags
+        if flags & (wire.SESSION_FLAG_IS_GUEST | wire.SESSION_FLAG_IS_NULL):
+            return flags  # no keys: the caller refuses such sessions
+        preauth = self._session_preauth.value if self._session_preauth else None
+        keys = SessionKeys(neg.dialect, session_key, preauth, neg.cipher)
+        self.keys = keys
+        self.signer = Signer(neg.signing_algorithm, keys.signing)
+        if response.header.signed:
+            if not self.signer.verify(_only(response), response.header.message_id):
+                raise ProtocolError("the SESSION_SETUP response's signature is wrong")
+        elif self.options.sign or neg.signing_required:
+            raise ProtocolError("the final SESSION_SETUP response is not signed")
+        if neg.cipher is not None and neg.dialect >= SMB_3_0:
+            self.cipher = Cipher(neg.cipher, keys.encryption, keys.decryption)
+        self.sign = self.options.sign or neg.signing_required
+        if flags & wire.SESSION_FLAG_ENCRYPT_DATA:
+            self.require_encryption()
+        self._session_preauth = None
+        return flags
+
+    def require_encryption(self) -> None:
+        """Encrypt every later message of the session (ours, and the server's too)."""
+        if self.cipher is None:
+            raise ProtocolError("encryption is required but no cipher was negotiated")
+        self.encrypt = True
+
+    # --- requests -------------------------------------------------------------------
+
+    def request(
+        self,
+        command: int,
+        body: bytes,
+        *,
+        payload: int = 0,
+        tree: bool = True,
+        data: bytes | memoryview | None = None,
+    ) -> Outgoing:
+        """One request on the session (and the IPC$ tree); ``data`` is appended to
+        ``body`` without a copy when the message is neither signed nor encrypted."""
+        charge = self.charge(payload)
+        return self._finish(
+            self._build([(command, body, charge, self.tree_id if tree else 0)], data=data)
+        )
+
+    def compound(self, requests: list[tuple[int, bytes, int]]) -> Outgoing:
+        """Related requests in one frame: (command, body, payload) each; later ones act
+        on the file the first one opens (MS-SMB2 3.2.4.1.4)."""
+        items = [(cmd, body, self.charge(payload), self.tree_id) for cmd, body, payload in requests]
+        return self._finish(self._build(items, related=True))
+
+    def cancel(self, message_id: int, async_id: int | None) -> Outgoing:
+        """CANCEL of a pending request: no credit, the request's own message id."""
+        header = wire.pack_header(
+            wire.CANCEL, 0 if async_id is not None else message_id, credit_charge=0, credits=0,
+            tree_id=self.tree_id, session_id=self.session_id, async_id=async_id,
+        )
+        msg = bytearray(header + wire.small_request())
+        if self.sign and self.signer is not None and not self.encrypt:
+            self.signer.sign(msg, cancel=True)
+        return self._finish(Outgoing([], [bytes(msg)]))
+
+    def _finish(self, out: Outgoing) -> Outgoing:
+        if self.encrypt and self.cipher is not None:
+            plain = b"".join(out.parts) if len(out.parts) > 1 else out.parts[0]
+            sealed = self.cipher.encrypt(plain, self.session_id)
+            return Outgoing(out.message_ids, [wire.frame(*sealed)[:4], *sealed])
+        size = sum(len(p) for p in out.parts)
+        return Outgoing(out.message_ids, [size.to_bytes(4, "big"), *out.parts])
+
+    def _build(
+        self,
+        items: list[tuple[int, bytes, int, int]],
+        *,
+        related: bool = False,
+        allow_sign: bool = True,
+        data: bytes | memoryview | None = None,
+    ) -> Outgoing:
+        total = sum(max(1, charge) for _c, _b, charge, _t in items)
+        if total > self.credits:
+            raise ProtocolError(f"{total} credits needed, {self.credits} in hand")
+        self.credits -= total
+        sign = allow_sign and self.sign and self.signer is not None and not self.encrypt
+        parts: list[bytes | memoryview] = []
+        ids = []
+        for i, (command, body, charge, tree_id) in enumerate(items):
+            mid = self.next_message_id
+            self.next_message_id += max(1, charge)
+            ids.append(mid)
+            last = i == len(items) - 1
+            if last:
+                tail = data if data is not None else b""
+                size = wire.HEADER_SIZE + len(body) + len(tail)
+                pad = 0
+            else:
+                tail = b""
+                size = wire.HEADER_SIZE + len(body)
+                pad = (8 - size % 8) % 8
+            ask = charge + max(0, min(CREDIT_ASK_MAX, CREDIT_TARGET - self.credits))
+            flags = wire.FLAGS_RELATED_OPERATIONS if related and i else 0
+            header = wire.pack_header(
+                command, mid, credit_charge=charge, credits=ask, flags=flags,
+                next_command=0 if last else size + pad, tree_id=tree_id,
+                session_id=self.session_id,
+            )
+            if sign:
+                msg = bytearray(header)
+                msg += body
+                msg += tail
+                msg += bytes(pad)
+                assert self.signer is not None
+                self.signer.sign(msg)
+                parts.append(bytes(msg))
+            else:
+                parts.append(header + body + bytes(pad) if not tail else header + body)
+                if tail:
+                    parts.append(tail)
+        return Outgoing(ids, parts)
+
+    # --- responses -----------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[Response]:
+        """Responses in ``data`` (plus what earlier calls left); ProtocolError if the
+        server's bytes are malformed or not authentic: the connection cannot go on."""
+        responses: list[Response] = []
+        for message in self.framer.feed(data):
+            self._unpack(message, responses)
+        return responses
+
+    def _unpack(self, message: bytes, out: list[Response]) -> None:
+        proto = message[:4]
+        encrypted = False
+        if proto == wire.PROTOCOL_TRANSFORM:
+            if self.cipher is None:
+                raise ProtocolError("an encrypted message on a connection without a cipher")
+            message = self.cipher.decrypt(message, self.session_id)
+            encrypted = True
+        elif proto != wire.PROTOCOL_SMB2:
+            if proto == wire.PROTOCOL_COMPRESSED:
+                raise ProtocolError("a compressed message, though compression was not offered")
+            raise ProtocolError(f"not an SMB2 message: {message[:8].hex()}")
+        at = 0
+        while True:
+            header = wire.parse_header(message, at)
+            if header.next_command:
+                end = at + header.next_command
+                if header.next_command % 8 or end > len(message) - wire.HEADER_SIZE:
+                    raise ProtocolError(f"a bad NextCommand {header.next_command}")
+            else:
+                end = len(message)
+            chunk = message if at == 0 and end == len(message) else message[at:end]
+            verified = self._check(header, chunk, encrypted)
+            self.credits += header.credits
+            out.append(Response(header, chunk, 0, encrypted, verified))
+            if not header.next_command:
+                return
+            at = end
+
+    def _check(self, header: wire.Header, message: bytes, encrypted: bool) -> bool:
+        """Whether the response is authentic; ProtocolError if it must be and is not."""
+        if encrypted:
+            return True
+        if self.encrypt and header.session_id == self.session_id:
+            raise ProtocolError(
+                f"an unencrypted {wire.COMMAND_NAMES.get(header.command, header.command)} "
+                "response on an encrypted session"
+            )
+        if self.signer is None or not self.sign or header.session_id != self.session_id:
+            # Before the session's keys: NEGOTIATE, SESSION_SETUP. The final one is
+            # verified by session_established() once the keys are derived.
+            if header.command in (wire.NEGOTIATE, wire.SESSION_SETUP) or not self.sign:
+                return header.command != wire.SESSION_SETUP or header.status != 0
+            raise ProtocolError(
+                f"a response for session {header.session_id:#x}, not ours ({self.session_id:#x})"
+            )
+        if header.status == wire.STATUS_PENDING and header.is_async:
+            return True  # interim responses are not signed (MS-SMB2 3.3.4.1.1)
+        if not header.signed:
+            raise ProtocolError(
+                f"an unsigned {wire.COMMAND_NAMES.get(header.command, header.command)} response "
+                f"(NTSTATUS {header.status:#010x}) on a signed session"
+            )
+        if not self.signer.verify(message, header.message_id):
+            raise ProtocolError(
+                f"a {wire.COMMAND_NAMES.get(header.command, header.command)} response with a "
+                "wrong signature"
+            )
+        return True
+
+
+def _only(response: Response) -> bytes:
+    """The response's own bytes (it may have come in a compound chain)."""
+    return response.message

@@ -1,0 +1,366 @@
+"""One SMB connection driven by asyncio: TCP, NEGOTIATE, SESSION_SETUP, IPC$.
+
+:class:`Link` is an :class:`asyncio.Protocol` around a :class:`~.core.Smb2Client`: it
+sends what the core builds and hands each response to whoever waits for its message id,
+as a callback (READ and WRITE completions) or a future (everything else). Requests that
+find too few credits wait in one FIFO queue, so the order on the wire is the order of
+submission. When the connection dies, every waiter and every pipe on it fails with
+:class:`~npipe.errors.ConnectionLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import spnego
+
+from npipe.errors import (
+    AccessDenied,
+    AuthenticationError,
+    ConfigError,
+    ConnectionLost,
+    HostUnreachable,
+)
+from npipe.smb import status as st
+from npipe.smb.credentials import Credentials
+from npipe.smb.native import wire
+from npipe.smb.native.core import Options, Outgoing, Response, Smb2Client
+from npipe.smb.native.crypto import CIPHER_NAMES, SIGNING_NAMES
+from npipe.smb.native.negotiate import SMB_3_0
+
+log = logging.getLogger("npipe.smb")
+
+Callback = Callable[[Response | BaseException], None]
+
+
+class Link(asyncio.Protocol):
+    """One TCP connection, one authenticated session, one IPC$ tree connect."""
+
+    def __init__(self, host: str, port: int, options: Options | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.core = Smb2Client(options)
+        self.transport: asyncio.Transport | None = None
+        self.error: BaseException | None = None  # why the connection is gone
+        self.closed = False
+        self.pipes: set[Any] = set()  # open pipes (npipe.smb.native.pipe.RemotePipe)
+        self.encrypted = False
+        self.pipe_wait = True  # until the server says it has no FSCTL_PIPE_WAIT (Samba)
+        self.retired = False
+        self._waiting: dict[int, Callback] = {}
+        self._async_ids: dict[int, int] = {}
+        self._queue: collections.deque[tuple[Callable[[], Outgoing], int, Callback]] = (
+            collections.deque()
+        )
+        self._closed_waiter: asyncio.Future[None] | None = None
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A WRITE and the next READ leave back to back: without TCP_NODELAY the
+            # second waits for the first's ACK (Nagle).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            responses = self.core.receive(data)
+        except wire.ProtocolError as exc:
+            self.abort(ConnectionLost(f"the SMB server {self.where} sent a bad message: {exc}"))
+            return
+        waiting = self._waiting
+        for response in responses:
+            header = response.header
+            mid = header.message_id
+            if header.status == wire.STATUS_PENDING and header.is_async:
+                self._async_ids[mid] = header.async_id  # the final answer comes later
+                continue
+            callback = waiting.pop(mid, None)
+            if callback is None:
+                # A request its sender gave up on (a closed pipe's READ); nothing waits.
+                continue
+            if self._async_ids:
+                self._async_ids.pop(mid, None)
+            callback(response)
+        if self._queue:
+            self._flush_queue()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            why = f": {exc}" if exc else ""
+            self.error = ConnectionLost(f"the SMB connection to {self.where} was lost{why}")
+        self._fail_all()
+
+    # --- sending ------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self.transport is not None and not self.closed
+
+    @property
+    def usable(self) -> bool:
+        return self.alive and not self.retired
+
+    def submit(self, build: Callable[[], Outgoing], charge: int, callback: Callback) -> None:
+        """Send the request ``build`` makes as soon as ``charge`` credits are in hand;
+        ``callback`` gets its final response, or the error that ends the connection."""
+        if self.error is not None:
+            callback(self.error)
+            return
+        if self._queue or not self.core.can_send(charge):
+            self._queue.append((build, charge, callback))
+            return
+        self._send(build(), callback)
+
+    def _send(self, out: Outgoing, callback: Callback) -> None:
+        if out.message_ids:
+            self._waiting[out.message_ids[-1]] = callback
+            for mid in out.message_ids[:-1]:
+                self._waiting[mid] = _ignore
+        assert self.transport is not None
+        self.transport.writelines(out.parts)
+
+    def _flush_queue(self) -> None:
+        queue = self._queue
+        while queue and self.core.can_send(queue[0][1]):
+            build, _charge, callback = queue.popleft()
+            self._send(build(), callback)
+
+    def request(
+        self,
+        command: int,
+        body: bytes,
+        *,
+        payload: int = 0,
+        tree: bool = True,
+        data: bytes | memoryview | None = None,
+    ) -> asyncio.Future[Response]:
+        """A future of the final response to one request."""
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        core = self.core
+        self.submit(
+            lambda: core.request(command, body, payload=payload, tree=tree, data=data),
+            core.charge(payload),
+            _resolver(future),
+        )
+        return future
+
+    def forget(self, message_id: int) -> None:
+        """Stop waiting for a request (its late response, if any, is dropped)."""
+        self._waiting.pop(message_id, None)
+        self._async_ids.pop(message_id, None)
+
+    def cancel(self, message_id: int) -> None:
+        """Ask the server to cancel a pending request (Samba ignores it for pipe READs)."""
+        if not self.alive or message_id not in self._waiting:
+            return
+        assert self.transport is not None
+        self.transport.writelines(
+            self.core.cancel(message_id, self._async_ids.get(message_id)).parts
+        )
+
+    # --- ending ----------------------------------------------------------------------
+
+    def abort(self, error: BaseException) -> None:
+        """The connection cannot go on: fail everything on it with ``error``."""
+        if self.error is None:
+            self.error = error
+            log.warning("%s", error)
+        if self.transport is not None:
+            self.transport.abort()
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        error = self.error
+        assert error is not None
+        waiting, self._waiting = self._waiting, {}
+        queue, self._queue = self._queue, collections.deque()
+        for callback in waiting.values():
+            callback(error)
+        for _build, _charge, callback in queue:
+            callback(error)
+        for pipe in list(self.pipes):
+            pipe.link_lost(error)
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+
+    async def close(self) -> None:
+        """LOGOFF and disconnect (pipes still open on it end with ConnectionLost)."""
+        if not self.alive:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.request(wire.LOGOFF, wire.small_request(), tree=False),
+                                   2.0)
+        if self.error is None:
+            self.error = ConnectionLost(f"the SMB connection to {self.where} was closed")
+        assert self.transport is not None
+        self.transport.close()
+        self._fail_all()
+
+    def retire(self, why: str) -> None:
+        """No new pipes here; disconnect once the open ones are closed."""
+        if self.retired:
+            return
+        self.retired = True
+        log.info("retiring SMB connection to %s: %s", self.where, why)
+        self.release()
+
+    def release(self) -> None:
+        if self.retired and not self.pipes and self.alive:
+            asyncio.get_running_loop().create_task(self.close())
+
+    # --- setup -----------------------------------------------------------------------
+
+    async def establish(
+        self, credentials: Credentials, encrypt: bool | None, timeout: float
+    ) -> None:
+        """Connect, negotiate, authenticate, connect IPC$; npipe errors on failure."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, self.host, self.port), timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+            raise HostUnreachable(f"cannot reach the SMB server {self.where}: {reason}") from None
+        try:
+            await asyncio.wait_for(self._setup(credentials, encrypt), timeout)
+        except asyncio.TimeoutError:
+            self.abort(HostUnreachable(f"{self.where} did not complete SMB setup in {timeout:g} s"))
+            raise HostUnreachable(
+                f"{self.where} did not complete SMB setup within {timeout:g} s"
+            ) from None
+        except BaseException as exc:
+            self.abort(exc if isinstance(exc, Exception) else ConnectionLost("cancelled"))
+            raise
+
+    async def _setup(self, credentials: Credentials, encrypt: bool | None) -> None:
+        core = self.core
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._send(core.negotiate(), _resolver(future))
+        neg = core.negotiated_by(await future)
+        if encrypt and neg.cipher is None:
+            raise ConfigError(
+                f"{self.where} cannot encrypt (SMB {neg.dialect_name}): encrypt=True requires "
+                "SMB 3 with a cipher; pass encrypt=None to accept signing only"
+            )
+        if not core.options.sign and neg.dialect >= 0x0311:
+            core.options.sign = True  # 3.1.1 servers refuse unsigned sessions
+        session_key = await self._authenticate(credentials, neg.security_buffer)
+        del session_key
+        if encrypt or (encrypt is None and neg.cipher is not None and neg.dialect >= SMB_3_0):
+            core.require_encryption()
+        tree = await self.request(
+            wire.TREE_CONNECT, wire.tree_connect_request(f"\\\\{self.host}\\IPC$"), tree=False
+        )
+        if tree.status == st.STATUS_ACCESS_DENIED:
+            raise AccessDenied(f"{self.where} denies {credentials.describe()} access to IPC$")
+        if tree.status != wire.STATUS_SUCCESS:
+            raise ConnectionLost(
+                f"{self.where} refused the IPC$ tree connect: NTSTATUS {tree.status:#010x}"
+            )
+        info = wire.parse_tree_connect(tree.message)
+        if info.share_flags & wire.SHAREFLAG_ENCRYPT_DATA and not core.encrypt:
+            core.require_encryption()
+        core.tree_id = tree.header.tree_id
+        self.encrypted = core.encrypt
+        log.info(
+            "SMB connection to %s as %s: dialect %s, %s",
+            self.where, credentials.describe(), neg.dialect_name, self.security,
+        )
+
+    @property
+    def security(self) -> str:
+        core = self.core
+        if core.encrypt and core.cipher is not None:
+            return f"encrypted ({CIPHER_NAMES[core.cipher.cipher]})"
+        if core.sign and core.signer is not None:
+            return f"signed ({SIGNING_NAMES[core.signer.algorithm]})"
+        return "unsigned"
+
+    async def _authenticate(self, credentials: Credentials, server_token: bytes) -> bytes:
+        core = self.core
+        try:
+            ctx = spnego.client(
+                credentials.principal, credentials.password, hostname=self.host,
+                service="cifs", protocol=credentials.auth_protocol,
+            )
+            token = await asyncio.to_thread(ctx.step, None)
+        except Exception as exc:
+            raise AuthenticationError(
+                f"cannot authenticate {credentials.describe()} to {self.where}: {exc}"
+            ) from None
+        while True:
+            future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            self.submit(functools.partial(core.session_setup, token or b""), 1, _resolver(future))
+            response = await future
+            status = response.status
+            if status == wire.STATUS_MORE_PROCESSING_REQUIRED:
+                in_token = core.session_setup_continues(response)
+                try:
+                    token = await asyncio.to_thread(ctx.step, in_token)
+                except Exception as exc:
+                    raise AuthenticationError(
+                        f"{self.where} did not accept {credentials.describe()}: {exc}"
+                    ) from None
+                continue
+            if status != wire.STATUS_SUCCESS:
+                error = st.auth_error(status, self.where, credentials)
+                raise error or AuthenticationError(
+                    f"{self.where} refused the session of {credentials.describe()}: "
+                    f"NTSTATUS {status:#010x}"
+                )
+            final = wire.parse_session_setup(response.message).token
+            if final and not ctx.complete:
+                await asyncio.to_thread(ctx.step, final)  # Kerberos mutual authentication
+            try:
+                key = ctx.session_key
+            except Exception as exc:
+                raise AuthenticationError(
+                    f"no session key from {credentials.describe()}: {exc}"
+                ) from None
+            flags = core.session_established(response, key)
+            if flags & (wire.SESSION_FLAG_IS_GUEST | wire.SESSION_FLAG_IS_NULL):
+                raise AuthenticationError(
+                    f"{self.where} logged {credentials.describe()} on as a guest, which cannot "
+                    "sign: the server does not know this user or password"
+                )
+            return key
+
+    async def echo(self) -> None:
+        """One SMB2 ECHO round trip."""
+        response = await self.request(wire.ECHO, wire.small_request(), tree=False)
+        wire.check_structure(response.message, 0, 4, "ECHO")
+
+
+def _resolver(future: asyncio.Future[Response]) -> Callback:
+    def resolve(result: Response | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    return resolve
+
+
+def _ignore(_result: Response | BaseException) -> None:
+    pass

@@ -1,0 +1,336 @@
+"""One open remote pipe as an asyncio transport.
+
+Reading: READs are kept posted so that data the server has is never waiting for the
+client to ask. One READ stays posted while the pipe is quiet; every READ that comes back
+full (Samba returns at most 65,535 bytes per pipe READ) doubles the number in flight, up
+to ``MAX_READS``, and short ones shrink it again. Completions are delivered in the order
+the READs were sent. ``pause_reading()`` (a full StreamReader) stops posting new ones.
+
+Writing: ``write()`` never waits for reads. Data goes out in WRITEs of at most
+``max_write`` bytes with up to ``WRITE_WINDOW`` bytes in flight; beyond ``HIGH_WATER``
+bytes queued or in flight the protocol is paused (``drain()`` waits).
+
+Closing: ``close()`` sends what is queued, then CLOSE. A READ still pending is
+forgotten: Samba never answers a pipe READ after CLOSE (nor CANCEL), so nothing is kept
+for it. The pipe's end (its server closed: PIPE_BROKEN and friends) is EOF, then
+``connection_lost(None)``; a lost connection is ``connection_lost(ConnectionLost)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from typing import Any
+
+from npipe.errors import ConnectionLost
+from npipe.smb import status as st
+from npipe.smb.native import wire
+from npipe.smb.native.core import Outgoing, Response
+from npipe.smb.native.link import Link
+
+log = logging.getLogger("npipe.smb")
+
+READ_SIZE = 65536
+MAX_READS = 32
+MAX_WRITE = 1 << 20
+WRITE_WINDOW = 4 << 20
+HIGH_WATER = 8 << 20
+LOW_WATER = 2 << 20
+# Samba returns 65,535 bytes from a full pipe READ of 65,536.
+FULL_READ = 65535
+CLOSE_TIMEOUT = 5.0
+
+
+class RemotePipe(asyncio.Transport):
+    """An open pipe on a :class:`Link`; set a protocol with :meth:`set_protocol`."""
+
+    def __init__(self, link: Link, file_id: bytes, name: str) -> None:
+        super().__init__()
+        self.link = link
+        self.file_id = file_id
+        self.name = name
+        self._protocol: asyncio.BaseProtocol | None = None
+        self._loop = asyncio.get_running_loop()
+        neg = link.core.negotiated
+        assert neg is not None
+        self._read_size = min(READ_SIZE, neg.max_read or READ_SIZE)
+        self._max_write = max(1, min(MAX_WRITE, neg.max_write or MAX_WRITE))
+        if not neg.large_mtu:
+            self._read_size = min(self._read_size, 65536)
+            self._max_write = min(self._max_write, 65536)
+        self._read_body = wire.read_request(file_id, self._read_size)
+        self._reads: collections.deque[int] = collections.deque()  # READs in flight, in order
+        self._results: dict[int, Response | BaseException] = {}
+        self._read_ids: dict[int, int] = {}  # READ key -> message id, once sent
+        self._window = 1
+        self._reading_paused = False
+        self._eof = False  # the server's end closed
+        self._writes: collections.deque[bytes | memoryview] = collections.deque()
+        self._queued = 0  # bytes in self._writes
+        self._in_flight = 0  # bytes in WRITEs not yet answered
+        self._writing_paused = False
+        self._closing = False
+        self._closed = False
+        self._close_sent = False
+        self._read_seq = 0
+        link.pipes.add(self)
+
+    # --- asyncio.Transport ----------------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._protocol is not None
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return (self.link.host, self.link.port)
+        if name == "pipe":
+            return self.name
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._post_reads()
+
+    def get_write_buffer_size(self) -> int:
+        return self._queued + self._in_flight
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (LOW_WATER, HIGH_WATER)
+
+    def can_write_eof(self) -> bool:
+        return False  # pipes have no half-close
+
+    def write_eof(self) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Begin reading (once the protocol is set)."""
+        self._protocol.connection_made(self)  # type: ignore[union-attr]
+        self._post_reads()
+
+    # --- reading --------------------------------------------------------------------
+
+    def _post_reads(self) -> None:
+        link = self.link
+        while (len(self._reads) < self._window and not self._reading_paused
+               and not self._eof and not self._closing and link.error is None):
+            # The message id is known only when the request is built (maybe later, when
+            # credits come back): a sequence number stands in for it until then.
+            self._read_seq += 1
+            key = -self._read_seq
+            self._reads.append(key)
+            slot = _ReadSlot(self, key)
+            link.submit(slot.build, 1, slot.done)
+
+    def _read_done(self, key: int, result: Response | BaseException) -> None:
+        self._results[key] = result
+        reads = self._reads
+        while reads and reads[0] in self._results:
+            first = reads.popleft()
+            self._deliver(self._results.pop(first))
+            if self._closed:
+                return
+        self._post_reads()
+
+    def _deliver(self, result: Response | BaseException) -> None:
+        if self._eof or self._closed:
+            return
+        if isinstance(result, BaseException):
+            self._lost(result)
+            return
+        status = result.status
+        if status in (wire.STATUS_SUCCESS, wire.STATUS_BUFFER_OVERFLOW):
+            try:
+                data = wire.parse_read(result.message)
+            except wire.ProtocolError as exc:
+                self.link.abort(ConnectionLost(f"the SMB server sent a bad READ response: {exc}"))
+                return
+            if len(data) >= FULL_READ:
+                self._window = min(self._window * 2, MAX_READS)
+            elif self._window > 1:
+                self._window -= 1
+            if data:
+                self._protocol.data_received(data)  # type: ignore[union-attr]
+            return
+        if status in st.EOF_STATUSES:
+            log.debug("pipe %s: end of stream (%#010x)", self.name, status)
+            self._end_of_stream()
+            return
+        self._lost(ConnectionLost(f"reading pipe {self.name} failed: NTSTATUS {status:#010x}"))
+
+    def _end_of_stream(self) -> None:
+        self._eof = True
+        self._protocol.eof_received()  # type: ignore[union-attr]  # pipes have no half-close: the pipe is done either way
+        self._discard_reads()
+        self.close()
+
+    # --- writing ------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._closed:
+            return  # like a closed socket transport: dropped
+        if not data:
+            return
+        if isinstance(data, bytearray):
+            data = bytes(data)
+        self._writes.append(data)
+        self._queued += len(data)
+        self._send_writes()
+        self._check_high_water()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _send_writes(self) -> None:
+        link = self.link
+        core = link.core
+        while self._writes and self._in_flight < WRITE_WINDOW and link.error is None:
+            data = self._writes.popleft()
+            if len(data) > self._max_write:
+                view = memoryview(data)
+                self._writes.appendleft(view[self._max_write:])
+                data = view[: self._max_write]
+            size = len(data)
+            self._queued -= size
+            self._in_flight += size
+            head = wire.write_request_head(self.file_id, size)
+            link.submit(
+                functools.partial(core.request, wire.WRITE, head, payload=size, data=data),
+                core.charge(size),
+                functools.partial(self._write_done, size),
+            )
+
+    def _write_done(self, size: int, result: Response | BaseException) -> None:
+        self._in_flight -= size
+        if isinstance(result, BaseException):
+            self._lost(result)
+            return
+        if result.status != wire.STATUS_SUCCESS:
+            if result.status in st.EOF_STATUSES:
+                log.debug("pipe %s: closed by its server while writing", self.name)
+                if not self._eof:
+                    self._end_of_stream()
+                return
+            self._lost(ConnectionLost(
+                f"writing pipe {self.name} failed: NTSTATUS {result.status:#010x}"
+            ))
+            return
+        self._send_writes()
+        if self._writing_paused and self.get_write_buffer_size() <= LOW_WATER:
+            self._writing_paused = False
+            self._protocol.resume_writing()  # type: ignore[union-attr]
+        if self._closing and not self._writes and not self._in_flight:
+            self._send_close()
+
+    def _check_high_water(self) -> None:
+        if not self._writing_paused and self.get_write_buffer_size() > HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()  # type: ignore[union-attr]
+
+    # --- closing ------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if not self._writes and not self._in_flight:
+            self._send_close()
+
+    def abort(self) -> None:
+        self._writes.clear()
+        self._queued = 0
+        self._closing = True
+        self._send_close()
+
+    def _discard_reads(self) -> None:
+        """Forget the READs in flight (see the module docstring)."""
+        link = self.link
+        for key in self._reads:
+            mid = self._read_ids.pop(key, None)
+            if mid is not None:
+                link.cancel(mid)
+                link.forget(mid)
+        self._reads.clear()
+        self._results.clear()
+
+    def _send_close(self) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        self._discard_reads()
+        link = self.link
+        if link.error is not None:
+            self._finish(None)
+            return
+        future = link.request(wire.CLOSE, wire.close_request(self.file_id))
+        task = self._loop.create_task(_wait_close(future, self.name))
+        task.add_done_callback(lambda _t: self._finish(None))
+
+    def link_lost(self, error: BaseException) -> None:
+        """The connection died: the pipe fails with ``error``."""
+        self._lost(error)
+
+    def _lost(self, error: BaseException) -> None:
+        if self._closed:
+            return
+        self._closing = True
+        self._close_sent = True
+        self._writes.clear()
+        self._discard_reads()
+        lost = error if isinstance(error, ConnectionLost) else ConnectionLost(
+            f"pipe {self.name}: {error}"
+        )
+        self._finish(lost)
+
+    def _finish(self, error: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.link.pipes.discard(self)
+        self.link.release()
+        protocol = self._protocol
+        if protocol is not None:
+            self._loop.call_soon(protocol.connection_lost, error)
+
+
+class _ReadSlot:
+    """Ties a posted READ to its pipe: its message id once built, its completion."""
+
+    __slots__ = ("key", "pipe")
+
+    def __init__(self, pipe: RemotePipe, key: int) -> None:
+        self.pipe = pipe
+        self.key = key
+
+    def build(self) -> Outgoing:
+        pipe = self.pipe
+        out = pipe.link.core.request(wire.READ, pipe._read_body)
+        pipe._read_ids[self.key] = out.message_id
+        return out
+
+    def done(self, result: Response | BaseException) -> None:
+        self.pipe._read_ids.pop(self.key, None)
+        self.pipe._read_done(self.key, result)
+
+
+async def _wait_close(future: asyncio.Future[Response], name: str) -> None:
+    try:
+        await asyncio.wait_for(future, CLOSE_TIMEOUT)
+    except Exception as exc:
+        log.debug("pipe %s: CLOSE failed: %s", name, exc)
