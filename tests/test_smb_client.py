@@ -1,4 +1,4 @@
-"""The remote pipe client (npipe.smb, smbprotocol backend) against a real private smbd.
+"""The remote pipe client (npipe.smb, every backend) against a real private smbd.
 
 Each smbd listens on loopback on a free port with its own directories; pipe servers are
 raw Unix listeners placed in smbd's ``<ncalrpc dir>/np/`` that answer the
@@ -31,13 +31,14 @@ from npipe.errors import (
     AddressError,
     AuthenticationError,
     ConfigError,
+    ConnectionLost,
     HostUnreachable,
     PipeNotFound,
 )
 from npipe.samba.npa import NpaRequestReader, build_reply
-from npipe.smb import bridge_for, close_bridges, get_client, open_pipe
-from npipe.smb import smbprotocol_backend as backend
+from npipe.smb import BACKENDS, ENV_BACKEND, bridge_for, close_bridges, get_client, open_pipe
 from npipe.smb.credentials import Credentials
+from npipe.smb.info import SmbConnectionInfo
 
 pytestmark = pytest.mark.root
 
@@ -184,11 +185,29 @@ def _running_smbd(extra: dict[str, str]) -> Iterator[Smbd]:
         smbd.stop()
 
 
+@pytest.fixture(scope="module", params=BACKENDS, autouse=True)
+def smb_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs once per backend (chosen through $NPIPE_SMB_BACKEND)."""
+    old = os.environ.get(ENV_BACKEND)
+    os.environ[ENV_BACKEND] = request.param
+    yield request.param
+    _close_connections()
+    if old is None:
+        os.environ.pop(ENV_BACKEND, None)
+    else:
+        os.environ[ENV_BACKEND] = old
+
+
+def _close_connections() -> None:
+    for name in BACKENDS:
+        get_client(name).close_connections()
+
+
 @pytest.fixture(scope="module")
 def smbd() -> Iterator[Smbd]:
     with _running_smbd({}) as s:
         yield s
-        backend.close_connections()
+        _close_connections()
         close_bridges()
 
 
@@ -196,14 +215,14 @@ def smbd() -> Iterator[Smbd]:
 def strict_smbd() -> Iterator[Smbd]:
     with _running_smbd({"server signing": "mandatory", "smb encrypt": "required"}) as s:
         yield s
-        backend.close_connections()
+        _close_connections()
 
 
 @pytest.fixture(scope="module")
 def smb2_smbd() -> Iterator[Smbd]:
     with _running_smbd({"server max protocol": "SMB2_10"}) as s:
         yield s
-        backend.close_connections()
+        _close_connections()
 
 
 # --- pipe servers in np/ --------------------------------------------------------------
@@ -335,10 +354,12 @@ async def _echo_roundtrip(address: str, payload: bytes, encrypt: bool | None = N
         await writer.wait_closed()
 
 
-def _link_info(smbd: Smbd) -> backend.SmbConnectionInfo:
-    infos = [c for c in backend.connections() if c.port == smbd.port and c.alive]
-    assert infos, "no live connection to this smbd"
-    return infos[0]
+def _link_info(smbd: Smbd) -> SmbConnectionInfo:
+    """The newest connection to this smbd (the native backend's die with their event
+    loop, so the one a finished ``run()`` used is no longer alive)."""
+    infos = [c for c in get_client().connections() if c.port == smbd.port]
+    assert infos, "no connection to this smbd"
+    return infos[-1]
 
 
 # --- data -----------------------------------------------------------------------------
@@ -378,7 +399,7 @@ def test_full_duplex_write_while_read_pending(smbd: Smbd, serve: Callable[..., P
 
 def test_twenty_pipes_share_one_connection(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
     serve("many", echo)
-    backend.close_connections()
+    _close_connections()
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> bool:
         payload = b"%d-" % i * 5000
@@ -394,7 +415,7 @@ def test_twenty_pipes_share_one_connection(smbd: Smbd, serve: Callable[..., Pipe
         try:
             results = await asyncio.gather(*(one(r, w, i) for i, (r, w) in enumerate(streams)))
             assert all(results)
-            live = [c for c in backend.connections() if c.port == smbd.port and c.alive]
+            live = [c for c in get_client().connections() if c.port == smbd.port and c.alive]
             assert len(live) == 1 and live[0].pipes == 20
             assert smbd.established() == 1
         finally:
@@ -420,7 +441,8 @@ def test_server_closing_mid_stream_ends_the_reader(
 
 
 def test_lost_connection_ends_the_stream(
-    smbd: Smbd, serve: Callable[..., PipeServer], caplog: pytest.LogCaptureFixture
+    smbd: Smbd, serve: Callable[..., PipeServer], caplog: pytest.LogCaptureFixture,
+    smb_backend: str,
 ) -> None:
     serve("lost", echo)
     caplog.set_level(logging.WARNING, logger="npipe.smb")
@@ -432,7 +454,12 @@ def test_lost_connection_ends_the_stream(
             assert await reader.readexactly(4) == b"ping"
             for pid in smbd.connection_pids():  # the smbd child serving our connection
                 os.kill(pid, signal.SIGKILL)
-            assert await asyncio.wait_for(reader.read(), 10) == b""
+            if smb_backend == "native":
+                # The native client's streams fail with the cause.
+                with pytest.raises(ConnectionLost, match="was lost"):
+                    await asyncio.wait_for(reader.read(), 10)
+            else:  # smbprotocol's relay (a socket pair) can only end the stream
+                assert await asyncio.wait_for(reader.read(), 10) == b""
         finally:
             writer.close()
         # The dead connection is replaced on the next open.
@@ -452,7 +479,7 @@ def test_unknown_pipe_retries_until_the_timeout(smbd: Smbd) -> None:
     elapsed = time.monotonic() - start
     assert 0.7 <= elapsed < 3.0
     # Samba has no FSCTL_PIPE_WAIT: asked once, remembered for the connection.
-    links = [f.result() for f in backend._links.values() if f.done() and not f.exception()]
+    links = get_client().connections()
     assert any(link.port == smbd.port and not link.pipe_wait for link in links)
 
 
@@ -498,10 +525,10 @@ def test_nothing_listening_is_host_unreachable_at_once() -> None:
 
 
 def test_unknown_backend_and_local_address() -> None:
-    with pytest.raises(ConfigError, match="smbprotocol"):
-        get_client("native")
-    with pytest.raises(ConfigError, match="smbprotocol"):
-        run(open_pipe("//h/pipe/x", credentials=CREDS, backend="native"))
+    with pytest.raises(ConfigError, match="native, smbprotocol"):
+        get_client("nope")
+    with pytest.raises(ConfigError, match="native, smbprotocol"):
+        run(open_pipe("//h/pipe/x", credentials=CREDS, backend="nope"))
     with pytest.raises(AddressError, match="not a remote pipe"):
         run(open_pipe("shop", credentials=CREDS))
 
@@ -522,7 +549,7 @@ def test_signed_and_encrypted_by_default(
     if server == "strict":
         # The server requires encryption, so even encrypt=False gets it.
         assert run(_echo_roundtrip(target.address("sig"), b"x", encrypt=False)) == b"x"
-        assert all(c.encrypted for c in backend.connections() if c.port == target.port)
+        assert all(c.encrypted for c in get_client().connections() if c.port == target.port)
 
 
 def test_smb2_server_falls_back_to_signing(

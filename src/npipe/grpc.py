@@ -37,7 +37,6 @@ from npipe.local.dial import find_socket
 from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path
 from npipe.samba import frontdoor as samba
-from npipe.smb import DEFAULT_BACKEND
 from npipe.smb.credentials import Credentials
 from npipe.streams import claim_pipe
 
@@ -161,7 +160,7 @@ def target(
     credentials: Credentials | None = None,
     timeout: float = 10.0,
     encrypt: bool | None = None,
-    smb_backend: str = DEFAULT_BACKEND,
+    smb_backend: str | None = None,
 ) -> str:
     """The grpcio target (``unix:/...``) for a pipe, after checking who serves it.
 

@@ -17,7 +17,6 @@ from npipe.local.dial import check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket, claim
 from npipe.local.paths import pipe_dir, socket_path
 from npipe.local.peercred import peer_caller
-from npipe.smb import DEFAULT_BACKEND
 from npipe.smb.credentials import Credentials
 
 log = logging.getLogger("npipe.streams")
@@ -47,7 +46,7 @@ async def open_connection(
     credentials: Credentials | None = None,
     timeout: float = 10.0,
     encrypt: bool | None = None,
-    smb_backend: str = DEFAULT_BACKEND,
+    smb_backend: str | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a pipe and return asyncio streams.
 

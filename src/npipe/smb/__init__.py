@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import socket
 import threading
 from typing import Protocol
@@ -26,9 +27,17 @@ from npipe.address import PipeAddress, parse_address
 from npipe.errors import AddressError, ConfigError
 from npipe.smb.bridge import PipeBridge
 from npipe.smb.credentials import Credentials
+from npipe.smb.info import SmbConnectionInfo
 
 BACKENDS = ("native", "smbprotocol")
 DEFAULT_BACKEND = "native"
+# Selects the backend wherever none is passed (e.g. to run a program on smbprotocol).
+ENV_BACKEND = "NPIPE_SMB_BACKEND"
+
+
+def backend_name(backend: str | None = None) -> str:
+    """The backend to use: ``backend``, else $NPIPE_SMB_BACKEND, else the default."""
+    return backend or os.environ.get(ENV_BACKEND) or DEFAULT_BACKEND
 
 
 class PipeClient(Protocol):
@@ -57,13 +66,22 @@ class PipeClient(Protocol):
         """Open the pipe and relay it to ``sock``, which it then owns (closed on failure)."""
         ...
 
+    def connections(self) -> list[SmbConnectionInfo]:
+        """The shared connections set up so far."""
+        ...
+
+    def close_connections(self) -> None:
+        """Disconnect every shared connection now."""
+        ...
+
 
 _clients: dict[str, PipeClient] = {}
 _clients_lock = threading.Lock()
 
 
-def get_client(backend: str = DEFAULT_BACKEND) -> PipeClient:
+def get_client(backend: str | None = None) -> PipeClient:
     """The (shared) client object of a backend; ConfigError for an unknown name."""
+    backend = backend_name(backend)
     with _clients_lock:
         client = _clients.get(backend)
         if client is not None:
@@ -100,7 +118,7 @@ async def open_pipe(
     credentials: Credentials | None = None,
     timeout: float = 10.0,
     encrypt: bool | None = None,
-    backend: str = DEFAULT_BACKEND,
+    backend: str | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a remote pipe and return asyncio streams on it.
 
@@ -127,7 +145,7 @@ def bridge_for(
     credentials: Credentials | None = None,
     timeout: float = 10.0,
     encrypt: bool | None = None,
-    backend: str = DEFAULT_BACKEND,
+    backend: str | None = None,
 ) -> PipeBridge:
     """A running :class:`PipeBridge` to the remote pipe (``.target`` for grpcio).
 
@@ -138,7 +156,7 @@ def bridge_for(
     client = get_client(backend)
     addr = _remote(address)
     creds = credentials if credentials is not None else Credentials.resolve()
-    key: BridgeKey = (backend, addr, creds.identity(), timeout, encrypt)
+    key: BridgeKey = (backend_name(backend), addr, creds.identity(), timeout, encrypt)
     with _bridges_lock:
         bridge = _bridges.get(key)
         if bridge is not None and not bridge.closed:
@@ -166,9 +184,11 @@ atexit.register(close_bridges)
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
+    "ENV_BACKEND",
     "Credentials",
     "PipeBridge",
     "PipeClient",
+    "backend_name",
     "bridge_for",
     "close_bridges",
     "get_client",

@@ -18,3 +18,4 @@ class SmbConnectionInfo:
     encrypted: bool  # every message of the session is encrypted
     pipes: int  # pipes open through it now
     alive: bool
+    pipe_wait: bool = True  # FSCTL_PIPE_WAIT works here, as far as known (not on Samba)

@@ -358,6 +358,7 @@ class _Link:
             encrypted=session is not None and bool(session.encrypt_data),
             pipes=self.pipes,
             alive=self.alive(),
+            pipe_wait=self.pipe_wait,
         )
 
     # --- requests -------------------------------------------------------------------

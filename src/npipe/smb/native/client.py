@@ -173,6 +173,7 @@ class NativeClient:
         deadline: float,
     ) -> Link:
         loop = asyncio.get_running_loop()
+        _sweep()
         links = _links.setdefault(loop, {})
         key: LinkKey = (address.host.lower(), address.port, credentials.identity(), encrypt)
         task = links.get(key)
@@ -213,18 +214,26 @@ class NativeClient:
     @staticmethod
     def close_connections() -> None:
         """Disconnect every shared connection now (their pipes fail with ConnectionLost)."""
+        _sweep()
         for links in list(_links.values()):
             tasks = list(links.values())
             links.clear()
             for task in tasks:
                 if task.done() and not task.cancelled() and task.exception() is None:
                     link = task.result()
-                    loop = task.get_loop()
                     closed = ConnectionLost(f"the SMB connection to {link.where} was closed")
-                    if loop.is_closed():
-                        continue
-                    with contextlib.suppress(RuntimeError):
-                        loop.call_soon_threadsafe(link.abort, closed)
+                    try:
+                        task.get_loop().call_soon_threadsafe(link.abort, closed)
+                    except RuntimeError:  # its loop closed meanwhile
+                        link.drop()
+
+
+def _sweep() -> None:
+    """Close the connections of event loops that are closed (asyncio.run() ended)."""
+    for loop in [loop for loop in list(_links) if loop.is_closed()]:
+        for task in _links.pop(loop, {}).values():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().drop()
 
 
 def _info(link: Link) -> SmbConnectionInfo:
@@ -233,13 +242,14 @@ def _info(link: Link) -> SmbConnectionInfo:
     return SmbConnectionInfo(
         host=link.host,
         port=link.port,
-        user=None,
+        user=link.user,
         dialect=neg.dialect_name if neg else "?",
         signing_required=bool(neg and neg.signing_required) or core.options.sign,
         signed=core.signer is not None,
         encrypted=core.encrypt,
         pipes=len(link.pipes),
         alive=link.alive,
+        pipe_wait=link.pipe_wait,
     )
 
 

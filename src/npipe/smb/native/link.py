@@ -59,7 +59,9 @@ class Link(asyncio.Protocol):
         self._queue: collections.deque[tuple[Callable[[], Outgoing], int, Callback]] = (
             collections.deque()
         )
-        self._closed_waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.user: str | None = None
+        self._sock: socket.socket | None = None
 
     @property
     def where(self) -> str:
@@ -105,13 +107,21 @@ class Link(asyncio.Protocol):
         if self.error is None:
             why = f": {exc}" if exc else ""
             self.error = ConnectionLost(f"the SMB connection to {self.where} was lost{why}")
+            if self.pipes or self._waiting:
+                log.warning("%s", self.error)
         self._fail_all()
 
     # --- sending ------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self.error is None and self.transport is not None and not self.closed
+        return (
+            self.error is None
+            and self.transport is not None
+            and not self.closed
+            and self._loop is not None
+            and not self._loop.is_closed()
+        )
 
     @property
     def usable(self) -> bool:
@@ -197,8 +207,6 @@ class Link(asyncio.Protocol):
             callback(error)
         for pipe in list(self.pipes):
             pipe.link_lost(error)
-        if self._closed_waiter is not None and not self._closed_waiter.done():
-            self._closed_waiter.set_result(None)
 
     async def close(self) -> None:
         """LOGOFF and disconnect (pipes still open on it end with ConnectionLost)."""
@@ -232,11 +240,10 @@ class Link(asyncio.Protocol):
         self, credentials: Credentials, encrypt: bool | None, timeout: float
     ) -> None:
         """Connect, negotiate, authenticate, connect IPC$; npipe errors on failure."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self.user = credentials.principal
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: self, self.host, self.port), timeout
-            )
+            await asyncio.wait_for(self._connect(loop), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
             raise HostUnreachable(f"cannot reach the SMB server {self.where}: {reason}") from None
@@ -250,6 +257,35 @@ class Link(asyncio.Protocol):
         except BaseException as exc:
             self.abort(exc if isinstance(exc, Exception) else ConnectionLost("cancelled"))
             raise
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The socket is ours (not made inside create_connection) so that drop() can close
+        # it after its event loop is gone: asyncio.run() leaves transports open.
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        error: OSError | None = None
+        for family, kind, proto, _name, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+            await loop.create_connection(lambda: self, sock=sock)
+            return
+        raise error or OSError(f"no address for {self.host}")
+
+    def drop(self) -> None:
+        """Close the socket now, from any thread, even after the loop is closed."""
+        if self._sock is not None:
+            self._sock.close()
+        if self.error is None:
+            self.error = ConnectionLost(f"the SMB connection to {self.where} was dropped")
 
     async def _setup(self, credentials: Credentials, encrypt: bool | None) -> None:
         core = self.core
