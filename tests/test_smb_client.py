@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from capture import Capture, have_tshark, require_tshark, stop_all
 
 from npipe.errors import (
     AccessDenied,
@@ -179,10 +180,29 @@ def _running_smbd(extra: dict[str, str]) -> Iterator[Smbd]:
     _require_smbd()
     smbd = Smbd(extra)
     try:
-        smbd.start()
-        yield smbd
+        with _captured(smbd):
+            smbd.start()
+            yield smbd
     finally:
         smbd.stop()
+
+
+# Each smbd's traffic, checked by test_no_malformed_smb_on_the_wire (when tshark is here).
+_CAPTURES: list[Capture] = []
+
+
+@contextlib.contextmanager
+def _captured(smbd: Smbd) -> Iterator[None]:
+    if not have_tshark():
+        yield
+        return
+    cap = Capture(None, "lo", smbd.dir / "smb.pcap", ports=(smbd.port,)).start()
+    _CAPTURES.append(cap)
+    try:
+        yield
+    finally:
+        _CAPTURES.remove(cap)
+        cap.stop(settle=False)
 
 
 @pytest.fixture(scope="module", params=BACKENDS, autouse=True)
@@ -473,13 +493,16 @@ def test_lost_connection_ends_the_stream(
 
 
 def test_unknown_pipe_retries_until_the_timeout(smbd: Smbd) -> None:
+    async def main() -> list[SmbConnectionInfo]:
+        with pytest.raises(PipeNotFound, match="nowhere"):
+            await open_pipe(smbd.address("nowhere"), credentials=CREDS, timeout=0.8)
+        return get_client().connections()  # while this loop (and its connections) lives
+
     start = time.monotonic()
-    with pytest.raises(PipeNotFound, match="nowhere"):
-        run(open_pipe(smbd.address("nowhere"), credentials=CREDS, timeout=0.8))
+    links = run(main())
     elapsed = time.monotonic() - start
     assert 0.7 <= elapsed < 3.0
     # Samba has no FSCTL_PIPE_WAIT: asked once, remembered for the connection.
-    links = get_client().connections()
     assert any(link.port == smbd.port and not link.pipe_wait for link in links)
 
 
@@ -680,3 +703,27 @@ def test_credentials_resolve_and_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Credentials("a", "1").identity() != Credentials("a", "2").identity()
     with pytest.raises(ConfigError, match="auth_protocol"):
         Credentials("a", "b", None, "basic")
+
+
+# --- the wire (keep last) -------------------------------------------------------------
+
+
+def test_no_malformed_smb_on_the_wire(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
+    """tshark finds nothing malformed in the SMB traffic since the last check (this runs
+    once per backend, after that backend's tests)."""
+    require_tshark()
+    serve("wire", echo)
+    assert run(_echo_roundtrip(smbd.address("wire"), b"on the wire")) == b"on the wire"
+    assert _CAPTURES
+    stop_all(_CAPTURES)
+    smb2, bad = 0, []
+    for cap in _CAPTURES:
+        packets, found = cap.check()
+        smb2 += packets
+        if found:
+            kept = shutil.copy(cap.path, f"/tmp/npipe-smb-client-{cap.ports[0]}.pcap")
+            bad += [f"{kept}: {line}" for line in found]
+        cap.restart()
+    print(f"{smb2} SMB2 packets captured, {len(bad)} malformed")
+    assert smb2 >= 10, f"only {smb2} SMB2 packets captured"
+    assert not bad, f"{len(bad)} of {smb2} SMB2 packets malformed:\n" + "\n".join(bad[:50])

@@ -22,9 +22,9 @@ from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 from npipe.smb.native import wire
-from npipe.smb.native.core import Options, Response
-from npipe.smb.native.link import Link
-from npipe.smb.native.pipe import RemotePipe
+from npipe.smb.native.core import Options, Outgoing, Response
+from npipe.smb.native.link import Link, _resolver
+from npipe.smb.native.pipe import READ_SIZE, EarlyRead, RemotePipe
 
 log = logging.getLogger("npipe.smb")
 
@@ -128,7 +128,7 @@ class NativeClient:
         while True:
             link = await self._link(address, credentials, encrypt, deadline)
             create_timeout = max(deadline - loop.time(), CREATE_MIN_TIMEOUT)
-            response = await _create(link, address.name, create_timeout)
+            response, first_read = await _create(link, address.name, create_timeout)
             if response is None:
                 link.retire("a CREATE was not answered (the pipe's server may be stuck)")
                 raise PipeBusy(
@@ -138,7 +138,8 @@ class NativeClient:
             status = response.status if isinstance(response, Response) else None
             if status == st.STATUS_SUCCESS:
                 assert isinstance(response, Response)
-                return RemotePipe(link, wire.parse_create(response.message), address.posix())
+                file_id = wire.parse_create(response.message)
+                return RemotePipe(link, file_id, address.posix(), first_read=first_read)
             if status in st.RETRY_STATUSES:
                 assert status is not None
                 last_status = status
@@ -253,20 +254,35 @@ def _info(link: Link) -> SmbConnectionInfo:
     )
 
 
-async def _create(link: Link, name: str, timeout: float) -> Response | BaseException | None:
-    """One CREATE: its response, the connection's error, or None if not answered in time.
-    A pipe that opens after its opener gave up is closed again."""
-    future = link.request(wire.CREATE, wire.create_request(name))
+async def _create(
+    link: Link, name: str, timeout: float
+) -> tuple[Response | BaseException | None, EarlyRead]:
+    """One CREATE, compounded with the pipe's first READ (so that READ is posted a round
+    trip sooner); the CREATE's response, the connection's error, or None if not answered
+    in time, and the READ. A pipe that opens after its opener gave up is closed again."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Response] = loop.create_future()
+    first_read = EarlyRead()
+    core = link.core
+    read_body = wire.read_request(wire.FILE_ID_RELATED, READ_SIZE)
+    requests = [(wire.CREATE, wire.create_request(name), 0), (wire.READ, read_body, 0)]
+
+    def build() -> Outgoing:
+        out = core.compound(requests)
+        first_read.message_id = out.message_ids[1]
+        return out
+
+    link.submit_many(build, 2, [_resolver(future), first_read.done])
     try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
+        return await asyncio.wait_for(asyncio.shield(future), timeout), first_read
     except asyncio.TimeoutError:
         future.add_done_callback(lambda f: _close_late(link, f))
-        return None
+        return None, first_read
     except asyncio.CancelledError:
         future.add_done_callback(lambda f: _close_late(link, f))
         raise
     except ConnectionLost as exc:
-        return exc
+        return exc, first_read
 
 
 def _close_late(link: Link, future: asyncio.Future[Response]) -> None:

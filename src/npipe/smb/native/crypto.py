@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
 
 from npipe.smb.native.wire import (
+    CANCEL,
+    FLAGS_SERVER_TO_REDIR,
     FLAGS_SIGNED,
     PROTOCOL_TRANSFORM,
     SIGNATURE_END,
@@ -42,6 +44,8 @@ CIPHER_NAMES = {
     AES_256_CCM: "AES-256-CCM",
     AES_256_GCM: "AES-256-GCM",
 }
+
+_GMAC_NONCE = struct.Struct("<QI")
 
 # ProtocolId, Signature, Nonce, OriginalMessageSize, Reserved, Flags, SessionId.
 TRANSFORM = struct.Struct("<4s16s16sIHHQ")
@@ -113,7 +117,7 @@ class Signer:
              message_id: int) -> bytes:
         """The MAC of ``head`` + a zero signature + ``tail``."""
         if self._gmac is not None:
-            nonce = struct.pack("<QI", message_id, nonce_word)
+            nonce = _GMAC_NONCE.pack(message_id, nonce_word)
             return self._gmac.encrypt(nonce, b"", b"".join((head, ZERO_SIGNATURE, tail)))
         if self._cmac_base is not None:
             c = self._cmac_base.copy()
@@ -126,21 +130,48 @@ class Signer:
         h.update(tail)
         return h.digest()[:16]
 
-    def sign(self, message: bytearray, *, cancel: bool = False) -> None:
+    def sign_at(self, frame: bytearray, offset: int, message_id: int) -> None:
+        """Sign the request at ``offset`` of ``frame``, in place: its header already has
+        SMB2_FLAGS_SIGNED and a zero signature (the hot path: no copy). Not for CANCEL."""
+        view = memoryview(frame)[offset:]
+        gmac = self._gmac
+        if gmac is not None:
+            mac = gmac.encrypt(_GMAC_NONCE.pack(message_id, 0), b"", view)
+        elif self._cmac_base is not None:
+            c = self._cmac_base.copy()
+            c.update(view)  # type: ignore[arg-type]  # any buffer works
+            mac = c.finalize()
+        else:
+            mac = hmac.new(self.key, view, hashlib.sha256).digest()[:16]
+        view.release()
+        frame[offset + SIGNATURE_OFFSET : offset + SIGNATURE_END] = mac
+
+    def sign(self, message: bytearray) -> None:
         """Set SMB2_FLAGS_SIGNED and the signature of a request, in place."""
         flags = int.from_bytes(message[16:20], "little") | FLAGS_SIGNED
         message[16:20] = flags.to_bytes(4, "little")
         message_id = int.from_bytes(message[24:32], "little")
         view = memoryview(message)
-        mac = self._mac(view[:SIGNATURE_OFFSET], view[SIGNATURE_END:], 2 if cancel else 0,
+        mac = self._mac(view[:SIGNATURE_OFFSET], view[SIGNATURE_END:], _gmac_word(message),
                         message_id)
         message[SIGNATURE_OFFSET:SIGNATURE_END] = mac
 
-    def verify(self, message: bytes | memoryview, message_id: int) -> bool:
-        """Whether a response's signature is right (the role bit says: from the server)."""
+    def verify(self, message: bytes, message_id: int) -> bool:
+        """Whether a response's signature is right."""
         view = memoryview(message)
-        mac = self._mac(view[:SIGNATURE_OFFSET], view[SIGNATURE_END:], 1, message_id)
-        return hmac.compare_digest(mac, view[SIGNATURE_OFFSET:SIGNATURE_END])
+        mac = self._mac(view[:SIGNATURE_OFFSET], view[SIGNATURE_END:], _gmac_word(message),
+                        message_id)
+        return hmac.compare_digest(mac, message[SIGNATURE_OFFSET:SIGNATURE_END])
+
+
+def _gmac_word(message: bytes | bytearray | memoryview) -> int:
+    """The last 4 bytes of the AES-GMAC nonce (MS-SMB2 3.1.4.1): bit 0 says the server
+    sent it, bit 1 that it is a CANCEL. Taken from the header, as Samba does: its
+    responses to a CANCEL carry the CANCEL bit too."""
+    word = message[16] & FLAGS_SERVER_TO_REDIR
+    if message[12] == CANCEL and message[13] == 0:
+        word |= 2
+    return word
 
 
 class Cipher:
@@ -161,9 +192,10 @@ class Cipher:
         return CIPHER_NAMES[self.cipher]
 
     def encrypt(
-        self, message: bytes | memoryview, session_id: int
-    ) -> list[bytes | memoryview]:
-        """The transform header and ciphertext of ``message`` (one or a compound chain)."""
+        self, message: bytes | bytearray | memoryview, session_id: int
+    ) -> list[bytes | bytearray | memoryview]:
+        """``message`` (one or a compound chain) as a transform message, framed for the
+        wire: the NetBIOS and transform headers, then the ciphertext."""
         self._counter += 1
         nonce = self._prefix + self._counter.to_bytes(8, "little")
         padded = nonce + bytes(16 - len(nonce))
@@ -172,8 +204,11 @@ class Cipher:
         sealed = self._aead_out.encrypt(nonce, message, header[TRANSFORM_AAD_START:])
         tag = sealed[-16:]
         # The ciphertext is sent from a view: no copy of a large WRITE.
-        return [PROTOCOL_TRANSFORM + tag + header[TRANSFORM_AAD_START:],
-                memoryview(sealed)[:-16]]
+        head = b"".join((
+            (TRANSFORM_SIZE + len(message)).to_bytes(4, "big"),
+            PROTOCOL_TRANSFORM, tag, header[TRANSFORM_AAD_START:],
+        ))
+        return [head, memoryview(sealed)[:-16]]
 
     def decrypt(self, message: bytes, session_id: int) -> bytes:
         """The plaintext of a transform message; ProtocolError if it is not authentic."""

@@ -62,6 +62,8 @@ class Link(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.user: str | None = None
         self._sock: socket.socket | None = None
+        self._corked = 0
+        self._out: list[bytes | bytearray | memoryview] = []
 
     @property
     def where(self) -> str:
@@ -86,6 +88,14 @@ class Link(asyncio.Protocol):
         except wire.ProtocolError as exc:
             self.abort(ConnectionLost(f"the SMB server {self.where} sent a bad message: {exc}"))
             return
+        # What the callbacks send (CLOSEs, WRITEs of a relay) leaves in one write.
+        self.cork()
+        try:
+            self._dispatch(responses)
+        finally:
+            self.uncork()
+
+    def _dispatch(self, responses: list[Response]) -> None:
         waiting = self._waiting
         for response in responses:
             header = response.header
@@ -138,13 +148,52 @@ class Link(asyncio.Protocol):
             return
         self._send(build(), callback)
 
+    def submit_many(
+        self, build: Callable[[], Outgoing], charge: int, callbacks: list[Callback]
+    ) -> None:
+        """Like :meth:`submit` for a compound: one callback per request in it."""
+        if self.error is not None:
+            for callback in callbacks:
+                callback(self.error)
+            return
+        self.submit(build, charge, _Many(callbacks))
+
     def _send(self, out: Outgoing, callback: Callback) -> None:
-        if out.message_ids:
-            self._waiting[out.message_ids[-1]] = callback
-            for mid in out.message_ids[:-1]:
+        ids = out.message_ids
+        if isinstance(callback, _Many):
+            for mid, each in zip(ids, callback.callbacks, strict=True):
+                self._waiting[mid] = each
+        elif ids:
+            self._waiting[ids[-1]] = callback
+            for mid in ids[:-1]:
                 self._waiting[mid] = _ignore
-        assert self.transport is not None
-        self.transport.writelines(out.parts)
+        if self._corked:
+            self._out.extend(out.parts)
+        else:
+            self._write(out.parts)
+
+    def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        transport = self.transport
+        assert transport is not None
+        if len(parts) == 1:
+            transport.write(parts[0])
+        elif sum(len(p) for p in parts) <= 65536:
+            transport.write(b"".join(parts))  # one send for small messages
+        else:
+            for part in parts:  # large ones without joining them first
+                transport.write(part)
+
+    def cork(self) -> None:
+        """Hold what is sent until :meth:`uncork` (nests): one TCP send for several
+        requests, e.g. the READ a pipe posts and the WRITE that follows it."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked and self._out:
+            parts, self._out = self._out, []
+            if self.error is None:
+                self._write(parts)
 
     def _flush_queue(self) -> None:
         queue = self._queue
@@ -180,10 +229,11 @@ class Link(asyncio.Protocol):
         """Ask the server to cancel a pending request (Samba ignores it for pipe READs)."""
         if not self.alive or message_id not in self._waiting:
             return
-        assert self.transport is not None
-        self.transport.writelines(
-            self.core.cancel(message_id, self._async_ids.get(message_id)).parts
-        )
+        out = self.core.cancel(message_id, self._async_ids.get(message_id))
+        if self._corked:
+            self._out.extend(out.parts)
+        else:
+            self._write(out.parts)
 
     # --- ending ----------------------------------------------------------------------
 
@@ -400,3 +450,14 @@ def _resolver(future: asyncio.Future[Response]) -> Callback:
 
 def _ignore(_result: Response | BaseException) -> None:
     pass
+
+
+class _Many:
+    """The callbacks of a compound's requests; called together only if it never left."""
+
+    def __init__(self, callbacks: list[Callback]) -> None:
+        self.callbacks = callbacks
+
+    def __call__(self, result: Response | BaseException) -> None:
+        for callback in self.callbacks:
+            callback(result)

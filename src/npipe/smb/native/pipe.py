@@ -22,6 +22,7 @@ import asyncio
 import collections
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from npipe.errors import ConnectionLost
@@ -46,7 +47,9 @@ CLOSE_TIMEOUT = 5.0
 class RemotePipe(asyncio.Transport):
     """An open pipe on a :class:`Link`; set a protocol with :meth:`set_protocol`."""
 
-    def __init__(self, link: Link, file_id: bytes, name: str) -> None:
+    def __init__(
+        self, link: Link, file_id: bytes, name: str, *, first_read: EarlyRead | None = None
+    ) -> None:
         super().__init__()
         self.link = link
         self.file_id = file_id
@@ -75,6 +78,13 @@ class RemotePipe(asyncio.Transport):
         self._closed = False
         self._close_sent = False
         self._read_seq = 0
+        self._reads_due = False
+        self._first_read = first_read
+        if first_read is not None and first_read.message_id is not None:
+            # The READ sent with the CREATE: the first in flight.
+            self._read_seq = 1
+            self._reads.append(-1)
+            self._read_ids[-1] = first_read.message_id
         link.pipes.add(self)
 
     # --- asyncio.Transport ----------------------------------------------------------
@@ -122,11 +132,15 @@ class RemotePipe(asyncio.Transport):
     def start(self) -> None:
         """Begin reading (once the protocol is set)."""
         self._protocol.connection_made(self)  # type: ignore[union-attr]
+        first, self._first_read = self._first_read, None
+        if first is not None and self._reads and self._reads[0] == -1:
+            first.attach(lambda result: self._read_done(-1, result))
         self._post_reads()
 
     # --- reading --------------------------------------------------------------------
 
     def _post_reads(self) -> None:
+        self._reads_due = False
         link = self.link
         while (len(self._reads) < self._window and not self._reading_paused
                and not self._eof and not self._closing and link.error is None):
@@ -146,7 +160,11 @@ class RemotePipe(asyncio.Transport):
             self._deliver(self._results.pop(first))
             if self._closed:
                 return
-        self._post_reads()
+        # The next READ goes out a moment later, so that a WRITE the reader makes in
+        # answer to this data can leave in the same TCP send, after it.
+        if not self._reads_due:
+            self._reads_due = True
+            self._loop.call_soon(self._post_reads)
 
     def _deliver(self, result: Response | BaseException) -> None:
         if self._eof or self._closed:
@@ -191,7 +209,14 @@ class RemotePipe(asyncio.Transport):
             data = bytes(data)
         self._writes.append(data)
         self._queued += len(data)
-        self._send_writes()
+        link = self.link
+        link.cork()
+        try:
+            if self._reads_due:
+                self._post_reads()  # ahead of the WRITE: posted before its answer comes
+            self._send_writes()
+        finally:
+            link.uncork()
         self._check_high_water()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -307,6 +332,29 @@ class RemotePipe(asyncio.Transport):
         protocol = self._protocol
         if protocol is not None:
             self._loop.call_soon(protocol.connection_lost, error)
+
+
+class EarlyRead:
+    """The READ compounded with a pipe's CREATE: holds its answer until the pipe starts."""
+
+    __slots__ = ("_callback", "_result", "message_id")
+
+    def __init__(self) -> None:
+        self.message_id: int | None = None
+        self._result: Response | BaseException | None = None
+        self._callback: Callable[[Response | BaseException], None] | None = None
+
+    def done(self, result: Response | BaseException) -> None:
+        if self._callback is not None:
+            self._callback(result)
+        else:
+            self._result = result
+
+    def attach(self, callback: Callable[[Response | BaseException], None]) -> None:
+        self._callback = callback
+        if self._result is not None:
+            result, self._result = self._result, None
+            callback(result)
 
 
 class _ReadSlot:

@@ -75,7 +75,7 @@ class ProtocolError(NpipeError):
     """The server sent bytes that are not a valid SMB2 message here (or a forged one)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Header:
     """The fields of a response header the client acts on."""
 
@@ -160,7 +160,7 @@ def body_at(message: bytes | memoryview, header_offset: int, offset: int, length
 MAX_FRAME = 0x00FFFFFF
 
 
-def frame(*parts: bytes | memoryview) -> bytes:
+def frame(*parts: bytes | bytearray | memoryview) -> bytes:
     size = sum(len(p) for p in parts)
     if size > MAX_FRAME:
         raise ValueError(f"an SMB message of {size} bytes does not fit a NetBIOS frame")
