@@ -8,39 +8,51 @@ run:
 * gRPC, unary latency (p50, p99) of a 100-byte echo and the throughput (MB/s, 10^6
   bytes/s) of a client stream of 1 MiB messages, for
   - ``grpc-tcp``: plain grpcio over TCP on the link (server on 198.18.0.1:PORT);
-  - ``grpc-smb``: grpcio through the SMB pipe with npipe, default security (signed,
-    and encrypted where the server can: SMB 3.1.1 here);
+  - ``grpc-smb``: grpcio through the SMB pipe with npipe's native client, default
+    security (encrypted where the server can: SMB 3.1.1 here);
   - ``grpc-smb-signed``: the same with ``encrypt=False`` (signed only);
-* raw bytes, the round trip of a 64-byte echo (p50, p99) and the throughput of a
-  1 MiB echo, all against one npipe raw echo server behind smbd, for
-  - ``npipe`` / ``npipe-signed``: ``npipe.open_connection`` (default / ``encrypt=False``);
+  - ``grpc-smb-unsigned``: the same on an unsigned SMB 2.1 connection (a benchmark-only
+    ``Options(sign=False, dialects=(0x0210,))``; smbd does not require signing);
+  - ``grpc-smbprotocol``: the same through the smbprotocol backend, default security;
+* raw bytes against one npipe raw echo server behind smbd: the round trip of a 64-byte
+  echo (p50, p99) and the throughput of echoes of 64 B, 4 KiB, 64 KiB and 1 MiB, for
+  - ``smb2-echo`` / ``-signed`` / ``-unsigned``: a bare SMB2 ECHO (``link.echo()``) on
+    a native connection, the floor for a pipe round trip at that protection;
+  - ``npipe`` / ``npipe-signed`` / ``npipe-unsigned``: ``npipe.open_connection``
+    (default / ``encrypt=False`` / the unsigned SMB 2.1 options above);
   - ``smbprotocol`` / ``smbprotocol-signed``: smbprotocol's Connection, Session,
     TreeConnect and Open used directly (WRITE, then READ), encrypted / signed only;
-  - ``impacket``: impacket's SMBConnection (writeFile, then readFile); no 1 MiB echo;
-  - ``tcp``: an asyncio TCP echo on the link, the floor the wire itself sets.
+  - ``impacket``: impacket's SMBConnection (writeFile, then readFile); up to 64 KiB;
+  - ``tcp``: an asyncio TCP echo on the link, the floor the wire itself sets;
+* concurrency: 50 ``npipe.grpc.aio_channel`` channels (50 pipes on one SMB connection)
+  x 20 concurrent unary calls, 1,000 calls at once; errors (must be 0) and the total
+  time, next to the same over TCP (``grpc-smb-many``, ``grpc-tcp-many``).
 
 Every server runs in the server namespace and every client in the client namespace, each
 in a process of its own (``--server KIND`` and ``--client KIND`` modes of this script).
 A client connects once, warms up and then answers commands on stdin, one JSON line each
-(``lat N``: N round trips, their times in us; ``tput N``: a stream of N x 1 MiB, or N
-1 MiB echoes, in MB/s). The orchestrator interleaves the transports as grpc_local.py
+(``lat N``: N round trips, their times in us; ``tput SIZE N``: a gRPC stream of N
+messages of SIZE bytes, or N echoes of SIZE bytes, in MB/s; ``conc N``: N concurrent
+calls on each channel). The orchestrator interleaves the transports as grpc_local.py
 does: each round is cut into slices and the order rotates every slice, so noise from
 elsewhere on the machine lands on all of them alike; the tables show the median over
 rounds of each round's p50, p99 and median MB/s, and ratios between those medians.
 
-    python bench/cross_host.py                  # 5 rounds, about 3.5 minutes on 2 CPUs
-    python bench/cross_host.py --quick          # smoke run, well under a minute
+    python bench/cross_host.py                  # 5 rounds, about 6 minutes on 2 CPUs
+    python bench/cross_host.py --quick          # smoke run, about 40 s
     python bench/cross_host.py --json out.json --plot out.png
 
 Needs root (network namespaces, smbd), Samba's smbd and smbpasswd, iproute2, grpcio,
-smbprotocol and impacket. Namespaces, smbd, its files and the SMB user it created are
-removed at the end, also on failure or Ctrl-C.
+smbprotocol and impacket (matplotlib for --plot). Namespaces, smbd, its files and the SMB
+user it created are removed at the end, also on failure or Ctrl-C. Exit status 1 if a
+concurrent call failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import importlib
 import json
@@ -55,15 +67,16 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from grpc_local import SERVICE, _rotated, bench_service, machine_info, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
+T = TypeVar("T")
 
 USER = "npbench"
 PASSWORD = "Bench-Passw0rd-7"
@@ -75,6 +88,11 @@ UPLOAD = f"/{SERVICE}/Upload"
 UNARY_BYTES = 100
 RAW_BYTES = 64
 MIB = 1 << 20
+# Echo sizes of the raw throughput runs; a turn is --echoes x the factor echoes.
+SIZES = (64, 4096, 65536, MIB)
+SIZE_FACTOR = {64: 16, 4096: 16, 65536: 4, MIB: 1}
+SIZE_LABELS = {64: "64 B", 4096: "4 KiB", 65536: "64 KiB", MIB: "1 MiB"}
+SMB_2_1 = 0x0210
 SERVER_WORKERS = 4
 START_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 60.0
@@ -82,38 +100,104 @@ CALL_TIMEOUT_S = 60.0
 COMMAND_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 
-GRPC_TRANSPORTS = ("grpc-tcp", "grpc-smb", "grpc-smb-signed")
-RAW_TRANSPORTS = ("tcp", "npipe", "npipe-signed", "smbprotocol", "smbprotocol-signed",
-                  "impacket")
-ALL_TRANSPORTS = GRPC_TRANSPORTS + RAW_TRANSPORTS
-GRPC_BASELINE = "grpc-tcp"
-# Raw clients compared with smbprotocol used directly at the same protection.
-# impacket encrypts whenever the server can (AES-128-CCM, the only cipher it offers).
-RAW_PAIRS = {"npipe": "smbprotocol", "npipe-signed": "smbprotocol-signed",
-             "impacket": "smbprotocol"}
-NO_THROUGHPUT = {"impacket"}
-DESCRIPTIONS = {
-    "grpc-tcp": "grpcio, TCP 198.18.0.1:PORT across the link",
-    "grpc-smb": "grpcio via npipe.grpc.channel('//198.18.0.1/pipe/...'), default security",
-    "grpc-smb-signed": "the same, encrypt=False (signed only)",
-    "tcp": "asyncio TCP echo across the link (the wire's floor; no SMB)",
-    "npipe": "npipe.open_connection('//198.18.0.1/pipe/...'), default security",
-    "npipe-signed": "the same, encrypt=False",
-    "smbprotocol": "smbprotocol Open.write then Open.read, require_encryption=True",
-    "smbprotocol-signed": "the same, require_encryption=False (signed)",
-    "impacket": "impacket SMBConnection.writeFile then readFile",
+
+@dataclass(frozen=True)
+class Transport:
+    """One client kind: its server, what it is, what its numbers are compared with."""
+
+    server: str  # the server kind it talks to
+    description: str
+    sizes: tuple[int, ...] = ()  # throughput runs (message or echo sizes)
+    lat_vs: str | None = None  # p50/p99 ratio: this / lat_vs
+    tput_vs: str | None = None  # throughput ratio: this / tput_vs, per size
+    security: str | None = None  # what the client must have negotiated (checked)
+
+
+TRANSPORTS: dict[str, Transport] = {
+    "grpc-tcp": Transport("grpc-tcp", "grpcio, TCP 198.18.0.1:PORT across the link", (MIB,)),
+    "grpc-smb": Transport(
+        "grpc-pipe", "grpcio via npipe.grpc.channel('//198.18.0.1/pipe/...'), native, default",
+        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted"),
+    "grpc-smb-signed": Transport(
+        "grpc-pipe", "the same, encrypt=False", (MIB,), "grpc-tcp", "grpc-tcp", "signed"),
+    "grpc-smb-unsigned": Transport(
+        "grpc-pipe", "the same on an unsigned SMB 2.1 connection (benchmark-only Options)",
+        (MIB,), "grpc-tcp", "grpc-tcp", "unsigned"),
+    "grpc-smbprotocol": Transport(
+        "grpc-pipe", "the same through smb_backend='smbprotocol', default security",
+        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted"),
+    "tcp": Transport("raw-tcp", "asyncio TCP echo across the link (the wire's floor; no SMB)",
+                     SIZES),
+    "smb2-echo": Transport("raw-pipe", "bare SMB2 ECHO, link.echo(), native, default",
+                           security="encrypted"),
+    "smb2-echo-signed": Transport("raw-pipe", "the same, encrypt=False", security="signed"),
+    "smb2-echo-unsigned": Transport("raw-pipe", "the same, unsigned SMB 2.1",
+                                    security="unsigned"),
+    "npipe": Transport("raw-pipe", "npipe.open_connection('//198.18.0.1/pipe/...'), default",
+                       SIZES, "smb2-echo", "tcp", "encrypted"),
+    "npipe-signed": Transport("raw-pipe", "the same, encrypt=False", SIZES,
+                              "smb2-echo-signed", "tcp", "signed"),
+    "npipe-unsigned": Transport("raw-pipe", "the same, unsigned SMB 2.1 (native Options)",
+                                SIZES, "smb2-echo-unsigned", "tcp", "unsigned"),
+    "smbprotocol": Transport(
+        "raw-pipe", "smbprotocol Open.write then Open.read, require_encryption=True",
+        SIZES, "npipe", "npipe", "encrypted"),
+    "smbprotocol-signed": Transport(
+        "raw-pipe", "the same, require_encryption=False", SIZES, "npipe-signed",
+        "npipe-signed", "signed"),
+    # impacket encrypts whenever the server can (AES-128-CCM, the only cipher it offers).
+    # A 1 MiB WRITE would wait for READs that impacket's sync calls cannot post meanwhile.
+    "impacket": Transport("raw-pipe", "impacket SMBConnection.writeFile then readFile",
+                          SIZES[:-1], "npipe", "npipe", "encrypted"),
 }
-# Which server each client talks to: (server kind, how to reach it).
-SERVER_OF = {
-    "grpc-tcp": "grpc-tcp", "grpc-smb": "grpc-pipe", "grpc-smb-signed": "grpc-pipe",
-    "tcp": "raw-tcp", "npipe": "raw-pipe", "npipe-signed": "raw-pipe",
-    "smbprotocol": "raw-pipe", "smbprotocol-signed": "raw-pipe", "impacket": "raw-pipe",
-}
+GRPC_TRANSPORTS = tuple(t for t in TRANSPORTS if t.startswith("grpc"))
+RAW_TRANSPORTS = tuple(t for t in TRANSPORTS if not t.startswith("grpc"))
+ALL_TRANSPORTS = tuple(TRANSPORTS)
+# The concurrency run: many aio channels, each its own pipe (or TCP connection).
+CONC_TRANSPORTS = {"grpc-smb-many": "grpc-pipe", "grpc-tcp-many": "grpc-tcp"}
+CLIENT_KINDS = ALL_TRANSPORTS + tuple(CONC_TRANSPORTS)
+
+# The targets: (label, row, base, metric, bound); metric "p50" is row/base (<= bound),
+# "mb_s" is row/base (>= bound), "speedup" is base/row per size and p50 row/base (>= bound).
+TARGETS = (
+    ("gRPC unary p50 / TCP", "grpc-smb", "grpc-tcp", "p50", 1.5),
+    ("gRPC 1 MiB stream / TCP", "grpc-smb", "grpc-tcp", "mb_s", 0.6),
+    ("  signed: unary p50 / TCP", "grpc-smb-signed", "grpc-tcp", "p50", 1.5),
+    ("  signed: 1 MiB stream / TCP", "grpc-smb-signed", "grpc-tcp", "mb_s", 0.6),
+    ("npipe 64 B echo p50 / SMB2 ECHO", "npipe", "smb2-echo", "p50", 1.5),
+    ("  signed", "npipe-signed", "smb2-echo-signed", "p50", 1.5),
+    ("  unsigned", "npipe-unsigned", "smb2-echo-unsigned", "p50", 1.5),
+    ("smbprotocol / npipe", "smbprotocol", "npipe", "speedup", 5.0),
+    ("  signed", "smbprotocol-signed", "npipe-signed", "speedup", 5.0),
+    ("impacket / npipe", "impacket", "npipe", "speedup", 5.0),
+)
 
 
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+def unsigned_options() -> Any:
+    """Native client options for an unsigned SMB 2.1 connection (benchmarks only)."""
+    from npipe.smb.native import Options
+
+    return Options(sign=False, dialects=(SMB_2_1,))
+
+
+def credentials() -> Any:
+    from npipe.smb.credentials import Credentials
+
+    return Credentials(USER, PASSWORD)
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    """A process's resident set size (VmRSS), KiB; 0 if it is gone."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 # ================================================================== servers (server ns)
@@ -158,12 +242,12 @@ def _serve_grpc(kind: str, host: str) -> int:
 async def _serve_raw(kind: str, host: str) -> None:
     import npipe
 
-    stats = {"connections": 0, "bytes": 0, "callers": []}
+    stats: dict[str, Any] = {"connections": 0, "bytes": 0, "callers": set()}
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stats["connections"] += 1
         if kind == "raw-pipe":
-            stats["callers"].append(str(npipe.caller(writer)))
+            stats["callers"].add(str(npipe.caller(writer)).split(" from ")[0])
         try:
             while data := await reader.read(65536):
                 stats["bytes"] += len(data)
@@ -192,14 +276,14 @@ async def _serve_raw(kind: str, host: str) -> None:
     emit(ready)
     async with server:
         await done
-    emit({"stats": stats})
+    emit({"stats": {**stats, "callers": sorted(stats["callers"])}})
 
 
 # ================================================================== clients (client ns)
 
 
 class BenchClient:
-    """One transport's client: ``lat(n)`` in us per round trip, ``tput(n)`` in MB/s."""
+    """One transport's client: ``lat(n)`` in us per round trip, ``tput(size, n)`` in MB/s."""
 
     def info(self) -> dict[str, Any]:
         return {}
@@ -207,7 +291,7 @@ class BenchClient:
     def lat(self, n: int) -> list[float]:
         raise NotImplementedError
 
-    def tput(self, n: int) -> list[float]:
+    def tput(self, size: int, n: int) -> list[float]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -224,29 +308,105 @@ def _timed(op: Callable[[], None], n: int) -> list[float]:
     return out
 
 
+def _security(signed: bool, encrypted: bool, algorithm: str | None) -> str:
+    """As the native link says it (``Link.security``): 'encrypted (AES-128-GCM)' etc."""
+    what = "encrypted" if encrypted else "signed" if signed else "unsigned"
+    return f"{what} ({algorithm})" if algorithm and what != "unsigned" else what
+
+
+def _native_link_info(link: Any) -> dict[str, Any]:
+    neg = link.core.negotiated
+    return {"dialect": neg.dialect_name if neg else "?", "security": link.security}
+
+
+def _native_info() -> dict[str, Any]:
+    """What this process's (only) native SMB connection negotiated. Reads the backend's
+    registry of shared connections, which is private: informational only."""
+    from npipe.smb.native import client as native
+
+    with contextlib.suppress(Exception):
+        for links in list(native._links.values()):
+            for task in list(links.values()):
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    return _native_link_info(task.result())
+    return {}
+
+
+def _smbprotocol_backend_info() -> dict[str, Any]:
+    """What the smbprotocol backend's shared connection negotiated (private registry)."""
+    from npipe.smb import smbprotocol_backend as backend
+
+    out: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        info = backend.connections()[0]
+        out = {"dialect": info.dialect, "security": _security(info.signed, info.encrypted, None)}
+        with backend._registry_lock:
+            link = next(iter(backend._links.values())).result()
+        out["security"] = _security(info.signed, info.encrypted,
+                                    _smbprotocol_algorithm(link.conn, info.encrypted))
+    return out
+
+
+def _smbprotocol_algorithm(conn: Any, encrypted: bool) -> str | None:
+    """The cipher (if this session encrypts) or the signing algorithm (if it only signs)."""
+    from smbprotocol.connection import Ciphers, SigningAlgorithms
+
+    if encrypted and conn.cipher_id:
+        return _enum_name(Ciphers, conn.cipher_id)
+    if not encrypted and conn.signing_algorithm_id is not None:
+        return _enum_name(SigningAlgorithms, conn.signing_algorithm_id)
+    return None
+
+
+def _enum_name(cls: Any, value: int) -> str:
+    for name in dir(cls):
+        if not name.startswith("_") and getattr(cls, name) == value:
+            return name.replace("_", "-")
+    return hex(value)
+
+
 class GrpcClient(BenchClient):
     def __init__(self, kind: str, target: str) -> None:
         import grpc
 
         import npipe.grpc
-        from npipe.smb.credentials import Credentials
 
         self.kind = kind
+        self.bridge: Any = None
         if kind == "grpc-tcp":
             self.channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+        elif kind == "grpc-smb-unsigned":
+            # npipe.grpc.channel() cannot take native Options: a bridge of our own.
+            from npipe.address import parse_address
+            from npipe.smb import PipeBridge
+            from npipe.smb.native import NativeClient
+
+            client = NativeClient(unsigned_options())
+            address, creds = parse_address(target), credentials()
+
+            async def attach(sock: Any) -> None:
+                await client.attach(address, sock, credentials=creds, encrypt=False)
+
+            self.bridge = PipeBridge(attach, description=address.posix())
+            self.channel = grpc.insecure_channel(
+                self.bridge.target, options=[("grpc.default_authority", "localhost")])
         else:
             self.channel = npipe.grpc.channel(
-                target, credentials=Credentials(USER, PASSWORD),
-                encrypt=None if kind == "grpc-smb" else False,
+                target, credentials=credentials(),
+                encrypt=False if kind == "grpc-smb-signed" else None,
+                smb_backend="smbprotocol" if kind == "grpc-smbprotocol" else "native",
             )
         grpc.channel_ready_future(self.channel).result(timeout=START_TIMEOUT_S)
         self.echo = self.channel.unary_unary(ECHO, _registered_method=True)
         self.upload = self.channel.stream_unary(UPLOAD, _registered_method=True)
         self.payload = os.urandom(UNARY_BYTES)
-        self.big = os.urandom(MIB)
 
     def info(self) -> dict[str, Any]:
-        return _smb_link_info() if self.kind != "grpc-tcp" else {}
+        if self.kind == "grpc-tcp":
+            return {}
+        if self.kind == "grpc-smbprotocol":
+            return _smbprotocol_backend_info()
+        return _native_info()
 
     def lat(self, n: int) -> list[float]:
         payload, echo = self.payload, self.echo
@@ -257,79 +417,73 @@ class GrpcClient(BenchClient):
 
         return _timed(one, n)
 
-    def tput(self, n: int) -> list[float]:
-        big = self.big
+    def tput(self, size: int, n: int) -> list[float]:
+        msg = os.urandom(size)
         t0 = time.perf_counter()
-        reply = self.upload(iter([big] * n), timeout=CALL_TIMEOUT_S)
+        reply = self.upload(iter([msg] * n), timeout=CALL_TIMEOUT_S)
         elapsed = time.perf_counter() - t0
         moved = int.from_bytes(reply, "little")
-        if moved != n * MIB:
-            raise AssertionError(f"server counted {moved} bytes, sent {n * MIB}")
+        if moved != n * size:
+            raise AssertionError(f"server counted {moved} bytes, sent {n * size}")
         return [moved / elapsed / 1e6]
 
     def close(self) -> None:
         self.channel.close()
+        if self.bridge is not None:
+            self.bridge.close()
 
 
-def _smb_link_info() -> dict[str, Any]:
-    """What npipe's shared SMB connection negotiated (dialect, cipher, signing)."""
-    from npipe.smb import smbprotocol_backend as backend
+class LoopClient(BenchClient):
+    """An asyncio client on an event loop of its own, driven one command at a time."""
 
-    out: dict[str, Any] = {}
-    with contextlib.suppress(Exception):
-        info = backend.connections()[0]
-        out = {"dialect": info.dialect, "signed": info.signed, "encrypted": info.encrypted}
-        with backend._registry_lock:
-            link = next(iter(backend._links.values())).result()
-        out.update(_smbprotocol_algorithms(link.conn, info.encrypted))
-    return out
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
 
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
 
-def _smbprotocol_algorithms(conn: Any, encrypted: bool) -> dict[str, Any]:
-    """The cipher (if this session encrypts) or the signing algorithm (if it only signs)."""
-    from smbprotocol.connection import Ciphers, SigningAlgorithms
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run(self.aclose())
+        self.loop.close()
 
-    if encrypted and conn.cipher_id:
-        return {"cipher": _enum_name(Ciphers, conn.cipher_id)}
-    if not encrypted and conn.signing_algorithm_id is not None:
-        return {"signing": _enum_name(SigningAlgorithms, conn.signing_algorithm_id)}
-    return {}
+    async def aclose(self) -> None:
+        pass
 
 
-def _enum_name(cls: Any, value: int) -> str:
-    for name in dir(cls):
-        if not name.startswith("_") and getattr(cls, name) == value:
-            return name
-    return hex(value)
-
-
-class AsyncEchoClient(BenchClient):
-    """The asyncio clients (npipe.open_connection, plain TCP) on a loop of their own."""
+class AsyncEchoClient(LoopClient):
+    """npipe.open_connection (or the native client with unsigned options), or plain TCP."""
 
     def __init__(self, kind: str, target: str) -> None:
+        super().__init__()
         self.kind = kind
-        self.loop = asyncio.new_event_loop()
-        self.reader, self.writer = self.loop.run_until_complete(self._open(target))
+        self.reader, self.writer = self.run(self._open(target))
         self.payload = os.urandom(RAW_BYTES)
-        self.big = os.urandom(MIB)
 
     async def _open(self, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.kind == "tcp":
             host, _, port = target.rpartition(":")
             return await asyncio.open_connection(host, int(port))
+        if self.kind == "npipe-unsigned":
+            from npipe.address import parse_address
+            from npipe.smb.native import NativeClient
+
+            return await NativeClient(unsigned_options()).open_pipe(
+                parse_address(target), credentials=credentials(), encrypt=False)
         import npipe
-        from npipe.smb.credentials import Credentials
 
         return await npipe.open_connection(
-            target, credentials=Credentials(USER, PASSWORD),
-            encrypt=None if self.kind == "npipe" else False,
+            target, credentials=credentials(),
+            encrypt=None if self.kind == "npipe" else False, smb_backend="native",
         )
 
     def info(self) -> dict[str, Any]:
-        return _smb_link_info() if self.kind != "tcp" else {}
+        link = getattr(self.writer.transport, "link", None)  # a native RemotePipe's
+        return _native_link_info(link) if link is not None else {}
 
     def lat(self, n: int) -> list[float]:
-        return self.loop.run_until_complete(self._lat(n))
+        return self.run(self._lat(n))
 
     async def _lat(self, n: int) -> list[float]:
         reader, writer, payload = self.reader, self.writer, self.payload
@@ -345,28 +499,60 @@ class AsyncEchoClient(BenchClient):
                 raise AssertionError("the echo differs")
         return out
 
-    def tput(self, n: int) -> list[float]:
-        return self.loop.run_until_complete(self._tput(n))
+    def tput(self, size: int, n: int) -> list[float]:
+        return self.run(self._tput(size, n))
 
-    async def _tput(self, n: int) -> list[float]:
+    async def _tput(self, size: int, n: int) -> list[float]:
+        msg = os.urandom(size)
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
-            self.writer.write(self.big)
+            self.writer.write(msg)
             _, got = await asyncio.wait_for(
-                asyncio.gather(self.writer.drain(), self.reader.readexactly(MIB)),
+                asyncio.gather(self.writer.drain(), self.reader.readexactly(size)),
                 CALL_TIMEOUT_S,
             )
-            out.append(MIB / (time.perf_counter() - t0) / 1e6)
-            if got != self.big:
-                raise AssertionError("the 1 MiB echo differs")
+            out.append(size / (time.perf_counter() - t0) / 1e6)
+            if got != msg:
+                raise AssertionError(f"the {size}-byte echo differs")
         return out
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self.writer.close()
-        with contextlib.suppress(Exception):
-            self.loop.run_until_complete(asyncio.wait_for(self.writer.wait_closed(), 5))
-        self.loop.close()
+        await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+class Smb2EchoClient(LoopClient):
+    """A bare SMB2 ECHO on an unshared native connection: the floor of a pipe round trip."""
+
+    def __init__(self, kind: str, host: str) -> None:
+        super().__init__()
+        import npipe.smb.native
+
+        self.link = self.run(npipe.smb.native.connect(
+            host, 445, credentials=credentials(),
+            encrypt=None if kind == "smb2-echo" else False,
+            options=unsigned_options() if kind == "smb2-echo-unsigned" else None,
+        ))
+
+    def info(self) -> dict[str, Any]:
+        return _native_link_info(self.link)
+
+    def lat(self, n: int) -> list[float]:
+        return self.run(self._lat(n))
+
+    async def _lat(self, n: int) -> list[float]:
+        echo = self.link.echo
+        clock = time.perf_counter_ns
+        out = []
+        for _ in range(n):
+            t0 = clock()
+            await echo()
+            out.append((clock() - t0) / 1000.0)
+        return out
+
+    async def aclose(self) -> None:
+        await self.link.close()
 
 
 class SmbprotocolClient(BenchClient):
@@ -404,7 +590,6 @@ class SmbprotocolClient(BenchClient):
         # A 1 MiB WRITE costs 16 credits: ask for a few more up front (SMB2 ECHO).
         self.conn.echo(sid=self.session.session_id, credit_request=64)
         self.payload = os.urandom(RAW_BYTES)
-        self.big = os.urandom(MIB)
 
     def info(self) -> dict[str, Any]:
         from smbprotocol import Dialects
@@ -412,10 +597,10 @@ class SmbprotocolClient(BenchClient):
         names = {Dialects.SMB_2_0_2: "2.0.2", Dialects.SMB_2_1_0: "2.1",
                  Dialects.SMB_3_0_0: "3.0", Dialects.SMB_3_0_2: "3.0.2",
                  Dialects.SMB_3_1_1: "3.1.1"}
+        encrypted = bool(self.session.encrypt_data)
         return {"dialect": names.get(self.conn.dialect, hex(self.conn.dialect)),
-                "signed": self.session.signing_key is not None,
-                "encrypted": bool(self.session.encrypt_data),
-                **_smbprotocol_algorithms(self.conn, bool(self.session.encrypt_data))}
+                "security": _security(self.session.signing_key is not None, encrypted,
+                                      _smbprotocol_algorithm(self.conn, encrypted))}
 
     def _read_exactly(self, n: int) -> bytes:
         parts, got = [], 0
@@ -435,20 +620,21 @@ class SmbprotocolClient(BenchClient):
 
         return _timed(one, n)
 
-    def tput(self, n: int) -> list[float]:
-        """The 1 MiB WRITE is sent without waiting; READs (one at a time) drain the echo,
-        then the WRITE's answer is collected."""
+    def tput(self, size: int, n: int) -> list[float]:
+        """The WRITE is sent without waiting; READs (one at a time) drain the echo, then
+        the WRITE's answer is collected (a 1 MiB WRITE waits for the echo to be read)."""
+        msg = os.urandom(size)
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
-            message, receive = self.op.write(self.big, 0, send=False)
+            message, receive = self.op.write(msg, 0, send=False)
             request = self.conn.send(message, self.session.session_id,
                                      self.tree.tree_connect_id)
-            got = self._read_exactly(MIB)
+            got = self._read_exactly(size)
             receive(request)
-            out.append(MIB / (time.perf_counter() - t0) / 1e6)
-            if got != self.big:
-                raise AssertionError("the 1 MiB echo differs")
+            out.append(size / (time.perf_counter() - t0) / 1e6)
+            if got != msg:
+                raise AssertionError(f"the {size}-byte echo differs")
         return out
 
     def close(self) -> None:
@@ -475,26 +661,32 @@ class ImpacketClient(BenchClient):
             dialect = self.smb.getDialect()
             out["dialect"] = {0x202: "2.0.2", 0x210: "2.1", 0x300: "3.0", 0x302: "3.0.2",
                               0x311: "3.1.1"}.get(dialect, str(dialect))
-            out["signed"] = bool(inner._Session["SigningActivated"])
             tree = inner._Session["TreeConnectTable"].get(self.tid, {})
-            out["encrypted"] = bool(tree.get("EncryptData")) or bool(
+            encrypted = bool(tree.get("EncryptData")) or bool(
                 inner._Session["SessionFlags"] & 0x4)  # SMB2_SESSION_FLAG_ENCRYPT_DATA
-            if out["encrypted"]:
-                out["cipher"] = "AES_128_CCM"  # the only one impacket offers and uses
+            # AES-128-CCM is the only cipher impacket offers and uses.
+            out["security"] = _security(bool(inner._Session["SigningActivated"]), encrypted,
+                                        "AES-128-CCM" if encrypted else None)
         return out
 
+    def _echo(self, data: bytes) -> None:
+        smb, tid, fid = self.smb, self.tid, self.fid
+        smb.writeFile(tid, fid, data)
+        parts, got = [], 0
+        while got < len(data):
+            part = smb.readFile(tid, fid, 0, min(65536, len(data) - got))
+            parts.append(part)
+            got += len(part)
+        if b"".join(parts) != data:
+            raise AssertionError("the echo differs")
+
     def lat(self, n: int) -> list[float]:
-        smb, tid, fid, payload = self.smb, self.tid, self.fid, self.payload
+        payload = self.payload
+        return _timed(lambda: self._echo(payload), n)
 
-        def one() -> None:
-            smb.writeFile(tid, fid, payload)
-            got = b""
-            while len(got) < RAW_BYTES:
-                got += smb.readFile(tid, fid, 0, RAW_BYTES - len(got))
-            if got != payload:
-                raise AssertionError("the echo differs")
-
-        return _timed(one, n)
+    def tput(self, size: int, n: int) -> list[float]:
+        msg = os.urandom(size)
+        return [size / (us / 1e6) / 1e6 for us in _timed(lambda: self._echo(msg), n)]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -503,11 +695,99 @@ class ImpacketClient(BenchClient):
             self.smb.close()
 
 
-def make_client(kind: str, target: str) -> BenchClient:
+class ConcurrencyClient(LoopClient):
+    """``channels`` grpc.aio channels, each with a subchannel (a pipe or a TCP connection)
+    of its own; ``conc(k)`` makes k concurrent unary calls on each, all at once."""
+
+    def __init__(self, kind: str, target: str, channels: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.channels = self.run(self._open(target, channels))
+        self.stubs = [c.unary_unary(ECHO, _registered_method=True) for c in self.channels]
+        self.payload = os.urandom(UNARY_BYTES)
+
+    async def _open(self, target: str, n: int) -> list[Any]:
+        import grpc
+
+        import npipe.grpc
+
+        # Without a subchannel pool per channel, channels to one target share a connection.
+        opts = [("grpc.use_local_subchannel_pool", 1)]
+        if self.kind == "grpc-tcp-many":
+            chans = [grpc.aio.insecure_channel(target, options=[*opts, ("grpc.enable_http_proxy",
+                                                                        0)]) for _ in range(n)]
+        else:
+            chans = [npipe.grpc.aio_channel(target, options=opts, credentials=credentials(),
+                                            smb_backend="native") for _ in range(n)]
+        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), START_TIMEOUT_S)
+                               for c in chans))
+        return chans
+
+    def info(self) -> dict[str, Any]:
+        if self.kind == "grpc-tcp-many":
+            return {"channels": len(self.channels)}
+        from npipe.smb import get_client
+
+        conns = get_client("native").connections()
+        return {**_native_info(), "channels": len(self.channels), "smb_connections": len(conns),
+                "pipes": sum(c.pipes for c in conns)}
+
+    def lat(self, n: int) -> list[float]:
+        """n sequential calls, round robin over the channels (the warm-up)."""
+        return self.run(self._lat(n))
+
+    async def _lat(self, n: int) -> list[float]:
+        clock = time.perf_counter_ns
+        out = []
+        for i in range(n):
+            t0 = clock()
+            await self.stubs[i % len(self.stubs)](self.payload, timeout=CALL_TIMEOUT_S)
+            out.append((clock() - t0) / 1000.0)
+        return out
+
+    def conc(self, per_channel: int) -> dict[str, Any]:
+        return self.run(self._conc(per_channel))
+
+    async def _conc(self, per_channel: int) -> dict[str, Any]:
+        import grpc
+
+        errors: collections.Counter[str] = collections.Counter()
+        times: list[float] = []
+        payload = self.payload
+
+        async def one(stub: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                if await stub(payload, timeout=CALL_TIMEOUT_S) != payload:
+                    errors["wrong reply"] += 1
+                    return
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] += 1
+                return
+            times.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(stub) for stub in self.stubs for _ in range(per_channel)))
+        elapsed = time.perf_counter() - t0
+        out = {"calls": len(self.stubs) * per_channel, "errors": sum(errors.values()),
+               "error_kinds": dict(errors), "seconds": round(elapsed, 4),
+               "p50_ms": round(percentile(times, 50) * 1e3, 2) if times else None,
+               "max_ms": round(max(times) * 1e3, 2) if times else None}
+        return {**out, **self.info()}
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
+
+
+def make_client(kind: str, target: str, channels: int) -> BenchClient:
+    if kind in CONC_TRANSPORTS:
+        return ConcurrencyClient(kind, target, channels)
     if kind in GRPC_TRANSPORTS:
         return GrpcClient(kind, target)
-    if kind in ("tcp", "npipe", "npipe-signed"):
+    if kind in ("tcp", "npipe", "npipe-signed", "npipe-unsigned"):
         return AsyncEchoClient(kind, target)
+    if kind.startswith("smb2-echo"):
+        return Smb2EchoClient(kind, target)
     if kind in ("smbprotocol", "smbprotocol-signed"):
         return SmbprotocolClient(kind, target)
     if kind == "impacket":
@@ -515,27 +795,33 @@ def make_client(kind: str, target: str) -> BenchClient:
     raise ValueError(f"unknown client {kind}")
 
 
-def client_main(kind: str, target: str, warmup: int) -> int:
-    """Connect, warm up, say ready, then answer ``lat N`` / ``tput N`` until stdin ends."""
+def client_main(kind: str, target: str, warmup: int, channels: int) -> int:
+    """Connect, warm up, say ready, then answer commands until stdin ends."""
     try:
-        client = make_client(kind, target)
+        client = make_client(kind, target, channels)
         client.lat(warmup)
-        if kind not in NO_THROUGHPUT:
-            client.tput(2)
+        for size in TRANSPORTS[kind].sizes if kind in TRANSPORTS else ():
+            client.tput(size, 2)
+        info = client.info()
+        want = TRANSPORTS[kind].security if kind in TRANSPORTS else None
+        if want and not str(info.get("security", "")).startswith(want):
+            raise AssertionError(f"expected a {want} connection, got {info}")
     except Exception as e:
         emit({"error": f"{type(e).__name__}: {e}"})
         return 1
-    emit({"ready": True, "info": client.info()})
+    emit({"ready": True, "info": info})
     status = 0
     for line in sys.stdin:
-        command, _, arg = line.strip().partition(" ")
+        command, *args = line.split()
         try:
             if command == "lat":
-                emit({"us": [round(x, 1) for x in client.lat(int(arg))]})
+                emit({"us": [round(x, 1) for x in client.lat(int(args[0]))]})
             elif command == "tput":
-                emit({"mb_s": [round(x, 2) for x in client.tput(int(arg))]})
+                emit({"mb_s": [round(x, 2) for x in client.tput(int(args[0]), int(args[1]))]})
+            elif command == "conc" and isinstance(client, ConcurrencyClient):
+                emit(client.conc(int(args[0])))
             else:
-                emit({"error": f"unknown command {command!r}"})
+                emit({"error": f"unknown command {line.strip()!r}"})
         except Exception as e:
             emit({"error": f"{type(e).__name__}: {e}"})
             status = 1
@@ -562,6 +848,10 @@ class Child:
             )
         self._buf = b""
 
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)  # `ip netns exec` execs the command: the same process
+
     def tail(self, lines: int = 15) -> str:
         with contextlib.suppress(OSError):
             text = self.log_path.read_text(errors="replace").strip().splitlines()
@@ -585,7 +875,7 @@ class Child:
                                        f"\n{self.tail()}")
                 self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
-        msg = json.loads(line)
+        msg: dict[str, Any] = json.loads(line)
         if "error" in msg:
             raise RuntimeError(f"{self.name}: {msg['error']}\n{self.tail()}")
         return msg
@@ -616,10 +906,118 @@ class Child:
         return last
 
 
+def check_prerequisites() -> str | None:
+    """Why this machine cannot run the cross-host benchmarks, or None."""
+    missing = [t for t in ("smbd", "smbpasswd", "ip") if shutil.which(t) is None
+               and shutil.which(t, path="/usr/sbin:/sbin") is None]
+    if os.geteuid() != 0 or missing:
+        return ("needs root, smbd and smbpasswd (apt-get install samba) and ip (iproute2)"
+                + (f"; missing: {', '.join(missing)}" if missing else ""))
+    return None
+
+
+class Testbed:
+    """Two namespaces, a private smbd with the bench user in the server's, a work
+    directory; starts this script's servers and clients in them. Everything is removed
+    on exit, also on failure: children first, then smbd, the namespaces, the directory
+    and the Unix account if it was created here."""
+
+    def __init__(self, prefix: str = "npxb") -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        self.netns = importlib.import_module("netns")  # two_hosts(), popen_in(): tests/netns.py
+        self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.children: list[Child] = []
+        self.made_user = not _user_exists(USER)
+        self._stack = contextlib.ExitStack()
+        self.smbd: Any = None
+
+    def __enter__(self) -> Testbed:
+        from npipe.samba.smbd import PrivateSmbd
+
+        try:
+            self.hosts = self._stack.enter_context(self.netns.two_hosts())
+            self.smbd = PrivateSmbd(self.workdir / "smbd", port=445,
+                                    interfaces=self.hosts.server_if,
+                                    users={USER: PASSWORD}, netns=self.hosts.server_ns)
+            self._stack.enter_context(self.smbd)
+            self._stack.callback(self._stop_all)  # before smbd stops and the namespaces go
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        print(f"# smbd {self.smbd.addresses} in {self.hosts.server_ns}; clients in "
+              f"{self.hosts.client_ns} ({self.hosts.client_ip})", file=sys.stderr, flush=True)
+        self.env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(self.smbd.np_dir),
+                    "NPIPE_PIPE_DIR": str(self.workdir / "pipes"), "PYTHONUNBUFFERED": "1"}
+        for name in ("NPIPE_USER", "NPIPE_PASSWORD", "NPIPE_SMB_BACKEND"):
+            self.env.pop(name, None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack.close()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.made_user and _user_exists(USER):
+                userdel = shutil.which("userdel") or shutil.which("userdel", path="/usr/sbin")
+                if userdel:
+                    subprocess.run([userdel, USER], capture_output=True, timeout=30)
+
+    def _stop_all(self) -> None:
+        for child in reversed(self.children):
+            with contextlib.suppress(Exception):
+                child.stop()
+
+    def spawn(self, name: str, side: str, argv: list[str]) -> Child:
+        """Start ``python argv...`` in the server or client namespace."""
+        ns = self.hosts.server_ns if side == "server" else self.hosts.client_ns
+        child = Child(name, self.netns, ns, [sys.executable, *argv], self.env,
+                      self.workdir / f"{name.replace(' ', '-')}.log")
+        self.children.append(child)
+        return child
+
+    def start_servers(self, kinds: list[str]) -> dict[str, tuple[Child, dict[str, Any]]]:
+        """This script's servers, all started before waiting (their imports overlap)."""
+        servers = {kind: self.spawn(f"server {kind}", "server",
+                                    [str(SCRIPT), "--server", kind, "--host",
+                                     self.hosts.server_ip])
+                   for kind in kinds}
+        return {kind: (s, s.reply(START_TIMEOUT_S)) for kind, s in servers.items()}
+
+    def target(self, transport: str, ready: dict[str, Any]) -> str:
+        server_ip = str(self.hosts.server_ip)
+        if "port" in ready:
+            return f"{server_ip}:{ready['port']}"
+        if transport.startswith(("smbprotocol", "impacket", "smb2-echo")):
+            return server_ip
+        return f"//{server_ip}/pipe/{ready['pipe']}"
+
+    def smbd_rss_kib(self) -> int:
+        """The resident memory of smbd and every process it started, KiB."""
+        pid = self.smbd.pid if self.smbd is not None else None
+        return sum(rss_kib(p) for p in _process_tree(pid)) if pid else 0
+
+
+def _process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rpartition(")")[2].split()[1])
+                children[ppid].append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
 @dataclass
 class Result:
     latencies: list[list[float]] = field(default_factory=list)  # per round, us
-    throughputs: list[list[float]] = field(default_factory=list)  # per round, MB/s
+    # size -> per round, MB/s
+    throughputs: dict[int, list[list[float]]] = field(default_factory=dict)
 
     def p50s(self) -> list[float]:
         return [percentile(r, 50) for r in self.latencies]
@@ -627,19 +1025,25 @@ class Result:
     def p99s(self) -> list[float]:
         return [percentile(r, 99) for r in self.latencies]
 
-    def mbps(self) -> list[float]:
-        return [statistics.median(r) for r in self.throughputs if r]
+    def mbps(self, size: int) -> list[float]:
+        return [statistics.median(r) for r in self.throughputs.get(size, []) if r]
+
+
+def turn_size(args: argparse.Namespace, transport: str, size: int) -> int:
+    """Messages in one gRPC stream, or echoes in one raw throughput turn."""
+    return int(args.msgs if transport in GRPC_TRANSPORTS else args.echoes * SIZE_FACTOR[size])
 
 
 def run_rounds(clients: dict[str, Child], args: argparse.Namespace) -> dict[str, Result]:
-    """Round-robin: unary/echo slices with a rotating order, then throughput turns."""
+    """Round-robin: latency slices with a rotating order, then throughput turns."""
     names = list(clients)
     results = {t: Result() for t in names}
     slices = max(1, min(10, args.calls))
     turn = 0
     for r in range(args.rounds):
         lat: dict[str, list[float]] = {t: [] for t in names}
-        mbs: dict[str, list[float]] = {t: [] for t in names}
+        mbs: dict[str, dict[int, list[float]]] = {
+            t: {s: [] for s in TRANSPORTS[t].sizes} for t in names}
         for s in range(slices):
             n = args.calls // slices + (1 if s < args.calls % slices else 0)
             for t in _rotated(names, turn):
@@ -647,70 +1051,244 @@ def run_rounds(clients: dict[str, Child], args: argparse.Namespace) -> dict[str,
             turn += 1
         for _ in range(args.streams):
             for t in _rotated(names, turn):
-                if t in NO_THROUGHPUT:
-                    continue
-                n = args.msgs if t in GRPC_TRANSPORTS else args.echoes
-                mbs[t] += clients[t].ask(f"tput {n}", COMMAND_TIMEOUT_S + n)["mb_s"]
+                for size in TRANSPORTS[t].sizes:
+                    n = turn_size(args, t, size)
+                    mbs[t][size] += clients[t].ask(
+                        f"tput {size} {n}", COMMAND_TIMEOUT_S + n * size / MIB)["mb_s"]
             turn += 1
         for t in names:
             results[t].latencies.append(lat[t])
-            results[t].throughputs.append(mbs[t])
+            for size, values in mbs[t].items():
+                results[t].throughputs.setdefault(size, []).append(values)
         line = "  ".join(
             f"{t} {results[t].p50s()[-1]:.0f}/{results[t].p99s()[-1]:.0f}us"
-            + (f" {results[t].mbps()[-1]:.0f}MB/s" if results[t].mbps() else "")
+            + (f" {results[t].mbps(MIB)[-1]:.0f}MB/s" if results[t].mbps(MIB) else "")
             for t in names
         )
         print(f"round {r + 1}/{args.rounds}: {line}", file=sys.stderr, flush=True)
     return results
 
 
+def run_concurrency(tb: Testbed, servers: dict[str, tuple[Child, dict[str, Any]]],
+                    args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """The concurrent calls, ``--conc-runs`` times per transport, alternating."""
+    clients: dict[str, Child] = {}
+    for kind, server_kind in CONC_TRANSPORTS.items():
+        if server_kind not in servers:
+            continue
+        target = tb.target(kind, servers[server_kind][1])
+        clients[kind] = tb.spawn(
+            f"client {kind}", "client",
+            [str(SCRIPT), "--client", kind, "--target", target, "--warmup",
+             str(args.channels * 2), "--channels", str(args.channels)])
+        clients[kind].reply(START_TIMEOUT_S + args.channels)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in clients}
+    for i in range(args.conc_runs):
+        for kind in _rotated(list(clients), i):
+            runs[kind].append(clients[kind].ask(f"conc {args.per_channel}",
+                                                COMMAND_TIMEOUT_S + args.per_channel))
+            last = runs[kind][-1]
+            print(f"concurrency {i + 1}/{args.conc_runs}: {kind} {last['calls']} calls in "
+                  f"{last['seconds']:.2f} s, {last['errors']} errors", file=sys.stderr,
+                  flush=True)
+    for c in clients.values():
+        c.stop()
+    return runs
+
+
 def summarize(results: dict[str, Result]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for t, res in results.items():
+        spec = TRANSPORTS[t]
         row: dict[str, Any] = {
             "p50_us": statistics.median(res.p50s()),
             "p99_us": statistics.median(res.p99s()),
-            "mb_s": statistics.median(res.mbps()) if res.mbps() else None,
             "p50_us_rounds": [round(x, 1) for x in res.p50s()],
             "p99_us_rounds": [round(x, 1) for x in res.p99s()],
-            "mb_s_rounds": [round(x, 1) for x in res.mbps()],
+            "mb_s": {s: statistics.median(res.mbps(s)) for s in spec.sizes if res.mbps(s)},
+            "mb_s_rounds": {s: [float(f"{x:.4g}") for x in res.mbps(s)] for s in spec.sizes},
         }
-        base_name = GRPC_BASELINE if t in GRPC_TRANSPORTS else RAW_PAIRS.get(t)
-        base = results.get(base_name) if base_name and base_name != t else None
+        base = results.get(spec.lat_vs) if spec.lat_vs else None
         if base is not None:
-            row["vs"] = base_name
+            row["vs"] = spec.lat_vs
             row["p50_ratio"] = row["p50_us"] / statistics.median(base.p50s())
             row["p99_ratio"] = row["p99_us"] / statistics.median(base.p99s())
             row["p50_ratio_rounds"] = [
                 round(a / b, 3) for a, b in zip(res.p50s(), base.p50s(), strict=True)
             ]
-            if res.mbps() and base.mbps():
-                row["mb_s_ratio"] = row["mb_s"] / statistics.median(base.mbps())
-                row["mb_s_ratio_rounds"] = [
-                    round(a / b, 3) for a, b in zip(res.mbps(), base.mbps(), strict=True)
-                ]
+        base = results.get(spec.tput_vs) if spec.tput_vs else None
+        if base is not None:
+            row["tput_vs"] = spec.tput_vs
+            row["mb_s_ratio"] = {  # this / tput_vs, per size
+                s: row["mb_s"][s] / statistics.median(base.mbps(s))
+                for s in row["mb_s"] if base.mbps(s)
+            }
+            row["mb_s_ratio_rounds"] = {
+                s: [round(a / b, 3) for a, b in zip(res.mbps(s), base.mbps(s), strict=True)]
+                for s in row["mb_s_ratio"]
+            }
         summary[t] = row
     return summary
 
 
-def format_table(summary: dict[str, dict[str, Any]], names: list[str], title: str,
-                 tput_label: str) -> str:
-    head = (f"{title:<19} {'p50 us':>8} {'p99 us':>8} {tput_label:>8}   {'vs':<18} "
+def _mb(value: float) -> str:
+    return f"{value:>7.{0 if value >= 100 else 1 if value >= 10 else 2}f}"
+
+
+def _x(value: float | None, width: int = 6) -> str:
+    return f"{value:>{width - 1}.2f}x" if value is not None else f"{'-':>{width}}"
+
+
+def format_grpc_table(summary: dict[str, dict[str, Any]], names: list[str]) -> str:
+    head = (f"{'gRPC':<19} {'p50 us':>8} {'p99 us':>8} {'MB/s':>8}   {'vs':<10} "
             f"{'p50':>6} {'p99':>6} {'MB/s':>6}   {'p50 ratio per round':<19}")
     lines = [head, "-" * len(head)]
     for t in names:
-        if t not in summary:
-            continue
         row = summary[t]
-        mb = f"{row['mb_s']:>8.0f}" if row["mb_s"] is not None else f"{'-':>8}"
-        ratios = ""
+        mb = row["mb_s"].get(MIB)
+        line = (f"{t:<19} {row['p50_us']:>8.0f} {row['p99_us']:>8.0f} "
+                + (f"{mb:>8.0f}" if mb is not None else f"{'-':>8}"))
         if "vs" in row:
             per = row["p50_ratio_rounds"]
-            mbr = f"{row['mb_s_ratio']:>5.2f}x" if "mb_s_ratio" in row else f"{'-':>6}"
-            ratios = (f"{row['vs']:<18} {row['p50_ratio']:>5.2f}x {row['p99_ratio']:>5.2f}x "
-                      f"{mbr}   {min(per):.2f}-{max(per):.2f}x")
-        lines.append(f"{t:<19} {row['p50_us']:>8.0f} {row['p99_us']:>8.0f} {mb}   {ratios}")
+            line += (f"   {row['vs']:<10} {_x(row['p50_ratio'])} {_x(row['p99_ratio'])} "
+                     f"{_x(row.get('mb_s_ratio', {}).get(MIB))}   "
+                     f"{min(per):.2f}-{max(per):.2f}x")
+        lines.append(line)
     return "\n".join(lines)
+
+
+def format_raw_tables(summary: dict[str, dict[str, Any]], names: list[str]) -> str:
+    head = (f"{'raw 64 B echo':<19} {'p50 us':>8} {'p99 us':>8}   {'vs':<18} "
+            f"{'p50':>6} {'p99':>6}   {'p50 ratio per round':<19}")
+    lines = [head, "-" * len(head)]
+    for t in names:
+        row = summary[t]
+        line = f"{t:<19} {row['p50_us']:>8.0f} {row['p99_us']:>8.0f}"
+        if "vs" in row:
+            per = row["p50_ratio_rounds"]
+            line += (f"   {row['vs']:<18} {_x(row['p50_ratio'])} {_x(row['p99_ratio'])}   "
+                     f"{min(per):.2f}-{max(per):.2f}x")
+        lines.append(line)
+    # Throughput by size; npipe rows compared with TCP (this / tcp), the other SMB
+    # clients with npipe (npipe / this: how many times faster npipe is).
+    labels = [SIZE_LABELS[s] for s in SIZES]
+    head = (f"{'raw echo MB/s':<19} " + " ".join(f"{x:>7}" for x in labels)
+            + f"   {'ratio':<24} " + " ".join(f"{x:>6}" for x in labels))
+    lines += ["", head, "-" * len(head)]
+    for t in names:
+        row = summary[t]
+        if not TRANSPORTS[t].sizes:
+            continue
+        line = f"{t:<19} " + " ".join(
+            _mb(row["mb_s"][s]) if s in row["mb_s"] else f"{'-':>7}" for s in SIZES)
+        ratio = row.get("mb_s_ratio")
+        if ratio:
+            base = row["tput_vs"]
+            if base == "tcp":
+                what, vals = f"this / {base}", [ratio.get(s) for s in SIZES]
+            else:
+                what = f"{base} / this"
+                vals = [1 / ratio[s] if s in ratio else None for s in SIZES]
+            line += f"   {what:<24} " + " ".join(_x(v) for v in vals)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_concurrency(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
+    head = (f"{'concurrency':<19} {'calls':>6} {'errors':>6} {'total s':>8} {'calls/s':>8} "
+            f"{'p50 ms':>7} {'max ms':>7}   {'runs: total s':<20}")
+    lines = [f"{args.channels} grpc.aio channels x {args.per_channel} concurrent unary "
+             f"calls ({UNARY_BYTES} B), all at once; median of {args.conc_runs} run(s), "
+             "errors summed", head, "-" * len(head)]
+    for kind, rs in runs.items():
+        secs = [r["seconds"] for r in rs]
+        med = statistics.median(secs)
+        calls = rs[0]["calls"]
+        p50s = [r["p50_ms"] for r in rs if r["p50_ms"] is not None]
+        maxs = [r["max_ms"] for r in rs if r["max_ms"] is not None]
+        line = (f"{kind:<19} {calls:>6} {sum(r['errors'] for r in rs):>6} {med:>8.2f} "
+                f"{calls / med:>8.0f} "
+                + (f"{statistics.median(p50s):>7.1f} {max(maxs):>7.1f}" if p50s else
+                   f"{'-':>7} {'-':>7}")
+                + "   " + " ".join(f"{s:.2f}" for s in secs))
+        lines.append(line)
+        last = rs[-1]
+        if "smb_connections" in last:
+            lines.append(f"{'':<19} {last['channels']} channels on {last['smb_connections']} "
+                         f"SMB connection(s), {last['pipes']} pipes open "
+                         f"({last.get('security', '?')})")
+        kinds = collections.Counter[str]()
+        for r in rs:
+            kinds.update(r.get("error_kinds") or {})
+        if kinds:
+            lines.append(f"{'':<19} errors: {dict(kinds)}")
+    return "\n".join(lines)
+
+
+def check_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for label, row, base, metric, bound in TARGETS:
+        if row not in summary or base not in summary:
+            continue
+        s, b = summary[row], summary[base]
+        if metric == "p50":
+            value = s["p50_us"] / b["p50_us"]
+            met, shown = value <= bound, f"{value:.2f}x (<= {bound:g}x)"
+        elif metric == "mb_s":
+            if MIB not in s["mb_s"] or MIB not in b["mb_s"]:
+                continue
+            value = s["mb_s"][MIB] / b["mb_s"][MIB]
+            met, shown = value >= bound, f"{value:.0%} (>= {bound:.0%})"
+        else:  # speedup: latency row/base, throughput base/row, for each size both have
+            lat = s["p50_us"] / b["p50_us"]
+            sizes = [z for z in SIZES if z in s["mb_s"] and z in b["mb_s"]]
+            tput = {z: b["mb_s"][z] / s["mb_s"][z] for z in sizes}
+            value = min([lat, *tput.values()])
+            met = value >= bound
+            shown = (f"p50 {lat:.1f}x, MB/s " + " ".join(
+                f"{SIZE_LABELS[z]} {tput[z]:.1f}x" for z in sizes) + f" (>= {bound:g}x)")
+        out.append({"target": label.strip(), "row": row, "base": base, "metric": metric,
+                    "value": round(value, 3), "bound": bound, "met": met, "shown": shown,
+                    "label": label})
+    return out
+
+
+# Plot colours: one per protection level / client, shared by gRPC, raw and the floors.
+COLORS = {
+    "grpc-tcp": "black", "tcp": "black",
+    "grpc-smb": "tab:blue", "npipe": "tab:blue", "smb2-echo": "tab:blue",
+    "grpc-smb-signed": "tab:green", "npipe-signed": "tab:green",
+    "smb2-echo-signed": "tab:green",
+    "grpc-smb-unsigned": "tab:red", "npipe-unsigned": "tab:red",
+    "smb2-echo-unsigned": "tab:red",
+    "grpc-smbprotocol": "tab:purple", "smbprotocol": "tab:purple",
+    "smbprotocol-signed": "tab:pink", "impacket": "tab:brown",
+}
+
+
+def _style(t: str) -> str:
+    """Dashed: the floors (TCP, bare SMB2 ECHO); solid: the clients measured."""
+    return "--" if t.startswith(("smb2-echo", "tcp", "grpc-tcp")) else "-"
+
+
+def plot_cdf(ax: Any, results: dict[str, Result], names: list[str], title: str) -> None:
+    for t in names:
+        pooled = sorted(x for rnd in results[t].latencies for x in rnd)
+        if not pooled:
+            continue
+        ys = [(i + 1) / len(pooled) for i in range(len(pooled))]
+        p50 = statistics.median(results[t].p50s())
+        ax.plot(pooled, ys, _style(t), color=COLORS.get(t), label=f"{t} ({p50:.0f})",
+                linewidth=1.4)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.axhline(0.5, color="grey", linewidth=0.6, alpha=0.5)
+    ax.axhline(0.99, color="grey", linewidth=0.6, alpha=0.5)
+    ax.set_xlabel("round trip, us, log scale")
+    ax.set_ylabel("fraction of round trips")
+    ax.set_title(title, fontsize=10)
+    ax.grid(which="both", alpha=0.25)
+    ax.legend(fontsize=7, title="transport (median p50, us)", title_fontsize=7)
 
 
 def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> None:
@@ -723,54 +1301,49 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=100,
-                             gridspec_kw={"width_ratios": [3, 6, 5]})
-    ticker = matplotlib.ticker
-    fmt = ticker.FuncFormatter(lambda v, _: f"{v:.0f}")
-
-    def log_axis(ax: Any) -> None:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(fmt)
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-
-    groups = [
-        (axes[0], [t for t in GRPC_TRANSPORTS if t in results],
-         "gRPC unary, 100 B (box: quartiles, whiskers: p1-p99)"),
-        (axes[1], [t for t in RAW_TRANSPORTS if t in results],
-         "raw 64-byte echo through the pipe (tcp: no SMB)"),
-    ]
-    for ax, names, title in groups:
-        if not names:
-            ax.set_visible(False)
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10), dpi=100)
+    plot_cdf(axes[0][0], results, [t for t in GRPC_TRANSPORTS if t in results],
+             f"gRPC unary, {UNARY_BYTES} B: latency CDF")
+    plot_cdf(axes[0][1], results, [t for t in RAW_TRANSPORTS if t in results],
+             f"raw {RAW_BYTES}-byte echo (smb2-echo: bare SMB2 ECHO; tcp: no SMB): CDF")
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax = axes[1][0]
+    for t in RAW_TRANSPORTS:
+        if t not in results or not TRANSPORTS[t].sizes:
             continue
-        pooled = [[x for rnd in results[t].latencies for x in rnd] for t in names]
-        ax.boxplot(pooled, whis=(1, 99), showfliers=False)
-        log_axis(ax)
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=25, ha="right")
-        for i, t in enumerate(names, start=1):
-            p50 = statistics.median(results[t].p50s())
-            ax.annotate(f"{p50:.0f}", (i, p50), xytext=(22, 0), textcoords="offset points",
-                        va="center", fontsize=8)
-        ax.set_ylabel("round trip, us, log scale")
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", which="both", alpha=0.3)
-    ax = axes[2]
-    names = [t for t in ALL_TRANSPORTS if t in results and results[t].mbps()]
-    meds = [statistics.median(results[t].mbps()) for t in names]
-    lo = [m - min(results[t].mbps()) for t, m in zip(names, meds, strict=True)]
-    hi = [max(results[t].mbps()) - m for t, m in zip(names, meds, strict=True)]
-    colors = ["tab:blue" if t in GRPC_TRANSPORTS else "tab:orange" for t in names]
-    bars = ax.bar(names, meds, yerr=[lo, hi], capsize=4, color=colors, alpha=0.85)
-    ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
-    log_axis(ax)
-    ax.set_ylim(bottom=10)
+        sizes = [s for s in TRANSPORTS[t].sizes if results[t].mbps(s)]
+        meds = [statistics.median(results[t].mbps(s)) for s in sizes]
+        lo = [m - min(results[t].mbps(s)) for s, m in zip(sizes, meds, strict=True)]
+        hi = [max(results[t].mbps(s)) - m for s, m in zip(sizes, meds, strict=True)]
+        ax.errorbar(sizes, meds, yerr=[lo, hi], marker="o", capsize=3, label=t,
+                    linestyle=_style(t), color=COLORS.get(t))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(SIZES), [SIZE_LABELS[s] for s in SIZES])
+    ax.yaxis.set_major_formatter(fmt)
+    ax.set_xlabel("echo size (one echo at a time), log scale")
     ax.set_ylabel("MB/s, log scale (median of rounds; bars: min-max)")
-    ax.set_title("blue: gRPC client stream of 1 MiB msgs; orange: 1 MiB echo", fontsize=10)
-    ax.tick_params(axis="x", rotation=25)
+    ax.set_title("raw echo throughput by message size", fontsize=10)
+    ax.grid(which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+    ax = axes[1][1]
+    names = [t for t in GRPC_TRANSPORTS if t in results and results[t].mbps(MIB)]
+    meds = [statistics.median(results[t].mbps(MIB)) for t in names]
+    lo = [m - min(results[t].mbps(MIB)) for t, m in zip(names, meds, strict=True)]
+    hi = [max(results[t].mbps(MIB)) - m for t, m in zip(names, meds, strict=True)]
+    bars = ax.bar(names, meds, yerr=[lo, hi], capsize=4, alpha=0.85,
+                  color=[COLORS.get(t, "tab:blue") for t in names])
+    ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
+    if "grpc-tcp" in names:
+        ax.axhline(0.6 * meds[names.index("grpc-tcp")], color="tab:red", linewidth=1,
+                   linestyle=":", label="60% of grpc-tcp (target)")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("MB/s (median of rounds; bars: min-max)")
+    ax.set_title("gRPC client stream of 1 MiB messages", fontsize=10)
+    ax.tick_params(axis="x", rotation=20)
     for label in ax.get_xticklabels():
         label.set_ha("right")
-    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
         f"two network namespaces over veth, Samba smbd {info.get('samba', '?')} | "
         f"{info['cpu_model']}, {info['nproc']} CPUs, Linux {info['kernel']}, "
@@ -783,7 +1356,7 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
     print(f"plot written to {path}", file=sys.stderr)
 
 
-def _samba_version() -> str:
+def samba_version() -> str:
     smbd = shutil.which("smbd") or shutil.which("smbd", path="/usr/sbin:/sbin")
     if smbd is None:
         return "?"
@@ -793,7 +1366,7 @@ def _samba_version() -> str:
     return "?"
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -821,147 +1394,120 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def orchestrate(args: argparse.Namespace) -> int:
-    missing = [t for t in ("smbd", "smbpasswd", "ip") if shutil.which(t) is None
-               and shutil.which(t, path="/usr/sbin:/sbin") is None]
-    if os.geteuid() != 0 or missing:
-        print("needs root, smbd and smbpasswd (apt-get install samba) and ip (iproute2)"
-              + (f"; missing: {', '.join(missing)}" if missing else ""), file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(ROOT / "tests"))
-    netns = importlib.import_module("netns")  # two_hosts(), popen_in(): tests/netns.py
-    from npipe.samba.smbd import PrivateSmbd
-
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C and SIGTERM unwind the cleanup instead of killing the run half-way."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    info = {**machine_info(), "samba": _samba_version(), **_versions()}
+    yield
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    why = check_prerequisites()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    info = {**machine_info(), "samba": samba_version(), **versions()}
     print(f"# {info['cpu_model']} | nproc {info['nproc']} | Linux {info['kernel']} | "
           f"Python {info['python']} | grpcio {info['grpcio']} | smbprotocol "
           f"{info['smbprotocol']} | impacket {info['impacket']} | Samba {info['samba']} | "
           f"{info['date']} | load {info['loadavg_at_start']}")
     print(f"# {args.rounds} rounds x {args.calls} round trips per transport (gRPC {UNARY_BYTES} "
-          f"B unary, raw {RAW_BYTES} B echo); throughput: {args.streams} x gRPC client stream "
-          f"of {args.msgs} x 1 MiB, {args.streams} x {args.echoes} x 1 MiB echo; medians of "
-          "per-round values", flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="npxb", dir="/tmp"))
-    made_user = not _user_exists(USER)
-    children: list[Child] = []
+          f"B unary, raw {RAW_BYTES} B echo); throughput: {args.streams} turn(s) per round of "
+          f"a gRPC client stream of {args.msgs} x 1 MiB, or of "
+          + ", ".join(f"{args.echoes * SIZE_FACTOR[s]} x {SIZE_LABELS[s]}" for s in SIZES)
+          + " echoes; medians of per-round values", flush=True)
     server_stats: dict[str, Any] = {}
     client_info: dict[str, Any] = {}
+    conc: dict[str, list[dict[str, Any]]] = {}
     started = time.monotonic()
     try:
-        with contextlib.ExitStack() as stack:
-            hosts = stack.enter_context(netns.two_hosts())
-            smbd = PrivateSmbd(workdir / "smbd", port=445, interfaces=hosts.server_if,
-                               users={USER: PASSWORD}, netns=hosts.server_ns)
-            stack.enter_context(smbd)
-            stack.callback(_stop_all, children)  # before smbd stops and the namespaces go
-            print(f"# smbd {smbd.addresses} in {hosts.server_ns}; clients in "
-                  f"{hosts.client_ns} ({hosts.client_ip})", file=sys.stderr, flush=True)
-            env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(smbd.np_dir),
-                   "NPIPE_PIPE_DIR": str(workdir / "pipes"), "PYTHONUNBUFFERED": "1"}
-            env.pop("NPIPE_USER", None)
-            env.pop("NPIPE_PASSWORD", None)
-            kinds = sorted({SERVER_OF[t] for t in args.names})
-            servers: dict[str, Child] = {}
-            for kind in kinds:  # start them all, then wait: the imports overlap
-                servers[kind] = Child(
-                    f"server {kind}", netns, hosts.server_ns,
-                    [sys.executable, str(SCRIPT), "--server", kind, "--host", hosts.server_ip],
-                    env, workdir / f"server-{kind}.log")
-                children.append(servers[kind])
-            ready = {k: s.reply(START_TIMEOUT_S) for k, s in servers.items()}
+        with interruptible(), Testbed() as tb:
+            kinds = sorted({TRANSPORTS[t].server for t in args.names}
+                           | ({"grpc-pipe", "grpc-tcp"} if args.channels else set()))
+            servers = tb.start_servers(kinds)
             clients: dict[str, Child] = {}
             for t in args.names:
-                target = _target(t, ready[SERVER_OF[t]], hosts.server_ip)
-                clients[t] = Child(
-                    f"client {t}", netns, hosts.client_ns,
-                    [sys.executable, str(SCRIPT), "--client", t, "--target", target,
-                     "--warmup", str(args.warmup)],
-                    env, workdir / f"client-{t}.log")
-                children.append(clients[t])
+                target = tb.target(t, servers[TRANSPORTS[t].server][1])
+                clients[t] = tb.spawn(f"client {t}", "client",
+                                      [str(SCRIPT), "--client", t, "--target", target,
+                                       "--warmup", str(args.warmup)])
                 # One at a time: their SMB logons and warm-ups would skew each other.
                 client_info[t] = clients[t].reply(START_TIMEOUT_S + args.warmup * 0.05)["info"]
             results = run_rounds(clients, args)
             for c in clients.values():
                 c.stop()
-            for kind, s in servers.items():
-                last = s.stop()
-                server_stats[kind] = (last or {}).get("stats")
+            if args.channels:
+                conc = run_concurrency(tb, servers, args)
+            for kind, (s, _) in servers.items():
+                server_stats[kind] = (s.stop() or {}).get("stats")
     except KeyboardInterrupt:
         print("interrupted: cleaned up", file=sys.stderr)
         return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        if made_user and _user_exists(USER):
-            userdel = shutil.which("userdel") or shutil.which("userdel", path="/usr/sbin")
-            if userdel:
-                subprocess.run([userdel, USER], capture_output=True, timeout=30)
     elapsed = time.monotonic() - started
-    report(args, info, results, client_info, server_stats, elapsed)
-    return 0
-
-
-def _stop_all(children: list[Child]) -> None:
-    for child in reversed(children):
-        with contextlib.suppress(Exception):
-            child.stop()
-
-
-def _target(transport: str, ready: dict[str, Any], server_ip: str) -> str:
-    if "port" in ready:
-        return f"{server_ip}:{ready['port']}"
-    if transport in ("smbprotocol", "smbprotocol-signed", "impacket"):
-        return server_ip
-    return f"//{server_ip}/pipe/{ready['pipe']}"
+    return report(args, info, results, client_info, server_stats, conc, elapsed)
 
 
 def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Result],
-           client_info: dict[str, Any], server_stats: dict[str, Any], elapsed: float) -> None:
+           client_info: dict[str, Any], server_stats: dict[str, Any],
+           conc: dict[str, list[dict[str, Any]]], elapsed: float) -> int:
     summary = summarize(results)
     grpc_names = [t for t in GRPC_TRANSPORTS if t in results]
     raw_names = [t for t in RAW_TRANSPORTS if t in results]
     print()
     if grpc_names:
-        print(format_table(summary, grpc_names, "gRPC", "MB/s"))
+        print(format_grpc_table(summary, grpc_names))
         print()
     if raw_names:
-        print(format_table(summary, raw_names, "raw echo", "1MiB MB/s"))
+        print(format_raw_tables(summary, raw_names))
+        print()
+    if conc:
+        print(format_concurrency(conc, args))
         print()
     for t in args.names:
         negotiated = client_info.get(t) or {}
-        extra = ", ".join(f"{k} {v}" for k, v in negotiated.items())
-        print(f"  {t:<19} {DESCRIPTIONS[t]}" + (f" [{extra}]" if extra else ""))
+        extra = ", ".join(f"{v}" for v in negotiated.values())
+        print(f"  {t:<19} {TRANSPORTS[t].description}" + (f" [{extra}]" if extra else ""))
     pipe_stats = server_stats.get("grpc-pipe")
     if pipe_stats:
         print(f"\n  grpc-pipe handler: caller() known on {pipe_stats['caller_checked']} of "
               f"{pipe_stats['calls']} calls (last: {pipe_stats['caller']})")
-    print()
-    if "grpc-smb" in summary and "p50_ratio" in summary["grpc-smb"]:
-        for t in ("grpc-smb", "grpc-smb-signed"):
-            if t not in summary:
-                continue
-            row = summary[t]
-            mbr = row.get("mb_s_ratio")
-            print(f"{t}/grpc-tcp = {row['p50_ratio']:.2f}x p50 latency (target <= 1.5x), "
-                  + (f"{mbr:.0%} of TCP's streaming throughput (target >= 60%)"
-                     if mbr is not None else ""))
+    targets = check_targets(summary)
+    conc_errors = sum(r["errors"] for rs in conc.values() for r in rs)
+    if targets or conc:
+        print("\ntargets:")
+        for tg in targets:
+            print(f"  {tg['label']:<34} {tg['row']:>18} vs {tg['base']:<18} "
+                  f"{'met   ' if tg['met'] else 'MISSED'} {tg['shown']}")
+        if "grpc-smb-many" in conc:
+            rs = conc["grpc-smb-many"]
+            print(f"  {'concurrent calls, errors':<34} {'grpc-smb-many':>18}    {'':<18} "
+                  f"{'met   ' if not conc_errors else 'MISSED'} {conc_errors} errors in "
+                  f"{sum(r['calls'] for r in rs)} calls (must be 0)")
     print(f"({elapsed:.0f} s)")
     if args.json:
         raw = {
             "machine": info,
             "config": {k: getattr(args, k) for k in
-                       ("rounds", "calls", "streams", "msgs", "echoes", "warmup")},
+                       ("rounds", "calls", "streams", "msgs", "echoes", "warmup", "channels",
+                        "per_channel", "conc_runs")},
             "negotiated": client_info,
             "summary": summary,
+            "targets": targets,
+            "concurrency": conc,
             "server_stats": server_stats,
-            "raw": {t: {"latency_us": res.latencies, "mb_s": res.throughputs}
+            "raw": {t: {"latency_us": res.latencies,
+                        "mb_s": {str(s): v for s, v in res.throughputs.items()}}
                     for t, res in results.items()},
         }
         Path(args.json).write_text(json.dumps(raw, separators=(",", ":")) + "\n")
         print(f"raw numbers written to {args.json}", file=sys.stderr)
     if args.plot:
         write_plot(args.plot, results, info)
+    if conc_errors:
+        print(f"FAILED: {conc_errors} concurrent call(s) failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ================================================================== main
@@ -975,8 +1521,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=3,
                    help="throughput turns per transport per round (3)")
     p.add_argument("--msgs", type=int, default=64, help="1 MiB messages per gRPC stream (64)")
-    p.add_argument("--echoes", type=int, default=8, help="1 MiB echoes per raw turn (8)")
+    p.add_argument("--echoes", type=int, default=8,
+                   help="1 MiB echoes per raw turn (8); x4 of 64 KiB, x16 of 4 KiB and 64 B")
     p.add_argument("--warmup", type=int, default=100, help="round trips before measuring (100)")
+    p.add_argument("--channels", type=int, default=50,
+                   help="concurrency run: grpc.aio channels (50; 0: no concurrency run)")
+    p.add_argument("--per-channel", type=int, default=20,
+                   help="concurrency run: concurrent calls per channel (20)")
+    p.add_argument("--conc-runs", type=int, default=3, help="concurrency runs (3)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few seconds per transport")
     p.add_argument("--transports", default=",".join(ALL_TRANSPORTS),
                    help=f"comma-separated, from {', '.join(ALL_TRANSPORTS)}")
@@ -985,19 +1537,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Internal: the processes the orchestrator starts inside the namespaces.
     p.add_argument("--server", choices=("grpc-tcp", "grpc-pipe", "raw-tcp", "raw-pipe"),
                    help=argparse.SUPPRESS)
-    p.add_argument("--client", choices=ALL_TRANSPORTS, help=argparse.SUPPRESS)
+    p.add_argument("--client", choices=CLIENT_KINDS, help=argparse.SUPPRESS)
     p.add_argument("--host", default="198.18.0.1", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.calls, args.streams, args.msgs, args.echoes, args.warmup = (
-            2, 100, 1, 4, 2, 20)
+            2, 100, 1, 4, 1, 20)
+        args.conc_runs = 1
     names = [t.strip() for t in args.transports.split(",") if t.strip()]
     unknown = [t for t in names if t not in ALL_TRANSPORTS]
     if unknown:
         p.error(f"unknown transport(s): {', '.join(unknown)}")
-    if min(args.rounds, args.calls, args.streams, args.msgs, args.echoes) < 1:
-        p.error("--rounds, --calls, --streams, --msgs and --echoes must be at least 1")
+    if min(args.rounds, args.calls, args.streams, args.msgs, args.echoes, args.per_channel,
+           args.conc_runs) < 1 or args.channels < 0:
+        p.error("--rounds, --calls, --streams, --msgs, --echoes, --per-channel and "
+                "--conc-runs must be at least 1, --channels at least 0")
     args.names = [t for t in ALL_TRANSPORTS if t in names]
     return args
 
@@ -1010,7 +1565,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.target:
             print("--client needs --target", file=sys.stderr)
             return 2
-        return client_main(args.client, args.target, args.warmup)
+        return client_main(args.client, args.target, args.warmup, args.channels)
     return orchestrate(args)
 
 

@@ -1,17 +1,21 @@
-"""Smoke test: the local benchmark runs end to end in --quick mode."""
+"""Smoke tests: the benchmarks run end to end in --quick mode."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "grpc_local.py"
+import pytest
+from netns import require_root_and_samba
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def test_bench_quick_prints_table() -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
+        [sys.executable, str(BENCH / "grpc_local.py"), "--quick"],
         capture_output=True,
         text=True,
         timeout=90,
@@ -21,3 +25,32 @@ def test_bench_quick_prints_table() -> None:
     rows = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
     assert {"transport", "tcp", "unix", "npipe"} <= rows, proc.stdout
     assert "npipe/unix = " in proc.stdout
+
+
+@pytest.mark.timeout(240)
+def test_cross_host_bench_quick(tmp_path: Path) -> None:
+    """Every transport measured, 1,000 concurrent calls on 50 pipes without an error
+    (about 25 s; root and smbd, like the other cross-host tests)."""
+    require_root_and_samba()
+    out = tmp_path / "cross-host.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "cross_host.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    raw = json.loads(out.read_text())
+    assert set(raw["summary"]) == set(raw["negotiated"]), raw["negotiated"]
+    assert len(raw["summary"]) == 15, sorted(raw["summary"])
+    for name in ("grpc-smb-unsigned", "npipe-unsigned", "smb2-echo-unsigned"):
+        assert raw["negotiated"][name] == {"dialect": "2.1", "security": "unsigned"}
+    assert raw["negotiated"]["npipe"]["security"].startswith("encrypted")
+    assert raw["negotiated"]["npipe-signed"]["security"].startswith("signed")
+    smb = raw["concurrency"]["grpc-smb-many"][0]
+    assert (smb["calls"], smb["errors"]) == (1000, 0), smb
+    assert (smb["smb_connections"], smb["pipes"]) == (1, 50), smb
+    assert raw["concurrency"]["grpc-tcp-many"][0]["errors"] == 0
+    for table in ("gRPC ", "raw 64 B echo ", "raw echo MB/s ", "concurrency ", "targets:"):
+        assert table in proc.stdout, proc.stdout

@@ -21,13 +21,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from capture import Capture, capture, have_tshark, require_tshark
 from netns import Hosts, popen_in, require_root_and_samba, run_in, two_hosts
 
 from npipe.samba.smbd import PrivateSmbd
+from npipe.smb import BACKENDS, ENV_BACKEND
 
 APPS = Path(__file__).resolve().parent / "cross_host"
 ALICE, BOB, PASSWORD = "npt-alice", "npt-bob", "Pipe-Passw0rd!"
 WAIT = 60
+
+
+@pytest.fixture(scope="module", params=BACKENDS, autouse=True)
+def smb_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The whole module runs once per SMB client backend: the client apps inherit
+    $NPIPE_SMB_BACKEND."""
+    old = os.environ.get(ENV_BACKEND)
+    os.environ[ENV_BACKEND] = request.param
+    yield request.param
+    if old is None:
+        os.environ.pop(ENV_BACKEND, None)
+    else:
+        os.environ[ENV_BACKEND] = old
 
 
 @dataclass
@@ -35,6 +50,7 @@ class Site:
     hosts: Hosts
     smbd: PrivateSmbd
     workdir: Path
+    capture: Capture | None = None  # TCP 445 on the server's veth, for the whole module
 
     def address(self, name: str) -> str:
         return f"//{self.hosts.server_ip}/pipe/{name}"
@@ -45,13 +61,17 @@ def site() -> Iterator[Site]:
     require_root_and_samba()
     workdir = Path(tempfile.mkdtemp(prefix="npx", dir="/tmp"))
     try:
-        with two_hosts() as hosts:
+        with two_hosts() as hosts, contextlib.ExitStack() as stack:
+            cap = None
+            if have_tshark():  # else test_no_malformed_smb_on_the_wire skips (or fails)
+                cap = stack.enter_context(capture(hosts.server_ns, hosts.server_if,
+                                                  workdir / "smb.pcapng"))
             smbd = PrivateSmbd(
                 workdir / "smbd", port=445, interfaces=hosts.server_if,
                 users={ALICE: PASSWORD, BOB: PASSWORD}, netns=hosts.server_ns,
             )
             with smbd:
-                yield Site(hosts, smbd, workdir)
+                yield Site(hosts, smbd, workdir, cap)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -233,13 +253,13 @@ def test_server_security_settings(site: Site, options: dict[str, str]) -> None:
         site.smbd.restart()
 
 
-def test_non_root_server_behind_a_link(site: Site) -> None:
+def test_non_root_server_behind_a_link(site: Site, smb_backend: str) -> None:
     """A server run by an ordinary user listens in its own pipe directory; root links
     np/NAME to it with `npipe samba link`, and SMB clients reach it."""
     import pwd
 
     bob = pwd.getpwnam(BOB)
-    pipes = site.workdir / "bob-pipes"  # BOB's own pipe directory
+    pipes = site.workdir / f"bob-pipes-{smb_backend}"  # BOB's own pipe directory
     pipes.mkdir(mode=0o700)
     os.chown(pipes, bob.pw_uid, bob.pw_gid)
     os.chmod(site.workdir, 0o755)
@@ -275,3 +295,22 @@ def test_health_and_call_from_the_shell(site: Site) -> None:
                                             "--timeout", "2"],
                      env=env, capture_output=True, text=True, timeout=WAIT)
     assert refused.returncode == 1 and "nosuch" in refused.stderr
+
+
+def test_no_malformed_smb_on_the_wire(site: Site, smb_backend: str) -> None:
+    """Keep last: tshark finds nothing malformed in the SMB traffic on TCP 445 since the
+    last check (this runs once per backend, after that backend's tests)."""
+    require_tshark()
+    assert site.capture is not None
+    with serve(site, "wire", kind="raw"):  # some traffic even when run alone
+        assert client(site, "raw", site.address("wire"))["echo"] == "raw bytes"
+    smb2, bad = site.capture.check()  # stops the capture
+    stats = site.capture.stats.strip()
+    kept = None
+    if bad:  # the workdir goes at the end of the module: keep the capture for a look
+        kept = shutil.copy(site.capture.path, f"/tmp/npipe-cross-host-{smb_backend}.pcapng")
+    site.capture.restart()  # the next backend's traffic
+    print(f"{smb2} SMB2 packets captured, {len(bad)} malformed; {stats}")
+    assert smb2 >= 20, f"only {smb2} SMB2 packets captured\n{stats}"
+    assert not bad, f"{len(bad)} of {smb2} SMB2 packets malformed (kept in {kept}; " \
+        f"{stats}):\n" + "\n".join(bad[:50])

@@ -495,15 +495,15 @@ def test_lost_connection_ends_the_stream(
 def test_unknown_pipe_retries_until_the_timeout(smbd: Smbd) -> None:
     async def main() -> list[SmbConnectionInfo]:
         with pytest.raises(PipeNotFound, match="nowhere"):
-            await open_pipe(smbd.address("nowhere"), credentials=CREDS, timeout=0.8)
+            await open_pipe(smbd.address("nowhere"), credentials=CREDS, timeout=2.0)
         return get_client().connections()  # while this loop (and its connections) lives
 
     start = time.monotonic()
     links = run(main())
     elapsed = time.monotonic() - start
-    assert 0.7 <= elapsed < 3.0
+    assert 1.9 <= elapsed < 4.5
     # Samba has no FSCTL_PIPE_WAIT: asked once, remembered for the connection.
-    assert any(link.port == smbd.port and not link.pipe_wait for link in links)
+    assert any(link.port == smbd.port and not link.pipe_wait for link in links), links
 
 
 def test_pipe_that_appears_later_is_found(smbd: Smbd, serve: Callable[..., PipeServer]) -> None:
