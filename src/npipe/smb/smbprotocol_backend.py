@@ -212,6 +212,11 @@ class _Link:
             raise HostUnreachable(
                 f"{self.where} did not complete SMB negotiation within {timeout:g} s: {exc}"
             ) from None
+        except Exception as exc:  # smbprotocol's parsers fail on malformed answers
+            self._drop()
+            raise ConnectionLost(
+                f"the SMB server {self.where} sent a bad NEGOTIATE response: {exc}"
+            ) from None
         # A WRITE and the next READ go out back to back: without TCP_NODELAY the second
         # waits for the first's ACK (Nagle), which doubled the echo latency here.
         sock = getattr(self.conn.transport, "_sock", None)

@@ -304,6 +304,10 @@ class Link(asyncio.Protocol):
             raise HostUnreachable(
                 f"{self.where} did not complete SMB setup within {timeout:g} s"
             ) from None
+        except wire.ProtocolError as exc:
+            error = ConnectionLost(f"the SMB server {self.where} sent a bad message: {exc}")
+            self.abort(error)
+            raise error from None
         except BaseException as exc:
             self.abort(exc if isinstance(exc, Exception) else ConnectionLost("cancelled"))
             raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from npipe.errors import NpipeError
+from npipe.errors import ConnectionLost
 
 # --- commands, flags ----------------------------------------------------------------
 
@@ -71,8 +71,9 @@ STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
 STATUS_CANCELLED = 0xC0000120
 
 
-class ProtocolError(NpipeError):
-    """The server sent bytes that are not a valid SMB2 message here (or a forged one)."""
+class ProtocolError(ConnectionLost):
+    """The server sent bytes that are not a valid SMB2 message here (or a forged one):
+    the connection cannot go on."""
 
 
 @dataclass(slots=True)

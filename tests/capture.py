@@ -1,0 +1,232 @@
+"""Capture the SMB traffic of a test with dumpcap and check it with tshark.
+
+    with capture(hosts.server_ns, hosts.server_if, workdir / "smb.pcap") as cap:
+        ...                                  # SMB traffic on TCP 445
+    smb2, bad = cap.check()                  # stops it
+    assert smb2 > 0 and bad == []
+
+``capture`` waits until dumpcap really captures (its output file has a header, which
+it writes only after the interface is open and the filter set) and stops it at exit;
+:meth:`Capture.stop` may also be called earlier (idempotent). tshark decodes TCP 445 as
+SMB2. For an smbd on another port pass ``ports``: tshark then reads a copy of the
+capture in which those ports are renumbered 445, because decoding them "as" NetBIOS
+(``-d tcp.port==N,nbss``) is not the same: off port 445 tshark reads a NetBIOS length
+of 17 bits, not SMB2's 24 (a message over 128 KiB derails the rest of the stream), and
+it takes a NEGOTIATE response from a port above 1023 for a request, whose SPNEGO token
+has no hints (Samba's then make a "BER Error"). Encrypted SMB3 shows only its transform
+headers, which is fine: those are checked too.
+
+Needs Wireshark's ``dumpcap`` and ``tshark`` (Debian: ``apt-get install tshark``);
+:func:`require_tshark` skips without them, or fails when CI=true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from netns import popen_in, tool
+
+# The packets tshark could not dissect, whose dissection found an error, or that carry
+# a NetBIOS session message that is neither SMB2 nor SMB (garbage in the stream).
+BAD_FILTER = ("_ws.malformed || _ws.expert.severity == error"
+              " || (nbss.type == 0x00 && !smb2 && !smb)")
+SMB_PORT = 445
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+STOP_SETTLE = 0.75
+READ_TIMEOUT = 120.0
+
+
+def have_tshark() -> bool:
+    return tool("tshark") is not None and tool("dumpcap") is not None
+
+
+def require_tshark() -> None:
+    """Skip unless dumpcap and tshark are installed; fail instead when CI=true."""
+    if have_tshark():
+        return
+    reason = "dumpcap/tshark not found (apt-get install tshark)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI=true, so this must not be skipped", pytrace=False)
+    pytest.skip(reason)
+
+
+_ETHERNET = 1  # pcap LINKTYPE_ETHERNET: what Linux captures on lo and veth
+_PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": "<", b"\x4d\x3c\xb2\xa1": "<",
+               b"\xa1\xb2\xc3\xd4": ">", b"\xa1\xb2\x3c\x4d": ">"}
+
+
+def as_port_445(path: Path, ports: Sequence[int], out: Path) -> Path:
+    """Copy the pcap file ``path`` to ``out`` with TCP ``ports`` renumbered 445 (the
+    checksums go stale: tshark does not check them)."""
+    data = bytearray(path.read_bytes())
+    endian = _PCAP_MAGIC.get(bytes(data[:4]))
+    if endian is None or len(data) < 24:
+        raise RuntimeError(f"{path} is not a pcap file (dumpcap -P writes one)")
+    if struct.unpack_from(endian + "I", data, 20)[0] != _ETHERNET:
+        raise RuntimeError(f"{path}: not an Ethernet capture")
+    wanted = set(ports)
+    offset = 24
+    while offset + 16 <= len(data):
+        (caught,) = struct.unpack_from(endian + "I", data, offset + 8)
+        packet, offset = offset + 16, offset + 16 + caught
+        tcp = _tcp_offset(data, packet, offset)
+        if tcp is None:
+            continue
+        for at in (tcp, tcp + 2):
+            if int.from_bytes(data[at:at + 2], "big") in wanted:
+                data[at:at + 2] = SMB_PORT.to_bytes(2, "big")
+    out.write_bytes(data)
+    return out
+
+
+def _tcp_offset(data: bytearray, packet: int, end: int) -> int | None:
+    """Where the TCP header of an Ethernet frame starts, if it has one (whole ports)."""
+    ethertype = int.from_bytes(data[packet + 12:packet + 14], "big")
+    ip = packet + 14
+    if ethertype == 0x0800 and ip + 20 <= end and data[ip + 9] == 6:
+        tcp = ip + (data[ip] & 0x0F) * 4
+    elif ethertype == 0x86DD and ip + 40 <= end and data[ip + 6] == 6:
+        tcp = ip + 40
+    else:
+        return None
+    return tcp if tcp + 4 <= end else None
+
+
+def _readable(path: Path, ports: Sequence[int]) -> Path:
+    if all(port == SMB_PORT for port in ports):
+        return path
+    return as_port_445(path, ports, path.with_name(path.name + ".445.pcap"))
+
+
+def _tshark(path: Path, ports: Sequence[int], *args: str) -> list[str]:
+    argv = [tool("tshark") or "tshark", "-r", str(_readable(path, ports)), "-n", *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=READ_TIMEOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"tshark failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def check(path: Path, ports: Sequence[int] = (SMB_PORT,)) -> tuple[int, list[str]]:
+    """How many captured packets carry SMB2 (SMB3 transform headers included), and the
+    summary lines of the packets :data:`BAD_FILTER` picks (``path``: a pcap file, not
+    pcapng, if ``ports`` are not just 445). One tshark pass."""
+    out = _tshark(path, ports, "-Y", BAD_FILTER, "-z", "io,stat,0,smb2")
+    stats = next((i for i, line in enumerate(out) if line.startswith("=====")), len(out))
+    rows = [m for line in out[stats:]
+            if (m := re.match(r"\|\s*[\d.:]+\s*<>\s*\S+\s*\|\s*(\d+)\s*\|", line))]
+    if stats == len(out):
+        raise RuntimeError("tshark printed no IO statistics:\n" + "\n".join(out[-20:]))
+    return sum(int(m[1]) for m in rows), out[:stats]
+
+
+def malformed(path: Path, ports: Sequence[int] = (SMB_PORT,)) -> list[str]:
+    """The summary lines of the packets that tshark marks malformed or as errors."""
+    return check(path, ports)[1]
+
+
+def smb2_count(path: Path, ports: Sequence[int] = (SMB_PORT,)) -> int:
+    return check(path, ports)[0]
+
+
+class Capture:
+    """dumpcap on ``iface`` (in namespace ``ns``, or this one) writing ``path``."""
+
+    def __init__(self, ns: str | None, iface: str, path: Path | str,
+                 ports: Sequence[int] = (SMB_PORT,)) -> None:
+        self.ns = ns
+        self.iface = iface
+        self.path = Path(path)
+        self.ports = tuple(ports)
+        self.stats = ""  # dumpcap's closing report (packets captured, dropped)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = self.path.with_suffix(".dumpcap.log")
+
+    def start(self) -> Capture:
+        bpf = " or ".join(f"tcp port {port}" for port in self.ports)
+        # -B: a large kernel buffer, so a burst (20 clients, 8 MiB echoes) drops nothing.
+        argv = [tool("dumpcap") or "dumpcap", "-i", self.iface, "-f", bpf, "-B", "64",
+                "-w", str(self.path)]
+        if any(port != SMB_PORT for port in self.ports):
+            argv.append("-P")  # pcap, not pcapng: as_port_445 reads it
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        with open(self._log, "wb") as log:
+            if self.ns is None:
+                self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            else:  # `ip netns exec` execs dumpcap: the pid is dumpcap's
+                self._proc = popen_in(self.ns, argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (self.path.exists() and self.path.stat().st_size > 0):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"dumpcap did not start capturing on {self.iface}: "
+                                   f"{self._log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, settle: bool = True) -> None:
+        """Stop capturing (dumpcap writes out what it has); again: nothing.
+
+        Linux hands packets to libpcap in blocks, a block when it fills or after
+        dumpcap's 250 ms read timeout: stopped at once (``settle=False``, for a capture
+        nobody reads), dumpcap loses the last.
+        """
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            if settle:
+                time.sleep(STOP_SETTLE)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        with contextlib.suppress(OSError):  # without its running count ("Packets: N")
+            lines = self._log.read_text(errors="replace").splitlines()
+            self.stats = "\n".join(x for x in lines if x.strip() and
+                                   not x.startswith("Packets: "))
+
+    def restart(self) -> Capture:
+        """Stop, then capture afresh into the same file (what it held is gone)."""
+        self.stop(settle=False)
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def check(self) -> tuple[int, list[str]]:
+        """Stop, then :func:`check` the capture: (SMB2 packets, malformed lines)."""
+        self.stop()
+        return check(self.path, self.ports)
+
+
+@contextlib.contextmanager
+def capture(ns: str | None, iface: str, path: Path | str,
+            ports: Sequence[int] = (SMB_PORT,)) -> Iterator[Capture]:
+    """Capture TCP ``ports`` on ``iface`` in ``ns`` (None: this namespace) into ``path``."""
+    cap = Capture(ns, iface, path, ports).start()
+    try:
+        yield cap
+    finally:
+        cap.stop(settle=False)  # a capture still running here is not read
+
+
+def stop_all(captures: Sequence[Capture]) -> None:
+    """Stop several captures, waiting once for their last packets (see Capture.stop)."""
+    if any(cap.running for cap in captures):
+        time.sleep(STOP_SETTLE)
+    for cap in captures:
+        cap.stop(settle=False)
