@@ -126,6 +126,13 @@ def test_twenty_clients_at_once(site: Site) -> None:
         assert client(site, "clients", site.address("many")) == {"ok": 20}
 
 
+def test_a_thousand_concurrent_calls_over_fifty_pipes(site: Site) -> None:
+    with serve(site, "thousand"):
+        result = client(site, "thousand", site.address("thousand"))
+    assert result["errors"] == [] and result["ok"] == 1000, result
+    assert result["connections"] == 1 and result["pipes"] == 50, result  # all on one
+
+
 def test_user_the_acl_refuses(site: Site) -> None:
     with serve(site, "private"):
         r = client(site, "error", site.address("private"), user=BOB)

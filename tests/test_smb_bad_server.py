@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import pytest
 from capture import capture, require_tshark
 from netns import require_root_and_samba
+from pipe_servers import PipeServer, echo
 from smb_tamper import (
     CREATE,
     NEGOTIATE,
@@ -42,7 +43,6 @@ from smb_tamper import (
 )
 
 from npipe.errors import ConnectionLost, HostUnreachable, NpipeError
-from npipe.samba.npa import NpaRequestReader, build_reply
 from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import BACKENDS, get_client, open_pipe
 from npipe.smb.credentials import Credentials
@@ -77,64 +77,16 @@ def smbd() -> Iterator[PrivateSmbd]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-class EchoPipe:
-    """A raw echo server at np/NAME, behind smbd's named_pipe_auth handshake."""
-
-    THREAD = "bad-server-echo"
-
-    def __init__(self, np_dir: Path, name: str) -> None:
-        self.path = np_dir / name
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(self.path))
-        self.sock.listen(64)
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, name=self.THREAD, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), name=self.THREAD,
-                             daemon=True).start()
-
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:
-            reader = NpaRequestReader()
-            request = None
-            while request is None:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                request = reader.feed(data)
-            conn.sendall(build_reply(request.level) + reader.unused_data)
-            while data := conn.recv(1 << 20):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
 @pytest.fixture(scope="module")
 def pipe(smbd: PrivateSmbd) -> Iterator[str]:
-    server = EchoPipe(smbd.np_dir, "echo")
+    server = PipeServer(smbd.np_dir, "echo", echo)
     yield "echo"
     server.close()
 
 
 def _threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate()
-            if t.is_alive() and t.name != EchoPipe.THREAD}
+            if t.is_alive() and t.name != PipeServer.THREAD}
 
 
 @pytest.fixture(params=BACKENDS)

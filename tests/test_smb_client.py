@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 from capture import Capture, have_tshark, require_tshark, stop_all
+from pipe_servers import Handler, PipeServer, echo
 
 from npipe.errors import (
     AccessDenied,
@@ -36,7 +36,6 @@ from npipe.errors import (
     HostUnreachable,
     PipeNotFound,
 )
-from npipe.samba.npa import NpaRequestReader, build_reply
 from npipe.smb import BACKENDS, ENV_BACKEND, bridge_for, close_bridges, get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
@@ -49,7 +48,6 @@ PASSWORD = "npt-client-pw-1"
 OTHER_USER = "npt-other"
 CREDS = Credentials(USER, PASSWORD)
 
-Handler = Callable[[socket.socket, bytes], None]
 T = TypeVar("T")
 
 
@@ -246,67 +244,6 @@ def smb2_smbd() -> Iterator[Smbd]:
 
 
 # --- pipe servers in np/ --------------------------------------------------------------
-
-
-class PipeServer:
-    """A raw Unix listener at np/NAME: handshake (unless ``handshake=False``), then handler."""
-
-    def __init__(self, np_dir: Path, name: str, handler: Handler, handshake: bool = True):
-        self.path = np_dir / name
-        self.handler = handler
-        self.handshake = handshake
-        self.accepted = 0
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(self.path))
-        self.sock.listen(64)
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            if not self.handshake:
-                self.handler(conn, b"")
-                return
-            reader = NpaRequestReader()
-            request = None
-            while request is None:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                request = reader.feed(data)
-            conn.sendall(build_reply(request.level))
-            self.handler(conn, reader.unused_data)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-def echo(conn: socket.socket, data: bytes) -> None:
-    if data:
-        conn.sendall(data)
-    while data := conn.recv(1 << 20):
-        conn.sendall(data)
 
 
 def linger(conn: socket.socket) -> None:

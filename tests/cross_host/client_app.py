@@ -62,6 +62,40 @@ def clients(address: str, n: int = 20) -> dict[str, Any]:
     return {"ok": sum(results)}
 
 
+def thousand(address: str, pipes: int = 50, per_pipe: int = 20) -> dict[str, Any]:
+    """1,000 concurrent unary calls: 50 asyncio channels (50 pipe instances, all on one
+    SMB connection) with 20 calls in flight on each. Counts the errors, and the SMB
+    connections the bridge opened for them."""
+    from npipe.smb import get_client
+
+    async def main() -> dict[str, Any]:
+        # A local subchannel pool each: grpcio would otherwise share one connection.
+        own = [*OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        channels = [npipe.grpc.aio_channel(address, options=own) for _ in range(pipes)]
+        errors: list[str] = []
+
+        async def call(ch: grpc.aio.Channel, i: int) -> bool:
+            payload = f"call-{i}".encode() * 10
+            try:
+                return bool(await ch.unary_unary("/x.Svc/Echo")(payload, timeout=120) == payload)
+            except grpc.RpcError as e:
+                errors.append(e.code().name)
+                return False
+
+        start = time.monotonic()
+        results = await asyncio.gather(*(
+            call(ch, p * per_pipe + i) for p, ch in enumerate(channels) for i in range(per_pipe)
+        ))
+        elapsed = time.monotonic() - start
+        live = [c for c in get_client().connections() if c.alive]
+        for ch in channels:
+            await ch.close()
+        return {"ok": sum(results), "errors": errors, "seconds": round(elapsed, 2),
+                "connections": len(live), "pipes": sum(c.pipes for c in live)}
+
+    return asyncio.run(main())
+
+
 def error(address: str) -> dict[str, Any]:
     """What opening the pipe raw gives: the npipe error type and message."""
     async def main() -> dict[str, Any]:

@@ -101,6 +101,11 @@ class RemotePipe(asyncio.Transport):
             return (self.link.host, self.link.port)
         if name == "pipe":
             return self.name
+        if name == "smb_dialect":
+            neg = self.link.core.negotiated
+            return neg.dialect_name if neg else default
+        if name == "smb_security":
+            return self.link.security
         return default
 
     def is_closing(self) -> bool:
