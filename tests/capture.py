@@ -116,11 +116,17 @@ def _tshark(path: Path, ports: Sequence[int], *args: str) -> list[str]:
     return [line for line in done.stdout.splitlines() if line.strip()]
 
 
-def check(path: Path, ports: Sequence[int] = (SMB_PORT,)) -> tuple[int, list[str]]:
+def check(path: Path, ports: Sequence[int] = (SMB_PORT,),
+          nt_password: str | None = None) -> tuple[int, list[str]]:
     """How many captured packets carry SMB2 (SMB3 transform headers included), and the
     summary lines of the packets :data:`BAD_FILTER` picks (``path``: a pcap file, not
-    pcapng, if ``ports`` are not just 445). One tshark pass."""
-    out = _tshark(path, ports, "-Y", BAD_FILTER, "-z", "io,stat,0,smb2")
+    pcapng, if ``ports`` are not just 445). One tshark pass.
+
+    ``nt_password``: the NTLM users' password. With it tshark derives the session keys,
+    decrypts SMB3 and checks what is inside too. Without it, tshark still "decrypts"
+    with keys from an empty password and reads the garbage as SMB2 (false alarms)."""
+    keys = ("-o", f"ntlmssp.nt_password:{nt_password}") if nt_password else ()
+    out = _tshark(path, ports, *keys, "-Y", BAD_FILTER, "-z", "io,stat,0,smb2")
     stats = next((i for i, line in enumerate(out) if line.startswith("=====")), len(out))
     rows = [m for line in out[stats:]
             if (m := re.match(r"\|\s*[\d.:]+\s*<>\s*\S+\s*\|\s*(\d+)\s*\|", line))]
@@ -142,8 +148,9 @@ class Capture:
     """dumpcap on ``iface`` (in namespace ``ns``, or this one) writing ``path``."""
 
     def __init__(self, ns: str | None, iface: str, path: Path | str,
-                 ports: Sequence[int] = (SMB_PORT,)) -> None:
+                 ports: Sequence[int] = (SMB_PORT,), nt_password: str | None = None) -> None:
         self.ns = ns
+        self.nt_password = nt_password
         self.iface = iface
         self.path = Path(path)
         self.ports = tuple(ports)
@@ -210,14 +217,15 @@ class Capture:
     def check(self) -> tuple[int, list[str]]:
         """Stop, then :func:`check` the capture: (SMB2 packets, malformed lines)."""
         self.stop()
-        return check(self.path, self.ports)
+        return check(self.path, self.ports, self.nt_password)
 
 
 @contextlib.contextmanager
 def capture(ns: str | None, iface: str, path: Path | str,
-            ports: Sequence[int] = (SMB_PORT,)) -> Iterator[Capture]:
+            ports: Sequence[int] = (SMB_PORT,), nt_password: str | None = None
+            ) -> Iterator[Capture]:
     """Capture TCP ``ports`` on ``iface`` in ``ns`` (None: this namespace) into ``path``."""
-    cap = Capture(ns, iface, path, ports).start()
+    cap = Capture(ns, iface, path, ports, nt_password).start()
     try:
         yield cap
     finally:

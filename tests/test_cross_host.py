@@ -64,8 +64,9 @@ def site() -> Iterator[Site]:
         with two_hosts() as hosts, contextlib.ExitStack() as stack:
             cap = None
             if have_tshark():  # else test_no_malformed_smb_on_the_wire skips (or fails)
+                # Every user has PASSWORD: tshark decrypts and checks SMB3 inside too.
                 cap = stack.enter_context(capture(hosts.server_ns, hosts.server_if,
-                                                  workdir / "smb.pcapng"))
+                                                  workdir / "smb.pcapng", nt_password=PASSWORD))
             smbd = PrivateSmbd(
                 workdir / "smbd", port=445, interfaces=hosts.server_if,
                 users={ALICE: PASSWORD, BOB: PASSWORD}, netns=hosts.server_ns,

@@ -194,7 +194,8 @@ def _captured(smbd: Smbd) -> Iterator[None]:
     if not have_tshark():
         yield
         return
-    cap = Capture(None, "lo", smbd.dir / "smb.pcap", ports=(smbd.port,)).start()
+    cap = Capture(None, "lo", smbd.dir / "smb.pcap", ports=(smbd.port,),
+                  nt_password=PASSWORD).start()
     _CAPTURES.append(cap)
     try:
         yield
