@@ -285,3 +285,34 @@ def test_both_backends_see_a_server_that_closes(servers: Servers) -> None:
         assert run(main("native")) == run(main("smbprotocol")) == b"bye"
     finally:
         server.close()
+
+
+def test_pipe_churn_moves_to_a_fresh_connection(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each closed pipe leaves a READ Samba never answers (and keeps, ~16 KB in smbd):
+    after ABANDONED_READS_LIMIT of them new pipes go to a new connection, and the old
+    one is closed once its pipes are, which frees smbd's memory."""
+    from npipe.smb.native import link as link_module
+
+    monkeypatch.setattr(link_module, "ABANDONED_READS_LIMIT", 20)
+
+    async def main() -> list[Any]:
+        address = servers.address("smb3_11")
+        links = []
+        for _ in range(50):
+            reader, writer = await open_pipe(address, credentials=CREDS, backend="native")
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            await asyncio.sleep(0)  # the next READ goes out, and stays pending
+            link = writer.transport.link  # type: ignore[attr-defined]
+            if link not in links:
+                links.append(link)
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.2)  # the retired connection's LOGOFF and close
+        return links
+
+    links = run(main())
+    assert len(links) == 3
+    assert [link.alive for link in links[:2]] == [False, False]

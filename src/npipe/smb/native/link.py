@@ -39,6 +39,10 @@ log = logging.getLogger("npipe.smb")
 
 Callback = Callable[[Response | BaseException], None]
 
+# Samba never answers a pipe READ still pending at CLOSE and keeps it (~16 KB in smbd)
+# for the connection's life: after this many, new pipes go to a fresh connection.
+ABANDONED_READS_LIMIT = 1024
+
 
 class Link(asyncio.Protocol):
     """One TCP connection, one authenticated session, one IPC$ tree connect."""
@@ -54,6 +58,7 @@ class Link(asyncio.Protocol):
         self.encrypted = False
         self.pipe_wait = True  # until the server says it has no FSCTL_PIPE_WAIT (Samba)
         self.retired = False
+        self.abandoned_reads = 0
         self._waiting: dict[int, Callback] = {}
         self._async_ids: dict[int, int] = {}
         self._queue: collections.deque[tuple[Callable[[], Outgoing], int, Callback]] = (
@@ -279,6 +284,13 @@ class Link(asyncio.Protocol):
         self.retired = True
         log.info("retiring SMB connection to %s: %s", self.where, why)
         self.release()
+
+    def abandoned(self, count: int) -> None:
+        """``count`` READs of a closed pipe will never be answered (Samba keeps ~16 KB
+        for each until the connection ends): at the limit, move on to a new connection."""
+        self.abandoned_reads += count
+        if self.abandoned_reads >= ABANDONED_READS_LIMIT:
+            self.retire(f"{self.abandoned_reads} READs of closed pipes are left on the server")
 
     def release(self) -> None:
         if self.retired and not self.pipes and self.alive:

@@ -150,15 +150,22 @@ class RemotePipe(asyncio.Transport):
     def _post_reads(self) -> None:
         self._reads_due = False
         link = self.link
-        while (len(self._reads) < self._window and not self._reading_paused
-               and not self._eof and not self._closing and link.error is None):
-            # The message id is known only when the request is built (maybe later, when
-            # credits come back): a sequence number stands in for it until then.
-            self._read_seq += 1
-            key = -self._read_seq
-            self._reads.append(key)
-            slot = _ReadSlot(self, key)
-            link.submit(slot.build, 1, slot.done)
+        wanted = self._window - len(self._reads)
+        if (wanted <= 0 or self._reading_paused or self._eof or self._closing
+                or link.error is not None):
+            return
+        link.cork()  # several READs: one TCP send
+        try:
+            for _ in range(wanted):
+                # The message id is known only when the request is built (maybe later,
+                # when credits come back): a sequence number stands in for it until then.
+                self._read_seq += 1
+                key = -self._read_seq
+                self._reads.append(key)
+                slot = _ReadSlot(self, key)
+                link.submit(slot.build, 1, slot.done)
+        finally:
+            link.uncork()
 
     def _read_done(self, key: int, result: Response | BaseException) -> None:
         self._results[key] = result
@@ -294,11 +301,15 @@ class RemotePipe(asyncio.Transport):
     def _discard_reads(self) -> None:
         """Forget the READs in flight (see the module docstring)."""
         link = self.link
+        left = 0
         for key in self._reads:
             mid = self._read_ids.pop(key, None)
             if mid is not None:
                 link.cancel(mid)
                 link.forget(mid)
+                left += 1
+        if left:
+            link.abandoned(left)
         self._reads.clear()
         self._results.clear()
 
