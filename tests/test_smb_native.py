@@ -28,7 +28,7 @@ from npipe.errors import ConfigError, ConnectionLost
 from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import get_client, open_pipe
 from npipe.smb.credentials import Credentials
-from npipe.smb.native import Options, connect
+from npipe.smb.native import Options, connect, wire
 from npipe.smb.native.negotiate import SMB_2_1
 
 pytestmark = pytest.mark.root
@@ -316,3 +316,25 @@ def test_pipe_churn_moves_to_a_fresh_connection(
     links = run(main())
     assert len(links) == 3
     assert [link.alive for link in links[:2]] == [False, False]
+
+
+def test_transceive_and_peek(servers: Servers) -> None:
+    """FSCTL_PIPE_TRANSCEIVE (a write and its answer in one round trip) works on Samba;
+    FSCTL_PIPE_PEEK is not implemented there and says so."""
+    port = int(servers.address("smb3_11").split(":")[1].split("/")[0])
+
+    async def main() -> tuple[bytes, bool]:
+        link = await connect("127.0.0.1", port, credentials=CREDS)
+        try:
+            created = await link.request(wire.CREATE, wire.create_request("echo"))
+            assert created.status == 0
+            file_id = wire.parse_create(created.message)
+            answer = await link.transceive(file_id, b"over and out")
+            with pytest.raises(NotImplementedError, match="FSCTL_PIPE_PEEK"):
+                await link.peek(file_id)
+            await link.request(wire.CLOSE, wire.close_request(file_id))
+            return answer
+        finally:
+            await link.close()
+
+    assert run(main()) == (b"over and out", False)

@@ -343,3 +343,10 @@ def test_response_type() -> None:
     response = Response(wire.parse_header(_response(wire.ECHO, 3, b"\x04\x00\x00\x00")),
                         _response(wire.ECHO, 3, b"\x04\x00\x00\x00"), 0, False, True)
     assert response.status == 0 and response.command == wire.ECHO
+
+
+def test_pipe_peek_answer() -> None:
+    peek = wire.parse_pipe_peek(struct.pack("<IIII", 3, 5, 0, 0) + b"hello")
+    assert (peek.state, peek.available, peek.data) == (3, 5, b"hello")
+    with pytest.raises(wire.ProtocolError, match="truncated"):
+        wire.parse_pipe_peek(b"\x03\x00")

@@ -446,10 +446,40 @@ class Link(asyncio.Protocol):
                 )
             return key
 
+    async def transceive(
+        self, file_id: bytes, data: bytes, max_output: int = 65536
+    ) -> tuple[bytes, bool]:
+        """FSCTL_PIPE_TRANSCEIVE: write ``data`` and read the answer in one round trip
+        (on a pipe with no READ pending). Returns the answer and whether more of it
+        waits (STATUS_BUFFER_OVERFLOW: READ the rest)."""
+        body = wire.ioctl_request(wire.FSCTL_PIPE_TRANSCEIVE, file_id, data, max_output)
+        response = await self.request(wire.IOCTL, body, payload=max(len(data), max_output))
+        if response.status not in (wire.STATUS_SUCCESS, wire.STATUS_BUFFER_OVERFLOW):
+            raise _ioctl_error("FSCTL_PIPE_TRANSCEIVE", response.status)
+        return (wire.parse_ioctl(response.message),
+                response.status == wire.STATUS_BUFFER_OVERFLOW)
+
+    async def peek(self, file_id: bytes, max_output: int = 4096) -> wire.PipePeek:
+        """FSCTL_PIPE_PEEK: what the pipe holds, without taking it (Windows servers;
+        released Samba answers STATUS_FS_DRIVER_REQUIRED: NotImplementedError)."""
+        body = wire.ioctl_request(wire.FSCTL_PIPE_PEEK, file_id, b"", max_output)
+        response = await self.request(wire.IOCTL, body, payload=max_output)
+        if response.status not in (wire.STATUS_SUCCESS, wire.STATUS_BUFFER_OVERFLOW):
+            raise _ioctl_error("FSCTL_PIPE_PEEK", response.status)
+        return wire.parse_pipe_peek(wire.parse_ioctl(response.message))
+
     async def echo(self) -> None:
         """One SMB2 ECHO round trip."""
         response = await self.request(wire.ECHO, wire.small_request(), tree=False)
         wire.check_structure(response.message, 0, 4, "ECHO")
+
+
+def _ioctl_error(name: str, status: int) -> Exception:
+    if status in st.NO_PIPE_WAIT_STATUSES:
+        return NotImplementedError(f"the server does not implement {name} ({status:#010x})")
+    if status in st.EOF_STATUSES:
+        return ConnectionLost(f"{name}: the pipe is closed ({status:#010x})")
+    return ConnectionLost(f"{name} failed: NTSTATUS {status:#010x}")
 
 
 def _resolver(future: asyncio.Future[Response]) -> Callback:

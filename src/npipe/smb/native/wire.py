@@ -379,6 +379,25 @@ def parse_ioctl(msg: bytes, at: int = 0) -> bytes:
     return body_at(msg, at, out_offset, out_count) if out_count else b""
 
 
+PIPE_PEEK = struct.Struct("<IIII")  # FILE_PIPE_PEEK_BUFFER (MS-FSCC 2.3.46)
+
+
+@dataclass(frozen=True, slots=True)
+class PipePeek:
+    state: int  # 3 = connected, 4 = closing (MS-FSCC 2.3.46)
+    available: int  # bytes ready to read
+    messages: int
+    message_length: int
+    data: bytes
+
+
+def parse_pipe_peek(output: bytes) -> PipePeek:
+    if len(output) < PIPE_PEEK.size:
+        raise ProtocolError(f"a truncated FSCTL_PIPE_PEEK answer ({len(output)} bytes)")
+    state, available, messages, length = PIPE_PEEK.unpack_from(output)
+    return PipePeek(state, available, messages, length, output[PIPE_PEEK.size :])
+
+
 def check_structure(msg: bytes, at: int, expected: int, what: str) -> None:
     """Validate a small fixed response (CLOSE, ECHO, LOGOFF ...) by its StructureSize."""
     if len(msg) - at < HEADER_SIZE + 2:
