@@ -168,8 +168,14 @@ class RemotePipe(asyncio.Transport):
             link.uncork()
 
     def _read_done(self, key: int, result: Response | BaseException) -> None:
-        self._results[key] = result
         reads = self._reads
+        if reads and reads[0] == key and not self._results:
+            reads.popleft()  # the usual case: answers come in the order asked
+            self._deliver(result)
+            if self._closed:
+                return
+        else:
+            self._results[key] = result
         while reads and reads[0] in self._results:
             first = reads.popleft()
             self._deliver(self._results.pop(first))
