@@ -290,7 +290,7 @@ def test_both_backends_see_a_server_that_closes(servers: Servers) -> None:
 def test_pipe_churn_moves_to_a_fresh_connection(
     servers: Servers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each closed pipe leaves a READ Samba never answers (and keeps, ~16 KB in smbd):
+    """Each closed pipe may leave a READ Samba never answers (and keeps in smbd):
     after ABANDONED_READS_LIMIT of them new pipes go to a new connection, and the old
     one is closed once its pipes are, which frees smbd's memory."""
     from npipe.smb.native import link as link_module

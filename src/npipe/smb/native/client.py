@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 import weakref
+from typing import Any
 
 from npipe.address import PipeAddress
 from npipe.errors import AddressError, ConnectionLost, HostUnreachable, PipeBusy, PipeNotFound
@@ -24,7 +25,7 @@ from npipe.smb.info import SmbConnectionInfo
 from npipe.smb.native import wire
 from npipe.smb.native.core import Options, Outgoing, Response
 from npipe.smb.native.link import Link, _resolver
-from npipe.smb.native.pipe import READ_SIZE, EarlyRead, RemotePipe
+from npipe.smb.native.pipe import IDLE_READ_SIZE, EarlyRead, RemotePipe
 
 log = logging.getLogger("npipe.smb")
 
@@ -33,7 +34,9 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 CREATE_MIN_TIMEOUT = 2.0
 
-LinkKey = tuple[str, int, tuple[str | None, str | None, str, str | None], bool | None]
+LinkKey = tuple[
+    str, int, tuple[str | None, str | None, str, str | None], bool | None, tuple[Any, ...]
+]
 
 _links: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[LinkKey, asyncio.Task[Link]]
@@ -176,7 +179,8 @@ class NativeClient:
         loop = asyncio.get_running_loop()
         _sweep()
         links = _links.setdefault(loop, {})
-        key: LinkKey = (address.host.lower(), address.port, credentials.identity(), encrypt)
+        key: LinkKey = (address.host.lower(), address.port, credentials.identity(), encrypt,
+                        _options_key(self.options))
         task = links.get(key)
         if task is not None and task.done() and (
             task.cancelled() or task.exception() is not None or not task.result().usable
@@ -229,6 +233,13 @@ class NativeClient:
                         link.drop()
 
 
+def _options_key(options: Options | None) -> tuple[Any, ...]:
+    """What of the Options makes a connection different (not the client GUID)."""
+    if options is None:
+        return ()
+    return (options.dialects, options.ciphers, options.signing_algorithms, options.sign)
+
+
 def _sweep() -> None:
     """Close the connections of event loops that are closed (asyncio.run() ended)."""
     for loop in [loop for loop in list(_links) if loop.is_closed()]:
@@ -264,7 +275,7 @@ async def _create(
     future: asyncio.Future[Response] = loop.create_future()
     first_read = EarlyRead()
     core = link.core
-    read_body = wire.read_request(wire.FILE_ID_RELATED, READ_SIZE)
+    read_body = wire.read_request(wire.FILE_ID_RELATED, IDLE_READ_SIZE)
     requests = [(wire.CREATE, wire.create_request(name), 0), (wire.READ, read_body, 0)]
 
     def build() -> Outgoing:

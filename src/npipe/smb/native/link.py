@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import socket
@@ -39,9 +40,10 @@ log = logging.getLogger("npipe.smb")
 
 Callback = Callable[[Response | BaseException], None]
 
-# Samba never answers a pipe READ still pending at CLOSE and keeps it (~16 KB in smbd)
-# for the connection's life: after this many, new pipes go to a fresh connection.
-ABANDONED_READS_LIMIT = 1024
+# Samba never answers a pipe READ still pending at CLOSE and keeps it (its length plus
+# ~4 KB in smbd) for the connection's life: after this many, new pipes go to a fresh
+# connection, and the old one goes when its last pipe closes.
+ABANDONED_READS_LIMIT = 256
 
 
 class Link(asyncio.Protocol):
@@ -50,7 +52,8 @@ class Link(asyncio.Protocol):
     def __init__(self, host: str, port: int, options: Options | None = None) -> None:
         self.host = host
         self.port = port
-        self.core = Smb2Client(options)
+        # A copy: setup adjusts it to the server (3.1.1 always signs), not the caller's.
+        self.core = Smb2Client(dataclasses.replace(options) if options is not None else None)
         self.transport: asyncio.Transport | None = None
         self.error: BaseException | None = None  # why the connection is gone
         self.closed = False
@@ -286,8 +289,8 @@ class Link(asyncio.Protocol):
         self.release()
 
     def abandoned(self, count: int) -> None:
-        """``count`` READs of a closed pipe will never be answered (Samba keeps ~16 KB
-        for each until the connection ends): at the limit, move on to a new connection."""
+        """``count`` READs of a closed pipe will never be answered (Samba keeps each
+        until the connection ends): at the limit, move on to a new connection."""
         self.abandoned_reads += count
         if self.abandoned_reads >= ABANDONED_READS_LIMIT:
             self.retire(f"{self.abandoned_reads} READs of closed pipes are left on the server")

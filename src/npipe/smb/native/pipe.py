@@ -34,6 +34,10 @@ from npipe.smb.native.link import Link
 log = logging.getLogger("npipe.smb")
 
 READ_SIZE = 65536
+# The READ a quiet pipe keeps posted asks for less: Samba allocates the whole length
+# for a pending READ (~67 KB for 64 KiB) and never frees one still pending at CLOSE.
+# One that comes back full grows the window of 64 KiB READs as any full READ does.
+IDLE_READ_SIZE = 8192
 # READs posted on a quiet pipe. One: a second would wait on every idle pipe and be
 # left behind at CLOSE (Samba never answers it); two measured no faster for gRPC.
 MIN_READS = 1
@@ -42,8 +46,6 @@ MAX_WRITE = 1 << 20
 WRITE_WINDOW = 4 << 20
 HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
-# Samba returns 65,535 bytes from a full pipe READ of 65,536.
-FULL_READ = 65535
 CLOSE_TIMEOUT = 5.0
 
 
@@ -67,6 +69,8 @@ class RemotePipe(asyncio.Transport):
             self._read_size = min(self._read_size, 65536)
             self._max_write = min(self._max_write, 65536)
         self._read_body = wire.read_request(file_id, self._read_size)
+        self._idle_read_body = wire.read_request(file_id, min(IDLE_READ_SIZE, self._read_size))
+        self._read_sizes: dict[int, int] = {}  # READ key -> the length it asked for
         self._reads: collections.deque[int] = collections.deque()  # READs in flight, in order
         self._results: dict[int, Response | BaseException] = {}
         self._read_ids: dict[int, int] = {}  # READ key -> message id, once sent
@@ -88,6 +92,7 @@ class RemotePipe(asyncio.Transport):
             self._read_seq = 1
             self._reads.append(-1)
             self._read_ids[-1] = first_read.message_id
+            self._read_sizes[-1] = IDLE_READ_SIZE
         link.pipes.add(self)
 
     # --- asyncio.Transport ----------------------------------------------------------
@@ -156,13 +161,15 @@ class RemotePipe(asyncio.Transport):
             return
         link.cork()  # several READs: one TCP send
         try:
+            idle = self._window <= MIN_READS
             for _ in range(wanted):
                 # The message id is known only when the request is built (maybe later,
                 # when credits come back): a sequence number stands in for it until then.
                 self._read_seq += 1
                 key = -self._read_seq
                 self._reads.append(key)
-                slot = _ReadSlot(self, key)
+                self._read_sizes[key] = IDLE_READ_SIZE if idle else self._read_size
+                slot = _ReadSlot(self, key, self._idle_read_body if idle else self._read_body)
                 link.submit(slot.build, 1, slot.done)
         finally:
             link.uncork()
@@ -171,14 +178,14 @@ class RemotePipe(asyncio.Transport):
         reads = self._reads
         if reads and reads[0] == key and not self._results:
             reads.popleft()  # the usual case: answers come in the order asked
-            self._deliver(result)
+            self._deliver(result, self._read_sizes.pop(key, READ_SIZE))
             if self._closed:
                 return
         else:
             self._results[key] = result
         while reads and reads[0] in self._results:
             first = reads.popleft()
-            self._deliver(self._results.pop(first))
+            self._deliver(self._results.pop(first), self._read_sizes.pop(first, READ_SIZE))
             if self._closed:
                 return
         # The next READ goes out a moment later, so that a WRITE the reader makes in
@@ -187,7 +194,7 @@ class RemotePipe(asyncio.Transport):
             self._reads_due = True
             self._loop.call_soon(self._post_reads)
 
-    def _deliver(self, result: Response | BaseException) -> None:
+    def _deliver(self, result: Response | BaseException, asked: int) -> None:
         if self._eof or self._closed:
             return
         if isinstance(result, BaseException):
@@ -200,7 +207,7 @@ class RemotePipe(asyncio.Transport):
             except wire.ProtocolError as exc:
                 self.link.abort(ConnectionLost(f"the SMB server sent a bad READ response: {exc}"))
                 return
-            if len(data) >= FULL_READ:
+            if len(data) >= asked - 1:  # full (Samba gives 65,535 for 65,536)
                 self._window = min(self._window * 2, MAX_READS)
             elif self._window > MIN_READS:
                 self._window -= 1
@@ -318,6 +325,7 @@ class RemotePipe(asyncio.Transport):
             link.abandoned(left)
         self._reads.clear()
         self._results.clear()
+        self._read_sizes.clear()
 
     def _send_close(self) -> None:
         if self._close_sent:
@@ -394,15 +402,16 @@ class EarlyRead:
 class _ReadSlot:
     """Ties a posted READ to its pipe: its message id once built, its completion."""
 
-    __slots__ = ("key", "pipe")
+    __slots__ = ("body", "key", "pipe")
 
-    def __init__(self, pipe: RemotePipe, key: int) -> None:
+    def __init__(self, pipe: RemotePipe, key: int, body: bytes) -> None:
         self.pipe = pipe
         self.key = key
+        self.body = body
 
     def build(self) -> Outgoing:
         pipe = self.pipe
-        out = pipe.link.core.request(wire.READ, pipe._read_body)
+        out = pipe.link.core.request(wire.READ, self.body)
         pipe._read_ids[self.key] = out.message_id
         return out
 
