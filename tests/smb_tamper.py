@@ -108,11 +108,17 @@ def response_to(command: int, status: int | None = None) -> Match:
 
 
 def read_with_data(index: int, frame: bytes) -> bool:
-    """A predicate: a successful READ response that carries data."""
+    """A predicate: a successful READ response that carries data, or an IOCTL response
+    (FSCTL_PIPE_TRANSCEIVE: a write's answer) that does."""
     for h in headers(frame):
         if h.command == READ and h.status == STATUS_SUCCESS:
             # READ response: StructureSize, DataOffset (1 byte), Reserved, DataLength.
             (length,) = struct.unpack_from("<I", frame, h.offset + SMB2_HEADER_SIZE + 4)
+            if length > 0:
+                return True
+        if h.command == IOCTL and h.status == STATUS_SUCCESS:
+            # IOCTL response: ..., OutputOffset at 32, OutputCount at 36.
+            (length,) = struct.unpack_from("<I", frame, h.offset + SMB2_HEADER_SIZE + 36)
             if length > 0:
                 return True
     return False

@@ -304,7 +304,7 @@ def test_pipe_churn_moves_to_a_fresh_connection(
             reader, writer = await open_pipe(address, credentials=CREDS, backend="native")
             writer.write(b"x")
             assert await reader.readexactly(1) == b"x"
-            await asyncio.sleep(0)  # the next READ goes out, and stays pending
+            await asyncio.sleep(0.01)  # the next READ goes out, and stays pending
             link = writer.transport.link  # type: ignore[attr-defined]
             if link not in links:
                 links.append(link)
@@ -338,3 +338,77 @@ def test_transceive_and_peek(servers: Servers) -> None:
             await link.close()
 
     assert run(main()) == (b"over and out", False)
+
+
+def test_request_and_answer_in_one_exchange(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that finds the pipe quiet goes out as FSCTL_PIPE_TRANSCEIVE (the answer
+    in the same exchange); bulk data still flows as WRITEs and READs."""
+    from npipe.smb.native import link as link_module
+
+    seen: list[int] = []
+    dispatch = link_module.Link._dispatch
+
+    def counting(self: Any, responses: list[Any]) -> None:
+        seen.extend(r.command for r in responses)
+        dispatch(self, responses)
+
+    monkeypatch.setattr(link_module.Link, "_dispatch", counting)
+
+    async def main() -> None:
+        reader, writer = await open_pipe(servers.address("smb3_11"), credentials=CREDS,
+                                         backend="native")
+        writer.write(b"first")
+        assert await reader.readexactly(5) == b"first"
+        seen.clear()
+        for i in range(20):
+            writer.write(b"ping %d" % i)
+            assert await reader.readexactly(len(b"ping %d" % i)) == b"ping %d" % i
+        assert seen.count(wire.IOCTL) >= 18 and seen.count(wire.WRITE) <= 2, seen
+        big = os.urandom(3 << 20)
+        writer.write(big)
+        assert await reader.readexactly(len(big)) == big
+        assert seen.count(wire.READ) > 10 and seen.count(wire.WRITE) >= 3
+        writer.close()
+
+    run(main())
+
+
+def test_server_data_after_a_quiet_spell_still_arrives(servers: Servers) -> None:
+    """After an answer the next READ waits a moment (for a TRANSCEIVE); what the server
+    sends unasked later is still read at once."""
+    smbd, _echo = servers.running.get("smb3_11") or (None, None)
+    if smbd is None:
+        servers.address("smb3_11")
+        smbd, _echo = servers.running["smb3_11"]
+
+    def answer_then_push(conn: socket.socket, data: bytes) -> None:
+        while len(data) < 3:
+            data += conn.recv(10)
+        conn.sendall(b"ack")
+        import time
+
+        time.sleep(0.2)
+        conn.sendall(b"pushed")
+        conn.settimeout(5)
+        with contextlib.suppress(OSError):
+            conn.recv(1)
+
+    server = PipeServer(smbd.np_dir, "pusher", answer_then_push)
+    try:
+        async def main() -> float:
+            reader, writer = await open_pipe(f"//127.0.0.1:{smbd.port}/pipe/pusher",
+                                             credentials=CREDS, backend="native")
+            writer.write(b"req")
+            assert await reader.readexactly(3) == b"ack"
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"pushed"
+            waited = loop.time() - start
+            writer.close()
+            return waited
+
+        assert run(main()) < 1.0  # 0.2 s of the server's, plus a READ round trip
+    finally:
+        server.close()

@@ -60,6 +60,7 @@ class Link(asyncio.Protocol):
         self.pipes: set[Any] = set()  # open pipes (npipe.smb.native.pipe.RemotePipe)
         self.encrypted = False
         self.pipe_wait = True  # until the server says it has no FSCTL_PIPE_WAIT (Samba)
+        self.transceive_ok = True  # until the server refuses FSCTL_PIPE_TRANSCEIVE
         self.retired = False
         self.abandoned_reads = 0
         self._waiting: dict[int, Callback] = {}

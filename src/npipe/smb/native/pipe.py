@@ -6,6 +6,12 @@ full (Samba returns at most 65,535 bytes per pipe READ) doubles the number in fl
 to ``MAX_READS``, and short ones shrink it again. Completions are delivered in the order
 the READs were sent. ``pause_reading()`` (a full StreamReader) stops posting new ones.
 
+Request and answer: after a short answer the next READ waits ``QUIET_READ_DELAY``. A
+write in that moment (the reader asking again, the usual request/response rhythm) goes
+out as FSCTL_PIPE_TRANSCEIVE, which writes and returns the answer in one exchange: one
+request and one response where a WRITE and a READ take two of each. A server that
+refuses TRANSCEIVE (Windows, on byte-mode pipes) gets a WRITE instead, from then on.
+
 Writing: ``write()`` never waits for reads. Data goes out in WRITEs of at most
 ``max_write`` bytes with up to ``WRITE_WINDOW`` bytes in flight; beyond ``HIGH_WATER``
 bytes queued or in flight the protocol is paused (``drain()`` waits).
@@ -43,9 +49,16 @@ IDLE_READ_SIZE = 8192
 MIN_READS = 1
 MAX_READS = 32
 MAX_WRITE = 1 << 20
+# After a short answer, how long the next READ waits for the reader to write first: a
+# write that finds no READ posted goes out as FSCTL_PIPE_TRANSCEIVE, its answer coming
+# back in the same exchange (one SMB round trip instead of a WRITE and a READ).
+QUIET_READ_DELAY = 0.001
+TRANSCEIVE_OUTPUT = 65536
 WRITE_WINDOW = 4 << 20
 HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
+# A server that will not TRANSCEIVE on this pipe (Windows, byte-mode pipes).
+TRANSCEIVE_REFUSED = {0xC00000AD, 0xC00000BB, 0xC0000010, 0xC000019C}  # PIPE_STATE, ...
 CLOSE_TIMEOUT = 5.0
 
 
@@ -86,6 +99,8 @@ class RemotePipe(asyncio.Transport):
         self._close_sent = False
         self._read_seq = 0
         self._reads_due = False
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._transceives: dict[int, int] = {}  # key -> bytes written, of TRANSCEIVEs
         self._first_read = first_read
         if first_read is not None and first_read.message_id is not None:
             # The READ sent with the CREATE: the first in flight.
@@ -154,6 +169,9 @@ class RemotePipe(asyncio.Transport):
 
     def _post_reads(self) -> None:
         self._reads_due = False
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
         link = self.link
         wanted = self._window - len(self._reads)
         if (wanted <= 0 or self._reading_paused or self._eof or self._closing
@@ -178,23 +196,31 @@ class RemotePipe(asyncio.Transport):
         reads = self._reads
         if reads and reads[0] == key and not self._results:
             reads.popleft()  # the usual case: answers come in the order asked
-            self._deliver(result, self._read_sizes.pop(key, READ_SIZE))
+            self._deliver(result, self._read_sizes.pop(key, READ_SIZE), key)
             if self._closed:
                 return
         else:
             self._results[key] = result
         while reads and reads[0] in self._results:
             first = reads.popleft()
-            self._deliver(self._results.pop(first), self._read_sizes.pop(first, READ_SIZE))
+            self._deliver(self._results.pop(first), self._read_sizes.pop(first, READ_SIZE),
+                          first)
             if self._closed:
                 return
-        # The next READ goes out a moment later, so that a WRITE the reader makes in
-        # answer to this data can leave in the same TCP send, after it.
-        if not self._reads_due:
-            self._reads_due = True
+        if self._reads_due:
+            return
+        self._reads_due = True
+        if (self._window <= MIN_READS and not self._reads and self.link.transceive_ok
+                and not self._in_flight):
+            # A quiet request/response pipe: give the reader a moment to ask again
+            # (a TRANSCEIVE then), then post a READ for whatever else the server sends.
+            self._read_timer = self._loop.call_later(QUIET_READ_DELAY, self._post_reads)
+        else:
+            # The next READ goes out a moment later, so that a WRITE the reader makes in
+            # answer to this data can leave in the same TCP send, after it.
             self._loop.call_soon(self._post_reads)
 
-    def _deliver(self, result: Response | BaseException, asked: int) -> None:
+    def _deliver(self, result: Response | BaseException, asked: int, key: int) -> None:
         if self._eof or self._closed:
             return
         if isinstance(result, BaseException):
@@ -203,7 +229,13 @@ class RemotePipe(asyncio.Transport):
         status = result.status
         if status in (wire.STATUS_SUCCESS, wire.STATUS_BUFFER_OVERFLOW):
             try:
-                data = wire.parse_read(result.message)
+                if key in self._transceives:
+                    del self._transceives[key]
+                    data = wire.parse_ioctl(result.message)
+                    if status == wire.STATUS_BUFFER_OVERFLOW:
+                        asked = len(data)  # more waits: read on as after a full READ
+                else:
+                    data = wire.parse_read(result.message)
             except wire.ProtocolError as exc:
                 self.link.abort(ConnectionLost(f"the SMB server sent a bad READ response: {exc}"))
                 return
@@ -235,9 +267,14 @@ class RemotePipe(asyncio.Transport):
             return
         if isinstance(data, bytearray):
             data = bytes(data)
+        link = self.link
+        if (self._reads_due and not self._reads and not self._writes and not self._in_flight
+                and link.transceive_ok and self._window <= MIN_READS and not self._reading_paused
+                and not self._eof and len(data) <= self._max_write and link.error is None):
+            self._transceive(data)
+            return
         self._writes.append(data)
         self._queued += len(data)
-        link = self.link
         link.cork()
         try:
             if self._reads_due:
@@ -246,6 +283,58 @@ class RemotePipe(asyncio.Transport):
         finally:
             link.uncork()
         self._check_high_water()
+
+    def _transceive(self, data: bytes | memoryview) -> None:
+        """Write ``data`` and read the answer in one FSCTL_PIPE_TRANSCEIVE: it stands
+        in the queue of READs (its answer comes first) and counts as a write in flight."""
+        self._reads_due = False
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        link = self.link
+        self._read_seq += 1
+        key = -self._read_seq
+        size = len(data)
+        self._reads.append(key)
+        self._read_sizes[key] = TRANSCEIVE_OUTPUT
+        self._transceives[key] = size
+        self._in_flight += size
+        body = wire.ioctl_request(wire.FSCTL_PIPE_TRANSCEIVE, self.file_id, bytes(data),
+                                  TRANSCEIVE_OUTPUT)
+        slot = _ReadSlot(self, key, body, wire.IOCTL, max(size, TRANSCEIVE_OUTPUT))
+        link.submit(slot.build, link.core.charge(max(size, TRANSCEIVE_OUTPUT)),
+                    functools.partial(self._transceive_done, key, data))
+
+    def _transceive_done(
+        self, key: int, data: bytes | memoryview, result: Response | BaseException
+    ) -> None:
+        self._read_ids.pop(key, None)
+        size = self._transceives.get(key, len(data))
+        if (isinstance(result, Response) and result.status in TRANSCEIVE_REFUSED
+                and self.link.transceive_ok):
+            # The server will not (Windows: byte-mode pipes): nothing was written. Send
+            # it as a WRITE and read as usual, from now on on this connection.
+            log.debug("pipe %s: no FSCTL_PIPE_TRANSCEIVE (%#010x)", self.name, result.status)
+            self.link.transceive_ok = False
+            self._transceives.pop(key, None)
+            self._read_sizes.pop(key, None)
+            if key in self._reads:
+                self._reads.remove(key)
+            self._in_flight -= size
+            self._writes.appendleft(data)
+            self._queued += size
+            self._post_reads()
+            self._send_writes()
+            return
+        self._in_flight -= size
+        self._read_done(key, result)
+        if self._closed:
+            return
+        if self._writing_paused and self.get_write_buffer_size() <= LOW_WATER:
+            self._writing_paused = False
+            self._protocol.resume_writing()  # type: ignore[union-attr]
+        if self._closing and not self._writes and not self._in_flight:
+            self._send_close()
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -313,6 +402,9 @@ class RemotePipe(asyncio.Transport):
 
     def _discard_reads(self) -> None:
         """Forget the READs in flight (see the module docstring)."""
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
         link = self.link
         left = 0
         for key in self._reads:
@@ -402,16 +494,19 @@ class EarlyRead:
 class _ReadSlot:
     """Ties a posted READ to its pipe: its message id once built, its completion."""
 
-    __slots__ = ("body", "key", "pipe")
+    __slots__ = ("body", "command", "key", "payload", "pipe")
 
-    def __init__(self, pipe: RemotePipe, key: int, body: bytes) -> None:
+    def __init__(self, pipe: RemotePipe, key: int, body: bytes, command: int = wire.READ,
+                 payload: int = 0) -> None:
         self.pipe = pipe
         self.key = key
         self.body = body
+        self.command = command
+        self.payload = payload
 
     def build(self) -> Outgoing:
         pipe = self.pipe
-        out = pipe.link.core.request(wire.READ, self.body)
+        out = pipe.link.core.request(self.command, self.body, payload=self.payload)
         pipe._read_ids[self.key] = out.message_id
         return out
 
