@@ -412,3 +412,29 @@ def test_server_data_after_a_quiet_spell_still_arrives(servers: Servers) -> None
         assert run(main()) < 1.0  # 0.2 s of the server's, plus a READ round trip
     finally:
         server.close()
+
+
+def test_a_server_that_closes_on_a_transceive_ends_the_stream(servers: Servers) -> None:
+    """The request goes as a TRANSCEIVE and the server closes instead of answering:
+    Samba says CONNECTION_DISCONNECTED, which is the end of the stream (not an error)."""
+    servers.address("smb3_11")
+    smbd, _echo = servers.running["smb3_11"]
+
+    def greet_then_close(conn: socket.socket, data: bytes) -> None:
+        conn.sendall(b"bye")
+        conn.recv(1)  # the client's request, then close without an answer
+
+    server = PipeServer(smbd.np_dir, "slammer", greet_then_close)
+    try:
+        async def main() -> bytes:
+            reader, writer = await open_pipe(f"//127.0.0.1:{smbd.port}/pipe/slammer",
+                                             credentials=CREDS, backend="native")
+            assert await reader.readexactly(3) == b"bye"
+            writer.write(b"k")  # the pipe is quiet: a TRANSCEIVE
+            rest = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return rest
+
+        assert run(main()) == b""
+    finally:
+        server.close()

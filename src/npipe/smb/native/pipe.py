@@ -54,9 +54,15 @@ MAX_WRITE = 1 << 20
 # back in the same exchange (one SMB round trip instead of a WRITE and a READ).
 QUIET_READ_DELAY = 0.001
 TRANSCEIVE_OUTPUT = 65536
+# Larger writes go as WRITEs: smbd reads a TRANSCEIVE's answer only once its write is
+# done, so an echoing server blocked on a full socket would never let it finish.
+TRANSCEIVE_MAX_INPUT = 16384
 WRITE_WINDOW = 4 << 20
 HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
+# The end of the pipe's byte stream: its server closed (a TRANSCEIVE on such a pipe
+# answers CONNECTION_DISCONNECTED on Samba).
+END_STATUSES = st.EOF_STATUSES | {0xC000020C, 0xC000020D}
 # A server that will not TRANSCEIVE on this pipe (Windows, byte-mode pipes).
 TRANSCEIVE_REFUSED = {0xC00000AD, 0xC00000BB, 0xC0000010, 0xC000019C}  # PIPE_STATE, ...
 CLOSE_TIMEOUT = 5.0
@@ -246,7 +252,7 @@ class RemotePipe(asyncio.Transport):
             if data:
                 self._protocol.data_received(data)  # type: ignore[union-attr]
             return
-        if status in st.EOF_STATUSES:
+        if status in END_STATUSES:
             log.debug("pipe %s: end of stream (%#010x)", self.name, status)
             self._end_of_stream()
             return
@@ -270,7 +276,7 @@ class RemotePipe(asyncio.Transport):
         link = self.link
         if (self._reads_due and not self._reads and not self._writes and not self._in_flight
                 and link.transceive_ok and self._window <= MIN_READS and not self._reading_paused
-                and not self._eof and len(data) <= self._max_write and link.error is None):
+                and not self._eof and len(data) <= TRANSCEIVE_MAX_INPUT and link.error is None):
             self._transceive(data)
             return
         self._writes.append(data)
@@ -364,7 +370,7 @@ class RemotePipe(asyncio.Transport):
             self._lost(result)
             return
         if result.status != wire.STATUS_SUCCESS:
-            if result.status in st.EOF_STATUSES:
+            if result.status in END_STATUSES:
                 log.debug("pipe %s: closed by its server while writing", self.name)
                 if not self._eof:
                     self._end_of_stream()
