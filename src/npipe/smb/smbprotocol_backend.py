@@ -89,32 +89,23 @@ from npipe.errors import (
     ConnectionLost,
     HostUnreachable,
     NpipeError,
-    PipeBusy,
-    PipeNotFound,
 )
 from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
+from npipe.smb.retry import OpenRetry
 from npipe.smb.status import (
     EOF_STATUSES as _EOF_STATUSES,
-)
-from npipe.smb.status import (
-    LINK_GONE_STATUSES as _LINK_GONE_STATUSES,
 )
 from npipe.smb.status import (
     NO_PIPE_WAIT_STATUSES as _NO_PIPE_WAIT_STATUSES,
 )
 from npipe.smb.status import (
-    RETRY_STATUSES as _RETRY_STATUSES,
-)
-from npipe.smb.status import (
     STATUS_ACCESS_DENIED,
     STATUS_IO_TIMEOUT,
-    STATUS_OBJECT_NAME_NOT_FOUND,
     STATUS_PENDING,
     STATUS_SUCCESS,
     auth_error,
-    create_error,
 )
 
 log = logging.getLogger("npipe.smb")
@@ -129,15 +120,10 @@ READ_SIZE = 65536
 # (16 credits; the negotiated max_write_size may be smaller).
 SOCKET_CHUNK = 1 << 20
 MAX_WRITE = 1 << 20
-# CREATE retry backoff while a pipe is missing or busy.
-RETRY_FIRST = 0.05
-RETRY_MAX = 1.0
 # How long a closing pipe waits for its pending READ to be answered (Windows answers
 # at once; Samba never does), and for the CLOSE itself.
 READ_GRACE = 1.0
 CLOSE_TIMEOUT = 5.0
-# The least time a CREATE is given before its pipe counts as stuck.
-CREATE_MIN_TIMEOUT = 2.0
 # smbprotocol keeps each unanswered READ (~9 KB) for the connection's lifetime: after
 # this many closed pipes a connection takes no new pipes and goes once they are closed.
 ABANDONED_READS_LIMIT = 1024
@@ -757,16 +743,10 @@ class SmbprotocolClient:
     ) -> tuple[_Link, Any]:
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = RETRY_FIRST
-        relinks = 0
-        last_status = STATUS_OBJECT_NAME_NOT_FOUND
+        retry = OpenRetry(address, credentials, timeout)
         while True:
-            link = await self._link(address, credentials, encrypt, deadline)
-            # A CREATE of a missing pipe takes ~75 ms on Samba: the last attempt may end
-            # a little after the deadline rather than be cut short.
-            create_timeout = max(deadline - loop.time(), CREATE_MIN_TIMEOUT)
+            link = await self._link(address, credentials, encrypt, retry.deadline)
+            create_timeout = retry.create_timeout()
             try:
                 op = await _in_thread(
                     _create_and_acquire,
@@ -778,39 +758,19 @@ class SmbprotocolClient:
                 return link, op
             except _CreateTimeout:
                 link.retire("a CREATE was not answered (the pipe's server may be stuck)")
-                raise PipeBusy(
-                    f"pipe {address} did not answer within {create_timeout:g} s (its server "
-                    "accepted the connection but did not complete the handshake)"
-                ) from None
+                raise retry.stuck(create_timeout) from None
             except Exception as exc:
-                status = _status(exc)
-                if status in _RETRY_STATUSES:
-                    last_status = status
-                elif status in _LINK_GONE_STATUSES or not link.alive():
-                    link.retire(f"the session is gone ({_status_text(exc)})")
-                    relinks += 1
-                    if relinks > 2 or loop.time() >= deadline:
-                        raise ConnectionLost(
-                            f"the SMB connection to {link.where} keeps failing: {exc}"
-                        ) from None
-                    continue
-                else:
-                    raise _create_error(exc, address, credentials) from None
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            if link.pipe_wait:
-                waited = await _in_thread(link.wait_for_pipe, address.name, remaining)
-                if waited == STATUS_SUCCESS:
-                    continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, RETRY_MAX)
-        if _RETRY_STATUSES[last_status] == "busy":
-            raise PipeBusy(f"pipe {address} stayed busy for {timeout:g} s")
-        raise PipeNotFound(f"no pipe {address}: nothing listened on it for {timeout:g} s")
+                status, detail, status_text = _status(exc), str(exc), _status_text(exc)
+                # An npipe error without a status (say, a lost connection) stands as is.
+                error = exc if status is None and isinstance(exc, NpipeError) else None
+            if retry.link_gone(status, link.alive()):
+                link.retire(f"the session is gone ({status_text})")
+                retry.relink(link.where, detail)
+                continue
+            if error is not None:
+                raise error
+            pipe_wait = functools.partial(_in_thread, link.wait_for_pipe, address.name)
+            await retry.wait(status, detail, pipe_wait if link.pipe_wait else None)
 
     async def _link(
         self,
@@ -873,12 +833,6 @@ async def _in_thread(
 
             future.add_done_callback(late)
         raise
-
-
-def _create_error(exc: BaseException, address: PipeAddress, credentials: Credentials) -> Exception:
-    if isinstance(exc, NpipeError) and _status(exc) is None:
-        return exc
-    return create_error(_status(exc), address, credentials, str(exc))
 
 
 __all__ = [

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import weakref
 from typing import Any
 
 from npipe.address import PipeAddress
-from npipe.errors import AddressError, ConnectionLost, HostUnreachable, PipeBusy, PipeNotFound
+from npipe.errors import AddressError, ConnectionLost, HostUnreachable
 from npipe.smb import status as st
 from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
@@ -26,13 +27,11 @@ from npipe.smb.native import wire
 from npipe.smb.native.core import Options, Outgoing, Response
 from npipe.smb.native.link import Link, _resolver
 from npipe.smb.native.pipe import IDLE_READ_SIZE, EarlyRead, RemotePipe
+from npipe.smb.retry import OpenRetry
 
 log = logging.getLogger("npipe.smb")
 
 DEFAULT_LIMIT = 64 * 1024
-RETRY_FIRST = 0.05
-RETRY_MAX = 1.0
-CREATE_MIN_TIMEOUT = 2.0
 
 LinkKey = tuple[
     str, int, tuple[str | None, str | None, str, str | None], bool | None, tuple[Any, ...]
@@ -123,54 +122,25 @@ class NativeClient:
         """Open the pipe, retrying a missing or busy one until ``timeout``."""
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = RETRY_FIRST
-        relinks = 0
-        last_status = st.STATUS_OBJECT_NAME_NOT_FOUND
+        retry = OpenRetry(address, credentials, timeout)
         while True:
-            link = await self._link(address, credentials, encrypt, deadline)
-            create_timeout = max(deadline - loop.time(), CREATE_MIN_TIMEOUT)
+            link = await self._link(address, credentials, encrypt, retry.deadline)
+            create_timeout = retry.create_timeout()
             response, first_read = await _create(link, address.name, create_timeout)
             if response is None:
                 link.retire("a CREATE was not answered (the pipe's server may be stuck)")
-                raise PipeBusy(
-                    f"pipe {address} did not answer within {create_timeout:g} s (its server "
-                    "accepted the connection but did not complete the handshake)"
-                )
+                raise retry.stuck(create_timeout)
             status = response.status if isinstance(response, Response) else None
             if status == st.STATUS_SUCCESS:
                 assert isinstance(response, Response)
                 file_id = wire.parse_create(response.message)
                 return RemotePipe(link, file_id, address.posix(), first_read=first_read)
-            if status in st.RETRY_STATUSES:
-                assert status is not None
-                last_status = status
-            elif status in st.LINK_GONE_STATUSES or not link.alive:
+            if retry.link_gone(status, link.alive):
                 link.retire(f"the session is gone ({response})")
-                relinks += 1
-                if relinks > 2 or loop.time() >= deadline:
-                    raise ConnectionLost(
-                        f"the SMB connection to {link.where} keeps failing: {response}"
-                    )
+                retry.relink(link.where, f"{response}")
                 continue
-            else:
-                raise st.create_error(status, address, credentials, f"{response}")
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            if link.pipe_wait:
-                waited = await _pipe_wait(link, address.name, remaining)
-                if waited == st.STATUS_SUCCESS:
-                    continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, RETRY_MAX)
-        if st.RETRY_STATUSES[last_status] == "busy":
-            raise PipeBusy(f"pipe {address} stayed busy for {timeout:g} s")
-        raise PipeNotFound(f"no pipe {address}: nothing listened on it for {timeout:g} s")
+            pipe_wait = functools.partial(_pipe_wait, link, address.name)
+            await retry.wait(status, f"{response}", pipe_wait if link.pipe_wait else None)
 
     async def _link(
         self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,

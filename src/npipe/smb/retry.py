@@ -1,0 +1,88 @@
+"""How opening a remote pipe retries, the same for every backend.
+
+A missing or busy pipe is tried again (after FSCTL_PIPE_WAIT where the server has it,
+else after a doubling pause) until the deadline; a session that went away is replaced
+at most twice; anything else ends the open with the npipe error for its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from npipe.address import PipeAddress
+from npipe.errors import ConnectionLost, NpipeError, PipeBusy, PipeNotFound
+from npipe.smb import status as st
+from npipe.smb.credentials import Credentials
+
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+# A CREATE of a missing pipe takes ~75 ms on Samba: the last attempt may end a little
+# after the deadline rather than be cut short.
+CREATE_MIN_TIMEOUT = 2.0
+MAX_RELINKS = 2
+
+PipeWait = Callable[[float], Awaitable[int | None]]
+
+
+class OpenRetry:
+    """The retry state of one open of ``address`` that must end within ``timeout``."""
+
+    def __init__(self, address: PipeAddress, credentials: Credentials, timeout: float) -> None:
+        self.address = address
+        self.credentials = credentials
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self.deadline = self._loop.time() + timeout
+        self._delay = RETRY_FIRST
+        self._relinks = 0
+        self._last_status = st.STATUS_OBJECT_NAME_NOT_FOUND
+
+    def create_timeout(self) -> float:
+        """How long the next CREATE may take."""
+        return max(self.deadline - self._loop.time(), CREATE_MIN_TIMEOUT)
+
+    def stuck(self, create_timeout: float) -> PipeBusy:
+        """The error for a CREATE that was not answered in time."""
+        return PipeBusy(
+            f"pipe {self.address} did not answer within {create_timeout:g} s (its server "
+            "accepted the connection but did not complete the handshake)"
+        )
+
+    @staticmethod
+    def link_gone(status: int | None, alive: bool) -> bool:
+        """Whether a CREATE that failed with ``status`` calls for a new connection."""
+        return status not in st.RETRY_STATUSES and (
+            status in st.LINK_GONE_STATUSES or not alive
+        )
+
+    def relink(self, where: str, detail: str) -> None:
+        """Count a replaced connection; ConnectionLost once it keeps happening."""
+        self._relinks += 1
+        if self._relinks > MAX_RELINKS or self._loop.time() >= self.deadline:
+            raise ConnectionLost(f"the SMB connection to {where} keeps failing: {detail}")
+
+    async def wait(self, status: int | None, detail: str, pipe_wait: PipeWait | None) -> None:
+        """After a CREATE refused with ``status``: raise its error if waiting cannot
+        help, or the final PipeNotFound / PipeBusy once the deadline has passed; else
+        wait (FSCTL_PIPE_WAIT with ``pipe_wait``, then a pause) and return to try again."""
+        if status not in st.RETRY_STATUSES:
+            raise st.create_error(status, self.address, self.credentials, detail)
+        self._last_status = status
+        remaining = self.deadline - self._loop.time()
+        if remaining <= 0:
+            raise self._gave_up()
+        if pipe_wait is not None and await pipe_wait(remaining) == st.STATUS_SUCCESS:
+            return
+        remaining = self.deadline - self._loop.time()
+        if remaining <= 0:
+            raise self._gave_up()
+        await asyncio.sleep(min(self._delay, remaining))
+        self._delay = min(self._delay * 2, RETRY_MAX)
+
+    def _gave_up(self) -> NpipeError:
+        if st.RETRY_STATUSES[self._last_status] == "busy":
+            return PipeBusy(f"pipe {self.address} stayed busy for {self.timeout:g} s")
+        return PipeNotFound(
+            f"no pipe {self.address}: nothing listened on it for {self.timeout:g} s"
+        )
