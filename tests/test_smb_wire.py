@@ -341,7 +341,7 @@ def test_session_keys_follow_the_dialect() -> None:
 
 def test_response_type() -> None:
     response = Response(wire.parse_header(_response(wire.ECHO, 3, b"\x04\x00\x00\x00")),
-                        _response(wire.ECHO, 3, b"\x04\x00\x00\x00"), 0, False, True)
+                        _response(wire.ECHO, 3, b"\x04\x00\x00\x00"), False, True)
     assert response.status == 0 and response.command == wire.ECHO
 
 

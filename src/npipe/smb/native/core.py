@@ -11,6 +11,7 @@ One connection carries one session (npipe opens one connection per host and iden
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from npipe.smb.native import wire
@@ -43,16 +44,15 @@ class Options:
     # Sign every message once a session exists. Only benchmarks turn this off (and only
     # a server that does not require signing on SMB 2.x then goes along).
     sign: bool = True
-    client_guid: bytes = field(default_factory=lambda: __import__("os").urandom(16))
+    client_guid: bytes = field(default_factory=lambda: os.urandom(16))
 
 
 @dataclass(slots=True)
 class Response:
-    """One response: its header and the message it is in (``at``: its offset there)."""
+    """One response: its header and its own bytes (split out of a compound chain)."""
 
     header: wire.Header
     message: bytes
-    at: int
     encrypted: bool
     verified: bool  # False only for the final SESSION_SETUP before the keys exist
 
@@ -134,7 +134,7 @@ class Smb2Client:
         if response.status != wire.STATUS_SUCCESS:
             raise ProtocolError(f"NEGOTIATE failed with NTSTATUS {response.status:#010x}")
         opts = self.options
-        msg = _only(response)
+        msg = response.message
         self.negotiated = parse_negotiate(
             msg, offered=opts.dialects, ciphers=opts.ciphers,
             signing_algorithms=opts.signing_algorithms,
@@ -160,15 +160,15 @@ class Smb2Client:
         """A MORE_PROCESSING_REQUIRED response: remember the session id, hash it; its token."""
         self.session_id = response.header.session_id
         if self._session_preauth is not None:
-            self._session_preauth.update(_only(response))
-        return wire.parse_session_setup(response.message, response.at).token
+            self._session_preauth.update(response.message)
+        return wire.parse_session_setup(response.message).token
 
     def session_established(self, response: Response, session_key: bytes) -> int:
         """The final SESSION_SETUP response: derive keys, verify it; its session flags."""
         self.session_id = response.header.session_id
         neg = self.negotiated
         assert neg is not None
-        flags = wire.parse_session_setup(response.message, response.at).session_flags
+        flags = wire.parse_session_setup(response.message).session_flags
         if flags & (wire.SESSION_FLAG_IS_GUEST | wire.SESSION_FLAG_IS_NULL):
             return flags  # no keys: the caller refuses such sessions
         preauth = self._session_preauth.value if self._session_preauth else None
@@ -176,7 +176,7 @@ class Smb2Client:
         self.keys = keys
         self.signer = Signer(neg.signing_algorithm, keys.signing)
         if response.header.signed:
-            if not self.signer.verify(_only(response), response.header.message_id):
+            if not self.signer.verify(response.message, response.header.message_id):
                 raise ProtocolError("the SESSION_SETUP response's signature is wrong")
         elif self.options.sign or neg.signing_required:
             raise ProtocolError("the final SESSION_SETUP response is not signed")
@@ -276,7 +276,6 @@ class Smb2Client:
         *,
         related: bool = False,
         allow_sign: bool = True,
-        data: bytes | memoryview | None = None,
     ) -> Outgoing:
         total = sum(max(1, charge) for _c, _b, charge, _t in items)
         if total > self.credits:
@@ -290,14 +289,8 @@ class Smb2Client:
             self.next_message_id += max(1, charge)
             ids.append(mid)
             last = i == len(items) - 1
-            if last:
-                tail = data if data is not None else b""
-                size = wire.HEADER_SIZE + len(body) + len(tail)
-                pad = 0
-            else:
-                tail = b""
-                size = wire.HEADER_SIZE + len(body)
-                pad = (8 - size % 8) % 8
+            size = wire.HEADER_SIZE + len(body)
+            pad = 0 if last else (8 - size % 8) % 8
             ask = charge + max(0, min(CREDIT_ASK_MAX, CREDIT_TARGET - self.credits))
             flags = wire.FLAGS_RELATED_OPERATIONS if related and i else 0
             header = wire.pack_header(
@@ -308,15 +301,12 @@ class Smb2Client:
             if sign:
                 msg = bytearray(header)
                 msg += body
-                msg += tail
                 msg += bytes(pad)
                 assert self.signer is not None
                 self.signer.sign(msg)
                 parts.append(bytes(msg))
             else:
-                parts.append(header + body + bytes(pad) if not tail else header + body)
-                if tail:
-                    parts.append(tail)
+                parts.append(header + body + bytes(pad))
         return Outgoing(ids, parts)
 
     # --- responses -----------------------------------------------------------------
@@ -368,7 +358,7 @@ class Smb2Client:
             else:
                 verified = self._check(header, chunk)
             self.credits += header.credits
-            out.append(Response(header, chunk, 0, encrypted, verified))
+            out.append(Response(header, chunk, encrypted, verified))
             if not next_command:
                 return
             at = end
@@ -402,8 +392,3 @@ class Smb2Client:
                 "wrong signature"
             )
         return True
-
-
-def _only(response: Response) -> bytes:
-    """The response's own bytes (it may have come in a compound chain)."""
-    return response.message

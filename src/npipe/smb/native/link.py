@@ -369,8 +369,7 @@ class Link(asyncio.Protocol):
             )
         if not core.options.sign and neg.dialect >= 0x0311:
             core.options.sign = True  # 3.1.1 servers refuse unsigned sessions
-        session_key = await self._authenticate(credentials, neg.security_buffer)
-        del session_key
+        await self._authenticate(credentials, neg.security_buffer)
         if encrypt or (encrypt is None and neg.cipher is not None and neg.dialect >= SMB_3_0):
             core.require_encryption()
         tree = await self.request(
