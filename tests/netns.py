@@ -33,6 +33,14 @@ CLIENT_IP = "198.18.0.2"
 PREFIX_LEN = 30
 SAMBA_TOOLS = ("smbd", "smbpasswd", "testparm", "smbcontrol")
 _SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+# The Debian package that brings each tool on both Debian 12 and 13 (`samba` and
+# `samba-tool` come with samba-ad-dc on Debian 13, with samba on Debian 12).
+TOOL_PACKAGES = {
+    "smbd": "samba", "smbcontrol": "samba", "smbpasswd": "samba-common-bin",
+    "testparm": "samba-common-bin", "ip": "iproute2", "samba": "samba-ad-dc",
+    "samba-tool": "samba-ad-dc", "winbindd": "winbind", "kinit": "krb5-user",
+    "klist": "krb5-user", "unshare": "util-linux", "ss": "iproute2", "tshark": "tshark",
+}
 _counter = itertools.count(1)
 
 
@@ -47,8 +55,10 @@ def require_root_and_samba(*more_tools: str) -> None:
         reasons.append("needs root (smbd, network namespaces)")
     missing = [t for t in (*SAMBA_TOOLS, "ip", *more_tools) if tool(t) is None]
     if missing:
+        packages = sorted({TOOL_PACKAGES.get(t, t) for t in missing})
         reasons.append(
-            f"{', '.join(missing)} not found (apt-get install samba smbclient iproute2)"
+            f"{', '.join(missing)} not found (scripts/test installs them: "
+            f"apt-get install {' '.join(packages)})"
         )
     if not reasons:
         return

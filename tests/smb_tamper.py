@@ -267,15 +267,18 @@ class TamperProxy:
     # --- the loop's side ------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        # Stop accepting, then drop the connections, and only then wait for the server:
+        # since Python 3.12 Server.wait_closed() waits until every connection has closed.
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
         for writer in list(self._writers):
             writer.transport.abort()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await asyncio.wait_for(self._server.wait_closed(), 5)
 
     def _take(self, index: int, frame: bytes) -> Rule | None:
         """The rule, if it picks this message (then it is used up)."""

@@ -27,6 +27,7 @@ import pytest
 from capture import Capture, have_tshark, require_tshark, stop_all
 from pipe_servers import Handler, PipeServer, echo
 
+from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.errors import (
     AccessDenied,
     AddressError,
@@ -42,7 +43,6 @@ from npipe.smb.info import SmbConnectionInfo
 
 pytestmark = pytest.mark.root
 
-TEMPLATE = Path("/work/shared/samba/private-smb.conf")
 USER = "npt-client"
 PASSWORD = "npt-client-pw-1"
 OTHER_USER = "npt-other"
@@ -57,20 +57,11 @@ def _require_smbd() -> None:
         reason = "needs root to run smbd and serve pipes in its np/ directory"
     elif shutil.which("smbd") is None or shutil.which("smbpasswd") is None:
         reason = "needs Samba (smbd, smbpasswd)"
-    elif not TEMPLATE.exists():
-        reason = f"needs the smbd config template {TEMPLATE}"
     if reason is None:
         return
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; CI=true, so this must not be skipped", pytrace=False)
     pytest.skip(reason)
-
-
-def _ensure_user(name: str) -> None:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
 
 
 def _free_port() -> int:
@@ -80,74 +71,22 @@ def _free_port() -> int:
         return port
 
 
-class Smbd:
-    """A private smbd on 127.0.0.1:port, stopped (with its children) by stop()."""
+class Smbd(PrivateSmbd):
+    """A private smbd on loopback (``lo``) on a free port, in a directory of its own."""
 
     def __init__(self, extra: dict[str, str]) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="npsmb", dir="/tmp"))
-        self.port = _free_port()
-        self.conf = self.dir / "smb.conf"
-        self.proc: subprocess.Popen[bytes] | None = None
-        text = TEMPLATE.read_text()
-        text = text.replace("DIR", str(self.dir)).replace("IFACE", "lo")
-        text = text.replace("PORT", str(self.port))
-        lines = [text.rstrip("\n"), "  map to guest = never"]
-        lines += [f"  {k} = {v}" for k, v in extra.items()]
-        self.conf.write_text("\n".join(lines) + "\n")
-        for sub in ("private", "lock", "state", "cache", "pid", "log"):
-            (self.dir / sub).mkdir()
-
-    @property
-    def np_dir(self) -> Path:
-        return self.dir / "ncalrpc" / "np"
+        super().__init__(self.dir, port=_free_port(), users={USER: PASSWORD}, extra=extra)
 
     def address(self, name: str) -> str:
         return f"//127.0.0.1:{self.port}/pipe/{name}"
 
-    def start(self) -> None:
-        _ensure_user(USER)
-        subprocess.run(
-            ["smbpasswd", "-c", str(self.conf), "-a", "-s", USER],
-            input=f"{PASSWORD}\n{PASSWORD}\n".encode(),
-            check=True,
-            capture_output=True,
-        )
-        log = open(self.dir / "smbd.out", "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            ["smbd", "-s", str(self.conf), "-F", "--no-process-group", "-d", "1"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() ends the children too
-        )
-        log.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out = (self.dir / "smbd.out").read_text(errors="replace")
-                raise RuntimeError(f"smbd exited with {self.proc.returncode}: {out[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
-            ):
-                if self.np_dir.is_dir():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("smbd did not start listening within 15 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        if self.proc is not None:
-            # Children may outlive the parent for a moment; they are in its group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def close(self) -> None:
+        """Stop smbd (with every process it started) and remove its directory."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def connection_pids(self) -> list[int]:
         """The smbd children serving established TCP connections (one per connection)."""
@@ -182,7 +121,7 @@ def _running_smbd(extra: dict[str, str]) -> Iterator[Smbd]:
             smbd.start()
             yield smbd
     finally:
-        smbd.stop()
+        smbd.close()
 
 
 # Each smbd's traffic, checked by test_no_malformed_smb_on_the_wire (when tshark is here).
@@ -579,7 +518,7 @@ def test_bridge_refuses_other_users(
     if not os.access("/usr/bin/python3", os.X_OK):
         pytest.skip("needs /usr/bin/python3 to run a probe as another user")
     serve("private", echo)
-    _ensure_user(OTHER_USER)
+    ensure_unix_user(OTHER_USER)
     caplog.set_level(logging.WARNING, logger="npipe.smb.bridge")
     bridge = bridge_for(smbd.address("private"), credentials=CREDS)
     probe = (
