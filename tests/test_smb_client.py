@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -27,7 +26,6 @@ import pytest
 from capture import Capture, have_tshark, require_tshark, stop_all
 from pipe_servers import Handler, PipeServer, echo
 
-from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.errors import (
     AccessDenied,
     AddressError,
@@ -37,6 +35,7 @@ from npipe.errors import (
     HostUnreachable,
     PipeNotFound,
 )
+from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.smb import BACKENDS, ENV_BACKEND, bridge_for, close_bridges, get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
