@@ -160,3 +160,16 @@ def test_help_everywhere(command: list[str]) -> None:
 def test_no_command_is_usage_error() -> None:
     r = run()
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_readme_shows_what_the_demo_prints(pipe_dir: Path) -> None:
+    """The README's sample output of scripts/demo (npipe demo) matches it line by line,
+    up to the values that change (paths, pids)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sample = readme.split("`scripts/demo` prints", 1)[1].split("```", 2)[1].strip()
+    r = run("demo")
+    assert r.returncode == 0, r.stderr
+    printed = r.stdout.strip().splitlines()
+    expected = sample.splitlines()
+    assert [line.split()[0] for line in printed] == [line.split()[0] for line in expected]
+    assert printed[2] == expected[2]  # the request is the same every time
