@@ -101,8 +101,8 @@ def _door_process(pipe_dir: str, backend: str, conn: Any) -> None:
     """Run npipe's FrontDoor alone in this process, in front of a plain Unix socket."""
     from npipe import frontdoor
     from npipe.address import parse_address
+    from npipe.local.claim import claim_pipe
     from npipe.local.listener import private_dir
-    from npipe.streams import claim_pipe
 
     claimed = claim_pipe(parse_address(PIPE_NAME), directory=pipe_dir)
     workdir = private_dir(Path(pipe_dir))

@@ -14,6 +14,29 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_dir() -> Iterator[Path]:
+    """The machine-wide pipe directory for this test run (npipe.local.namespace): a fresh
+    root-owned sticky one when the tests run as root, so that tests never publish names
+    in the machine's own /run/npipe; children inherit it through the environment."""
+    d = Path(tempfile.mkdtemp(prefix="npm", dir="/tmp"))
+    machine = d / "run"
+    old = os.environ.get("NPIPE_MACHINE_DIR")
+    os.environ["NPIPE_MACHINE_DIR"] = str(machine)
+    if os.geteuid() == 0:
+        os.chmod(d, 0o755)
+        machine.mkdir()
+        os.chmod(machine, 0o1777)
+    try:
+        yield machine
+    finally:
+        if old is None:
+            os.environ.pop("NPIPE_MACHINE_DIR", None)
+        else:
+            os.environ["NPIPE_MACHINE_DIR"] = old
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def pipe_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private pipe directory (short: socket paths are limited to 107 bytes)."""

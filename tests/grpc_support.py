@@ -65,7 +65,7 @@ TRAILING_MD = (("x-trailing", "last"), ("x-trailing-bin", b"\x01\x02trail"))
 # Bound on every wait in these tests: far below pytest-timeout's 120 s.
 WAIT = 10.0
 
-TEST_USERS = ("npipe-t1", "npipe-t2")
+TEST_USERS = ("npipe-t1", "npipe-t2", "npipe-t3")
 
 
 def method(name: str) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -262,9 +263,12 @@ def test_server_security_settings(site: Site, options: dict[str, str]) -> None:
 
 
 def test_non_root_server_behind_a_link(site: Site, smb_backend: str) -> None:
-    """A server run by an ordinary user listens in its own pipe directory; root links
-    np/NAME to it with `npipe samba link`, and SMB clients reach it."""
+    """A server run by an ordinary user listens in the directory root made for it
+    (`npipe samba link NAME --user USER`, whose np/NAME link points there), and SMB
+    clients reach it."""
     import pwd
+
+    from npipe.local.namespace import root_made_user_dir
 
     bob = pwd.getpwnam(BOB)
     pipes = site.workdir / f"bob-pipes-{smb_backend}"  # BOB's own pipe directory
@@ -272,20 +276,26 @@ def test_non_root_server_behind_a_link(site: Site, smb_backend: str) -> None:
     os.chown(pipes, bob.pw_uid, bob.pw_gid)
     os.chmod(site.workdir, 0o755)
     env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(site.smbd.np_dir)}
+    npipe_cmd = [sys.executable, "-m", "npipe", "samba", "link", "bobs"]
+    # A target in a directory that another user could one day create is refused.
+    done = subprocess.run([*npipe_cmd, "--target", str(pipes / ".smb-bobs")], env=env,
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode != 0 and "another user could create it" in done.stderr
+    done = subprocess.run([*npipe_cmd, "--user", BOB], env=env, capture_output=True,
+                          text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    socket_path = root_made_user_dir(bob.pw_uid) / ".smb-bobs"
+    assert os.readlink(site.smbd.np_dir / "bobs") == str(socket_path)
+    st = os.lstat(socket_path.parent)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode), os.lstat(socket_path.parent.parent).st_uid) \
+        == (bob.pw_uid, 0o700, 0)
     with serve(site, "bobs", users=ALICE, NPIPE_TEST_RUN_AS=BOB, NPIPE_PIPE_DIR=str(pipes)):
-        socket_path = pipes / ".smb-bobs"
-        assert socket_path.stat().st_uid != 0 and not (site.smbd.np_dir / "bobs").exists()
-        done = subprocess.run([sys.executable, "-m", "npipe", "samba", "link", "bobs",
-                               "--target", str(socket_path)],
-                              env=env, capture_output=True, text=True, timeout=WAIT)
-        assert done.returncode == 0, done.stderr
-        assert os.readlink(site.smbd.np_dir / "bobs") == str(socket_path)
+        assert socket_path.stat().st_uid == bob.pw_uid
         r = client(site, "calls", site.address("bobs"))
         assert r["who"]["account"] == ALICE and r["big"] is True
-        done = subprocess.run([sys.executable, "-m", "npipe", "samba", "link", "bobs",
-                               "--remove"], env=env, capture_output=True, text=True,
-                              timeout=WAIT)
-        assert done.returncode == 0 and not os.path.lexists(site.smbd.np_dir / "bobs")
+    done = subprocess.run([*npipe_cmd, "--remove"], env=env, capture_output=True, text=True,
+                          timeout=WAIT)
+    assert done.returncode == 0 and not os.path.lexists(site.smbd.np_dir / "bobs")
 
 
 def test_health_and_call_from_the_shell(site: Site) -> None:

@@ -34,6 +34,7 @@ from grpc_support import (
 
 import npipe
 import npipe.grpc
+from npipe.local.listener import BACKEND_SOCKET, is_live
 
 
 @pytest.fixture
@@ -43,8 +44,15 @@ def pipe_dir() -> Iterator[Path]:
 
 
 def _leftovers(pipe_dir: Path) -> list[str]:
-    """What is left in a pipe directory besides lock files (which npipe keeps)."""
-    return sorted(n for n in os.listdir(pipe_dir) if not n.startswith(".lock-"))
+    """What is left in a pipe directory besides lock files (which npipe keeps) and the
+    private directories of servers that are still running (their backend listens)."""
+    names = os.listdir(pipe_dir)
+    return sorted(
+        n for n in names
+        if not n.startswith(".lock-")
+        and not (n.startswith(".np-") and is_live(pipe_dir / n / BACKEND_SOCKET))
+        and not (n.startswith(".acl-") and n[len(".acl-"):] in names)  # a pipe's ACL note
+    )
 
 
 def _echo(pipe_dir: Path, name: str = "svc", payload: bytes = b"ping") -> bytes:

@@ -30,7 +30,7 @@ from pathlib import Path
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.identity import Caller
 from npipe.local.listener import ClaimedSocket
-from npipe.local.peercred import peer_caller
+from npipe.local.peercred import peer_caller, peer_credentials
 
 log = logging.getLogger("npipe.frontdoor")
 
@@ -136,6 +136,7 @@ class FrontDoor:
         try:
             backend.bind(bound)
             backend.connect(self._backend)
+            _check_backend_owner(backend, self._backend)
         except OSError as e:
             backend.close()
             conn.close()
@@ -160,6 +161,14 @@ class FrontDoor:
             self._conns.difference_update((conn, backend))
         conn.close()
         backend.close()
+
+
+def _check_backend_owner(backend: socket.socket, path: str) -> None:
+    """The caller's bytes go only to a server of this process's own user: whatever sits
+    at the backend's path must have been bound by us (SO_PEERCRED of the listener)."""
+    uid = peer_credentials(backend)[1]
+    if uid != os.geteuid():
+        raise PermissionError(f"the backend socket {path} is served by uid {uid}, not by us")
 
 
 class _Countdown:

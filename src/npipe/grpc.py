@@ -33,12 +33,12 @@ from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address, validate_unix_path
 from npipe.errors import ConfigError, UnsupportedPlatform
 from npipe.identity import Caller
+from npipe.local.claim import claim_pipe
 from npipe.local.dial import find_socket
 from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path
 from npipe.samba import frontdoor as samba
 from npipe.smb.credentials import Credentials
-from npipe.streams import claim_pipe
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -93,7 +93,7 @@ def add_pipe_port(
     directory = _pipe_dir(pipe_dir)
     # Without the front door grpcio's socket is hard-linked to the pipe's name, so it
     # must be on the same file system: in the pipe directory.
-    workdir = private_dir(None if caller_identity else directory)
+    workdir = private_dir(directory)
     backend = workdir / BACKEND_SOCKET
     try:
         if not caller_identity:
@@ -104,7 +104,8 @@ def add_pipe_port(
             port = PipePort(addr, path, lambda: _release_direct(linked, workdir))
         else:
             claimed = claim_pipe(
-                addr, acl=acl, directory=pipe_dir, dotnet=dotnet, private=workdir
+                addr, acl=acl, directory=pipe_dir, dotnet=dotnet,
+                private=workdir,
             )
             try:
                 _listen(server, backend)

@@ -13,9 +13,9 @@ from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import UnsupportedPlatform
 from npipe.identity import Caller
+from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_server, connect_error, find_socket
-from npipe.local.listener import ClaimedSocket, claim
-from npipe.local.paths import pipe_dir, socket_path
+from npipe.local.listener import ClaimedSocket
 from npipe.local.peercred import peer_caller
 from npipe.smb.credentials import Credentials
 
@@ -156,7 +156,9 @@ async def start_server(
     claims: list[tuple[Identify, ClaimedSocket]] = []
     listeners: list[tuple[asyncio.Server, ClaimedSocket]] = []
     try:
-        claims.append((local, claim_pipe(addr, acl=acl, directory=pipe_dir, dotnet=dotnet)))
+        claims.append((local, claim_pipe(
+            addr, acl=acl, directory=pipe_dir, dotnet=dotnet
+        )))
         if smb:
             from npipe.samba.frontdoor import claim_samba_pipe
 
@@ -193,24 +195,6 @@ def _connection_handler(
             writer.close()
 
     return on_connect
-
-
-def claim_pipe(
-    addr: PipeAddress,
-    *,
-    acl: Acl = OWNER_ONLY,
-    directory: str | os.PathLike[str] | None = None,
-    dotnet: bool = False,
-    private: Path | None = None,
-) -> ClaimedSocket:
-    """Bind the public socket of a local pipe, open to others only if the ACL says so."""
-    path = socket_path(addr, directory=directory, dotnet=dotnet)
-    mode = 0o600 if acl == OWNER_ONLY else 0o666  # the ACL itself is checked per connection
-    lock_dir = pipe_dir(directory)
-    claimed = claim(path, lock_dir, mode=mode, private=private)
-    if mode != 0o600 and path.parent == lock_dir:
-        os.chmod(lock_dir, 0o711)  # others may traverse to this socket, not list the pipes
-    return claimed
 
 
 def _remote_unsupported(addr: PipeAddress) -> UnsupportedPlatform:

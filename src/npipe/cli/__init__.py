@@ -103,9 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_samba_parser(sub, [common])
 
-    p = sub.add_parser("ls", parents=[common], help="list local pipes",
-                       description="List the pipes in the pipe directory and .NET's pipes.")
+    p = sub.add_parser(
+        "ls", parents=[common], help="list local pipes",
+        description="List the pipes in your pipe directory, the machine-wide names "
+        "(/run/npipe) and .NET's pipes, with their owner, state and who they admit.",
+    )
+    p.add_argument("--prune", action="store_true",
+                   help="first remove what dead servers left (as root: of every user)")
     p.set_defaults(func=commands.ls)
+
+    p = sub.add_parser(
+        "setup", parents=[common], help="make the machine-wide pipe directory (root)",
+        description="Create the machine-wide pipe directory (/run/npipe, or "
+        "$NPIPE_MACHINE_DIR): root's, mode 1777, where pipes that admit other users are "
+        "published. systemd-tmpfiles can do the same at boot (packaging/npipe.tmpfiles).",
+    )
+    p.set_defaults(func=commands.setup)
     return parser
 
 

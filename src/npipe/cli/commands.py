@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import stat
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -21,8 +20,7 @@ import npipe.grpc
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import NpipeError
-from npipe.local.listener import is_live
-from npipe.local.paths import DOTNET_PREFIX, pipe_dir
+from npipe.local.paths import pipe_dir
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -135,32 +133,34 @@ async def _probe(address: PipeAddress, credentials: Any, args: argparse.Namespac
 
 
 def ls(args: argparse.Namespace) -> int:
-    directory = pipe_dir(args.pipe_dir)
-    rows = [(p.name, p) for p in _sockets(directory) if not p.name.startswith(".")]
-    rows += [(p.name[len("CoreFxPipe_"):], p) for p in _sockets(Path("/tmp"))
-             if os.fspath(p).startswith(DOTNET_PREFIX)]
+    """The pipes this user can find: its own, the machine-wide names, .NET's; with
+    --prune, first remove what dead servers left (as root: every user's)."""
+    from npipe.local import reclaim
+    from npipe.local.inventory import list_pipes
+
+    if args.prune:
+        removed = reclaim.reclaim_all() if os.geteuid() == 0 else reclaim.reclaim(args.pipe_dir)
+        for path in removed:
+            print(f"removed {path}")
+    rows = list_pipes(args.pipe_dir)
     if not rows:
-        print(f"no pipes in {directory}")
+        print(f"no pipes in {pipe_dir(args.pipe_dir)}")
         return 0
-    for name, path in sorted(rows):
-        state = "live" if is_live(path) else "stale"
-        print(f"{name:32} {state:5} {path}")
+    print(f"{'NAME':24} {'STATE':5} {'OWNER':12} {'ADMITS':24} PATH")
+    for row in rows:
+        print(f"{row.name:24} {row.state:5} {row.owner:12} {row.admits:24} {row.path}")
     return 0
 
 
-def _sockets(directory: Path) -> list[Path]:
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return []
-    return [p for p in entries if _is_socket(p)]
+def setup(args: argparse.Namespace) -> int:
+    from npipe.local.namespace import make_machine_dir, usable_machine_dir
 
-
-def _is_socket(path: Path) -> bool:
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    if os.geteuid() != 0:
+        raise NpipeError("npipe setup creates a root-owned directory and needs root")
+    directory = make_machine_dir()
+    assert usable_machine_dir() == directory
+    print(f"machine-wide pipe directory {directory} (root, mode 1777)")
+    return 0
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:

@@ -122,7 +122,10 @@ def link(args: argparse.Namespace) -> int:
             path.unlink()
         print(f"removed {path}")
         return EXIT_OK
-    target = args.target or _user_socket(args.user, samba_socket_name(addr.key))
+    if args.user:
+        target = _user_dir(args.user) / samba_socket_name(addr.key)
+    else:
+        target = _checked_target(args.target)
     tmp = path.with_name(f".{addr.key}.link")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -132,25 +135,44 @@ def link(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _user_socket(user: str, name: str) -> Path:
-    """Where USER's npipe server listens for smbd: in USER's pipe directory."""
+def _user_dir(user: str) -> Path:
+    """The directory root makes for USER's SMB-facing sockets (made here if missing):
+    smbd, as root, follows the link into it, so no other user may ever create it."""
     import pwd
 
+    from npipe.local.namespace import make_root_made_user_dir
+
     try:
-        uid = pwd.getpwnam(user).pw_uid
+        pw = pwd.getpwnam(user)
     except KeyError:
         raise NpipeError(f"unknown user {user!r}") from None
-    for directory in (Path(f"/run/user/{uid}/npipe"), Path(f"/tmp/npipe-{uid}")):
-        try:
-            st = directory.stat()
-        except OSError:
-            continue
-        if st.st_uid != uid or st.st_mode & 0o022:
-            raise NpipeError(f"{directory} is not {user}'s own private directory")
-        return directory / name
+    return make_root_made_user_dir(pw.pw_uid, pw.pw_gid)
+
+
+def _checked_target(target: Path) -> Path:
+    """A --target is linked only inside a directory root made for a user (or root's own
+    np/-style directories): anywhere else another user could one day create it."""
+    from npipe.local.namespace import check_root_made_user_dir, root_made_parent
+
+    target = Path(os.path.abspath(target))
+    parent = target.parent
+    if parent.parent == root_made_parent() and parent.name.isdigit():
+        check_root_made_user_dir(int(parent.name))
+        return target
+    st = os.lstat(parent)
+    if st.st_uid == 0 and not st.st_mode & 0o022 and _root_only_above(parent):
+        return target
     raise NpipeError(
-        f"{user} has no pipe directory yet (/run/user/{uid}/npipe or /tmp/npipe-{uid}): "
-        "start the server first, or give --target"
+        f"will not link to {target}: another user could create it; use --user USER "
+        f"(sockets in {root_made_parent()}/<uid>, which root makes) or a directory of root's"
+    )
+
+
+def _root_only_above(directory: Path) -> bool:
+    return all(
+        os.lstat(d).st_uid == 0 and not os.lstat(d).st_mode & 0o022
+        for d in [directory, *directory.parents]
+        if d != Path("/tmp")  # sticky: what root made in it stays root's
     )
 
 

@@ -13,17 +13,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
+import secrets
 import shutil
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from npipe.address import MAX_UNIX_PATH_BYTES
 from npipe.errors import AccessDenied, PipeInUse
 from npipe.identity import user_name
+from npipe.local.namespace import remove_entry
 from npipe.local.paths import ensure_pipe_dir
 
 # The kernel caps the backlog at net.core.somaxconn (4096 on current Linux).
@@ -32,15 +38,25 @@ LISTEN_BACKLOG = 1024
 
 @dataclass
 class ClaimedPath:
-    """A pipe's path, linked to a listening socket; :meth:`release` unlinks it if still ours."""
+    """A pipe's path, linked to a listening socket; :meth:`release` unlinks it if still ours
+    (and the machine-wide name that points at it, if it was published)."""
 
     path: Path
     _ino: int
+    published: Path | None = field(default=None, kw_only=True)
+    note: Path | None = field(default=None, kw_only=True)
 
     def release(self) -> None:
+        if self.published is not None:
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.published)
+                if os.readlink(self.published) == os.fspath(self.path):
+                    remove_entry(self.published, st.st_ino)
         with contextlib.suppress(OSError):
             if os.lstat(self.path).st_ino == self._ino:
                 os.unlink(self.path)
+                if self.note is not None:
+                    os.unlink(self.note)
 
 
 @dataclass
@@ -67,7 +83,7 @@ def claim(
     with _name_lock(path, lock_dir) as lock_fd:
         _remove_if_stale(path, lock_fd)
         claimed = _bind(path, mode)
-        _record_private_dir(lock_fd, private)
+        write_record(lock_fd, path, private)
         return claimed
 
 
@@ -82,23 +98,83 @@ def claim_existing(
             os.link(socket_path, path)
         except FileExistsError:
             raise PipeInUse(f"pipe {path} was claimed by another server just now") from None
-        _record_private_dir(lock_fd, private)
+        write_record(lock_fd, path, private)
         return ClaimedPath(path, os.lstat(path).st_ino)
 
 
 @contextlib.contextmanager
 def _name_lock(path: Path, lock_dir: Path) -> Iterator[int]:
     """Serialise the check-then-replace of one pipe name among this user's servers."""
+    ensure_pipe_dir(lock_dir)
+    with locked(lock_path(path, lock_dir), create=True) as lock_fd:
+        assert lock_fd is not None
+        yield lock_fd
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path, *, create: bool) -> Iterator[int | None]:
+    """Hold the flock of ``lock_file`` (None if it does not exist and not ``create``).
+
+    Whoever reclaims a dead server's files removes its lock file while holding the lock,
+    so a lock taken on a file that has meanwhile been unlinked is taken again on the new one.
+    """
     import fcntl  # POSIX only; importing npipe must work on Windows too
 
-    ensure_pipe_dir(lock_dir)
-    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
-    lock_fd = os.open(lock_dir / f".lock-{digest}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    while True:
+        try:
+            lock_fd = os.open(lock_file, flags, 0o600)
+        except FileNotFoundError:
+            if create:
+                continue
+            yield None
+            return
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(lock_file).st_ino == os.fstat(lock_fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield lock_fd
+                return
+        finally:
+            os.close(lock_fd)  # also drops the flock
+
+
+LOCK_PREFIX = ".lock-"
+# Beside a pipe's socket: who its ACL admits, in words (for npipe ls).
+NOTE_PREFIX = ".acl-"
+
+
+def note_path(socket_path: Path) -> Path:
+    return socket_path.with_name(f"{NOTE_PREFIX}{socket_path.name}")
+
+
+def write_note(socket_path: Path, text: str, mode: int) -> Path:
+    note = note_path(socket_path)
+    temp = note.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        yield lock_fd
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode())
     finally:
-        os.close(lock_fd)  # also drops the flock
+        os.close(fd)
+    os.replace(temp, note)
+    return note
+
+
+def read_note(socket_path: Path) -> str | None:
+    try:
+        return note_path(socket_path).read_text(errors="replace")[:1000]
+    except OSError:
+        return None
+
+
+def lock_path(path: Path, lock_dir: Path) -> Path:
+    """The lock (and record) file of socket ``path`` in its owner's pipe directory."""
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+    return lock_dir / f"{LOCK_PREFIX}{digest}"
 
 
 # The names private_dir gives; a dead server's directory is removed only if it has one.
@@ -107,54 +183,134 @@ BACKEND_SOCKET = "g"
 
 
 def private_dir(parent: Path | None = None) -> Path:
-    """A fresh 0700 directory for a server's backend socket (and the relay's bound names).
+    """A fresh 0700 directory for a server's backend socket (and the relay's bound names),
+    in ``parent`` (the pipe directory: where whoever cleans up after a killed server
+    looks), or under /tmp when the paths inside would not fit in a socket address
+    (sun_path holds 107 bytes). It records its maker (see :func:`remove_private_dir`)."""
+    if parent is not None and len(os.fsencode(parent)) <= MAX_PRIVATE_PARENT_BYTES:
+        directory = Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[1], dir=parent))
+    else:
+        base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
+        directory = Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[0], dir=base))
+    owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
+    (directory / OWNER_FILE).write_text(json.dumps(owner))
+    return directory
 
-    By default under /tmp: its paths must stay short (sun_path holds 107 bytes),
-    whatever the length of the pipe's own path.
-    """
-    if parent is not None:
-        return Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[1], dir=parent))
-    base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[0], dir=base))
+
+OWNER_FILE = "owner"
+# A private directory without an owner record (made by an older npipe) is taken for dead
+# only once it is this old and nothing listens in it: never one being set up right now.
+UNRECORDED_GRACE = 60.0
 
 
-def _record_private_dir(lock_fd: int, private: Path | None) -> None:
-    os.ftruncate(lock_fd, 0)
+# Room for "/.np-XXXXXXXX/c<counter>" after the parent within sun_path's 107 bytes.
+MAX_PRIVATE_PARENT_BYTES = 107 - len("/.np-XXXXXXXX/c123456789")
+
+
+def write_record(lock_fd: int, path: Path, private: Path | None) -> None:
+    """Note who serves ``path`` (pid and its start time, against pid reuse) and the
+    private directory beside it, for whoever reclaims them once the server is dead."""
+    record = {"path": os.fspath(path), "pid": os.getpid(), "start": process_start(os.getpid())}
     if private is not None:
-        os.pwrite(lock_fd, os.fsencode(private), 0)
+        record["private"] = os.fspath(private)
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, json.dumps(record).encode(), 0)
+
+
+def read_record(lock_fd: int) -> dict[str, Any]:
+    raw = os.pread(lock_fd, 8192, 0)
+    if not raw:
+        return {}
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {"private": os.fsdecode(raw)}  # written by an older npipe: the path alone
+    return record if isinstance(record, dict) else {}
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None if it does not exist:
+    a pid with another start time is another process (pids are reused)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its end.
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return int(fields[19])  # field 22, starttime
+
+
+def record_alive(record: dict[str, Any]) -> bool:
+    """True while the process that wrote ``record`` still runs."""
+    pid, start = record.get("pid"), record.get("start")
+    if not isinstance(pid, int):
+        return False
+    if start is None:  # no /proc (not Linux): only whether some process has that pid
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return bool(process_start(pid) == start)
 
 
 def _remove_dead_private_dir(lock_fd: int) -> None:
     """Remove the private directory a dead server recorded, if it is surely its own."""
-    recorded = os.pread(lock_fd, 4096, 0)
-    if not recorded:
-        return
-    private = Path(os.fsdecode(recorded))
+    record = read_record(lock_fd)
+    if record.get("private"):
+        remove_private_dir(Path(record["private"]), os.geteuid())
+
+
+def remove_private_dir(private: Path, uid: int) -> bool:
+    """Remove a dead server's private directory (one that npipe made, of ``uid``)."""
     try:
         st = os.lstat(private)
     except OSError:
-        return
-    if (
+        return False
+    if not (
         stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.getuid()
+        and st.st_uid == uid
         and stat.S_IMODE(st.st_mode) == 0o700
         and private.name.startswith(PRIVATE_DIR_PREFIXES)
-        and not is_live(private / BACKEND_SOCKET)
+        and private.name != f"{PRIVATE_DIR_PREFIXES[0]}{uid}"  # a pipe directory, not this
     ):
-        shutil.rmtree(private, ignore_errors=True)
+        return False
+    try:
+        owner = json.loads((private / OWNER_FILE).read_text())
+    except FileNotFoundError:
+        owner = None
+    except (OSError, ValueError):
+        return False
+    if owner is None:
+        if time.time() - st.st_mtime < UNRECORDED_GRACE:
+            return False
+    elif not isinstance(owner, dict) or record_alive(owner):
+        return False
+    if is_live(private / BACKEND_SOCKET):
+        return False
+    shutil.rmtree(private, ignore_errors=True)
+    return True
 
 
 def is_live(path: Path) -> bool:
-    """True if something accepts connections on the socket at ``path``."""
+    """True if something accepts connections on the socket at ``path``.
+
+    The probe does not block: a listener with a full backlog (EAGAIN) is live and busy,
+    and cannot hang whoever asks (claiming a name, ``npipe ls``)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
         probe.connect(os.fspath(path))
         return True
-    except (ConnectionRefusedError, FileNotFoundError):
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
         return False
+    except BlockingIOError:
+        return True
     except OSError as e:
-        # EAGAIN: a full backlog means a live (busy) listener.
-        return e.errno == errno.EAGAIN
+        return e.errno in (errno.EAGAIN, errno.EINPROGRESS, errno.EACCES)
     finally:
         probe.close()
 
@@ -179,17 +335,33 @@ def _remove_if_stale(path: Path, lock_fd: int) -> None:
 
 
 def _bind(path: Path, mode: int) -> ClaimedSocket:
+    """Listen at ``path``: bound under a temporary name, given its mode, listening, and
+    only then hard-linked into place, so the name never appears more open than ``mode``
+    nor before a server accepts on it (whoever reclaims stale sockets would take a bound
+    but not yet listening socket for a dead one)."""
+    temp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}")
+    if len(os.fsencode(temp)) > MAX_UNIX_PATH_BYTES:
+        temp = path  # no room for a longer name: bind in place
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # bind() creates the file with the socket inode's mode less the umask: set it
-        # first, so the name never appears more open than ``mode``.
+        # first, then put back what the umask took (0666 for ACL'd pipes).
         os.fchmod(sock.fileno(), mode)
-        sock.bind(os.fspath(path))
-        os.chmod(path, mode)  # put back what the umask took (0666 for ACL'd pipes)
+        sock.bind(os.fspath(temp))
+        os.chmod(temp, mode)
         sock.listen(LISTEN_BACKLOG)
+        if temp != path:
+            try:
+                os.link(temp, path)
+            finally:
+                os.unlink(temp)
     except OSError as e:
         sock.close()
-        if e.errno == errno.EADDRINUSE:
+        if e.errno in (errno.EADDRINUSE, errno.EEXIST):
             raise PipeInUse(f"pipe {path} was claimed by another server just now") from None
         raise
     return ClaimedSocket(path, os.lstat(path).st_ino, sock)
+
+
+# The name a socket is bound under until it listens (a dead one is reclaimed like any).
+TEMP_PREFIX = ".b"

@@ -69,18 +69,23 @@ def socket_path(
     if addr.kind != "local":
         raise AddressError(f"{addr} is a remote pipe; it has no local socket path")
     path = Path(DOTNET_PREFIX + addr.name) if dotnet else pipe_dir(directory) / addr.key
+    check_socket_path(path)
+    return path
+
+
+def check_socket_path(path: Path) -> None:
     if len(os.fsencode(path)) > MAX_UNIX_PATH_BYTES:
         raise AddressError(
             f"socket path {path} is longer than {MAX_UNIX_PATH_BYTES} bytes: "
             "use a shorter pipe name or NPIPE_PIPE_DIR"
         )
-    return path
 
 
 def candidate_paths(
     address: str | PipeAddress, *, directory: str | os.PathLike[str] | None = None
 ) -> list[Path]:
-    """Where a client looks for a local pipe: the pipe directory, then .NET's path."""
+    """Where a client looks for a local pipe: the pipe directory, then .NET's path
+    (the machine-wide names come between, see :mod:`npipe.local.namespace`)."""
     addr = parse_address(address)
     if addr.kind == "unix":
         return [Path(addr.path)]
@@ -93,6 +98,8 @@ def check_trusted_path(path: Path, trusted_uids: set[int]) -> None:
     The socket file must belong to a trusted user, and so must every directory above it
     unless the directory is writable by its owner only or sticky (as /tmp is: there only a
     file's owner may remove or rename it). This is what stops a squatter on a pipe name.
+    The path is walked component by component with lstat: a symbolic link on the way is
+    followed only if root or a trusted user made it, and its target is walked the same way.
     """
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
@@ -104,14 +111,56 @@ def check_trusted_path(path: Path, trusted_uids: set[int]) -> None:
             f"pipe {path} is served by {user_name(st.st_uid) or st.st_uid}, not by you or "
             "root: name the server user you expect (server_user=...) if you trust it"
         )
-    for parent in path.resolve().parents:
-        pst = os.stat(parent)
-        writable_by_others = pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX
-        if pst.st_uid not in trusted_uids | {0} or writable_by_others:
-            raise AccessDenied(
-                f"{parent} (above pipe {path}) can be changed by other users; "
-                "npipe does not trust sockets there"
-            )
+    check_trusted_dirs(Path(os.path.abspath(path)).parent, trusted_uids | {0}, path)
+
+
+# How many symbolic links a trusted path may pass through (the kernel allows 40).
+MAX_LINKS = 40
+
+
+def check_trusted_dirs(directory: Path, trusted: set[int], what: object) -> None:
+    """Every component of ``directory`` (absolute), walked with lstat from the root:
+    owned by a trusted user and not writable by others unless sticky; a symbolic link
+    counts as its owner's word and is followed (its target walked in turn)."""
+    pending = list(directory.parts[1:])
+    current = Path(directory.anchor or "/")
+    links = 0
+    _check_dir_entry(current, os.lstat(current), trusted, what)
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = current.parent
+            continue
+        candidate = current / part
+        st = os.lstat(candidate)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if st.st_uid not in trusted or links > MAX_LINKS:
+                raise AccessDenied(
+                    f"{candidate} (above pipe {what}) is a symbolic link that "
+                    f"{user_name(st.st_uid) or st.st_uid} made; npipe does not follow it"
+                )
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = Path(target.anchor)
+                _check_dir_entry(current, os.lstat(current), trusted, what)
+            pending[:0] = list(target.parts[1:] if target.is_absolute() else target.parts)
+            continue
+        _check_dir_entry(candidate, st, trusted, what)
+        current = candidate
+
+
+def _check_dir_entry(path: Path, st: os.stat_result, trusted: set[int], what: object) -> None:
+    writable_by_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    if not stat.S_ISDIR(st.st_mode):
+        raise AccessDenied(f"{path} (above pipe {what}) is not a directory")
+    if st.st_uid not in trusted or writable_by_others:
+        raise AccessDenied(
+            f"{path} (above pipe {what}) can be changed by other users; "
+            "npipe does not trust sockets there"
+        )
 
 
 def trusted_uids(server_user: str | int | None) -> set[int]:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from npipe.acl import Acl
 from npipe.address import PipeAddress
-from npipe.errors import ConfigError
+from npipe.errors import AccessDenied, ConfigError
 from npipe.frontdoor import Identify
-from npipe.identity import Caller
+from npipe.identity import Caller, user_name
 from npipe.local.listener import ClaimedSocket, claim
+from npipe.local.namespace import check_root_made_user_dir, root_made_user_dir
 from npipe.local.paths import pipe_dir
 from npipe.local.peercred import peer_credentials
 from npipe.samba.npa import (
@@ -67,8 +68,9 @@ def claim_samba_pipe(
     """Listen where smbd will look for pipe ``addr``.
 
     As root the socket goes straight into np/ (smbd insists np/ is root's, mode 0700).
-    Anyone else listens in their pipe directory, and root must link np/<name> to it
-    (``npipe samba link NAME``); until then SMB clients get "pipe not found".
+    Anyone else listens in the directory root made for them (``/run/npipe-smb/<uid>``,
+    by ``npipe samba link NAME --user USER``), where root's link np/<name> points: no
+    other user can ever create a socket there, so smbd can never be led to one.
     """
     if addr.key in RESERVED_NAMES:
         raise ConfigError(f"pipe name {addr.name!r} belongs to Samba's own RPC services")
@@ -81,12 +83,21 @@ def claim_samba_pipe(
                 "it), or point NPIPE_SAMBA_NP_DIR / NPIPE_SAMBA_CONF at the right one"
             )
         return claim(np / addr.key, lock_dir, mode=0o600)
-    path = lock_dir / samba_socket_name(addr.key)
+    uid = os.geteuid()
+    try:
+        own = check_root_made_user_dir(uid)
+    except (FileNotFoundError, AccessDenied) as e:
+        raise ConfigError(
+            f"serving pipe {addr.name} to SMB clients as a user other than root needs the "
+            f"directory root makes for you ({root_made_user_dir(uid)}): ask root to run "
+            f"`npipe samba link {addr.name} --user {user_name(uid) or uid}` ({e})"
+        ) from None
+    path = own / samba_socket_name(addr.key)
     claimed = claim(path, lock_dir, mode=0o600)  # root (smbd) can connect whatever the mode
     if os.path.realpath(np / addr.key) != os.path.realpath(path):
         log.warning(
-            "not root: SMB clients reach pipe %s only once root runs: "
-            "npipe samba link %s --target %s", addr.name, addr.name, path,
+            "SMB clients reach pipe %s only once root runs: npipe samba link %s --user %s",
+            addr.name, addr.name, user_name(uid) or uid,
         )
     return claimed
 

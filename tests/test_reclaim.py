@@ -1,0 +1,234 @@
+"""Nothing left behind when a server is killed: the next server, or `npipe ls --prune`,
+reclaims it; nothing live and nothing of another user's is ever touched."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_support import TestUser, ensure_test_users, require_root, run_python
+
+import npipe
+import npipe.grpc
+from npipe.local import reclaim
+from npipe.local.listener import is_live, private_dir, process_start, record_alive
+
+# A server of one kind on NAME, until killed: grpc (owner-only), shared (a gRPC pipe that
+# admits everyone: published machine-wide) or stream (npipe.start_server).
+SERVER = r"""
+import asyncio, sys, time
+from concurrent import futures
+import grpc, npipe, npipe.grpc
+name, kind = sys.argv[1], sys.argv[2]
+if kind == "stream":
+    async def main():
+        async def echo(reader, writer):
+            writer.write(await reader.read(100))
+        server = await npipe.start_server(echo, name)
+        print("READY", server.path, flush=True)
+        await asyncio.sleep(600)
+    asyncio.run(main())
+else:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    acl = npipe.Acl.allow(everyone=True) if kind == "shared" else npipe.Acl()
+    port = npipe.grpc.add_pipe_port(server, name, acl=acl)
+    server.start()
+    print("READY", port.path, flush=True)
+    time.sleep(600)
+"""
+
+KINDS = ("grpc", "shared", "stream")
+
+
+def _start(name: str, kind: str) -> tuple[subprocess.Popen[str], Path]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, name, kind], text=True,
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert line[:1] == ["READY"], (line, proc.wait(10))
+    return proc, Path(line[1])
+
+
+def _everything(pipe_dir: Path, machine_dir: Path) -> set[Path]:
+    """What npipe has on disk in the pipe directory and the machine-wide directory."""
+    found: set[Path] = set()
+    for top in (pipe_dir, machine_dir):
+        if top.exists():
+            for root, dirs, files in os.walk(top):
+                found.update(Path(root) / n for n in dirs + files)
+    # (not the names a front door binds its relay connections to for a moment)
+    return {p for p in found if not (p.parent.name.startswith(".np-") and p.name[0] == "c")}
+
+
+@pytest.fixture
+def killed_servers(pipe_dir: Path, machine_dir: Path) -> Iterator[list[Path]]:
+    """Ten servers with different names and kinds, killed with SIGKILL."""
+    procs = []
+    paths = []
+    try:
+        for i in range(10):
+            proc, path = _start(f"dead{i}", KINDS[i % len(KINDS)])
+            procs.append(proc)
+            paths.append(path)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert proc.stdout is not None
+            proc.stdout.close()
+    yield paths
+
+
+def test_a_new_server_reclaims_what_killed_servers_left(
+    killed_servers: list[Path], pipe_dir: Path, machine_dir: Path
+) -> None:
+    left = _everything(pipe_dir, machine_dir)
+    assert all(p in left for p in killed_servers), "the killed servers left their sockets"
+    assert [p for p in left if p.name.startswith(".np-")], "and their private directories"
+    assert [p for p in left if p.parent == machine_dir and p.name.startswith("dead")]
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = npipe.grpc.add_pipe_port(server, "alive")
+    server.start()
+    try:
+        now = _everything(pipe_dir, machine_dir)
+        dead = sorted(str(p) for p in now if "dead" in p.name)
+        assert dead == [], dead
+        # What is left is the new server's alone: its socket, note, lock and private dir,
+        # and the (empty) directory of published sockets.
+        ours = {p for p in now if p.parent == pipe_dir}
+        assert port.path in ours
+        assert len([p for p in ours if p.name.startswith(".np-")]) == 1
+        assert len([p for p in ours if p.name.startswith(".lock-")]) == 1
+        assert all(not p.is_socket() or is_live(p) for p in now)
+    finally:
+        server.stop(None)
+
+
+def test_prune_reclaims_on_demand_and_says_what(
+    killed_servers: list[Path], pipe_dir: Path, machine_dir: Path
+) -> None:
+    r = subprocess.run([sys.executable, "-m", "npipe", "ls", "--prune"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    removed = {line.split(" ", 1)[1] for line in r.stdout.splitlines()
+               if line.startswith("removed ")}
+    assert {str(p) for p in killed_servers} <= removed, r.stdout
+    assert not [p for p in _everything(pipe_dir, machine_dir) if "dead" in p.name]
+
+
+@pytest.fixture(scope="module")
+def other() -> TestUser:
+    require_root()
+    return ensure_test_users()["npipe-t1"]
+
+
+def test_a_live_servers_files_survive_prunes_by_others_and_by_root(
+    pipe_dir: Path, machine_dir: Path, other: TestUser
+) -> None:
+    procs = [_start(f"live{i}", kind) for i, kind in enumerate(KINDS)]
+    try:
+        before = _everything(pipe_dir, machine_dir)
+        # Another user prunes: its own files only (and it cannot even see ours).
+        pruned = run_python("""
+            from npipe.local import reclaim
+            result([str(p) for p in reclaim.reclaim()])
+        """, user=other).check()
+        assert not [p for p in pruned if "live" in p], pruned
+        # Root prunes every user's.
+        assert not [p for p in reclaim.reclaim_all() if "live" in p.name]
+        assert _everything(pipe_dir, machine_dir) == before
+        assert all(is_live(path) for _proc, path in procs)
+    finally:
+        for proc, _path in procs:
+            proc.kill()
+            proc.wait(10)
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def test_a_stale_name_taken_by_a_new_server_meanwhile_is_not_lost(
+    pipe_dir: Path, machine_dir: Path
+) -> None:
+    """A prune and a new server on the stale name race: the new server always keeps its
+    socket (and its machine-wide name), however the two interleave."""
+    for round_ in range(8):
+        kind = ("grpc", "shared")[round_ % 2]
+        proc, _path = _start("contested", kind)
+        proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        pruned: list[Path] = []
+        pruner = threading.Thread(target=functools.partial(_extend_with_reclaim, pruned))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        acl = npipe.Acl.allow(everyone=True) if kind == "shared" else npipe.Acl()
+        pruner.start()
+        port = npipe.grpc.add_pipe_port(server, "contested", acl=acl)
+        server.start()
+        pruner.join(30)
+        try:
+            assert is_live(port.path), (round_, pruned)
+            with npipe.grpc.channel("contested") as chan:
+                grpc.channel_ready_future(chan).result(timeout=10)
+        finally:
+            server.stop(None)
+
+
+def _extend_with_reclaim(into: list[Path]) -> None:
+    into.extend(reclaim.reclaim())
+
+
+def test_pid_reuse_does_not_make_a_dead_server_look_alive() -> None:
+    me = {"pid": os.getpid(), "start": process_start(os.getpid())}
+    assert record_alive(me)
+    assert not record_alive({**me, "start": me["start"] + 1})  # same pid, another process
+    assert not record_alive({"pid": 2**22 + 1, "start": 1})  # no such process
+    assert not record_alive({})
+
+
+def test_a_private_directory_being_set_up_is_never_reclaimed(pipe_dir: Path) -> None:
+    pipe_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fresh = private_dir(pipe_dir)  # no backend socket yet: its maker is alive
+    try:
+        assert fresh not in reclaim.reclaim()
+        assert fresh.exists()
+    finally:
+        with contextlib.suppress(OSError):
+            (fresh / "owner").unlink()
+            fresh.rmdir()
+
+
+def test_prune_as_root_takes_another_users_dead_server(
+    machine_dir: Path, other: TestUser
+) -> None:
+    body = """
+        import subprocess, sys
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        port = npipe.grpc.add_pipe_port(server, "orphan",
+                                        acl=npipe.Acl.allow(everyone=True))
+        server.start()
+        result(str(port.path))
+        os.kill(os.getpid(), 9)
+    """
+    child = run_python(body, user=other)
+    assert child.returncode == -9
+    path = Path(child.result)
+    assert path.is_socket() and (machine_dir / "orphan").is_symlink()
+    deadline = time.monotonic() + 5
+    removed: list[Path] = []
+    while path.exists() and time.monotonic() < deadline:
+        removed += reclaim.reclaim_all()
+    assert path in removed and machine_dir / "orphan" in removed
+    assert not os.path.lexists(machine_dir / "orphan")
