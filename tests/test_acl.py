@@ -63,3 +63,69 @@ def test_caller_text() -> None:
     assert str(local(1000)) == "u1000 uid=1000 pid=42"
     remote = Caller("smb", account="alice", domain="NPIPE", address="198.18.0.2", port=50000)
     assert str(remote) == "NPIPE\\alice from 198.18.0.2:50000"
+
+
+# --- remote callers (transport="smb"): who a name, a SID or a uid admits ----------------
+
+
+def smb(
+    account: str,
+    domain: str,
+    uid: int | None = None,
+    gid: int | None = None,
+    groups: tuple[int, ...] = (),
+    sids: tuple[str, ...] = (),
+    upn: str | None = None,
+    dns_domain: str | None = None,
+) -> Caller:
+    """A remote caller as the Samba front door builds it from a named_pipe_auth request."""
+    return Caller("smb", uid=uid, gid=gid, groups=groups, user=account, account=account,
+                  domain=domain, sids=sids, address="198.18.0.2", port=50000,
+                  extra={"upn": upn, "dns_domain": dns_domain})
+
+
+@pytest.fixture
+def nobody() -> int:
+    """A local user that exists on every Debian host: the bare name 'nobody'."""
+    pwd = pytest.importorskip("pwd")
+    return int(pwd.getpwnam("nobody").pw_uid)
+
+
+def test_a_bare_name_is_the_local_user_only(nobody: int) -> None:
+    acl = Acl.allow(users=["nobody"])
+    assert acl.uids == {nobody} and acl.accounts == frozenset()
+    assert acl.allows(local(nobody), owner_uid=OWNER)
+    # another domain's "nobody", mapped by Samba to a uid of its own: not her
+    for domain in ("OTHER", "NPIPE", "VM"):
+        assert not acl.allows(smb("nobody", domain, uid=3000042), owner_uid=OWNER)
+    # ...nor a session without a Unix mapping at all
+    assert not acl.allows(smb("nobody", "VM"), owner_uid=OWNER)
+
+
+def test_a_bare_name_admits_the_session_samba_maps_to_that_user(nobody: int) -> None:
+    """Samba maps a session to the local uid when it authenticated as that account
+    (standalone: its passdb entry), so the local user over SMB is the local user."""
+    acl = Acl.allow(users=["nobody"])
+    assert acl.allows(smb("nobody", "VM", uid=nobody, gid=nobody), owner_uid=OWNER)
+    assert Acl.parse("user:nobody").allows(smb("x", "Y", uid=nobody), owner_uid=OWNER)
+
+
+def test_domain_accounts_match_domain_and_name() -> None:
+    acl = Acl.allow(users=["NPIPE\\alice"])
+    assert acl.accounts == {"npipe\\alice"}
+    assert acl.allows(smb("alice", "NPIPE"), owner_uid=OWNER)
+    assert acl.allows(smb("ALICE", "npipe"), owner_uid=OWNER)  # case-insensitive
+    assert not acl.allows(smb("alice", "OTHER"), owner_uid=OWNER)
+    assert not acl.allows(smb("alice", ""), owner_uid=OWNER)
+    assert not acl.allows(smb("bob", "NPIPE"), owner_uid=OWNER)
+    # a local user called alice is not NPIPE\alice
+    assert not acl.allows(Caller.local(pid=1, uid=4242, gid=4242), owner_uid=OWNER)
+    assert not acl.allows(
+        Caller("local", uid=4242, gid=4242, pid=1, user="alice"), owner_uid=OWNER
+    )
+
+
+def test_domain_accounts_by_dns_domain() -> None:
+    acl = Acl.allow(users=["npipe.test\\alice"])
+    assert acl.allows(smb("alice", "NPIPE", dns_domain="NPIPE.TEST"), owner_uid=OWNER)
+    assert not acl.allows(smb("alice", "NPIPE", dns_domain="OTHER.TEST"), owner_uid=OWNER)

@@ -6,6 +6,7 @@ with the named_pipe_auth requests captured from Samba 4.17 and 4.22.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_npa import LEVEL7_NTLM, LEVEL8_NTLM
+from test_npa import LEVEL7_KERBEROS, LEVEL7_NTLM, LEVEL8_NTLM
 
 import npipe
 import npipe.grpc
+from npipe.identity import Caller
 from npipe.samba import frontdoor as samba
-from npipe.samba.npa import REPLY_SIZE
+from npipe.samba.npa import REPLY_SIZE, NpaRequest, parse_request
 
 
 def require_root() -> None:
@@ -52,8 +54,8 @@ def served(np_dir: Path) -> Iterator[Path]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     handlers = {"Who": grpc.unary_unary_rpc_method_handler(whoami)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("d.S", handlers),))
-    # the vectors' user is npt (uid 1002 on 4.17, 1000 on 4.22): allow by account name
-    npipe.grpc.add_pipe_port(server, "door", smb=True, acl=npipe.Acl(accounts=frozenset({"npt"})))
+    # the vectors' user is VM\npt (uid 1002 on 4.17, 1000 on 4.22): allow by domain account
+    npipe.grpc.add_pipe_port(server, "door", smb=True, acl=npipe.Acl.allow(users=["VM\\npt"]))
     server.start()
     yield np_dir / "door"
     server.stop(None).wait()
@@ -179,3 +181,50 @@ def test_only_root_may_speak_for_smbd(served: Path) -> None:
                           timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"  # ... it is closed without a reply
+
+
+# --- admit(): the ACL against real requests (no smbd, no root needed) -----------------
+
+# The captured sessions: VM\npt (standalone smbd; uid 1002 in the 4.17 capture, 1000 in
+# the 4.22 one) and NPIPE\alice (AD DC, Kerberos: UPN alice@npipe.test, uid 3000015).
+NPT_SID = "S-1-5-21-1584304474-3841467407-2183848180-1000"  # in LEVEL7_NTLM
+
+
+def admitted(vector: bytes | NpaRequest, acl: npipe.Acl) -> Caller | None:
+    request = vector if isinstance(vector, NpaRequest) else parse_request(vector)
+    caller, reply = samba.admit(request, acl, "t")
+    assert (caller is None) == (reply == b"")
+    return caller
+
+
+def test_admit_by_domain_account() -> None:
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["VM\\npt"])) is not None
+    assert admitted(LEVEL8_NTLM, npipe.Acl.allow(users=["vm\\NPT"])) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["NPIPE\\alice"])) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["npipe.test\\alice"])) is not None
+    # the same name in another domain is someone else
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["OTHER\\npt"])) is None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["VM\\alice"])) is None
+
+
+def test_admit_by_sid_and_mapped_uid() -> None:
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(sids=[NPT_SID])) is not None
+    assert admitted(LEVEL8_NTLM, npipe.Acl.allow(sids=[NPT_SID])) is None  # another SAM
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=[1002])) is not None
+    assert admitted(LEVEL8_NTLM, npipe.Acl.allow(users=[1002])) is None
+
+
+def test_a_bare_name_does_not_admit_a_remote_namesake(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local user npt (uid 4242 here) is not the SMB session VM\\npt that Samba maps to
+    uid 1002: the bare name means the local user, matched by uid."""
+    from npipe import acl as acl_module
+
+    monkeypatch.setattr(acl_module, "_uid", lambda name: {"npt": 4242}[name])
+    with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+        assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt"])) is None
+    assert "refused VM\\npt uid=1002" in caplog.text and "not allowed by its ACL" in caplog.text
+    # ...while the session Samba maps to the local npt's uid is that user
+    monkeypatch.setattr(acl_module, "_uid", lambda name: {"npt": 1002}[name])
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt"])) is not None

@@ -42,8 +42,7 @@ class Acl:
             elif "\\" in u or "@" in u:
                 accounts.add(u.lower())  # a remote (domain) account, matched by name
             else:
-                uids.add(_uid(u))
-                accounts.add(u.lower())
+                uids.add(_uid(u))  # a local user: its uid, never its bare name
         gids = {g if isinstance(g, int) else _gid(g) for g in groups}
         for sid in sids:
             if not sid.upper().startswith("S-1-"):
@@ -106,10 +105,13 @@ OWNER_ONLY = Acl()
 
 
 def _account_names(caller: Caller) -> set[str]:
-    names = {(caller.account or "").lower()}
-    if caller.domain:
-        names.add(f"{caller.domain}\\{caller.account}".lower())
-    return names
+    """DOMAIN\\account, by the NetBIOS and the DNS domain Samba reports: never the bare
+    account, which any domain may have."""
+    if not caller.account:
+        return set()
+    dns_domain = caller.extra.get("dns_domain")
+    domains = {caller.domain, dns_domain if isinstance(dns_domain, str) else None}
+    return {f"{d}\\{caller.account}".lower() for d in domains if d}
 
 
 def _uid(name: str) -> int:
