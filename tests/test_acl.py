@@ -129,3 +129,57 @@ def test_domain_accounts_by_dns_domain() -> None:
     acl = Acl.allow(users=["npipe.test\\alice"])
     assert acl.allows(smb("alice", "NPIPE", dns_domain="NPIPE.TEST"), owner_uid=OWNER)
     assert not acl.allows(smb("alice", "NPIPE", dns_domain="OTHER.TEST"), owner_uid=OWNER)
+
+
+def test_upn_entries_match_the_upn_or_account_at_dns_domain() -> None:
+    acl = Acl.allow(users=["alice@NPIPE.TEST"])
+    assert acl.upns == {"alice@npipe.test"} and acl.accounts == frozenset()
+    # the UPN Samba reports (Kerberos or NTLM against a DC), case-insensitive
+    assert acl.allows(smb("alice", "NPIPE", upn="alice@npipe.test"), owner_uid=OWNER)
+    # an account whose UPN was not sent: account@DNS domain, its implicit UPN
+    assert acl.allows(smb("ALICE", "NPIPE", dns_domain="npipe.test"), owner_uid=OWNER)
+    assert not acl.allows(smb("alice", "NPIPE", upn="alice@other.test"), owner_uid=OWNER)
+    assert not acl.allows(smb("alice", "OTHER", dns_domain="OTHER.TEST"), owner_uid=OWNER)
+    assert not acl.allows(smb("alice", "VM"), owner_uid=OWNER)  # standalone: no realm
+    assert not acl.allows(smb("bob", "NPIPE", upn="bob@npipe.test",
+                              dns_domain="NPIPE.TEST"), owner_uid=OWNER)
+
+
+def test_parse_remote_forms() -> None:
+    acl = Acl.parse("user:NPIPE\\alice,user:bob@NPIPE.TEST,sid:s-1-5-21-1-2-3-1104")
+    assert acl.accounts == {"npipe\\alice"} and acl.upns == {"bob@npipe.test"}
+    assert acl.sids == {"S-1-5-21-1-2-3-1104"}
+    assert acl.allows(smb("alice", "npipe"), owner_uid=OWNER)
+    assert acl.allows(smb("bob", "NPIPE", upn="bob@npipe.test"), owner_uid=OWNER)
+
+
+MALFORMED = ["NPIPE\\", "\\alice", "\\", "A\\B\\c", "@NPIPE.TEST", "alice@", "@",
+             "a@b@c", " NPIPE\\alice", "NPIPE\\alice ", "NPIPE\\ ", "alice @x"]
+
+
+@pytest.mark.parametrize("entry", MALFORMED)
+def test_malformed_remote_entries_are_refused(entry: str) -> None:
+    with pytest.raises(ConfigError, match="ACL"):
+        Acl.allow(users=[entry])
+    if entry == entry.rstrip():  # (the CLI form strips blanks around an item)
+        with pytest.raises(ConfigError, match="ACL"):
+            Acl.parse(f"user:{entry}")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"accounts": frozenset({"npt"})}, {"accounts": frozenset({"vm\\"})},
+     {"upns": frozenset({"alice@"})}, {"sids": frozenset({"X-1-5"})}],
+    ids=["bare-account", "empty-name", "empty-realm", "not-a-sid"],
+)
+def test_entries_no_caller_could_match_are_refused_when_made_directly(
+    fields: dict[str, frozenset[str]],
+) -> None:
+    with pytest.raises(ConfigError):
+        Acl(**fields)  # type: ignore[arg-type]
+
+
+def test_direct_construction_normalises_case() -> None:
+    acl = Acl(accounts=frozenset({"VM\\Npt"}), upns=frozenset({"A@B.TEST"}),
+              sids=frozenset({"s-1-5-11"}))
+    assert acl == Acl.allow(users=["vm\\npt", "a@b.test"], sids=["S-1-5-11"])

@@ -228,3 +228,12 @@ def test_a_bare_name_does_not_admit_a_remote_namesake(
     # ...while the session Samba maps to the local npt's uid is that user
     monkeypatch.setattr(acl_module, "_uid", lambda name: {"npt": 1002}[name])
     assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt"])) is not None
+
+
+def test_admit_by_upn() -> None:
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["alice@NPIPE.TEST"])) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.parse("user:alice@npipe.test")) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["alice@OTHER.TEST"])) is None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["bob@NPIPE.TEST"])) is None
+    # a standalone server's session has no UPN and no DNS domain: no name@REALM matches
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt@VM"])) is None

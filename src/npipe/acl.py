@@ -22,9 +22,20 @@ class Acl:
 
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
-    sids: frozenset[str] = frozenset()
-    accounts: frozenset[str] = frozenset()  # lower-case remote account names, DOMAIN\\name
+    sids: frozenset[str] = frozenset()  # upper case, S-1-...
+    accounts: frozenset[str] = frozenset()  # lower case, domain\\name
     everyone: bool = False
+    upns: frozenset[str] = frozenset()  # lower case, name@realm
+
+    def __post_init__(self) -> None:
+        # Checked and normalised here too, so that an Acl made directly has no entry that
+        # no caller could ever match (a bare account name, an empty part, a non-SID).
+        sids = frozenset(_check_sid(s) for s in self.sids)
+        accounts = frozenset(_domain_account(a) for a in self.accounts)
+        upns = frozenset(_upn(u) for u in self.upns)
+        object.__setattr__(self, "sids", sids)
+        object.__setattr__(self, "accounts", accounts)
+        object.__setattr__(self, "upns", upns)
 
     @classmethod
     def allow(
@@ -34,27 +45,29 @@ class Acl:
         sids: Iterable[str] = (),
         everyone: bool = False,
     ) -> Acl:
+        """``users``: a local user name or uid, ``DOMAIN\\name`` or ``name@REALM``."""
         uids: set[int] = set()
         accounts: set[str] = set()
+        upns: set[str] = set()
         for u in users:
             if isinstance(u, int):
                 uids.add(u)
-            elif "\\" in u or "@" in u:
-                accounts.add(u.lower())  # a remote (domain) account, matched by name
+            elif "\\" in u:
+                accounts.add(_domain_account(u))
+            elif "@" in u:
+                upns.add(_upn(u))
             else:
                 uids.add(_uid(u))  # a local user: its uid, never its bare name
         gids = {g if isinstance(g, int) else _gid(g) for g in groups}
-        for sid in sids:
-            if not sid.upper().startswith("S-1-"):
-                raise ConfigError(f"{sid!r} is not a SID (S-1-...)")
         return cls(
-            frozenset(uids), frozenset(gids), frozenset(s.upper() for s in sids),
-            frozenset(accounts), everyone,
+            frozenset(uids), frozenset(gids), frozenset(sids), frozenset(accounts), everyone,
+            frozenset(upns),
         )
 
     @classmethod
     def parse(cls, text: str) -> Acl:
-        """Parse ``user:alice,group:staff,uid:1001,sid:S-1-5-...,everyone`` (CLI form)."""
+        """Parse ``user:alice,user:NPIPE\\bob,user:carol@NPIPE.TEST,group:staff,uid:1001,
+        sid:S-1-5-...,everyone`` (the CLI form; ``user:`` takes what ``allow`` does)."""
         users: list[str | int] = []
         groups: list[str | int] = []
         sids: list[str] = []
@@ -75,8 +88,8 @@ class Acl:
                 sids.append(value)
             else:
                 raise ConfigError(
-                    f"bad ACL entry {item!r}: use user:NAME, uid:N, group:NAME, gid:N, "
-                    "sid:S-1-..., or everyone"
+                    f"bad ACL entry {item!r}: use user:NAME, user:DOMAIN\\NAME, "
+                    "user:NAME@REALM, uid:N, group:NAME, gid:N, sid:S-1-..., or everyone"
                 )
         return cls.allow(users, groups, sids, everyone)
 
@@ -98,7 +111,9 @@ class Acl:
             return True
         if any(s.upper() in self.sids for s in caller.sids):
             return True
-        return bool(caller.account and _account_names(caller) & self.accounts)
+        if caller.account and _account_names(caller) & self.accounts:
+            return True
+        return bool(self.upns and _upn_names(caller) & self.upns)
 
 
 OWNER_ONLY = Acl()
@@ -112,6 +127,45 @@ def _account_names(caller: Caller) -> set[str]:
     dns_domain = caller.extra.get("dns_domain")
     domains = {caller.domain, dns_domain if isinstance(dns_domain, str) else None}
     return {f"{d}\\{caller.account}".lower() for d in domains if d}
+
+
+def _upn_names(caller: Caller) -> set[str]:
+    """The UPN Samba reports, and account@DNS domain (the account's implicit UPN)."""
+    names = set()
+    upn, dns_domain = caller.extra.get("upn"), caller.extra.get("dns_domain")
+    if isinstance(upn, str) and upn:
+        names.add(upn.lower())
+    if caller.account and isinstance(dns_domain, str) and dns_domain:
+        names.add(f"{caller.account}@{dns_domain}".lower())
+    return names
+
+
+def _parts(entry: str, sep: str, form: str) -> tuple[str, str]:
+    first, _, second = entry.partition(sep)
+    for part in (first, second):
+        if not part or part != part.strip() or sep in part:
+            raise ConfigError(f"bad ACL entry {entry!r}: {form}, neither part empty")
+    return first, second
+
+
+def _domain_account(entry: str) -> str:
+    domain, name = _parts(entry, "\\", "a domain account is DOMAIN\\name")
+    if "@" in domain:
+        raise ConfigError(f"bad ACL entry {entry!r}: DOMAIN\\name, or name@REALM, not both")
+    return f"{domain}\\{name}".lower()
+
+
+def _upn(entry: str) -> str:
+    if "\\" in entry:
+        raise ConfigError(f"bad ACL entry {entry!r}: name@REALM, or DOMAIN\\name, not both")
+    name, realm = _parts(entry, "@", "a user principal name is name@REALM")
+    return f"{name}@{realm}".lower()
+
+
+def _check_sid(sid: str) -> str:
+    if not sid.upper().startswith("S-1-"):
+        raise ConfigError(f"{sid!r} is not a SID (S-1-...) in the pipe's ACL")
+    return sid.upper()
 
 
 def _uid(name: str) -> int:
