@@ -183,3 +183,39 @@ def test_direct_construction_normalises_case() -> None:
     acl = Acl(accounts=frozenset({"VM\\Npt"}), upns=frozenset({"A@B.TEST"}),
               sids=frozenset({"s-1-5-11"}))
     assert acl == Acl.allow(users=["vm\\npt", "a@b.test"], sids=["S-1-5-11"])
+
+
+def test_a_remote_session_mapped_to_root_is_not_root() -> None:
+    """Samba maps e.g. an AD DC's Administrator to uid 0: not the machine's root, not
+    the owner of a pipe root serves, and no uid/gid 0 entry admits it."""
+    remote_root = smb("Administrator", "NPIPE", uid=0, gid=0, groups=(0, 100))
+    assert OWNER_ONLY.allows(local(0), owner_uid=0)
+    assert not OWNER_ONLY.allows(remote_root, owner_uid=0)
+    assert not OWNER_ONLY.allows(remote_root, owner_uid=OWNER)
+    for acl in (Acl.allow(users=[0]), Acl.parse("uid:0"), Acl.allow(groups=[0]),
+                Acl.parse("gid:0")):
+        assert acl.allows(local(0), owner_uid=OWNER)
+        assert not acl.allows(remote_root, owner_uid=0)
+    pytest.importorskip("pwd")
+    assert not Acl.allow(users=["root"], groups=["root"]).allows(remote_root, owner_uid=0)
+    # named, it is admitted like any other account
+    assert Acl.allow(users=["NPIPE\\Administrator"]).allows(remote_root, owner_uid=0)
+    assert Acl.allow(sids=["S-1-5-21-1-2-3-500"]).allows(
+        smb("Administrator", "NPIPE", uid=0, sids=("S-1-5-21-1-2-3-500",)), owner_uid=0)
+
+
+def test_a_remote_session_mapped_to_the_owner_is_the_owner() -> None:
+    """As a bare name admits the session Samba maps to that user, the owner's own uid
+    admits the owner over SMB: a non-root owner only (see above)."""
+    assert OWNER_ONLY.allows(smb("u1000", "VM", uid=OWNER, gid=OWNER), owner_uid=OWNER)
+    assert not OWNER_ONLY.allows(smb("u1001", "VM", uid=OWNER + 1), owner_uid=OWNER)
+    assert not OWNER_ONLY.allows(smb("u1000", "VM"), owner_uid=OWNER)  # no Unix mapping
+
+
+def test_uid_and_gid_entries_admit_remote_sessions_mapped_to_them() -> None:
+    acl = Acl.allow(users=[1001], groups=[500])
+    assert acl.allows(smb("a", "VM", uid=1001, gid=1001), owner_uid=OWNER)
+    assert acl.allows(smb("b", "VM", uid=1002, gid=500), owner_uid=OWNER)
+    assert acl.allows(smb("c", "NPIPE", uid=3000015, gid=100, groups=(100, 500)),
+                      owner_uid=OWNER)
+    assert not acl.allows(smb("d", "VM", uid=1003, gid=501, groups=(501,)), owner_uid=OWNER)

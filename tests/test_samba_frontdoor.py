@@ -6,6 +6,7 @@ with the named_pipe_auth requests captured from Samba 4.17 and 4.22.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -237,3 +238,30 @@ def test_admit_by_upn() -> None:
     assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["bob@NPIPE.TEST"])) is None
     # a standalone server's session has no UPN and no DNS domain: no name@REALM matches
     assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt@VM"])) is None
+
+
+def as_uid(vector: bytes, uid: int, gid: int) -> NpaRequest:
+    """A captured request whose session Samba mapped to ``uid``/``gid`` instead."""
+    request = parse_request(vector)
+    session = dataclasses.replace(request.session, uid=uid, gid=gid, unix_groups=(gid,))
+    return dataclasses.replace(request, session=session)
+
+
+def test_admit_refuses_a_session_mapped_to_root_unless_named() -> None:
+    remote_root = as_uid(LEVEL8_NTLM, 0, 0)
+    assert admitted(remote_root, npipe.Acl()) is None  # owner-only, whoever serves
+    assert admitted(remote_root, npipe.Acl.allow(users=[0], groups=[0])) is None
+    assert admitted(remote_root, npipe.Acl.allow(users=["VM\\npt"])) is not None
+
+
+def test_admit_takes_a_session_mapped_to_the_serving_user_as_the_owner() -> None:
+    me = os.getuid()
+    caller = admitted(as_uid(LEVEL8_NTLM, me, os.getgid()), npipe.Acl())
+    assert (caller is not None) is (me != 0)
+
+
+def test_admit_still_refuses_guests() -> None:
+    guest = parse_request(LEVEL8_NTLM)
+    guest = dataclasses.replace(
+        guest, session=dataclasses.replace(guest.session, authenticated=False))
+    assert admitted(guest, npipe.Acl.allow(everyone=True)) is None

@@ -3,7 +3,39 @@
 The default is owner-only: the serving user (and root, who can reach any socket
 anyway). An :class:`Acl` opens a pipe to more users, groups or Windows SIDs.
 Names are resolved when the Acl is made, so a typo fails at start-up, not at the
-first refused caller.
+first refused caller; an entry no caller could ever match is refused there too.
+
+Local callers (``transport="local"``, from SO_PEERCRED) are admitted by uid and gids:
+the owner, root, a ``users`` entry (a local name is resolved to its uid) or a
+``groups`` entry.
+
+Remote callers (``transport="smb"``, vouched for by smbd's named_pipe_auth request)
+get in only through an entry that names them:
+
+- ``DOMAIN\\name``: the account in the domain Samba reports (its NetBIOS name, or its
+  DNS name), case-insensitively. A bare name never matches a remote account by name:
+  another domain's ``alice`` is not the local user ``alice``.
+- ``name@REALM``: the user principal name Samba reports, or the account's implicit UPN
+  ``account@DNS domain`` (case-insensitive). Standalone servers report neither.
+- a SID (``sids``): any SID of the session's token (user, groups, well-known ones).
+- a uid or gid entry, local user or group names included: the Unix uid/gid Samba maps
+  the session to. Samba is the administrator's mapping of network accounts to Unix
+  users (passdb, idmap, username map), and smbd is believed only as root: on a
+  standalone server a session mapped to ``alice``'s uid authenticated with the password
+  in ``alice``'s passdb entry, so it *is* the local user ``alice`` and
+  ``users=["alice"]`` admits her over SMB too. A same-named account of another domain
+  is mapped to a uid of its own and is not admitted.
+- the owner: likewise, a session Samba maps to the serving user's own uid is the owner,
+  so an owner-only pipe served by ``svc`` admits ``svc`` over SMB (only when Samba
+  maps that session to ``svc``'s uid).
+
+Uid 0 and gid 0 are the exception: Samba maps network accounts to root that are not
+the machine's root (an AD DC maps the domain's Administrator to uid 0), so a remote
+session mapped to uid 0 is never the owner of a pipe root serves, and uid/gid 0
+entries (``root`` included) never admit a remote caller. To admit such an account,
+name it (``DOMAIN\\name``, ``name@REALM``, its SID).
+``everyone`` admits everyone, remote root included; guest sessions never reach the ACL
+(the Samba front door refuses them first).
 """
 
 from __future__ import annotations
@@ -98,16 +130,18 @@ class Acl:
         owner = os.getuid() if owner_uid is None else owner_uid
         if self.everyone:
             return True
-        # The owner's own account, local or over SMB (Samba maps it to the same uid);
-        # root only locally: a remote session mapped to uid 0 is not the machine's root.
-        if caller.uid == owner or (caller.transport == "local" and caller.uid == 0):
-            return True
-        if caller.uid is not None and caller.uid in self.uids:
-            return True
-        caller_gids = set(caller.groups)
+        uid, gids = caller.uid, set(caller.groups)
         if caller.gid is not None:
-            caller_gids.add(caller.gid)
-        if caller_gids & self.gids:
+            gids.add(caller.gid)
+        if caller.transport == "local":
+            if uid == 0:
+                return True  # root reaches any socket anyway
+        else:  # a remote session Samba maps to uid or gid 0 is not root: see the module doc
+            uid = None if uid == 0 else uid
+            gids.discard(0)
+        if uid is not None and (uid == owner or uid in self.uids):
+            return True
+        if gids & self.gids:
             return True
         if any(s.upper() in self.sids for s in caller.sids):
             return True
