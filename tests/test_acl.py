@@ -219,3 +219,15 @@ def test_uid_and_gid_entries_admit_remote_sessions_mapped_to_them() -> None:
     assert acl.allows(smb("c", "NPIPE", uid=3000015, gid=100, groups=(100, 500)),
                       owner_uid=OWNER)
     assert not acl.allows(smb("d", "VM", uid=1003, gid=501, groups=(501,)), owner_uid=OWNER)
+
+
+@pytest.mark.parametrize(
+    ("acl", "names"),
+    [(OWNER_ONLY, False), (Acl.allow(users=[0], groups=[0]), False),
+     (Acl.allow(users=[1001]), True), (Acl.allow(groups=[500]), True),
+     (Acl.allow(users=["NPIPE\\alice"]), True), (Acl.allow(users=["a@NPIPE.TEST"]), True),
+     (Acl.allow(sids=["S-1-5-11"]), True), (Acl.allow(everyone=True), True)],
+    ids=["owner-only", "root-ids", "uid", "gid", "account", "upn", "sid", "everyone"],
+)
+def test_names_remote_callers(acl: Acl, names: bool) -> None:
+    assert acl.names_remote_callers() is names

@@ -6,6 +6,7 @@ with the named_pipe_auth requests captured from Samba 4.17 and 4.22.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -23,6 +24,7 @@ import pytest
 from test_npa import LEVEL7_KERBEROS, LEVEL7_NTLM, LEVEL8_NTLM
 
 import npipe
+import npipe.address
 import npipe.grpc
 from npipe.identity import Caller
 from npipe.samba import frontdoor as samba
@@ -265,3 +267,59 @@ def test_admit_still_refuses_guests() -> None:
     guest = dataclasses.replace(
         guest, session=dataclasses.replace(guest.session, authenticated=False))
     assert admitted(guest, npipe.Acl.allow(everyone=True)) is None
+
+
+# --- the start-up warning: an SMB pipe whose ACL names no remote caller ---------------
+
+
+def samba_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "npipe.samba" and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize(("owner", "says"), [(0, "none will be admitted"),
+                                             (1000, "only SMB sessions Samba maps to uid 1000")])
+def test_warns_when_the_acl_names_no_remote_caller(
+    caplog: pytest.LogCaptureFixture, owner: int, says: str
+) -> None:
+    addr = npipe.address.parse_address("quiet")
+    with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+        samba.warn_if_no_remote_callers(npipe.Acl(), addr, owner_uid=owner)
+        samba.warn_if_no_remote_callers(npipe.Acl.allow(users=[0]), addr, owner_uid=owner)
+        for acl in (npipe.Acl.allow(users=["VM\\npt"]), npipe.Acl.allow(users=[1002]),
+                    npipe.Acl.allow(sids=["S-1-5-11"]), npipe.Acl.allow(everyone=True)):
+            samba.warn_if_no_remote_callers(acl, addr, owner_uid=owner)
+    warnings = samba_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert all("quiet" in w and "names no remote caller" in w and says in w for w in warnings)
+
+
+def test_add_pipe_port_warns_at_start_up(
+    np_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name, acl, expected in [("lonely", npipe.Acl(), 1),
+                                ("named", npipe.Acl.allow(users=["VM\\npt"]), 0)]:
+        caplog.clear()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+            npipe.grpc.add_pipe_port(server, name, smb=True, acl=acl)
+        server.start()
+        server.stop(None).wait()
+        assert len(samba_warnings(caplog)) == expected, samba_warnings(caplog)
+        if expected:
+            assert "none will be admitted" in samba_warnings(caplog)[0]
+
+
+def test_start_server_warns_at_start_up(np_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def main() -> None:
+        server = await npipe.start_server(handler, "lonelyraw", smb=True)
+        server.close()
+        await server.wait_closed()
+
+    with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+        asyncio.run(main())
+    warnings = samba_warnings(caplog)
+    assert len(warnings) == 1 and "lonelyraw" in warnings[0], warnings

@@ -149,6 +149,15 @@ class Acl:
             return True
         return bool(self.upns and _upn_names(caller) & self.upns)
 
+    def names_remote_callers(self) -> bool:
+        """Whether an entry could admit an SMB caller, by the rules above: ``everyone``, a
+        DOMAIN\\name, UPN or SID entry, or a uid/gid entry other than 0. (Without one,
+        only sessions Samba maps to a non-root owner's own uid get in.)"""
+        return bool(
+            self.everyone or self.accounts or self.upns or self.sids
+            or self.uids - {0} or self.gids - {0}
+        )
+
 
 OWNER_ONLY = Acl()
 

@@ -20,7 +20,7 @@ from npipe.acl import Acl
 from npipe.address import PipeAddress
 from npipe.errors import ConfigError
 from npipe.frontdoor import Identify
-from npipe.identity import Caller
+from npipe.identity import Caller, user_name
 from npipe.local.listener import ClaimedSocket, claim
 from npipe.local.paths import pipe_dir
 from npipe.local.peercred import peer_credentials
@@ -62,14 +62,48 @@ def np_dir() -> Path:
 
 
 def claim_samba_pipe(
-    addr: PipeAddress, *, directory: str | os.PathLike[str] | None = None
+    addr: PipeAddress,
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    acl: Acl | None = None,
 ) -> ClaimedSocket:
     """Listen where smbd will look for pipe ``addr``.
 
     As root the socket goes straight into np/ (smbd insists np/ is root's, mode 0700).
     Anyone else listens in their pipe directory, and root must link np/<name> to it
     (``npipe samba link NAME``); until then SMB clients get "pipe not found".
+    Given the pipe's ``acl``, warns once if it names no remote caller.
     """
+    claimed = _claim_samba_pipe(addr, directory)
+    if acl is not None:
+        warn_if_no_remote_callers(acl, addr)
+    return claimed
+
+
+def warn_if_no_remote_callers(
+    acl: Acl, addr: PipeAddress, owner_uid: int | None = None
+) -> None:
+    """Log a warning if ``acl`` admits no SMB caller, or only the owner's own (see npipe.acl)."""
+    if acl.names_remote_callers():
+        return
+    owner = os.getuid() if owner_uid is None else owner_uid
+    if owner == 0:
+        admitted = "none will be admitted (a session Samba maps to root is not root)"
+    else:
+        admitted = (
+            f"only SMB sessions Samba maps to uid {owner} ({user_name(owner) or '?'}), "
+            "the owner, will be admitted"
+        )
+    log.warning(
+        "pipe %s is served over SMB, but its ACL names no remote caller: %s; allow them "
+        "by DOMAIN\\name, name@REALM, SID or local user (CLI: --acl user:DOMAIN\\name)",
+        addr.name, admitted,
+    )
+
+
+def _claim_samba_pipe(
+    addr: PipeAddress, directory: str | os.PathLike[str] | None
+) -> ClaimedSocket:
     if addr.key in RESERVED_NAMES:
         raise ConfigError(f"pipe name {addr.name!r} belongs to Samba's own RPC services")
     lock_dir = pipe_dir(directory)
