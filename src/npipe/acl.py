@@ -10,7 +10,7 @@ the owner, root, a ``users`` entry (a local name is resolved to its uid) or a
 ``groups`` entry.
 
 Remote callers (``transport="smb"``, vouched for by smbd's named_pipe_auth request)
-get in only through an entry that names them:
+get in only as the owner or through an entry that names them:
 
 - ``DOMAIN\\name``: the account in the domain Samba reports (its NetBIOS name, or its
   DNS name), case-insensitively. A bare name never matches a remote account by name:
@@ -187,7 +187,9 @@ def _parts(entry: str, sep: str, form: str) -> tuple[str, str]:
     first, _, second = entry.partition(sep)
     for part in (first, second):
         if not part or part != part.strip() or sep in part:
-            raise ConfigError(f"bad ACL entry {entry!r}: {form}, neither part empty")
+            raise ConfigError(
+                f"bad ACL entry {entry!r}: {form} (one {sep!r}, parts neither empty nor padded)"
+            )
     return first, second
 
 
