@@ -32,8 +32,9 @@ import npipe.smb
 
 APPS = Path(__file__).resolve().parent / "cross_host"
 ALICE, BOB, PASSWORD = "alice", "bob", "Pipe-Passw0rd!"
-ECHO_PIPE, GRPC_PIPE = "krbecho", "krbgrpc"
+ECHO_PIPE, GRPC_PIPE, UPN_PIPE = "krbecho", "krbgrpc", "krbupn"
 ALLOWED = f"{WORKGROUP}\\{ALICE}"  # a domain account: matched by name, not by uid
+ALLOWED_UPN = f"{ALICE}@{REALM}"  # the same account by its user principal name
 AUTHORITY_ASSERTED, NTLM_AUTHENTICATION = "S-1-18-1", "S-1-5-64-10"
 
 pytestmark = [pytest.mark.root, pytest.mark.parametrize("backend", npipe.smb.BACKENDS)]
@@ -96,7 +97,9 @@ def realm() -> Iterator[Realm]:
             client = KerberosClient(workdir / "client", hosts)
             echo = [str(APPS / "kerberos_app.py"), "serve", ECHO_PIPE, ALLOWED]
             grpc = [str(APPS / "server_app.py"), "grpc", GRPC_PIPE, ALLOWED]
-            with serve(hosts, dc, workdir, echo), serve(hosts, dc, workdir, grpc):
+            upn = [str(APPS / "kerberos_app.py"), "serve", UPN_PIPE, ALLOWED_UPN]
+            with serve(hosts, dc, workdir, echo), serve(hosts, dc, workdir, grpc), \
+                    serve(hosts, dc, workdir, upn):
                 yield Realm(hosts, dc, client, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -133,6 +136,14 @@ def test_grpc_with_a_kerberos_ticket(realm: Realm, backend: str) -> None:
 
 def test_acl_refuses_another_domain_user(realm: Realm, backend: str) -> None:
     r = realm.run("error", backend, f"//{DC_FQDN}/pipe/{ECHO_PIPE}", realm.ccache(BOB))
+    assert r["error"] == "AccessDenied", r
+
+
+def test_acl_by_user_principal_name(realm: Realm, backend: str) -> None:
+    r = realm.run("raw", backend, f"//{DC_FQDN}/pipe/{UPN_PIPE}", realm.ccache(ALICE))
+    assert r["echo"] == "kerberos bytes"
+    assert_alice(r["who"], realm)
+    r = realm.run("error", backend, f"//{DC_FQDN}/pipe/{UPN_PIPE}", realm.ccache(BOB))
     assert r["error"] == "AccessDenied", r
 
 

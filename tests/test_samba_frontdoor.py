@@ -6,6 +6,9 @@ with the named_pipe_auth requests captured from Samba 4.17 and 4.22.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import os
 import socket
 import subprocess
@@ -18,12 +21,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_npa import LEVEL7_NTLM, LEVEL8_NTLM
+from test_npa import LEVEL7_KERBEROS, LEVEL7_NTLM, LEVEL8_NTLM
 
 import npipe
+import npipe.address
 import npipe.grpc
+from npipe.identity import Caller
 from npipe.samba import frontdoor as samba
-from npipe.samba.npa import REPLY_SIZE
+from npipe.samba.npa import REPLY_SIZE, NpaRequest, parse_request
 
 
 def require_root() -> None:
@@ -52,8 +57,8 @@ def served(np_dir: Path) -> Iterator[Path]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     handlers = {"Who": grpc.unary_unary_rpc_method_handler(whoami)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("d.S", handlers),))
-    # the vectors' user is npt (uid 1002 on 4.17, 1000 on 4.22): allow by account name
-    npipe.grpc.add_pipe_port(server, "door", smb=True, acl=npipe.Acl(accounts=frozenset({"npt"})))
+    # the vectors' user is VM\npt (uid 1002 on 4.17, 1000 on 4.22): allow by domain account
+    npipe.grpc.add_pipe_port(server, "door", smb=True, acl=npipe.Acl.allow(users=["VM\\npt"]))
     server.start()
     yield np_dir / "door"
     server.stop(None).wait()
@@ -179,3 +184,142 @@ def test_only_root_may_speak_for_smbd(served: Path) -> None:
                           timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"  # ... it is closed without a reply
+
+
+# --- admit(): the ACL against real requests (no smbd, no root needed) -----------------
+
+# The captured sessions: VM\npt (standalone smbd; uid 1002 in the 4.17 capture, 1000 in
+# the 4.22 one) and NPIPE\alice (AD DC, Kerberos: UPN alice@npipe.test, uid 3000015).
+NPT_SID = "S-1-5-21-1584304474-3841467407-2183848180-1000"  # in LEVEL7_NTLM
+
+
+def admitted(vector: bytes | NpaRequest, acl: npipe.Acl) -> Caller | None:
+    request = vector if isinstance(vector, NpaRequest) else parse_request(vector)
+    caller, reply = samba.admit(request, acl, "t")
+    assert (caller is None) == (reply == b"")
+    return caller
+
+
+def test_admit_by_domain_account() -> None:
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["VM\\npt"])) is not None
+    assert admitted(LEVEL8_NTLM, npipe.Acl.allow(users=["vm\\NPT"])) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["NPIPE\\alice"])) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["npipe.test\\alice"])) is not None
+    # the same name in another domain is someone else
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["OTHER\\npt"])) is None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["VM\\alice"])) is None
+
+
+def test_admit_by_sid_and_mapped_uid() -> None:
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(sids=[NPT_SID])) is not None
+    assert admitted(LEVEL8_NTLM, npipe.Acl.allow(sids=[NPT_SID])) is None  # another SAM
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=[1002])) is not None
+    assert admitted(LEVEL8_NTLM, npipe.Acl.allow(users=[1002])) is None
+
+
+def test_a_bare_name_does_not_admit_a_remote_namesake(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local user npt (uid 4242 here) is not the SMB session VM\\npt that Samba maps to
+    uid 1002: the bare name means the local user, matched by uid."""
+    from npipe import acl as acl_module
+
+    monkeypatch.setattr(acl_module, "_uid", lambda name: {"npt": 4242}[name])
+    with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+        assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt"])) is None
+    assert "refused VM\\npt uid=1002" in caplog.text and "not allowed by its ACL" in caplog.text
+    # ...while the session Samba maps to the local npt's uid is that user
+    monkeypatch.setattr(acl_module, "_uid", lambda name: {"npt": 1002}[name])
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt"])) is not None
+
+
+def test_admit_by_upn() -> None:
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["alice@NPIPE.TEST"])) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.parse("user:alice@npipe.test")) is not None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["alice@OTHER.TEST"])) is None
+    assert admitted(LEVEL7_KERBEROS, npipe.Acl.allow(users=["bob@NPIPE.TEST"])) is None
+    # a standalone server's session has no UPN and no DNS domain: no name@REALM matches
+    assert admitted(LEVEL7_NTLM, npipe.Acl.allow(users=["npt@VM"])) is None
+
+
+def as_uid(vector: bytes, uid: int, gid: int) -> NpaRequest:
+    """A captured request whose session Samba mapped to ``uid``/``gid`` instead."""
+    request = parse_request(vector)
+    session = dataclasses.replace(request.session, uid=uid, gid=gid, unix_groups=(gid,))
+    return dataclasses.replace(request, session=session)
+
+
+def test_admit_refuses_a_session_mapped_to_root_unless_named() -> None:
+    remote_root = as_uid(LEVEL8_NTLM, 0, 0)
+    assert admitted(remote_root, npipe.Acl()) is None  # owner-only, whoever serves
+    assert admitted(remote_root, npipe.Acl.allow(users=[0], groups=[0])) is None
+    assert admitted(remote_root, npipe.Acl.allow(users=["VM\\npt"])) is not None
+
+
+def test_admit_takes_a_session_mapped_to_the_serving_user_as_the_owner() -> None:
+    me = os.getuid()
+    caller = admitted(as_uid(LEVEL8_NTLM, me, os.getgid()), npipe.Acl())
+    assert (caller is not None) is (me != 0)
+
+
+def test_admit_still_refuses_guests() -> None:
+    guest = parse_request(LEVEL8_NTLM)
+    guest = dataclasses.replace(
+        guest, session=dataclasses.replace(guest.session, authenticated=False))
+    assert admitted(guest, npipe.Acl.allow(everyone=True)) is None
+
+
+# --- the start-up warning: an SMB pipe whose ACL names no remote caller ---------------
+
+
+def samba_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "npipe.samba" and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize(("owner", "says"), [(0, "none will be admitted"),
+                                             (1000, "only SMB sessions Samba maps to uid 1000")])
+def test_warns_when_the_acl_names_no_remote_caller(
+    caplog: pytest.LogCaptureFixture, owner: int, says: str
+) -> None:
+    addr = npipe.address.parse_address("quiet")
+    with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+        samba.warn_if_no_remote_callers(npipe.Acl(), addr, owner_uid=owner)
+        samba.warn_if_no_remote_callers(npipe.Acl.allow(users=[0]), addr, owner_uid=owner)
+        for acl in (npipe.Acl.allow(users=["VM\\npt"]), npipe.Acl.allow(users=[1002]),
+                    npipe.Acl.allow(sids=["S-1-5-11"]), npipe.Acl.allow(everyone=True)):
+            samba.warn_if_no_remote_callers(acl, addr, owner_uid=owner)
+    warnings = samba_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert all("quiet" in w and "names no remote caller" in w and says in w for w in warnings)
+
+
+def test_add_pipe_port_warns_at_start_up(
+    np_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name, acl, expected in [("lonely", npipe.Acl(), 1),
+                                ("named", npipe.Acl.allow(users=["VM\\npt"]), 0)]:
+        caplog.clear()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+            npipe.grpc.add_pipe_port(server, name, smb=True, acl=acl)
+        server.start()
+        server.stop(None).wait()
+        assert len(samba_warnings(caplog)) == expected, samba_warnings(caplog)
+        if expected:
+            assert "none will be admitted" in samba_warnings(caplog)[0]
+
+
+def test_start_server_warns_at_start_up(np_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def main() -> None:
+        server = await npipe.start_server(handler, "lonelyraw", smb=True)
+        server.close()
+        await server.wait_closed()
+
+    with caplog.at_level(logging.WARNING, logger="npipe.samba"):
+        asyncio.run(main())
+    warnings = samba_warnings(caplog)
+    assert len(warnings) == 1 and "lonelyraw" in warnings[0], warnings

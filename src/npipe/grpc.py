@@ -117,7 +117,7 @@ def add_pipe_port(
             )]
             if smb:
                 try:
-                    smb_claimed = samba.claim_samba_pipe(addr, directory=pipe_dir)
+                    smb_claimed = samba.claim_samba_pipe(addr, directory=pipe_dir, acl=acl)
                 except BaseException:
                     claimed.release()
                     raise

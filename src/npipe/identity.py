@@ -12,7 +12,8 @@ class Caller:
 
     Local callers come from the kernel (SO_PEERCRED): ``uid``, ``gid``, ``pid``, ``groups``.
     Remote callers (through Samba) add the authenticated ``account``, ``domain`` and ``sids``
-    and the client's network ``address``; their ``uid``/``gid`` are Samba's Unix mapping.
+    and the client's network ``address``; their ``uid``/``gid`` are Samba's Unix mapping
+    (what that admits, and why uid 0 admits nothing remotely: :mod:`npipe.acl`).
     """
 
     transport: Literal["local", "smb"]

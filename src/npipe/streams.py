@@ -162,7 +162,7 @@ async def start_server(
         if smb:
             from npipe.samba.frontdoor import claim_samba_pipe
 
-            claims.append((samba, claim_samba_pipe(addr, directory=pipe_dir)))
+            claims.append((samba, claim_samba_pipe(addr, directory=pipe_dir, acl=acl)))
         for identify, claimed in claims:
             claimed.sock.setblocking(False)
             server = await asyncio.start_unix_server(

@@ -76,10 +76,9 @@ def describe_acl(acl: Acl) -> str:
     if acl.everyone:
         return "everyone"
     who = ["owner"]
-    users = [user_name(uid) or str(uid) for uid in sorted(acl.uids)]
-    who += [f"user:{name}" for name in users]
+    who += [f"user:{user_name(uid) or uid}" for uid in sorted(acl.uids)]
     who += [f"group:{group_name(gid) or gid}" for gid in sorted(acl.gids)]
+    who += [f"user:{name}" for name in sorted(acl.accounts | acl.upns)]
     who += [f"sid:{sid}" for sid in sorted(acl.sids)]
-    who += [f"account:{a}" for a in sorted(acl.accounts) if a not in users]
-    return ",".join(dict.fromkeys(who))
+    return ",".join(who)
 

@@ -63,7 +63,10 @@ def np_dir() -> Path:
 
 
 def claim_samba_pipe(
-    addr: PipeAddress, *, directory: str | os.PathLike[str] | None = None
+    addr: PipeAddress,
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    acl: Acl | None = None,
 ) -> ClaimedSocket:
     """Listen where smbd will look for pipe ``addr``.
 
@@ -71,7 +74,38 @@ def claim_samba_pipe(
     Anyone else listens in the directory root made for them (``/run/npipe-smb/<uid>``,
     by ``npipe samba link NAME --user USER``), where root's link np/<name> points: no
     other user can ever create a socket there, so smbd can never be led to one.
+    Given the pipe's ``acl``, warns once if it names no remote caller.
     """
+    claimed = _claim_samba_pipe(addr, directory)
+    if acl is not None:
+        warn_if_no_remote_callers(acl, addr)
+    return claimed
+
+
+def warn_if_no_remote_callers(
+    acl: Acl, addr: PipeAddress, owner_uid: int | None = None
+) -> None:
+    """Log a warning if ``acl`` admits no SMB caller, or only the owner's own (see npipe.acl)."""
+    if acl.names_remote_callers():
+        return
+    owner = os.getuid() if owner_uid is None else owner_uid
+    if owner == 0:
+        admitted = "none will be admitted (a session Samba maps to root is not root)"
+    else:
+        admitted = (
+            f"only SMB sessions Samba maps to uid {owner} ({user_name(owner) or '?'}), "
+            "the owner, will be admitted"
+        )
+    log.warning(
+        "pipe %s is served over SMB, but its ACL names no remote caller: %s; allow them "
+        "by DOMAIN\\name, name@REALM, SID or local user (CLI: --acl user:DOMAIN\\name)",
+        addr.name, admitted,
+    )
+
+
+def _claim_samba_pipe(
+    addr: PipeAddress, directory: str | os.PathLike[str] | None
+) -> ClaimedSocket:
     if addr.key in RESERVED_NAMES:
         raise ConfigError(f"pipe name {addr.name!r} belongs to Samba's own RPC services")
     lock_dir = pipe_dir(directory)
