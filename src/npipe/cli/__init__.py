@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantity", type=int, default=3, help="BuyRequest.quantity")
     p.add_argument("--price", type=int, default=10, help="BuyRequest.price")
     p.add_argument("--serve", action="store_true", help="keep serving instead of exiting")
-    p.add_argument("--acl", help="also allow: user:NAME,group:NAME,uid:N,gid:N,everyone")
+    p.add_argument("--acl", help="also allow (comma-separated): user:NAME (local), "
+                   "user:DOMAIN\\NAME, user:NAME@REALM, group:NAME, uid:N, gid:N, "
+                   "sid:S-1-..., everyone")
     p.add_argument(
         "--smb", action="store_true",
         help="go through SMB: start a private smbd on loopback (root), serve the pipe through "
