@@ -35,6 +35,7 @@ from npipe.errors import (
     HostUnreachable,
     PipeNotFound,
 )
+from npipe.local.paths import pipe_dir
 from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.smb import BACKENDS, ENV_BACKEND, bridge_for, close_bridges, get_client, open_pipe
 from npipe.smb.credentials import Credentials
@@ -484,7 +485,8 @@ def test_bridge_relays_a_raw_client(smbd: Smbd, serve: Callable[..., PipeServer]
     bridge = bridge_for(smbd.address("bridged"), credentials=CREDS)
     assert bridge_for(smbd.address("bridged"), credentials=CREDS) is bridge
     assert bridge.target == f"unix:{bridge.path}"
-    assert bridge.path.startswith("/tmp/npipe-br-")
+    assert Path(bridge.path).parent.parent == pipe_dir()  # reclaimed if the process dies
+    assert Path(bridge.path).parent.name.startswith(".np-")
     assert os.stat(bridge.directory).st_mode & 0o777 == 0o700
     payload = os.urandom(300_000)
     assert _unix_echo(bridge.path, payload) == payload
@@ -544,10 +546,17 @@ def test_bridge_refuses_other_users(
 
     # The 0700 directory stops another user before the socket.
     assert attempt() == "error PermissionError"
-    # Opened up, the socket still refuses: SO_PEERCRED says another uid.
+    # Opened up (and the pipe directory around it), the socket still refuses:
+    # SO_PEERCRED says another uid.
+    parent = Path(bridge.directory).parent
+    parent_mode = os.stat(parent).st_mode & 0o777
+    os.chmod(parent, 0o711)
     os.chmod(bridge.directory, 0o711)
     os.chmod(bridge.path, 0o666)
-    assert attempt() == "read b''"
+    try:
+        assert attempt() == "read b''"
+    finally:
+        os.chmod(parent, parent_mode)
     assert "refused a connection from uid" in caplog.text
     # This user still gets through.
     assert _unix_echo(bridge.path, b"mine") == b"mine"

@@ -289,10 +289,18 @@ def remove_private_dir(private: Path, uid: int) -> bool:
             return False
     elif not isinstance(owner, dict) or record_alive(owner):
         return False
-    if is_live(private / BACKEND_SOCKET):
+    if any(is_live(p) for p in _sockets_in(private)):
         return False
     shutil.rmtree(private, ignore_errors=True)
     return True
+
+
+def _sockets_in(directory: Path) -> list[Path]:
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if p.is_socket()]
 
 
 def is_live(path: Path) -> bool:

@@ -1,7 +1,9 @@
 """A private Unix socket in front of a remote pipe, for clients that dial only ``unix:``.
 
 grpcio cannot speak SMB, but it can dial a Unix socket. A :class:`PipeBridge` listens
-on ``/tmp/npipe-br-XXXX/b`` (a fresh 0700 directory) and, for every connection from
+on ``<pipe dir>/.np-XXXX/b`` (a fresh 0700 directory that records its maker, so that
+whatever a killed process leaves is reclaimed: npipe.local.reclaim) and, for every
+connection from
 this user (checked with SO_PEERCRED), opens the remote pipe and relays bytes both
 ways. Each connection gets its own pipe instance, as each CreateFile does on Windows.
 
@@ -19,13 +21,14 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable
 
 from npipe.errors import NpipeError
+from npipe.local.listener import private_dir
+from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
 
 log = logging.getLogger("npipe.smb.bridge")
@@ -67,7 +70,7 @@ class PipeBridge:
         self._lock = threading.Lock()
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.directory = tempfile.mkdtemp(prefix="npipe-br-", dir="/tmp")  # mode 0700
+        self.directory = os.fspath(private_dir(ensure_pipe_dir(pipe_dir())))  # mode 0700
         self.path = os.path.join(self.directory, SOCKET_NAME)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -90,7 +93,7 @@ class PipeBridge:
 
     @property
     def target(self) -> str:
-        """The grpcio target: ``unix:/tmp/npipe-br-XXXX/b``."""
+        """The grpcio target: ``unix:<pipe dir>/.np-XXXX/b``."""
         return "unix:" + urllib.parse.quote(self.path, safe="/")
 
     @property
