@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -27,7 +26,6 @@ import pytest
 from capture import Capture, have_tshark, require_tshark, stop_all
 from pipe_servers import Handler, PipeServer, echo
 
-from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.errors import (
     AccessDenied,
     AddressError,
@@ -37,6 +35,7 @@ from npipe.errors import (
     HostUnreachable,
     PipeNotFound,
 )
+from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.smb import BACKENDS, ENV_BACKEND, bridge_for, close_bridges, get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
@@ -238,8 +237,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-async def _echo_roundtrip(address: str, payload: bytes, encrypt: bool | None = None) -> bytes:
-    reader, writer = await open_pipe(address, credentials=CREDS, encrypt=encrypt)
+async def _echo_roundtrip(address: str, payload: bytes, encrypt: bool | None = None,
+                          allow_smb2: bool = False) -> bytes:
+    reader, writer = await open_pipe(address, credentials=CREDS, encrypt=encrypt,
+                                     allow_smb2=allow_smb2)
     try:
         # Read while writing: an echo of more than the buffers hold deadlocks otherwise.
         echoed = asyncio.ensure_future(reader.readexactly(len(payload)))
@@ -456,11 +457,14 @@ def test_smb2_server_falls_back_to_signing(
     smb2_smbd: Smbd, serve: Callable[..., PipeServer]
 ) -> None:
     serve("old", echo, on=smb2_smbd)
-    assert run(_echo_roundtrip(smb2_smbd.address("old"), b"2.1")) == b"2.1"
+    with pytest.raises(ConfigError, match=r"negotiated SMB 2\.1.*allow_smb2=True"):
+        run(open_pipe(smb2_smbd.address("old"), credentials=CREDS, timeout=5))
+    assert run(_echo_roundtrip(smb2_smbd.address("old"), b"2.1", allow_smb2=True)) == b"2.1"
     info = _link_info(smb2_smbd)
     assert info.dialect == "2.1" and info.signed and not info.encrypted
     with pytest.raises(ConfigError, match="cannot encrypt"):
-        run(open_pipe(smb2_smbd.address("old"), credentials=CREDS, encrypt=True, timeout=5))
+        run(open_pipe(smb2_smbd.address("old"), credentials=CREDS, encrypt=True, timeout=5,
+                      allow_smb2=True))
 
 
 # --- the bridge -----------------------------------------------------------------------
