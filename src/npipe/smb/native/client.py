@@ -1,7 +1,8 @@
 """The native backend: remote pipes on :class:`~.link.Link` connections.
 
-One connection per (event loop, host, port, identity, encryption choice) is shared by
-every pipe opened through it; a dead or retired one is replaced on the next open. A
+One connection per (event loop, host, port, identity, encryption choice, allow_smb2) is
+shared by every pipe opened through it; a dead or retired one is replaced on the next
+open. A
 pipe opened with :meth:`NativeClient.open_pipe` is an asyncio transport feeding a
 StreamReader directly (no socket pair, no thread); :meth:`NativeClient.attach` relays
 an accepted socket (the grpcio bridge's) to the pipe within the same loop.
