@@ -2,8 +2,8 @@
 
 One TCP connection, session and IPC$ tree connect per (host, port, credentials,
 encryption choice, allow_smb2) is shared by every pipe opened through it (a
-module-level registry; a connection that died is replaced on the next open). Signing is always required;
-encryption is on by default where the server can do it:
+module-level registry; a connection that died is replaced on the next open). Signing
+is always required; encryption is on by default where the server can do it:
 
 * ``encrypt=None`` (the default): encrypt if the negotiated dialect can (SMB 3.x with a
   cipher), else fall back to signing only.
