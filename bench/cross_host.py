@@ -385,7 +385,8 @@ class GrpcClient(BenchClient):
             address, creds = parse_address(target), credentials()
 
             async def attach(sock: Any) -> None:
-                await client.attach(address, sock, credentials=creds, encrypt=False)
+                await client.attach(address, sock, credentials=creds, encrypt=False,
+                                    allow_smb2=True)
 
             self.bridge = PipeBridge(attach, description=address.posix())
             self.channel = grpc.insecure_channel(
@@ -470,7 +471,8 @@ class AsyncEchoClient(LoopClient):
             from npipe.smb.native import NativeClient
 
             return await NativeClient(unsigned_options()).open_pipe(
-                parse_address(target), credentials=credentials(), encrypt=False)
+                parse_address(target), credentials=credentials(), encrypt=False,
+                allow_smb2=True)
         import npipe
 
         return await npipe.open_connection(
@@ -533,6 +535,7 @@ class Smb2EchoClient(LoopClient):
             host, 445, credentials=credentials(),
             encrypt=None if kind == "smb2-echo" else False,
             options=unsigned_options() if kind == "smb2-echo-unsigned" else None,
+            allow_smb2=kind == "smb2-echo-unsigned",
         ))
 
     def info(self) -> dict[str, Any]:

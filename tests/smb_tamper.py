@@ -1,4 +1,4 @@
-"""A TCP proxy between an SMB client and a real smbd that spoils one server message.
+"""A TCP proxy between an SMB client and a real smbd that spoils one message.
 
     with TamperProxy(smbd_port) as proxy:
         proxy.tamper(read_with_data, "flip_signature")
@@ -23,6 +23,13 @@ One rule at a time picks a server-to-client message by a predicate on ``(index, 
 ``flip_payload``    flip a byte of the body (default the last), leaving the signature
 ``drop``            close both connections instead of forwarding it
 ``stall``           forward nothing more to the client (its connection stays open)
+``rewrite``         replace the message with ``edit(frame)`` (see :func:`offer_only`,
+                    :func:`clear_capabilities`, :func:`drop_context`: a downgrade)
+
+With ``from_client=True`` the rule picks a client-to-server message instead (``index``
+counts the client's messages from 0, its NEGOTIATE request; ``stall`` is not offered
+that way), e.g. ``proxy.tamper(nth(0), "rewrite", edit=offer_only(0x0210),
+from_client=True)`` makes the client seem to offer SMB 2.1 only.
 
 It runs its own asyncio loop in a thread, so tests drive it the same from plain or
 asyncio code. Counters (``connections``, ``frames_from_server``, ``frames_from_client``)
@@ -45,6 +52,7 @@ from typing import Any
 
 ACTIONS = (
     "truncate", "garbage", "bad_length", "flip_signature", "flip_payload", "drop", "stall",
+    "rewrite",
 )
 
 SMB2_MAGIC = b"\xfeSMB"
@@ -61,6 +69,12 @@ STATUS_PENDING = 0x103
 STATUS_MORE_PROCESSING_REQUIRED = 0xC0000016
 
 Match = Callable[[int, bytes], bool]
+Edit = Callable[[bytes], bytes]
+
+CAP_ENCRYPTION = 0x40
+ENCRYPTION_CAPABILITIES = 0x0002
+NEGOTIATE_REQ = struct.Struct("<HHHHI16sIHH")  # after the header; dialects follow
+NEGOTIATE_RESP = struct.Struct("<HHHH16sIIIIQQHHI")  # after the header
 
 
 # --- looking at messages ------------------------------------------------------------
@@ -124,6 +138,11 @@ def read_with_data(index: int, frame: bytes) -> bool:
     return False
 
 
+def request_to(command: int) -> Match:
+    """A predicate for client messages: a request for ``command``."""
+    return lambda index, frame: any(h.command == command for h in headers(frame))
+
+
 def nth(n: int) -> Match:
     """A predicate: the connection's ``n``-th server message (0: NEGOTIATE response)."""
     return lambda index, frame: index == n
@@ -157,6 +176,86 @@ def spoil(frame: bytes, action: str, *, keep: int | None = None,
     raise ValueError(f"{action!r} does not change a message's bytes")
 
 
+# --- downgrades: rewriting the NEGOTIATE ---------------------------------------------
+
+
+def offer_only(*dialects: int) -> Edit:
+    """An edit of the client's NEGOTIATE request: it offers ``dialects`` only (and no
+    3.1.1 negotiate contexts unless 0x0311 stays)."""
+
+    def edit(frame: bytes) -> bytes:
+        head = frame[:SMB2_HEADER_SIZE]
+        (size, _count, mode, reserved, caps, guid, ctx_offset, ctx_count,
+         _r2) = NEGOTIATE_REQ.unpack_from(frame, SMB2_HEADER_SIZE)
+        listed = struct.pack(f"<{len(dialects)}H", *dialects)
+        if 0x0311 not in dialects or not ctx_count:
+            return head + NEGOTIATE_REQ.pack(size, len(dialects), mode, reserved, caps, guid,
+                                             0, 0, 0) + listed
+        contexts = frame[ctx_offset:]
+        start = SMB2_HEADER_SIZE + NEGOTIATE_REQ.size + len(listed)
+        pad = (8 - start % 8) % 8
+        return (head + NEGOTIATE_REQ.pack(size, len(dialects), mode, reserved, caps, guid,
+                                          start + pad, ctx_count, 0)
+                + listed + bytes(pad) + contexts)
+
+    return edit
+
+
+def negotiate_capabilities(frame: bytes) -> int:
+    """The Capabilities of a NEGOTIATE response."""
+    return int(NEGOTIATE_RESP.unpack_from(frame, SMB2_HEADER_SIZE)[5])
+
+
+def negotiate_dialect(frame: bytes) -> int:
+    return int(NEGOTIATE_RESP.unpack_from(frame, SMB2_HEADER_SIZE)[2])
+
+
+def clear_capabilities(bits: int) -> Edit:
+    """An edit of the server's NEGOTIATE response: ``bits`` cleared in its Capabilities
+    (CAP_ENCRYPTION: the server seems unable to encrypt on 3.0 and 3.0.2)."""
+
+    def edit(frame: bytes) -> bytes:
+        at = SMB2_HEADER_SIZE + 24
+        (caps,) = struct.unpack_from("<I", frame, at)
+        return frame[:at] + struct.pack("<I", caps & ~bits) + frame[at + 4:]
+
+    return edit
+
+
+def negotiate_contexts(frame: bytes) -> list[tuple[int, bytes]]:
+    """The (type, data) negotiate contexts of a 3.1.1 NEGOTIATE response."""
+    fields = NEGOTIATE_RESP.unpack_from(frame, SMB2_HEADER_SIZE)
+    count, pos = fields[3], fields[13]
+    found = []
+    for _ in range(count):
+        pos += (8 - pos % 8) % 8
+        kind, length = struct.unpack_from("<HH", frame, pos)
+        found.append((kind, frame[pos + 8:pos + 8 + length]))
+        pos += 8 + length
+    return found
+
+
+def drop_context(kind: int) -> Edit:
+    """An edit of the server's 3.1.1 NEGOTIATE response: its negotiate context ``kind``
+    removed (ENCRYPTION_CAPABILITIES: the server seems unable to encrypt)."""
+
+    def edit(frame: bytes) -> bytes:
+        fields = list(NEGOTIATE_RESP.unpack_from(frame, SMB2_HEADER_SIZE))
+        kept = [(k, d) for k, d in negotiate_contexts(frame) if k != kind]
+        offset = fields[13]
+        parts = []
+        for i, (k, data) in enumerate(kept):
+            parts.append(struct.pack("<HHI", k, len(data), 0) + data)
+            if i < len(kept) - 1:
+                parts.append(bytes((8 - len(data) % 8) % 8))
+        fields[3] = len(kept)
+        body = NEGOTIATE_RESP.pack(*fields)
+        return (frame[:SMB2_HEADER_SIZE] + body
+                + frame[SMB2_HEADER_SIZE + NEGOTIATE_RESP.size:offset] + b"".join(parts))
+
+    return edit
+
+
 # --- the proxy ----------------------------------------------------------------------
 
 
@@ -166,6 +265,8 @@ class Rule:
     action: str
     keep: int | None = None
     offset: int | None = None
+    edit: Edit | None = None
+    from_client: bool = False
 
 
 class TamperProxy:
@@ -197,12 +298,18 @@ class TamperProxy:
         return f"//{self.listen_host}:{self.port}/pipe/{name}"
 
     def tamper(self, match: Match, action: str, *, keep: int | None = None,
-               offset: int | None = None) -> None:
-        """Spoil the next server message ``match`` accepts (on any connection), once."""
+               offset: int | None = None, edit: Edit | None = None,
+               from_client: bool = False) -> None:
+        """Spoil the next server message (client message, with ``from_client``)
+        ``match`` accepts (on any connection), once."""
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
+        if (action == "rewrite") != (edit is not None):
+            raise ValueError("edit= goes with the rewrite action, and only with it")
+        if from_client and action == "stall":
+            raise ValueError("stall applies to server messages only")
         with self._lock:
-            self._rule = Rule(match, action, keep, offset)
+            self._rule = Rule(match, action, keep, offset, edit, from_client)
             self.fired.clear()
             self.fired_index = None
             self.fired_frame = None
@@ -280,11 +387,11 @@ class TamperProxy:
         if self._server is not None:
             await asyncio.wait_for(self._server.wait_closed(), 5)
 
-    def _take(self, index: int, frame: bytes) -> Rule | None:
+    def _take(self, index: int, frame: bytes, from_server: bool = True) -> Rule | None:
         """The rule, if it picks this message (then it is used up)."""
         with self._lock:
             rule = self._rule
-            if rule is None:
+            if rule is None or rule.from_client == from_server:
                 return None
             try:
                 picked = rule.match(index, frame)
@@ -372,13 +479,11 @@ class TamperProxy:
                     frame = await reader.readexactly(length)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     break
-                if not from_server:
+                if from_server:
+                    self.frames_from_server += 1
+                else:
                     self.frames_from_client += 1
-                    writer.write(head + frame)
-                    await writer.drain()
-                    continue
-                self.frames_from_server += 1
-                rule = None if stalled else self._take(index, frame)
+                rule = None if stalled else self._take(index, frame, from_server)
                 index += 1
                 if stalled:
                     continue
@@ -395,7 +500,11 @@ class TamperProxy:
                         with contextlib.suppress(ConnectionError):
                             await writer.drain()
                         return "close"
-                    frame = spoil(frame, rule.action, keep=rule.keep, offset=rule.offset)
+                    if rule.action == "rewrite":
+                        assert rule.edit is not None
+                        frame = rule.edit(frame)
+                    else:
+                        frame = spoil(frame, rule.action, keep=rule.keep, offset=rule.offset)
                     head = b"\x00" + len(frame).to_bytes(3, "big")
                 writer.write(head + frame)
                 await writer.drain()

@@ -102,9 +102,10 @@ def serve(site: Site, name: str, kind: str = "grpc", users: str = ALICE,
 
 
 def client(site: Site, scenario: str, address: str, *, user: str = ALICE,
-           password: str = PASSWORD) -> dict[str, Any]:
+           password: str = PASSWORD, allow_smb2: bool = False) -> dict[str, Any]:
     """Run a client scenario in the client namespace; its JSON result."""
-    env = {**os.environ, "NPIPE_USER": user, "NPIPE_PASSWORD": password}
+    env = {**os.environ, "NPIPE_USER": user, "NPIPE_PASSWORD": password,
+           "NPIPE_TEST_ALLOW_SMB2": "1" if allow_smb2 else ""}
     done = run_in(site.hosts.client_ns, [sys.executable, str(APPS / "client_app.py"), scenario,
                                          address],
                   env=env, capture_output=True, text=True, timeout=180)
@@ -252,8 +253,9 @@ def test_server_security_settings(site: Site, options: dict[str, str]) -> None:
         for key, value in options.items():
             site.smbd.set_option(key, value)
         site.smbd.restart()
+        smb2 = options.get("server max protocol", "").startswith("SMB2")
         with serve(site, "secure"):
-            r = client(site, "until_ok", site.address("secure"))
+            r = client(site, "until_ok", site.address("secure"), allow_smb2=smb2)
         assert r["ok"] is True, r
     finally:
         site.smbd.extra.clear()

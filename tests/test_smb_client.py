@@ -238,8 +238,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-async def _echo_roundtrip(address: str, payload: bytes, encrypt: bool | None = None) -> bytes:
-    reader, writer = await open_pipe(address, credentials=CREDS, encrypt=encrypt)
+async def _echo_roundtrip(address: str, payload: bytes, encrypt: bool | None = None,
+                          allow_smb2: bool = False) -> bytes:
+    reader, writer = await open_pipe(address, credentials=CREDS, encrypt=encrypt,
+                                     allow_smb2=allow_smb2)
     try:
         # Read while writing: an echo of more than the buffers hold deadlocks otherwise.
         echoed = asyncio.ensure_future(reader.readexactly(len(payload)))
@@ -456,11 +458,14 @@ def test_smb2_server_falls_back_to_signing(
     smb2_smbd: Smbd, serve: Callable[..., PipeServer]
 ) -> None:
     serve("old", echo, on=smb2_smbd)
-    assert run(_echo_roundtrip(smb2_smbd.address("old"), b"2.1")) == b"2.1"
+    with pytest.raises(ConfigError, match=r"negotiated SMB 2\.1.*allow_smb2=True"):
+        run(open_pipe(smb2_smbd.address("old"), credentials=CREDS, timeout=5))
+    assert run(_echo_roundtrip(smb2_smbd.address("old"), b"2.1", allow_smb2=True)) == b"2.1"
     info = _link_info(smb2_smbd)
     assert info.dialect == "2.1" and info.signed and not info.encrypted
     with pytest.raises(ConfigError, match="cannot encrypt"):
-        run(open_pipe(smb2_smbd.address("old"), credentials=CREDS, encrypt=True, timeout=5))
+        run(open_pipe(smb2_smbd.address("old"), credentials=CREDS, encrypt=True, timeout=5,
+                      allow_smb2=True))
 
 
 # --- the bridge -----------------------------------------------------------------------

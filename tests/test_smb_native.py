@@ -1,6 +1,7 @@
 """The native SMB client against real smbd configurations, and against smbprotocol.
 
-Every dialect Samba speaks (``server max protocol`` SMB2_02 to SMB3_11), signing
+Every dialect Samba speaks (``server max protocol`` SMB2_02 to SMB3_11; 2.x with
+``allow_smb2=True``, which SMB 2 servers need since 3.x is the default), signing
 mandatory, encryption required, each cipher (AES-128/256-CCM/GCM) and each signing
 algorithm (HMAC-SHA256, AES-CMAC, AES-GMAC): the client must negotiate what the server
 allows, and move data both ways. Differential: the same byte streams through the
@@ -113,9 +114,11 @@ def servers() -> Iterator[Servers]:
         s.close()
 
 
-async def _echo_sizes(address: str, encrypt: bool | None) -> tuple[str, str]:
+async def _echo_sizes(
+    address: str, encrypt: bool | None, allow_smb2: bool = False
+) -> tuple[str, str]:
     reader, writer = await open_pipe(address, credentials=CREDS, encrypt=encrypt,
-                                     backend="native")
+                                     backend="native", allow_smb2=allow_smb2)
     try:
         for size in (1, 64, 65535, 65536, 200_000, 1 << 20):
             data = os.urandom(size)
@@ -131,11 +134,15 @@ async def _echo_sizes(address: str, encrypt: bool | None) -> tuple[str, str]:
 def test_dialects_ciphers_and_signing(servers: Servers, config: str) -> None:
     _settings, dialect, default, signed_only = CONFIGS[config]
     address = servers.address(config)
-    assert run(_echo_sizes(address, None)) == (dialect, default)
-    assert run(_echo_sizes(address, False)) == (dialect, signed_only)
+    smb2 = dialect.startswith("2.")
+    if smb2:
+        with pytest.raises(ConfigError, match="allow_smb2=True"):
+            run(_echo_sizes(address, None))
+    assert run(_echo_sizes(address, None, smb2)) == (dialect, default)
+    assert run(_echo_sizes(address, False, smb2)) == (dialect, signed_only)
     if not default.startswith("encrypted"):
         with pytest.raises(ConfigError, match="cannot encrypt"):
-            run(_echo_sizes(address, True))
+            run(_echo_sizes(address, True, smb2))
 
 
 def test_unsigned_when_the_server_allows_it(servers: Servers) -> None:
@@ -145,7 +152,8 @@ def test_unsigned_when_the_server_allows_it(servers: Servers) -> None:
 
     async def main() -> str:
         link = await connect(host, port, credentials=CREDS, encrypt=False,
-                             options=Options(sign=False, dialects=(SMB_2_1,)))
+                             options=Options(sign=False, dialects=(SMB_2_1,)),
+                             allow_smb2=True)
         try:
             await link.echo()
             return link.security
@@ -160,7 +168,7 @@ def test_unsigned_when_the_server_allows_it(servers: Servers) -> None:
 
 async def _security_of(host: str, port: int) -> str:
     link = await connect(host, port, credentials=CREDS, encrypt=False,
-                         options=Options(sign=False, dialects=(SMB_2_1,)))
+                         options=Options(sign=False, dialects=(SMB_2_1,)), allow_smb2=True)
     try:
         await link.echo()
         return link.security
@@ -223,7 +231,8 @@ async def _stream_through(backend: str, address: str, seed: int) -> bytes:
     chunks = [data_rng.randbytes(data_rng.choice([1, 17, 4096, 65535, 65537, 300_000]))
               for _ in range(40)]
     total = sum(len(c) for c in chunks)
-    reader, writer = await open_pipe(address, credentials=CREDS, backend=backend)
+    reader, writer = await open_pipe(address, credentials=CREDS, backend=backend,
+                                     allow_smb2=True)  # smb2_10 too
 
     async def read_all() -> bytes:
         got = bytearray()

@@ -11,20 +11,35 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from re import escape as re_escape
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from smbprotocol.connection import Connection, SMB2TransformHeader, SMB3NegotiateRequest
 from smbprotocol.header import SMB2HeaderRequest
-from smbprotocol.ioctl import SMB2IOCTLRequest
+from smbprotocol.ioctl import (
+    SMB2IOCTLRequest,
+    SMB2ValidateNegotiateInfoRequest,
+    SMB2ValidateNegotiateInfoResponse,
+)
 from smbprotocol.open import SMB2CloseRequest, SMB2CreateRequest, SMB2ReadRequest, SMB2WriteRequest
 from smbprotocol.session import Session, SMB2SessionSetupRequest
 from smbprotocol.tree import SMB2TreeConnectRequest
 
+from npipe.errors import NegotiationTampered
 from npipe.smb.native import crypto, wire
 from npipe.smb.native.core import Options, Response, Smb2Client
-from npipe.smb.native.negotiate import SMB_2_1, SMB_3_0_2, SMB_3_1_1, Negotiated, parse_negotiate
+from npipe.smb.native.negotiate import (
+    SMB_2_1,
+    SMB_3_0,
+    SMB_3_0_2,
+    SMB_3_1_1,
+    Negotiated,
+    parse_negotiate,
+    parse_validate_negotiate,
+    validate_negotiate_input,
+)
 
 FILE_ID = bytes(range(16))
 
@@ -350,3 +365,151 @@ def test_pipe_peek_answer() -> None:
     assert (peek.state, peek.available, peek.data) == (3, 5, b"hello")
     with pytest.raises(wire.ProtocolError, match="truncated"):
         wire.parse_pipe_peek(b"\x03\x00")
+
+
+# --- FSCTL_VALIDATE_NEGOTIATE_INFO ------------------------------------------------------
+
+CLIENT_GUID = uuid.UUID(int=7).bytes
+SERVER_GUID = uuid.UUID(int=9).bytes
+
+
+def _negotiated_client(dialect: int = SMB_3_0_2, *, sign: bool = True) -> Smb2Client:
+    """A client that sent its NEGOTIATE and has a signed session on the IPC$ tree."""
+    core = Smb2Client(Options(client_guid=CLIENT_GUID, sign=sign))
+    core.negotiate()
+    core.negotiated = Negotiated(dialect, 0x01, 0x47, 1 << 20, 1 << 20, 1 << 20, b"",
+                                 crypto.AES_128_CCM, crypto.AES_CMAC, SERVER_GUID)
+    core.credits = 100
+    core.session_id = 0x1122334455667788
+    core.tree_id = 5
+    core.signer = crypto.Signer(crypto.AES_CMAC, b"k" * 16)
+    core.sign = True
+    return core
+
+
+def test_validate_negotiate_input_matches_smbprotocol() -> None:
+    dialects = (0x0202, 0x0210, 0x0300, 0x0302, 0x0311)
+    ours = validate_negotiate_input(capabilities=0x44, client_guid=CLIENT_GUID,
+                                    security_mode=2, dialects=dialects)
+    theirs = SMB2ValidateNegotiateInfoRequest()
+    theirs["capabilities"] = 0x44
+    theirs["guid"] = uuid.UUID(bytes=CLIENT_GUID)
+    theirs["security_mode"] = 2
+    theirs["dialects"] = list(dialects)
+    assert ours == theirs.pack()
+    assert len(ours) == 24 + 2 * len(dialects)
+
+
+@pytest.mark.parametrize("sign", [True, False])
+def test_validate_negotiate_repeats_what_the_negotiate_offered(sign: bool) -> None:
+    core = _negotiated_client(sign=sign)
+    core.options.sign = True  # the driver insists on signing after NEGOTIATE on 3.x
+    assert core.needs_validation
+    message = _unframe(core.request(wire.IOCTL, core.validate_negotiate()).parts)
+    assert struct.unpack_from("<I", message, 16)[0] & wire.FLAGS_SIGNED
+    ioctl = SMB2IOCTLRequest()
+    ioctl.unpack(message[64:])
+    assert ioctl["ctl_code"].get_value() == wire.FSCTL_VALIDATE_NEGOTIATE_INFO == 0x00140204
+    assert ioctl["file_id"].get_value() == b"\xff" * 16
+    assert ioctl["max_output_response"].get_value() == 24
+    assert ioctl["flags"].get_value() == wire.IOCTL_IS_FSCTL
+    info = SMB2ValidateNegotiateInfoRequest()
+    info.unpack(ioctl["buffer"].get_value())
+    assert info["capabilities"].get_value() == 0x44  # LARGE_MTU | ENCRYPTION, as offered
+    assert info["guid"].get_value() == uuid.UUID(bytes=CLIENT_GUID)
+    assert info["security_mode"].get_value() == (2 if sign else 1)  # as in the NEGOTIATE
+    assert info["dialects"].get_value() == [0x202, 0x210, 0x300, 0x302, 0x311]
+
+
+def test_validation_is_for_signed_sessions_below_311() -> None:
+    assert _negotiated_client(SMB_3_0).needs_validation
+    assert _negotiated_client(SMB_2_1).needs_validation  # a 3.x server talked down to 2.1
+    assert not _negotiated_client(SMB_3_1_1).needs_validation  # preauth integrity instead
+    unsigned = _negotiated_client(SMB_2_1)
+    unsigned.sign = False
+    assert not unsigned.needs_validation
+
+
+def test_parse_validate_negotiate_matches_smbprotocol() -> None:
+    theirs = SMB2ValidateNegotiateInfoResponse()
+    theirs["capabilities"] = 0x47
+    theirs["guid"] = uuid.UUID(bytes=SERVER_GUID)
+    theirs["security_mode"] = 1
+    theirs["dialect"] = 0x0302
+    got = parse_validate_negotiate(theirs.pack())
+    assert (got.capabilities, got.server_guid, got.security_mode, got.dialect) == (
+        0x47, SERVER_GUID, 1, 0x0302)
+    with pytest.raises(wire.ProtocolError, match="truncated"):
+        parse_validate_negotiate(theirs.pack()[:23])
+
+
+def _validate_answer(core: Smb2Client, output: bytes, *, status: int = 0,
+                     signed: bool = True) -> Response:
+    body = wire.IOCTL_RESP.pack(49, 0, wire.FSCTL_VALIDATE_NEGOTIATE_INFO, b"\xff" * 16,
+                                112, 0, 112, len(output), 0, 0) + output
+    message = _response(wire.IOCTL, 3, body, status=status, signed=signed)
+    if signed:
+        message = _sign(core, message)
+    [response] = core.receive(_framed(message))
+    return response
+
+
+def _answer(caps: int = 0x47, guid: bytes = SERVER_GUID, mode: int = 1,
+            dialect: int = SMB_3_0_2) -> bytes:
+    return struct.pack("<I16sHH", caps, guid, mode, dialect)
+
+
+def test_validated_negotiation_that_agrees() -> None:
+    core = _negotiated_client()
+    assert core.validated_by(_validate_answer(core, _answer())) is True
+
+
+@pytest.mark.parametrize("answer, what", [
+    (_answer(caps=0x07), "capabilities 0x7 (the NEGOTIATE response said 0x47)"),
+    (_answer(dialect=SMB_3_1_1), "dialect 3.1.1 (the NEGOTIATE response said 3.0.2)"),
+    (_answer(mode=3), "security mode 0x3"),
+    (_answer(guid=bytes(16)), "another server GUID"),
+])
+def test_validated_negotiation_that_differs_is_tampering(answer: bytes, what: str) -> None:
+    core = _negotiated_client()
+    with pytest.raises(NegotiationTampered, match=re_escape(what)):
+        core.validated_by(_validate_answer(core, answer))
+
+
+def test_validate_negotiate_refusals() -> None:
+    core = _negotiated_client()
+    with pytest.raises(NegotiationTampered, match="refused"):
+        core.validated_by(_validate_answer(core, b"", status=wire.STATUS_ACCESS_DENIED))
+    with pytest.raises(NegotiationTampered, match="0xc0000001"):
+        core.validated_by(_validate_answer(core, b"", status=0xC0000001))
+    # A server without the FSCTL says so, signed: accepted (MS-SMB2 3.2.5.14.12).
+    for status in (wire.STATUS_NOT_SUPPORTED, wire.STATUS_INVALID_DEVICE_REQUEST,
+                   wire.STATUS_FILE_CLOSED):
+        assert core.validated_by(_validate_answer(core, b"", status=status)) is False
+    # An answer that is neither signed nor encrypted proves nothing.
+    core.sign = False  # (a signed session refuses it on receipt already)
+    unsigned = _validate_answer(core, _answer(), signed=False)
+    with pytest.raises(NegotiationTampered, match="neither signed nor encrypted"):
+        core.validated_by(unsigned)
+
+
+@pytest.mark.parametrize("dialect", [SMB_3_0_2, SMB_3_1_1])
+def test_final_session_setup_with_a_wrong_signature(dialect: int) -> None:
+    """On 3.1.1 the keys hash the NEGOTIATE and SESSION_SETUP messages (preauth
+    integrity): a signature that does not match means they were changed on the way."""
+    core = Smb2Client(Options(client_guid=CLIENT_GUID))
+    core.negotiated = Negotiated(dialect, 1, 0x47, 1 << 20, 1 << 20, 1 << 20, b"",
+                                 crypto.AES_128_GCM if dialect == SMB_3_1_1 else
+                                 crypto.AES_128_CCM, crypto.AES_CMAC, SERVER_GUID)
+    if dialect == SMB_3_1_1:
+        core._session_preauth = crypto.PreauthHash()
+    body = wire.SESSION_SETUP_RESP.pack(9, 0, 72, 0)
+    message = _response(wire.SESSION_SETUP, 2, body, signed=True)
+    message = message[:48] + os.urandom(16) + message[64:]
+    response = Response(wire.parse_header(message), message, False, False)
+    if dialect == SMB_3_1_1:
+        with pytest.raises(NegotiationTampered, match="preauth integrity"):
+            core.session_established(response, b"s" * 16)
+    else:
+        with pytest.raises(wire.ProtocolError, match="signature is wrong"):
+            core.session_established(response, b"s" * 16)

@@ -48,3 +48,8 @@ class ConfigError(NpipeError, ValueError):
 
 class HostUnreachable(NpipeError, ConnectionError):
     """The remote host did not answer on its SMB port."""
+
+
+class NegotiationTampered(ConnectionLost):
+    """Someone on the path changed the SMB negotiation (a downgrade attack?): what the
+    server says it negotiated is not what the client saw. The connection is closed."""

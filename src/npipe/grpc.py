@@ -162,6 +162,7 @@ def target(
     timeout: float = 10.0,
     encrypt: bool | None = None,
     smb_backend: str | None = None,
+    allow_smb2: bool = False,
 ) -> str:
     """The grpcio target (``unix:/...``) for a pipe, after checking who serves it.
 
@@ -174,7 +175,8 @@ def target(
         from npipe import smb
 
         bridge = smb.bridge_for(
-            addr, credentials=credentials, timeout=timeout, encrypt=encrypt, backend=smb_backend
+            addr, credentials=credentials, timeout=timeout, encrypt=encrypt, backend=smb_backend,
+            allow_smb2=allow_smb2,
         )
         return bridge.target
     return _grpc_unix_target(find_socket(addr, server_user=server_user, directory=pipe_dir))

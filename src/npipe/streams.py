@@ -47,6 +47,7 @@ async def open_connection(
     timeout: float = 10.0,
     encrypt: bool | None = None,
     smb_backend: str | None = None,
+    allow_smb2: bool = False,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a pipe and return asyncio streams.
 
@@ -56,7 +57,8 @@ async def open_connection(
     A remote pipe (``\\\\HOST\\pipe\\NAME``) is opened over SMB with ``credentials``
     (default: NPIPE_USER / NPIPE_PASSWORD / NPIPE_DOMAIN, else the Kerberos cache),
     signed, and encrypted where the server can (``encrypt=True`` insists, False never);
-    a busy or missing pipe is retried for up to ``timeout`` seconds.
+    a busy or missing pipe is retried for up to ``timeout`` seconds. SMB 3.x only
+    unless ``allow_smb2=True``; a downgraded negotiation raises NegotiationTampered.
     """
     addr = parse_address(address)
     if addr.is_remote:
@@ -64,7 +66,7 @@ async def open_connection(
 
         return await smb.open_pipe(
             addr, credentials=credentials, timeout=timeout, encrypt=encrypt,
-            backend=smb_backend,
+            backend=smb_backend, allow_smb2=allow_smb2,
         )
     path = find_socket(addr, server_user=server_user, directory=pipe_dir)
     try:

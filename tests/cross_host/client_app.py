@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -24,8 +25,10 @@ OPTIONS = [("grpc.max_receive_message_length", MB), ("grpc.max_send_message_leng
 
 
 def channel(address: str, open_timeout: float = 10.0) -> grpc.Channel:
-    """open_timeout: how long the bridge retries a missing or busy pipe per connection."""
-    return npipe.grpc.channel(address, options=OPTIONS, timeout=open_timeout)
+    """open_timeout: how long the bridge retries a missing or busy pipe per connection;
+    NPIPE_TEST_ALLOW_SMB2=1 accepts an SMB 2.x server."""
+    return npipe.grpc.channel(address, options=OPTIONS, timeout=open_timeout,
+                              allow_smb2=os.environ.get("NPIPE_TEST_ALLOW_SMB2") == "1")
 
 
 def calls(address: str) -> dict[str, Any]:

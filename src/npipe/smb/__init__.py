@@ -9,8 +9,11 @@ Backends: ``"native"`` (the default: npipe's own asyncio SMB2/3 client,
 :mod:`npipe.smb.native`) and ``"smbprotocol"`` (the smbprotocol library, slower; kept
 as a reference and a fallback). A backend is any object with the two coroutine methods
 of :class:`PipeClient`. Credentials default to :meth:`Credentials.resolve` (NPIPE_USER,
-NPIPE_PASSWORD, NPIPE_DOMAIN, else the Kerberos cache). ``encrypt=None`` encrypts
-when the server can (SMB 3) and signs otherwise; ``True`` requires encryption;
+NPIPE_PASSWORD, NPIPE_DOMAIN, else the Kerberos cache). Only SMB 3.x (3.0, 3.0.2,
+3.1.1) is accepted unless ``allow_smb2=True``; the negotiation is protected against a
+downgrade on the path (VALIDATE_NEGOTIATE_INFO on 3.0 and 3.0.2, preauth integrity on
+3.1.1: NegotiationTampered). ``encrypt=None`` encrypts when the server can (every
+SMB 3 server offering a cipher) and signs otherwise; ``True`` requires encryption;
 ``False`` asks for signing only. Signing is always required.
 """
 
@@ -50,6 +53,7 @@ class PipeClient(Protocol):
         credentials: Credentials,
         timeout: float = ...,
         encrypt: bool | None = ...,
+        allow_smb2: bool = ...,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open the pipe; asyncio streams on it. Closing the writer closes the pipe."""
         ...
@@ -62,6 +66,7 @@ class PipeClient(Protocol):
         credentials: Credentials,
         timeout: float = ...,
         encrypt: bool | None = ...,
+        allow_smb2: bool = ...,
     ) -> None:
         """Open the pipe and relay it to ``sock``, which it then owns (closed on failure)."""
         ...
@@ -119,21 +124,27 @@ async def open_pipe(
     timeout: float = 10.0,
     encrypt: bool | None = None,
     backend: str | None = None,
+    allow_smb2: bool = False,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a remote pipe and return asyncio streams on it.
 
     A missing or busy pipe is retried until ``timeout`` (which bounds the whole open),
     then PipeNotFound / PipeBusy. Other failures: HostUnreachable, AuthenticationError,
     AccessDenied (a server that refuses you), ConfigError (``encrypt=True`` against a
-    server that cannot encrypt). A connection lost later ends the stream (EOF).
+    server that cannot encrypt; an SMB 2.x server without ``allow_smb2=True``),
+    NegotiationTampered (the negotiation was changed on the path: a downgrade attack?).
+    A connection lost later ends the stream (EOF).
     """
     client = get_client(backend)
     addr = _remote(address)
     creds = credentials if credentials is not None else Credentials.resolve()
-    return await client.open_pipe(addr, credentials=creds, timeout=timeout, encrypt=encrypt)
+    return await client.open_pipe(addr, credentials=creds, timeout=timeout, encrypt=encrypt,
+                                  allow_smb2=allow_smb2)
 
 
-BridgeKey = tuple[str, PipeAddress, tuple[str | None, str | None, str, str | None], float, object]
+BridgeKey = tuple[
+    str, PipeAddress, tuple[str | None, str | None, str, str | None], float, object, bool
+]
 
 _bridges: dict[BridgeKey, PipeBridge] = {}
 _bridges_lock = threading.Lock()
@@ -146,6 +157,7 @@ def bridge_for(
     timeout: float = 10.0,
     encrypt: bool | None = None,
     backend: str | None = None,
+    allow_smb2: bool = False,
 ) -> PipeBridge:
     """A running :class:`PipeBridge` to the remote pipe (``.target`` for grpcio).
 
@@ -156,14 +168,16 @@ def bridge_for(
     client = get_client(backend)
     addr = _remote(address)
     creds = credentials if credentials is not None else Credentials.resolve()
-    key: BridgeKey = (backend_name(backend), addr, creds.identity(), timeout, encrypt)
+    key: BridgeKey = (backend_name(backend), addr, creds.identity(), timeout, encrypt,
+                      allow_smb2)
     with _bridges_lock:
         bridge = _bridges.get(key)
         if bridge is not None and not bridge.closed:
             return bridge
 
         async def attach(sock: socket.socket) -> None:
-            await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt)
+            await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
+                                allow_smb2=allow_smb2)
 
         bridge = PipeBridge(attach, description=addr.posix())
         _bridges[key] = bridge

@@ -1,9 +1,9 @@
 """Remote pipes over SMB2/3 with smbprotocol (pure Python; the slow, portable backend).
 
 One TCP connection, session and IPC$ tree connect per (host, port, credentials,
-encryption choice) is shared by every pipe opened through it (a module-level registry;
-a connection that died is replaced on the next open). Signing is always required;
-encryption is on by default where the server can do it:
+encryption choice, allow_smb2) is shared by every pipe opened through it (a
+module-level registry; a connection that died is replaced on the next open). Signing
+is always required; encryption is on by default where the server can do it:
 
 * ``encrypt=None`` (the default): encrypt if the negotiated dialect can (SMB 3.x with a
   cipher), else fall back to signing only.
@@ -11,6 +11,17 @@ encryption is on by default where the server can do it:
   with :class:`ConfigError`.
 * ``encrypt=False``: signing only (the server may still insist on encryption, and then
   it is used).
+
+Only SMB 3.x is accepted unless ``allow_smb2=True`` (ConfigError otherwise). Downgrade
+protection, as in the native backend: below 3.1.1 smbprotocol's
+VALIDATE_NEGOTIATE_INFO (``TreeConnect._verify_dialect_negotiate``) runs after the
+IPC$ tree connect; on 3.1.1 smbprotocol derives the keys from the preauth hash but
+checks the final SESSION_SETUP response's signature only on a session it will not
+encrypt, so this module keeps that response (wrapping ``Connection.receive``) and
+checks it. A mismatch in either ends in
+:class:`NegotiationTampered`. What smbprotocol cannot do: it offers every dialect
+whatever ``allow_smb2`` says (the 2.x choice is refused after NEGOTIATE), and a
+server that answers VALIDATE_NEGOTIATE_INFO with a signed NOT_SUPPORTED is accepted.
 
 Each open pipe is relayed to a connected stream socket by two daemon threads: one
 keeps an SMB READ posted and copies what it returns to the socket; the other reads the
@@ -68,6 +79,7 @@ from smbprotocol.exceptions import (
     SMBException,
     SMBResponseException,
 )
+from smbprotocol.header import Commands, Smb2Flags
 from smbprotocol.ioctl import CtlCode, IOCTLFlags, SMB2IOCTLRequest
 from smbprotocol.open import (
     CreateDisposition,
@@ -88,6 +100,7 @@ from npipe.errors import (
     ConfigError,
     ConnectionLost,
     HostUnreachable,
+    NegotiationTampered,
     NpipeError,
 )
 from npipe.smb.bridge import close_gently
@@ -140,7 +153,9 @@ _DIALECTS = {
     Dialects.SMB_3_1_1: "3.1.1",
 }
 
-LinkKey = tuple[str, int, tuple[str | None, str | None, str, str | None], bool | None]
+LinkKey = tuple[str, int, tuple[str | None, str | None, str, str | None], bool | None, bool]
+_SESSION_SETUP = Commands.SMB2_SESSION_SETUP
+_FLAG_SIGNED = Smb2Flags.SMB2_FLAGS_SIGNED
 
 
 def _status(exc: BaseException) -> int | None:
@@ -160,12 +175,14 @@ class _Link:
     """One TCP connection + authenticated session + IPC$ tree connect."""
 
     def __init__(
-        self, host: str, port: int, credentials: Credentials, encrypt: bool | None
+        self, host: str, port: int, credentials: Credentials, encrypt: bool | None,
+        allow_smb2: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.credentials = credentials
         self.encrypt = encrypt
+        self.allow_smb2 = allow_smb2
         self.conn: Any = Connection(uuid.uuid4(), host, port, require_signing=True)
         self.session: Any = None
         self.tree: Any = None
@@ -203,6 +220,14 @@ class _Link:
             raise ConnectionLost(
                 f"the SMB server {self.where} sent a bad NEGOTIATE response: {exc}"
             ) from None
+        if self.conn.dialect < Dialects.SMB_3_0_0 and not self.allow_smb2:
+            self._drop()
+            raise ConfigError(
+                f"{self.where} negotiated SMB {self.dialect}, but npipe requires SMB 3 "
+                "(3.0, 3.0.2, 3.1.1): SMB 2 cannot encrypt and cannot detect a downgrade. "
+                "Pass allow_smb2=True to accept an SMB 2 server (if this server does speak "
+                "SMB 3, someone on the path rewrote the negotiation)"
+            )
         # A WRITE and the next READ go out back to back: without TCP_NODELAY the second
         # waits for the first's ACK (Nagle), which doubled the echo latency here.
         sock = getattr(self.conn.transport, "_sock", None)
@@ -217,6 +242,17 @@ class _Link:
         try:
             self._authenticate()
             self._connect_ipc()
+            self._validate_negotiate()
+        except NegotiationTampered as exc:
+            self._drop()
+            if self.aborted:
+                raise HostUnreachable(
+                    f"{self.where} did not complete SMB session setup within {timeout:g} s"
+                ) from None
+            raise NegotiationTampered(
+                f"the SMB negotiation with {self.where} was tampered with (downgrade "
+                f"attack?): {exc}; the connection is closed"
+            ) from None
         except NpipeError:
             self._drop()
             raise
@@ -240,6 +276,17 @@ class _Link:
                 "SMB 3 with a cipher; pass encrypt=None to accept signing only"
             )
         require_encryption = can_encrypt if self.encrypt is None else self.encrypt
+        final: list[Any] = []
+        receive = conn.receive
+
+        def keep_final(request: Any, *args: Any, **kwargs: Any) -> Any:
+            response = receive(request, *args, **kwargs)
+            if (response["command"].get_value() == _SESSION_SETUP
+                    and response["status"].get_value() == STATUS_SUCCESS):
+                final.append(response)
+            return response
+
+        conn.receive = keep_final  # until the session is set up: see the module docstring
         self.session = Session(
             conn,
             creds.principal,
@@ -259,17 +306,58 @@ class _Link:
                 raise error from None
             raise
         except SMBException as exc:
+            if conn.dialect >= Dialects.SMB_3_1_1 and "signature could not be verified" in str(
+                exc
+            ):
+                raise _preauth_mismatch() from None
             if "guest" in str(exc):
                 raise AuthenticationError(
                     f"{self.where} logged {creds.describe()} on as a guest, which cannot "
                     "sign: the server does not know this user or password"
                 ) from None
             raise
+        finally:
+            del conn.receive
+        if conn.dialect >= Dialects.SMB_3_1_1 and final:
+            self._check_preauth(final[-1])
+
+    def _check_preauth(self, response: Any) -> None:
+        """SMB 3.1.1: the final SESSION_SETUP response must be signed with keys that
+        hash every NEGOTIATE and SESSION_SETUP message as this client saw them."""
+        if not response["flags"].has_flag(_FLAG_SIGNED):
+            raise NegotiationTampered("the final SESSION_SETUP response is not signed")
+        try:
+            self.conn.verify_signature(response, self.session.session_id, force=True)
+        except SMBException:
+            raise _preauth_mismatch() from None
+
+    def _validate_negotiate(self) -> None:
+        """Below 3.1.1: FSCTL_VALIDATE_NEGOTIATE_INFO (smbprotocol's; on 2.x too, where a
+        real 2.x server answers a signed "not supported")."""
+        if self.conn.dialect >= Dialects.SMB_3_1_1:
+            return
+        try:
+            self.tree._verify_dialect_negotiate()
+        except SMBResponseException as exc:
+            raise NegotiationTampered(
+                f"the server refused VALIDATE_NEGOTIATE_INFO ({_status_text(exc)})"
+            ) from None
+        except SMBException as exc:
+            if "Secure negotiate failed" in str(exc):
+                raise NegotiationTampered(f"the server validated other values: {exc}") from None
+            raise NegotiationTampered(
+                f"the server hung up when asked to validate the negotiation ({exc})"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise NegotiationTampered(
+                f"the server hung up when asked to validate the negotiation ({exc})"
+            ) from None
 
     def _connect_ipc(self) -> None:
         self.tree = TreeConnect(self.session, f"\\\\{self.host}\\IPC$")
         try:
-            self.tree.connect()
+            # Validated by _validate_negotiate(), which tells its failures apart.
+            self.tree.connect(require_secure_negotiate=False)
         except SMBResponseException as exc:
             if _status(exc) == STATUS_ACCESS_DENIED:
                 raise AccessDenied(
@@ -460,6 +548,13 @@ class _Link:
         return STATUS_SUCCESS
 
 
+def _preauth_mismatch() -> NegotiationTampered:
+    return NegotiationTampered(
+        "the SESSION_SETUP response's signature does not match the NEGOTIATE and "
+        "SESSION_SETUP messages this client exchanged (SMB 3.1.1 preauth integrity)"
+    )
+
+
 class _CreateTimeout(Exception):
     """The CREATE was not answered in time."""
 
@@ -482,16 +577,17 @@ _links: dict[LinkKey, concurrent.futures.Future[_Link]] = {}
 
 
 def _link_key(
-    host: str, port: int, credentials: Credentials, encrypt: bool | None
+    host: str, port: int, credentials: Credentials, encrypt: bool | None, allow_smb2: bool
 ) -> LinkKey:
-    return (host.lower(), port, credentials.identity(), encrypt)
+    return (host.lower(), port, credentials.identity(), encrypt, allow_smb2)
 
 
 def _link_future(
-    host: str, port: int, credentials: Credentials, encrypt: bool | None, timeout: float
+    host: str, port: int, credentials: Credentials, encrypt: bool | None, allow_smb2: bool,
+    timeout: float,
 ) -> concurrent.futures.Future[_Link]:
     """The shared link for this key: live, being set up, or set up now in a thread."""
-    key = _link_key(host, port, credentials, encrypt)
+    key = _link_key(host, port, credentials, encrypt, allow_smb2)
     with _registry_lock:
         future = _links.get(key)
         if future is not None:
@@ -506,7 +602,7 @@ def _link_future(
         _links[key] = future
 
     def setup() -> None:
-        link = _Link(host, port, credentials, encrypt)
+        link = _Link(host, port, credentials, encrypt, allow_smb2)
         try:
             link.establish(timeout)
         except BaseException as exc:
@@ -696,6 +792,7 @@ class SmbprotocolClient:
         timeout: float = 10.0,
         encrypt: bool | None = None,
         limit: int = DEFAULT_LIMIT,
+        allow_smb2: bool = False,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open the remote pipe and return asyncio streams on it.
 
@@ -706,7 +803,8 @@ class SmbprotocolClient:
         ours, theirs = socket.socketpair()
         try:
             await self.attach(
-                address, theirs, credentials=credentials, timeout=timeout, encrypt=encrypt
+                address, theirs, credentials=credentials, timeout=timeout, encrypt=encrypt,
+                allow_smb2=allow_smb2,
             )
             return await asyncio.open_connection(sock=ours, limit=limit)
         except BaseException:
@@ -721,6 +819,7 @@ class SmbprotocolClient:
         credentials: Credentials,
         timeout: float = 10.0,
         encrypt: bool | None = None,
+        allow_smb2: bool = False,
     ) -> None:
         """Open the remote pipe and relay it to ``sock`` (a connected stream socket).
 
@@ -728,7 +827,7 @@ class SmbprotocolClient:
         the open fails.
         """
         try:
-            link, op = await self._open(address, credentials, timeout, encrypt)
+            link, op = await self._open(address, credentials, timeout, encrypt, allow_smb2)
         except BaseException:
             close_gently(sock)
             raise
@@ -740,12 +839,13 @@ class SmbprotocolClient:
         credentials: Credentials,
         timeout: float,
         encrypt: bool | None,
+        allow_smb2: bool = False,
     ) -> tuple[_Link, Any]:
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
         retry = OpenRetry(address, credentials, timeout)
         while True:
-            link = await self._link(address, credentials, encrypt, retry.deadline)
+            link = await self._link(address, credentials, encrypt, allow_smb2, retry.deadline)
             create_timeout = retry.create_timeout()
             try:
                 op = await _in_thread(
@@ -777,11 +877,14 @@ class SmbprotocolClient:
         address: PipeAddress,
         credentials: Credentials,
         encrypt: bool | None,
+        allow_smb2: bool,
         deadline: float,
     ) -> _Link:
         loop = asyncio.get_running_loop()
         remaining = max(deadline - loop.time(), 0.05)
-        future = _link_future(address.host, address.port, credentials, encrypt, remaining)
+        future = _link_future(
+            address.host, address.port, credentials, encrypt, allow_smb2, remaining
+        )
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
         except asyncio.TimeoutError:

@@ -1,7 +1,8 @@
 """The native backend: remote pipes on :class:`~.link.Link` connections.
 
-One connection per (event loop, host, port, identity, encryption choice) is shared by
-every pipe opened through it; a dead or retired one is replaced on the next open. A
+One connection per (event loop, host, port, identity, encryption choice, allow_smb2) is
+shared by every pipe opened through it; a dead or retired one is replaced on the next
+open. A
 pipe opened with :meth:`NativeClient.open_pipe` is an asyncio transport feeding a
 StreamReader directly (no socket pair, no thread); :meth:`NativeClient.attach` relays
 an accepted socket (the grpcio bridge's) to the pipe within the same loop.
@@ -34,7 +35,8 @@ log = logging.getLogger("npipe.smb")
 DEFAULT_LIMIT = 64 * 1024
 
 LinkKey = tuple[
-    str, int, tuple[str | None, str | None, str, str | None], bool | None, tuple[Any, ...]
+    str, int, tuple[str | None, str | None, str, str | None], bool | None, bool,
+    tuple[Any, ...],
 ]
 
 _links: weakref.WeakKeyDictionary[
@@ -50,10 +52,12 @@ async def connect(
     encrypt: bool | None = None,
     timeout: float = 10.0,
     options: Options | None = None,
+    allow_smb2: bool = False,
 ) -> Link:
     """A new, unshared connection (for benchmarks and diagnostics: ``await link.echo()``)."""
     link = Link(host, port, options)
-    await link.establish(credentials or Credentials.resolve(), encrypt, timeout)
+    await link.establish(credentials or Credentials.resolve(), encrypt, timeout,
+                         allow_smb2=allow_smb2)
     return link
 
 
@@ -73,10 +77,11 @@ class NativeClient:
         timeout: float = 10.0,
         encrypt: bool | None = None,
         limit: int = DEFAULT_LIMIT,
+        allow_smb2: bool = False,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open the remote pipe; asyncio streams on it. Closing the writer closes it."""
         pipe = await self.open(address, credentials=credentials, timeout=timeout,
-                               encrypt=encrypt)
+                               encrypt=encrypt, allow_smb2=allow_smb2)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -92,11 +97,12 @@ class NativeClient:
         credentials: Credentials,
         timeout: float = 10.0,
         encrypt: bool | None = None,
+        allow_smb2: bool = False,
     ) -> None:
         """Open the remote pipe and relay it to ``sock``, which it then owns."""
         try:
             pipe = await self.open(address, credentials=credentials, timeout=timeout,
-                                   encrypt=encrypt)
+                                   encrypt=encrypt, allow_smb2=allow_smb2)
         except BaseException:
             close_gently(sock)
             raise
@@ -118,13 +124,14 @@ class NativeClient:
         credentials: Credentials,
         timeout: float = 10.0,
         encrypt: bool | None = None,
+        allow_smb2: bool = False,
     ) -> RemotePipe:
         """Open the pipe, retrying a missing or busy one until ``timeout``."""
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
         retry = OpenRetry(address, credentials, timeout)
         while True:
-            link = await self._link(address, credentials, encrypt, retry.deadline)
+            link = await self._link(address, credentials, encrypt, allow_smb2, retry.deadline)
             create_timeout = retry.create_timeout()
             response, first_read = await _create(link, address.name, create_timeout)
             if response is None:
@@ -144,13 +151,13 @@ class NativeClient:
 
     async def _link(
         self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,
-        deadline: float,
+        allow_smb2: bool, deadline: float,
     ) -> Link:
         loop = asyncio.get_running_loop()
         _sweep()
         links = _links.setdefault(loop, {})
         key: LinkKey = (address.host.lower(), address.port, credentials.identity(), encrypt,
-                        _options_key(self.options))
+                        allow_smb2, _options_key(self.options))
         task = links.get(key)
         if task is not None and task.done() and (
             task.cancelled() or task.exception() is not None or not task.result().usable
@@ -158,7 +165,9 @@ class NativeClient:
             task = None
         if task is None:
             remaining = max(deadline - loop.time(), 0.05)
-            task = loop.create_task(self._establish(address, credentials, encrypt, remaining))
+            task = loop.create_task(
+                self._establish(address, credentials, encrypt, allow_smb2, remaining)
+            )
             links[key] = task
         remaining = max(deadline - loop.time(), 0.05)
         try:
@@ -170,10 +179,10 @@ class NativeClient:
 
     async def _establish(
         self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,
-        timeout: float,
+        allow_smb2: bool, timeout: float,
     ) -> Link:
         link = Link(address.host, address.port, self.options)
-        await link.establish(credentials, encrypt, timeout)
+        await link.establish(credentials, encrypt, timeout, allow_smb2=allow_smb2)
         return link
 
     @staticmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from npipe.errors import NegotiationTampered
 from npipe.smb.native import wire
 from npipe.smb.native.crypto import Cipher, PreauthHash, SessionKeys, Signer
 from npipe.smb.native.negotiate import (
@@ -23,10 +24,20 @@ from npipe.smb.native.negotiate import (
     SMB_3_0,
     SMB_3_1_1,
     Negotiated,
+    client_capabilities,
+    client_security_mode,
     negotiate_request,
+    negotiation_mismatch,
     parse_negotiate,
+    parse_validate_negotiate,
+    validate_negotiate_input,
 )
 from npipe.smb.native.wire import ProtocolError
+
+# What a server without FSCTL_VALIDATE_NEGOTIATE_INFO answers (signed) instead.
+VALIDATE_UNSUPPORTED = (
+    wire.STATUS_NOT_SUPPORTED, wire.STATUS_INVALID_DEVICE_REQUEST, wire.STATUS_FILE_CLOSED,
+)
 
 # Keep about this many credits in hand: below it, each request asks for more.
 CREDIT_TARGET = 512
@@ -96,6 +107,9 @@ class Smb2Client:
         self._preauth = PreauthHash()
         self._session_preauth: PreauthHash | None = None
         self._negotiate_message: bytes | None = None
+        # What the NEGOTIATE offered, for VALIDATE_NEGOTIATE_INFO to repeat:
+        # capabilities, security mode, dialects.
+        self._offered: tuple[int, int, tuple[int, ...]] = (0, 0, ())
         self._large_mtu = False
 
     # --- state --------------------------------------------------------------------------
@@ -123,6 +137,9 @@ class Smb2Client:
             signing_required=opts.sign,
             ciphers=opts.ciphers,
             signing_algorithms=opts.signing_algorithms,
+        )
+        self._offered = (
+            client_capabilities(opts.ciphers), client_security_mode(opts.sign), opts.dialects
         )
         out = self._build([(wire.NEGOTIATE, body, 0, 0)], allow_sign=False)
         message = b"".join(out.parts)
@@ -177,6 +194,14 @@ class Smb2Client:
         self.signer = Signer(neg.signing_algorithm, keys.signing)
         if response.header.signed:
             if not self.signer.verify(response.message, response.header.message_id):
+                if neg.dialect >= SMB_3_1_1:
+                    # The keys hash every NEGOTIATE and SESSION_SETUP message as each
+                    # side saw it (preauth integrity): the server saw other ones.
+                    raise NegotiationTampered(
+                        "the SESSION_SETUP response's signature does not match the "
+                        "NEGOTIATE and SESSION_SETUP messages this client exchanged "
+                        "(SMB 3.1.1 preauth integrity)"
+                    )
                 raise ProtocolError("the SESSION_SETUP response's signature is wrong")
         elif self.options.sign or neg.signing_required:
             raise ProtocolError("the final SESSION_SETUP response is not signed")
@@ -187,6 +212,59 @@ class Smb2Client:
             self.require_encryption()
         self._session_preauth = None
         return flags
+
+    # --- validating the negotiation (3.0, 3.0.2) ---------------------------------------
+
+    @property
+    def needs_validation(self) -> bool:
+        """Whether FSCTL_VALIDATE_NEGOTIATE_INFO must follow SESSION_SETUP: below 3.1.1
+        (which has preauth integrity instead), on a signed session. MS-SMB2 asks it on
+        3.0 and 3.0.2; on 2.x (only with allow_smb2) it catches a 3.x server talked
+        down to 2.x, while a real 2.x server answers a signed "not supported"."""
+        return self.dialect < SMB_3_1_1 and self.sign and self.signer is not None
+
+    def validate_negotiate(self) -> bytes:
+        """The FSCTL_VALIDATE_NEGOTIATE_INFO request (an IOCTL body) that repeats what
+        this client's NEGOTIATE offered (MS-SMB2 3.2.5.3.1): send it on the IPC$ tree,
+        signed or encrypted."""
+        capabilities, security_mode, dialects = self._offered
+        info = validate_negotiate_input(
+            capabilities=capabilities,
+            client_guid=self.options.client_guid,
+            security_mode=security_mode,
+            dialects=dialects,
+        )
+        return wire.ioctl_request(
+            wire.FSCTL_VALIDATE_NEGOTIATE_INFO, wire.FILE_ID_RELATED, info, 24
+        )
+
+    def validated_by(self, response: Response) -> bool:
+        """Check the server's answer (MS-SMB2 3.2.5.14.12): NegotiationTampered if the
+        server negotiated something else than the NEGOTIATE response said; False if it
+        does not implement the check (a signed refusal), True if all agrees."""
+        neg = self.negotiated
+        assert neg is not None
+        if not (response.verified and (response.encrypted or response.header.signed)):
+            raise NegotiationTampered(
+                "the VALIDATE_NEGOTIATE_INFO answer is neither signed nor encrypted"
+            )
+        status = response.status
+        if status == wire.STATUS_ACCESS_DENIED:
+            raise NegotiationTampered(
+                "the server refused VALIDATE_NEGOTIATE_INFO (it received another NEGOTIATE)"
+            )
+        if status in VALIDATE_UNSUPPORTED:
+            return False
+        if status != wire.STATUS_SUCCESS:
+            raise NegotiationTampered(
+                f"VALIDATE_NEGOTIATE_INFO failed with NTSTATUS {status:#010x}"
+            )
+        mismatch = negotiation_mismatch(
+            neg, parse_validate_negotiate(wire.parse_ioctl(response.message))
+        )
+        if mismatch is not None:
+            raise NegotiationTampered(mismatch)
+        return True
 
     def require_encryption(self) -> None:
         """Encrypt every later message of the session (ours, and the server's too)."""

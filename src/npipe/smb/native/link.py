@@ -28,13 +28,14 @@ from npipe.errors import (
     ConfigError,
     ConnectionLost,
     HostUnreachable,
+    NegotiationTampered,
 )
 from npipe.smb import status as st
 from npipe.smb.credentials import Credentials
 from npipe.smb.native import wire
 from npipe.smb.native.core import Options, Outgoing, Response, Smb2Client
 from npipe.smb.native.crypto import CIPHER_NAMES, SIGNING_NAMES
-from npipe.smb.native.negotiate import SMB_3_0
+from npipe.smb.native.negotiate import DIALECT_NAMES, SMB3_DIALECTS, SMB_3_0
 
 log = logging.getLogger("npipe.smb")
 
@@ -303,9 +304,19 @@ class Link(asyncio.Protocol):
     # --- setup -----------------------------------------------------------------------
 
     async def establish(
-        self, credentials: Credentials, encrypt: bool | None, timeout: float
+        self,
+        credentials: Credentials,
+        encrypt: bool | None,
+        timeout: float,
+        *,
+        allow_smb2: bool = False,
     ) -> None:
-        """Connect, negotiate, authenticate, connect IPC$; npipe errors on failure."""
+        """Connect, negotiate, authenticate, connect IPC$; npipe errors on failure.
+
+        SMB 3.x only unless ``allow_smb2`` (ConfigError for a 2.x server); below 3.1.1
+        the negotiation is validated (FSCTL_VALIDATE_NEGOTIATE_INFO), on 3.1.1 preauth
+        integrity covers it: a negotiation changed on the way ends in
+        NegotiationTampered."""
         loop = self._loop = asyncio.get_running_loop()
         self.user = credentials.principal
         try:
@@ -314,12 +325,19 @@ class Link(asyncio.Protocol):
             reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
             raise HostUnreachable(f"cannot reach the SMB server {self.where}: {reason}") from None
         try:
-            await asyncio.wait_for(self._setup(credentials, encrypt), timeout)
+            await asyncio.wait_for(self._setup(credentials, encrypt, allow_smb2), timeout)
         except asyncio.TimeoutError:
             self.abort(HostUnreachable(f"{self.where} did not complete SMB setup in {timeout:g} s"))
             raise HostUnreachable(
                 f"{self.where} did not complete SMB setup within {timeout:g} s"
             ) from None
+        except NegotiationTampered as exc:
+            tampered = NegotiationTampered(
+                f"the SMB negotiation with {self.where} was tampered with (downgrade "
+                f"attack?): {exc}; the connection is closed"
+            )
+            self.abort(tampered)
+            raise tampered from None
         except wire.ProtocolError as exc:
             error = ConnectionLost(f"the SMB server {self.where} sent a bad message: {exc}")
             self.abort(error)
@@ -357,18 +375,31 @@ class Link(asyncio.Protocol):
         if self.error is None:
             self.error = ConnectionLost(f"the SMB connection to {self.where} was dropped")
 
-    async def _setup(self, credentials: Credentials, encrypt: bool | None) -> None:
+    async def _setup(
+        self, credentials: Credentials, encrypt: bool | None, allow_smb2: bool
+    ) -> None:
         core = self.core
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._send(core.negotiate(), _resolver(future))
         neg = core.negotiated_by(await future)
+        if neg.dialect < SMB_3_0 and not allow_smb2:
+            offered_smb3 = [DIALECT_NAMES[d] for d in core.options.dialects if d >= SMB_3_0]
+            raise ConfigError(
+                f"{self.where} negotiated SMB {neg.dialect_name}, but npipe requires SMB 3 "
+                f"({', '.join(offered_smb3) or 'none offered'}): SMB 2 cannot encrypt and "
+                "cannot detect a downgrade. Pass allow_smb2=True to accept an SMB 2 server "
+                "(if this server does speak SMB 3, someone on the path rewrote the "
+                "negotiation)"
+            )
         if encrypt and neg.cipher is None:
             raise ConfigError(
                 f"{self.where} cannot encrypt (SMB {neg.dialect_name}): encrypt=True requires "
                 "SMB 3 with a cipher; pass encrypt=None to accept signing only"
             )
-        if not core.options.sign and neg.dialect >= 0x0311:
-            core.options.sign = True  # 3.1.1 servers refuse unsigned sessions
+        if not core.options.sign and neg.dialect in SMB3_DIALECTS:
+            # 3.1.1 servers refuse unsigned sessions; on 3.0 and 3.0.2 the signed
+            # VALIDATE_NEGOTIATE_INFO is what detects a downgrade.
+            core.options.sign = True
         await self._authenticate(credentials, neg.security_buffer)
         if encrypt or (encrypt is None and neg.cipher is not None and neg.dialect >= SMB_3_0):
             core.require_encryption()
@@ -385,11 +416,27 @@ class Link(asyncio.Protocol):
         if info.share_flags & wire.SHAREFLAG_ENCRYPT_DATA and not core.encrypt:
             core.require_encryption()
         core.tree_id = tree.header.tree_id
+        if core.needs_validation:
+            await self._validate_negotiate()
         self.encrypted = core.encrypt
         log.info(
             "SMB connection to %s as %s: dialect %s, %s",
             self.where, credentials.describe(), neg.dialect_name, self.security,
         )
+
+    async def _validate_negotiate(self) -> None:
+        """FSCTL_VALIDATE_NEGOTIATE_INFO (below 3.1.1): NegotiationTampered unless the
+        server confirms what its NEGOTIATE response said (a server that saw another
+        NEGOTIATE hangs up, as MS-SMB2 3.3.5.15.12 and Samba do)."""
+        try:
+            response = await self.request(wire.IOCTL, self.core.validate_negotiate())
+        except ConnectionLost as exc:
+            raise NegotiationTampered(
+                f"the server hung up when asked to validate the negotiation ({exc})"
+            ) from None
+        if not self.core.validated_by(response):
+            log.info("%s does not implement VALIDATE_NEGOTIATE_INFO (NTSTATUS %#010x)",
+                     self.where, response.status)
 
     @property
     def security(self) -> str:

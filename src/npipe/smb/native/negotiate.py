@@ -25,6 +25,7 @@ SMB_3_0 = 0x0300
 SMB_3_0_2 = 0x0302
 SMB_3_1_1 = 0x0311
 DIALECTS = (SMB_2_0_2, SMB_2_1, SMB_3_0, SMB_3_0_2, SMB_3_1_1)
+SMB3_DIALECTS = (SMB_3_0, SMB_3_0_2, SMB_3_1_1)
 DIALECT_NAMES = {
     SMB_2_0_2: "2.0.2", SMB_2_1: "2.1", SMB_3_0: "3.0", SMB_3_0_2: "3.0.2", SMB_3_1_1: "3.1.1",
 }
@@ -52,6 +53,16 @@ def _pad8(n: int) -> int:
     return (8 - n % 8) % 8
 
 
+def client_capabilities(ciphers: tuple[int, ...]) -> int:
+    """The Capabilities a client offering ``ciphers`` sends (NEGOTIATE and
+    VALIDATE_NEGOTIATE_INFO must carry the same)."""
+    return CAP_LARGE_MTU | (CAP_ENCRYPTION if ciphers else 0)
+
+
+def client_security_mode(signing_required: bool) -> int:
+    return 0x0002 if signing_required else 0x0001
+
+
 def negotiate_request(
     *,
     client_guid: bytes,
@@ -62,8 +73,8 @@ def negotiate_request(
     salt: bytes | None = None,
 ) -> bytes:
     """The NEGOTIATE request body (after the header)."""
-    mode = 0x0002 if signing_required else 0x0001
-    caps = CAP_LARGE_MTU | (CAP_ENCRYPTION if ciphers else 0)
+    mode = client_security_mode(signing_required)
+    caps = client_capabilities(ciphers)
     dialect_bytes = struct.pack(f"<{len(dialects)}H", *dialects)
     contexts = b""
     if SMB_3_1_1 in dialects:
@@ -105,6 +116,7 @@ class Negotiated:
     security_buffer: bytes
     cipher: int | None  # None: no encryption on this connection
     signing_algorithm: int  # HMAC-SHA256 below 3.0, AES-CMAC on 3.0 or without the context
+    server_guid: bytes = bytes(16)
 
     @property
     def signing_required(self) -> bool:
@@ -129,7 +141,7 @@ def parse_negotiate(
     """The server's choice; ProtocolError for anything we did not offer or cannot use."""
     if len(msg) < HEADER_SIZE + NEGOTIATE_RESP.size:
         raise ProtocolError(f"a truncated NEGOTIATE response ({len(msg)} bytes)")
-    (size, mode, dialect, n_contexts, _guid, caps, max_transact, max_read, max_write, _t, _st,
+    (size, mode, dialect, n_contexts, guid, caps, max_transact, max_read, max_write, _t, _st,
      sec_offset, sec_length, ctx_offset) = NEGOTIATE_RESP.unpack_from(msg, HEADER_SIZE)
     if size != 65:
         raise ProtocolError(f"a NEGOTIATE response with StructureSize {size}")
@@ -168,7 +180,7 @@ def parse_negotiate(
     elif dialect >= SMB_3_0 and caps & CAP_ENCRYPTION and AES_128_CCM in ciphers:
         cipher = AES_128_CCM  # 3.0 and 3.0.2 know only AES-128-CCM
     return Negotiated(dialect, mode, caps, max_transact, max_read, max_write, security,
-                      cipher, signing)
+                      cipher, signing, guid)
 
 
 def _one_choice(data: bytes, what: str) -> int:
@@ -178,3 +190,62 @@ def _one_choice(data: bytes, what: str) -> int:
     if count != 1:
         raise ProtocolError(f"the server chose {count} values for the {what}, not one")
     return int(chosen)
+
+
+# --- FSCTL_VALIDATE_NEGOTIATE_INFO (MS-SMB2 2.2.31.4, 2.2.32.6; 3.0 and 3.0.2 only) ---
+#
+# 3.0 and 3.0.2 have no preauth integrity: nothing in the keys depends on the NEGOTIATE,
+# so an attacker may rewrite it (fewer dialects, no encryption capability) unseen.
+# After SESSION_SETUP the client repeats what it offered in a signed IOCTL; the server
+# checks that against what it received and answers with what it chose, which the
+# client checks against the NEGOTIATE response it received.
+
+VALIDATE_NEGOTIATE_REQ = struct.Struct("<I16sHH")  # 24 bytes, then the dialects
+VALIDATE_NEGOTIATE_RESP = struct.Struct("<I16sHH")  # 24 bytes
+
+
+def validate_negotiate_input(
+    *, capabilities: int, client_guid: bytes, security_mode: int, dialects: tuple[int, ...]
+) -> bytes:
+    """The VALIDATE_NEGOTIATE_INFO request: what the client's NEGOTIATE said."""
+    return VALIDATE_NEGOTIATE_REQ.pack(
+        capabilities, client_guid, security_mode, len(dialects)
+    ) + struct.pack(f"<{len(dialects)}H", *dialects)
+
+
+@dataclass(frozen=True)
+class ValidatedNegotiate:
+    """The server's VALIDATE_NEGOTIATE_INFO answer: what it negotiated."""
+
+    capabilities: int
+    server_guid: bytes
+    security_mode: int
+    dialect: int
+
+
+def parse_validate_negotiate(output: bytes) -> ValidatedNegotiate:
+    if len(output) < VALIDATE_NEGOTIATE_RESP.size:
+        raise ProtocolError(
+            f"a truncated VALIDATE_NEGOTIATE_INFO answer ({len(output)} bytes)"
+        )
+    caps, guid, mode, dialect = VALIDATE_NEGOTIATE_RESP.unpack_from(output)
+    return ValidatedNegotiate(caps, guid, mode, dialect)
+
+
+def negotiation_mismatch(neg: Negotiated, validated: ValidatedNegotiate) -> str | None:
+    """What differs between the NEGOTIATE response and the validated answer, or None."""
+    diffs = []
+    if validated.dialect != neg.dialect:
+        diffs.append(f"dialect {DIALECT_NAMES.get(validated.dialect, hex(validated.dialect))}"
+                     f" (the NEGOTIATE response said {neg.dialect_name})")
+    if validated.capabilities != neg.capabilities:
+        diffs.append(f"capabilities {validated.capabilities:#x} (the NEGOTIATE response said "
+                     f"{neg.capabilities:#x})")
+    if validated.security_mode != neg.security_mode:
+        diffs.append(f"security mode {validated.security_mode:#x} (the NEGOTIATE response "
+                     f"said {neg.security_mode:#x})")
+    if validated.server_guid != neg.server_guid:
+        diffs.append("another server GUID")
+    if not diffs:
+        return None
+    return "the server validated " + ", ".join(diffs)
