@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--encrypt", action=argparse.BooleanOptionalAction, default=None,
         help="require (or refuse) SMB encryption; by default encrypt where the server can",
     )
+    smb.add_argument(
+        "--allow-smb2", action="store_true",
+        help="accept a server that speaks only SMB 2.x (no encryption; by default SMB 3 is "
+        "required, so that nobody on the path can force a downgrade)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="npipe", description="gRPC and byte streams over named pipes.",

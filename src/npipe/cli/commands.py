@@ -127,7 +127,8 @@ def call(args: argparse.Namespace) -> int:
 
 async def _probe(address: PipeAddress, credentials: Any, args: argparse.Namespace) -> None:
     _reader, writer = await npipe.open_connection(
-        address, credentials=credentials, timeout=args.timeout, encrypt=args.encrypt
+        address, credentials=credentials, timeout=args.timeout, encrypt=args.encrypt,
+        allow_smb2=args.allow_smb2,
     )
     writer.close()
 
@@ -180,6 +181,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         credentials=credentials,
         timeout=args.timeout,
         encrypt=args.encrypt,
+        allow_smb2=args.allow_smb2,
         # grpcurl's limit: responses up to 4 MiB are grpcio's default, allow more here.
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )
