@@ -97,6 +97,7 @@ def _acl_for(user: TestUser) -> str:
     return f"npipe.Acl.allow(users=[{user.name!r}])"
 
 
+
 def _serve(user: TestUser, name: str, acl: str) -> AbstractContextManager[Background]:
     """A server as ``user``; its ready_line says READY (and the path) or FAILED."""
     return background_python(SERVER.format(name=name, acl=acl), user=user, ready="SERVER ")
@@ -206,13 +207,18 @@ def test_a_squatter_cannot_remove_or_replace_a_live_name(
         assert "caller" in _call(b, "shop", server_user=a.name)
 
 
+@pytest.mark.parametrize("dotnet", [False, True], ids=["machine-wide", "dotnet"])
 def test_grpc_redials_never_reach_a_squatter(
-    machine_dir: Path, a: TestUser, b: TestUser, c: TestUser
+    machine_dir: Path, a: TestUser, b: TestUser, c: TestUser, dotnet: bool
 ) -> None:
     """B's channel keeps dialling the socket path it resolved (in A's own directory):
-    after A's server goes and C takes the name, B's re-dials reach nothing of C's."""
+    after A's server goes and C takes the name, B's re-dials reach nothing of C's.
+    .NET's names (/tmp/CoreFxPipe_NAME) sit where anyone can create a name: there the
+    channel dials through a relay that checks the listener on every connection."""
+    name = "shop-dotnet" if dotnet else "shop"
+    extra = ", dotnet=True" if dotnet else ""
     client = f"""
-        chan = npipe.grpc.channel("shop", server_user={a.name!r})
+        chan = npipe.grpc.channel({name!r}, server_user={a.name!r})
         call = chan.unary_unary("/t.Svc/Whoami")
         first = json.loads(call(b"", timeout=10))["uid"]
         print("READY", first, flush=True)
@@ -224,17 +230,17 @@ def test_grpc_redials_never_reach_a_squatter(
             print("AGAIN", e.code().name, flush=True)
         sys.stdin.read()
     """
-    with _serve(a, "shop", _acl_for(b)) as server:
-        _ready(server)
+    with _serve(a, name, _acl_for(b) + extra) as server:
+        first = _ready(server)
         with background_python(client, user=b) as caller:
             assert caller.ready_line == f"READY {b.uid}"
             assert server.proc.stdin is not None
             server.proc.stdin.close()  # A's server stops and gives up the name
             server.proc.wait(WAIT)
-            assert not os.path.lexists(machine_dir / "shop")
-            with _serve(c, "shop", "npipe.Acl.allow(everyone=True)") as squatter:
-                _ready(squatter)
-                assert is_live(machine_dir / f".u{c.uid}" / "shop")
+            assert not os.path.lexists(first)
+            with _serve(c, name, "npipe.Acl.allow(everyone=True)" + extra) as squatter:
+                taken = _ready(squatter)
+                assert is_live(taken) and (taken == first) == dotnet
                 assert caller.proc.stdin is not None and caller.proc.stdout is not None
                 caller.proc.stdin.write("\n")
                 caller.proc.stdin.flush()

@@ -16,9 +16,12 @@ client that dials ``unix:`` sockets reaches it too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import shutil
+import socket
+import threading
 import urllib.parse
 import weakref
 from collections.abc import Callable, Sequence
@@ -34,10 +37,11 @@ from npipe.address import PipeAddress, parse_address, validate_unix_path
 from npipe.errors import ConfigError, UnsupportedPlatform
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
-from npipe.local.dial import find_socket
+from npipe.local.dial import check_server, connect_error, find_socket
 from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, private_dir
-from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path
+from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path, trusted_uids
 from npipe.samba import frontdoor as samba
+from npipe.smb.bridge import PipeBridge, close_gently
 from npipe.smb.credentials import Credentials
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -179,7 +183,69 @@ def target(
             allow_smb2=allow_smb2,
         )
         return bridge.target
-    return _grpc_unix_target(find_socket(addr, server_user=server_user, directory=pipe_dir))
+    path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+    if not _others_can_name(path):
+        return _grpc_unix_target(path)
+    return _checked_bridge(path, server_user).target
+
+
+# grpcio re-dials a target by path on its own, after a server restart, with no check of
+# who listens there now. A socket in a directory where others can create names (/tmp,
+# where .NET's pipes live: /tmp/CoreFxPipe_NAME) can be replaced by anyone once its
+# server is gone, so grpcio dials such a pipe through a private relay that checks the
+# listener (SO_PEERCRED) on every connection. Names found in the pipe directory or
+# machine-wide resolve to a directory only their server's user can write: dialled directly.
+_checked_bridges: dict[tuple[Path, frozenset[int]], PipeBridge] = {}  # by path, trusted uids
+_checked_lock = threading.Lock()
+
+
+def _others_can_name(path: Path) -> bool:
+    return bool(os.stat(path.parent).st_mode & 0o022)  # (its owner was checked: trusted)
+
+
+def _checked_bridge(path: Path, server_user: str | int | None) -> PipeBridge:
+    key = (path, frozenset(trusted_uids(server_user)))
+    with _checked_lock:
+        bridge = _checked_bridges.get(key)
+        if bridge is None or bridge.closed:
+            attach = functools.partial(relay_checked, path, server_user)
+            bridge = _checked_bridges[key] = PipeBridge(attach, description=str(path))
+        return bridge
+
+
+async def relay_checked(path: Path, server_user: str | int | None, sock: socket.socket) -> None:
+    """Connect to ``path``, check who listens there, and relay ``sock`` to it."""
+    loop = asyncio.get_running_loop()
+    out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    out.setblocking(False)
+    try:
+        try:
+            await loop.sock_connect(out, os.fspath(path))
+        except OSError as e:
+            raise connect_error(e, path) from e
+        check_server(out, path, server_user)
+    except BaseException:
+        out.close()
+        close_gently(sock)
+        raise
+    sock.setblocking(False)
+    try:
+        await asyncio.gather(_pump(loop, sock, out), _pump(loop, out, sock))
+    finally:
+        out.close()
+        sock.close()
+
+
+async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := await loop.sock_recv(src, frontdoor.RELAY_CHUNK):
+            await loop.sock_sendall(dst, data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        for s in (src, dst):  # one side broke: the other's reader sees the end too
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
 
 def channel(
