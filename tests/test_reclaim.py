@@ -25,7 +25,8 @@ from npipe.local import reclaim
 from npipe.local.listener import is_live, private_dir, process_start, record_alive
 
 # A server of one kind on NAME, until killed: grpc (owner-only), shared (a gRPC pipe that
-# admits everyone: published machine-wide) or stream (npipe.start_server).
+# admits everyone: published machine-wide), stream (npipe.start_server) or smb (a gRPC
+# pipe also served to smbd, in its np/ directory: $NPIPE_SAMBA_NP_DIR).
 SERVER = r"""
 import asyncio, sys, time
 from concurrent import futures
@@ -42,7 +43,7 @@ if kind == "stream":
 else:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     acl = npipe.Acl.allow(everyone=True) if kind == "shared" else npipe.Acl()
-    port = npipe.grpc.add_pipe_port(server, name, acl=acl)
+    port = npipe.grpc.add_pipe_port(server, name, acl=acl, smb=kind == "smb")
     server.start()
     print("READY", port.path, flush=True)
     time.sleep(600)
@@ -232,3 +233,24 @@ def test_prune_as_root_takes_another_users_dead_server(
         removed += reclaim.reclaim_all()
     assert path in removed and machine_dir / "orphan" in removed
     assert not os.path.lexists(machine_dir / "orphan")
+
+
+def test_a_killed_servers_socket_for_smbd_is_reclaimed(
+    pipe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_root()
+    np_dir = tmp_path / "np"
+    np_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("NPIPE_SAMBA_NP_DIR", str(np_dir))
+    proc, _path = _start("smbdead", "smb")
+    proc.kill()
+    proc.wait(10)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert (np_dir / "smbdead").is_socket() and not is_live(np_dir / "smbdead")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    npipe.grpc.add_pipe_port(server, "other")
+    try:
+        assert not os.path.lexists(np_dir / "smbdead")
+    finally:
+        server.stop(None)
