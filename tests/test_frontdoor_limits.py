@@ -266,6 +266,35 @@ def test_streams_callers_over_the_cap_wait_in_the_backlog(
     asyncio.run(main())
 
 
+def test_streams_pending_samba_handshakes_hold_slots(
+    np_dir: Path, pipe_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="npipe")
+
+    async def main() -> None:
+        async with await npipe.start_server(_greet, "svc", smb=True, max_connections=2):
+            loop = asyncio.get_running_loop()
+            stalled = []
+            for _ in range(2):  # root, silent: mid-handshake
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                await loop.sock_connect(s, os.fspath(np_dir / "svc"))
+                stalled.append(s)
+            await asyncio.sleep(0.2)  # let the Samba door take both
+            r, w = await npipe.open_connection("svc")
+            try:
+                assert not await _aanswers(r, QUIET), "a local caller got a slot held by smbd"
+                assert len(_cap_records(caplog)) == 1
+                stalled.pop().close()  # that handshake fails and gives its slot back
+                assert await _aanswers(r)
+            finally:
+                w.close()
+                for s in stalled:
+                    s.close()
+
+    asyncio.run(main())
+
+
 async def _until(predicate: object) -> None:
     assert callable(predicate)
     while not predicate():
