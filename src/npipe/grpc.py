@@ -70,6 +70,7 @@ def add_pipe_port(
     dotnet: bool = False,
     caller_identity: bool = True,
     smb: bool = False,
+    max_connections: int | None = None,
 ) -> PipePort:
     """Serve ``server`` on a pipe (``grpc.Server`` or ``grpc.aio.Server``, before start()).
 
@@ -86,6 +87,14 @@ def add_pipe_port(
     ``smb=True`` also serves the pipe to SMB clients (``\\\\HOST\\pipe\\NAME``) through
     Samba: a second front door listens in smbd's np/ directory, where the caller's
     authenticated account, domain and SIDs arrive with each open (see npipe.samba).
+
+    The front door serves at most ``max_connections`` callers at once (default: a
+    quarter of the process's descriptor limit, between 16 and 1024; see
+    :func:`npipe.frontdoor.default_max_connections`), SMB callers and those still in
+    their handshake included, so its relay threads stay under twice that. Callers past
+    it *wait*: they are not accepted (the kernel's listen backlog holds them, their
+    connect() having succeeded) until a connection ends; reaching the cap logs one
+    warning, not one per caller. Without the front door there is no cap of npipe's.
     """
     addr = parse_address(address)
     if addr.is_remote:
@@ -94,6 +103,9 @@ def add_pipe_port(
         raise ConfigError(
             "an ACL beyond the owner, or smb=True, needs caller_identity=True (the front door)"
         )
+    if not caller_identity and max_connections is not None:
+        raise ConfigError("max_connections needs caller_identity=True (the front door)")
+    cap = frontdoor.check_max_connections(max_connections)
     directory = _pipe_dir(pipe_dir)
     # Without the front door grpcio's socket is hard-linked to the pipe's name, so it
     # must be on the same file system: in the pipe directory.
@@ -116,8 +128,9 @@ def add_pipe_port(
             except BaseException:
                 claimed.release()
                 raise
+            slots = frontdoor.ConnectionSlots(cap, claimed.path)
             doors = [frontdoor.FrontDoor(
-                claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path)
+                claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path), slots
             )]
             if smb:
                 try:
@@ -126,7 +139,9 @@ def add_pipe_port(
                     claimed.release()
                     raise
                 identify = samba.samba_identify(acl, smb_claimed.path)
-                doors.append(frontdoor.FrontDoor(smb_claimed, backend, workdir, identify))
+                doors.append(
+                    frontdoor.FrontDoor(smb_claimed, backend, workdir, identify, slots)
+                )
             for door in doors:
                 door.start()
             port = PipePort(addr, claimed.path, functools.partial(_close_all, doors))

@@ -12,6 +12,7 @@ from pathlib import Path
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import UnsupportedPlatform
+from npipe.frontdoor import ConnectionSlots, StreamDoor, check_max_connections
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_server, connect_error, find_socket
@@ -88,7 +89,7 @@ class PipeServer:
     """
 
     def __init__(
-        self, address: PipeAddress, listeners: list[tuple[asyncio.Server, ClaimedSocket]]
+        self, address: PipeAddress, listeners: list[tuple[StreamDoor, ClaimedSocket]]
     ) -> None:
         self.address = address
         self._listeners = listeners
@@ -111,7 +112,11 @@ class PipeServer:
             await server.wait_closed()
 
     async def serve_forever(self) -> None:
-        await asyncio.gather(*(server.serve_forever() for server, _ in self._listeners))
+        try:
+            await asyncio.gather(*(server.serve_forever() for server, _ in self._listeners))
+        finally:  # cancelled, or closed: give up the name at once, then let calls end
+            self.close()
+            await self.wait_closed()
 
     async def __aenter__(self) -> PipeServer:
         return self
@@ -133,15 +138,24 @@ async def start_server(
     dotnet: bool = False,
     smb: bool = False,
     limit: int = DEFAULT_LIMIT,
+    max_connections: int | None = None,
 ) -> PipeServer:
     """Serve ``handler(reader, writer)`` on a pipe; ``npipe.caller(writer)`` says who called.
 
     Callers the ACL does not allow are closed before the handler runs, and logged.
     ``smb=True`` also serves SMB clients through Samba (see npipe.samba.frontdoor).
+
+    At most ``max_connections`` callers are served at once (default: a quarter of the
+    process's descriptor limit, between 16 and 1024; see
+    :func:`npipe.frontdoor.default_max_connections`), SMB callers and those still in
+    their handshake included. Callers past it *wait*: they are not accepted (the
+    kernel's listen backlog holds them, their connect() having succeeded) until a
+    connection ends; reaching the cap logs one warning, not one per caller.
     """
     addr = parse_address(address)
     if addr.is_remote:
         raise _remote_unsupported(addr)
+    slots = ConnectionSlots(check_max_connections(max_connections), addr, log)
 
     async def local(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Caller | None:
         who = peer_caller(writer.get_extra_info("socket"))
@@ -156,7 +170,7 @@ async def start_server(
         return await handshake(reader, writer, acl, addr)
 
     claims: list[tuple[Identify, ClaimedSocket]] = []
-    listeners: list[tuple[asyncio.Server, ClaimedSocket]] = []
+    listeners: list[tuple[StreamDoor, ClaimedSocket]] = []
     try:
         claims.append((local, claim_pipe(
             addr, acl=acl, directory=pipe_dir, dotnet=dotnet
@@ -167,8 +181,9 @@ async def start_server(
             claims.append((samba, claim_samba_pipe(addr, directory=pipe_dir, acl=acl)))
         for identify, claimed in claims:
             claimed.sock.setblocking(False)
-            server = await asyncio.start_unix_server(
-                _connection_handler(handler, identify, addr), sock=claimed.sock, limit=limit
+            server = StreamDoor(
+                claimed.sock, _connection_handler(handler, identify, addr), slots,
+                limit=limit, pipe=addr, logger=log,
             )
             listeners.append((server, claimed))
     except BaseException:
