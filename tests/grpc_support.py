@@ -603,7 +603,7 @@ def background_python(
 
 
 # A client body for run_python: call Whoami on pipe NAME in DIR and report the outcome.
-# Format with name=, pipe_dir=, server_user= (a Python literal) and payload=.
+# Format with name=, pipe_dir=, server_user= (Python literals) and payload=.
 WHOAMI_CLIENT = """
     outcome = {{"pid": os.getpid(), "uid": os.getuid()}}
     try:
@@ -624,8 +624,11 @@ WHOAMI_CLIENT = """
 
 
 def whoami_client(
-    name: str, pipe_dir: Path, server_user: str | int | None = None, payload: bytes = b""
+    name: str, pipe_dir: Path | None, server_user: str | int | None = None, payload: bytes = b""
 ) -> str:
+    """The client body; ``pipe_dir=None`` looks the name up as any client would (its own
+    pipe directory, the machine-wide names, .NET's)."""
     return WHOAMI_CLIENT.format(
-        name=name, pipe_dir=str(pipe_dir), server_user=server_user, payload=payload
+        name=name, pipe_dir=None if pipe_dir is None else str(pipe_dir),
+        server_user=server_user, payload=payload,
     )

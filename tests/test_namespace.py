@@ -25,6 +25,7 @@ from grpc_support import (
     ensure_test_users,
     require_root,
     run_python,
+    whoami_client,
 )
 
 import npipe
@@ -74,25 +75,6 @@ SERVER = """
     print("HANDLED", json.dumps(probe.handled), flush=True)
 """
 
-# Call Whoami on NAME by name alone (no pipe_dir) and report the outcome.
-CLIENT = """
-    outcome = {{"uid": os.getuid()}}
-    try:
-        chan = npipe.grpc.channel({name!r}, server_user={server_user!r})
-    except npipe.NpipeError as e:
-        outcome["error"] = type(e).__name__
-        outcome["message"] = str(e)
-    else:
-        with chan:
-            try:
-                reply = chan.unary_unary("/t.Svc/Whoami")(b"", timeout=10)
-                outcome["caller"] = json.loads(reply)
-            except grpc.RpcError as e:
-                outcome["code"] = e.code().name
-    result(outcome)
-"""
-
-
 def _acl_for(user: TestUser) -> str:
     return f"npipe.Acl.allow(users=[{user.name!r}])"
 
@@ -104,7 +86,8 @@ def _serve(user: TestUser, name: str, acl: str) -> AbstractContextManager[Backgr
 
 
 def _call(user: TestUser, name: str, server_user: str | None) -> dict[str, object]:
-    outcome = run_python(CLIENT.format(name=name, server_user=server_user), user=user).check()
+    """Call Whoami on NAME by name alone (no pipe_dir) as ``user``: the outcome."""
+    outcome = run_python(whoami_client(name, None, server_user), user=user).check()
     assert isinstance(outcome, dict)
     return outcome
 
