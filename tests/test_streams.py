@@ -177,12 +177,12 @@ def test_peer_vanishing_mid_stream_is_seen_by_handler(pipe_dir: Path) -> None:
     asyncio.run(main())
 
 
-def test_caller_outside_a_server_is_a_lookup_error(pipe_dir: Path) -> None:
+def test_caller_outside_a_server_is_none(pipe_dir: Path) -> None:
+    """As npipe.grpc.caller(context) for a call that did not come through a pipe."""
     async def main() -> None:
         async with await npipe.start_server(_echo, "c"):
             _r, w = await npipe.open_connection("c")
-            with pytest.raises(LookupError):
-                npipe.caller(w)
+            assert npipe.caller(w) is None
             w.close()
 
     asyncio.run(main())
@@ -217,5 +217,28 @@ def test_dotnet_compatible_path(pipe_dir: Path) -> None:
             assert await reader.readline()
             writer.close()
         assert not os.path.exists(f"/tmp/CoreFxPipe_{name}")
+
+    asyncio.run(main())
+
+
+def test_pipe_server_has_what_asyncio_server_has(pipe_dir: Path) -> None:
+    async def main() -> None:
+        server = await npipe.start_server(_echo, "api")
+        async with server:
+            assert server.is_serving()
+            (sock,) = server.sockets
+            assert sock.family == socket.AF_UNIX and sock.fileno() >= 0
+            forever = asyncio.ensure_future(server.serve_forever())
+            await asyncio.sleep(0)
+            r, w = await npipe.open_connection("api")
+            await r.readline()  # (the echo handler says who called first)
+            w.write(b"x")
+            assert await r.readexactly(1) == b"x"
+            w.close()
+            forever.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await forever
+            assert not server.is_serving()
+            assert not server.path.exists()  # serve_forever's end gives up the name
 
     asyncio.run(main())

@@ -451,6 +451,13 @@ class StreamDoor:
         self._serving: asyncio.Future[None] = self._loop.create_future()
         self._accepting = self._loop.create_task(self._accept_loop())
 
+    @property
+    def listening_socket(self) -> socket.socket:
+        return self._sock
+
+    def is_serving(self) -> bool:
+        return not self._closing
+
     def close(self) -> None:
         """Stop accepting (connections already in go on until they end)."""
         if self._closing:

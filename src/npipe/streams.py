@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,12 +31,10 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 _callers: weakref.WeakKeyDictionary[asyncio.StreamWriter, Caller] = weakref.WeakKeyDictionary()
 
 
-def caller(writer: asyncio.StreamWriter) -> Caller:
-    """The identity of the peer of a server-side stream (inside a start_server handler)."""
-    try:
-        return _callers[writer]
-    except KeyError:
-        raise LookupError("this stream was not accepted by an npipe server") from None
+def caller(writer: asyncio.StreamWriter) -> Caller | None:
+    """The identity of the peer of a server-side stream (inside a start_server handler);
+    None for a stream that no npipe server accepted (as ``npipe.grpc.caller``)."""
+    return _callers.get(writer)
 
 
 async def open_connection(
@@ -101,6 +100,15 @@ class PipeServer:
     @property
     def paths(self) -> list[Path]:
         return [claimed.path for _server, claimed in self._listeners]
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (as ``asyncio.Server.sockets``): the pipe's own, and
+        the one in Samba's np/ with ``smb=True``."""
+        return tuple(door.listening_socket for door, _claimed in self._listeners)
+
+    def is_serving(self) -> bool:
+        return any(door.is_serving() for door, _claimed in self._listeners)
 
     def close(self) -> None:
         for server, claimed in self._listeners:
