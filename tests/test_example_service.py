@@ -15,6 +15,7 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from npipe.cli.reflection_call import call_json, list_services
 from npipe.examples.buy import buy_pb2, buy_pb2_grpc
 from npipe.examples.buy.service import (
     SERVICE_NAME,
@@ -23,7 +24,6 @@ from npipe.examples.buy.service import (
     add_to_aio_server,
     add_to_server,
 )
-from npipe.reflection_call import call_json, list_services
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,4 +1,4 @@
-"""npipe.reflection_call against real grpcio servers on a Unix socket.
+"""npipe.cli.reflection_call against real grpcio servers on a Unix socket.
 
 The streaming cases use a test-only proto compiled at test time with grpc_tools.protoc into
 a descriptor set, loaded into a private descriptor pool and served through generic
@@ -22,8 +22,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_tools import protoc
 
+from npipe.cli.reflection_call import call_json, list_services, split_method
 from npipe.examples.buy import service as buy_service
-from npipe.reflection_call import call_json, list_services, split_method
 
 COMMON_PROTO = """
 syntax = "proto3";

@@ -108,7 +108,7 @@ def health(args: argparse.Namespace) -> int:
 
 
 def call(args: argparse.Namespace) -> int:
-    from npipe.reflection_call import call_json
+    from npipe.cli.reflection_call import call_json
 
     metadata = []
     for header in args.header:
