@@ -33,7 +33,8 @@ from netns import (
 
 from npipe.cli import main
 from npipe.samba import npa
-from npipe.samba.smbd import ENV_CONF, ENV_NP_DIR, PrivateSmbd, SmbdError, np_dir_from_conf
+from npipe.samba.config import ENV_CONF, ENV_NP_DIR, np_dir_from_conf
+from npipe.samba.smbd import PrivateSmbd, SmbdError
 
 STATUS_LOGON_FAILURE = 0xC000006D
 STATUS_OBJECT_NAME_NOT_FOUND = 0xC0000034
@@ -426,7 +427,7 @@ def test_np_dir_from_conf_with_and_without_testparm(
         require_root_and_samba()
     if not with_testparm:
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-        monkeypatch.setattr("npipe.samba.smbd._SBIN_PATH", str(tmp_path / "empty"))
+        monkeypatch.setattr("npipe.samba.config._SBIN_PATH", str(tmp_path / "empty"))
     included = _write_conf(tmp_path / "inc.conf", tmp_path / "inc")
     main = tmp_path / "smb.conf"
     main.write_text(f"[global]\n  workgroup = X\n  include = {included}\n")

@@ -21,18 +21,17 @@ from pathlib import Path
 from types import FrameType
 
 from npipe.errors import NpipeError
-from npipe.samba.smbd import (
+from npipe.samba.config import (
+    _SBIN_PATH,
     DEFAULT_CONF,
     ENV_CONF,
     ENV_NP_DIR,
-    INSTALL_HINT,
-    PrivateSmbd,
     global_parameters,
     np_dir_from_conf,
 )
+from npipe.samba.smbd import INSTALL_HINT, PrivateSmbd
 
 EXIT_OK, EXIT_FAILED = 0, 1
-_SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 
 
 def add_samba_parser(

@@ -25,6 +25,7 @@ from npipe.local.listener import ClaimedSocket, claim
 from npipe.local.namespace import check_root_made_user_dir, root_made_user_dir
 from npipe.local.paths import pipe_dir
 from npipe.local.peercred import peer_credentials
+from npipe.samba.config import np_dir_from_conf
 from npipe.samba.npa import (
     LENGTH_SIZE,
     MAX_REQUEST_SIZE,
@@ -57,8 +58,6 @@ def samba_socket_name(key: str) -> str:
 
 def np_dir() -> Path:
     """Samba's np/ directory: $NPIPE_SAMBA_NP_DIR, else from smb.conf ($NPIPE_SAMBA_CONF)."""
-    from npipe.samba.smbd import np_dir_from_conf
-
     return np_dir_from_conf(None)
 
 
