@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from npipe.acl import Acl
@@ -26,14 +27,7 @@ from npipe.local.namespace import check_root_made_user_dir, root_made_user_dir
 from npipe.local.paths import pipe_dir
 from npipe.local.peercred import peer_credentials
 from npipe.samba.config import np_dir_from_conf
-from npipe.samba.npa import (
-    LENGTH_SIZE,
-    MAX_REQUEST_SIZE,
-    NpaError,
-    NpaRequest,
-    build_reply,
-    parse_request,
-)
+from npipe.samba.npa import NpaRequest, NpaRequestReader, build_reply
 
 log = logging.getLogger("npipe.samba")
 
@@ -173,9 +167,8 @@ def samba_identify(acl: Acl, pipe: object) -> Identify:
     def identify(conn: socket.socket) -> Caller | None:
         if not _from_smbd(conn, pipe):
             return None
-        conn.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            request = parse_request(_recv_message(conn))
+            request = _recv_request(conn)
             caller, reply = admit(request, acl, pipe)
             if reply:
                 conn.sendall(reply)
@@ -195,8 +188,8 @@ async def handshake(
     if not _from_smbd(writer.get_extra_info("socket"), pipe):
         return None
     try:
-        message = await asyncio.wait_for(_read_message(reader), HANDSHAKE_TIMEOUT)
-        caller, reply = admit(parse_request(message), acl, pipe)
+        request = await asyncio.wait_for(_read_request(reader), HANDSHAKE_TIMEOUT)
+        caller, reply = admit(request, acl, pipe)
         if reply:
             writer.write(reply)
             await writer.drain()
@@ -214,31 +207,31 @@ def _from_smbd(sock: socket.socket, pipe: object) -> bool:
     return uid == 0
 
 
-async def _read_message(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readexactly(LENGTH_SIZE)
-    size = int.from_bytes(head, "big")
-    _check_size(size)
-    return head + await reader.readexactly(size)
+# Both drivers read the request through the sans-I/O reader (one framing, one size
+# limit), never past its end: what follows is the pipe's data.
 
 
-def _check_size(size: int) -> None:
-    if size > MAX_REQUEST_SIZE:
-        raise NpaError(f"named_pipe_auth request of {size} bytes is over {MAX_REQUEST_SIZE}")
+async def _read_request(reader: asyncio.StreamReader) -> NpaRequest:
+    npa = NpaRequestReader()
+    while (request := npa.feed(await reader.readexactly(npa.bytes_needed))) is None:
+        pass
+    return request
 
 
-def _recv_message(conn: socket.socket) -> bytes:
-    """Exactly one length-prefixed request: nothing past it is read (it is pipe data)."""
-    head = _recv_exactly(conn, LENGTH_SIZE)
-    size = int.from_bytes(head, "big")
-    _check_size(size)
-    return head + _recv_exactly(conn, size)
-
-
-def _recv_exactly(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
+def _recv_request(conn: socket.socket) -> NpaRequest:
+    """The same on a blocking socket, within HANDSHAKE_TIMEOUT in all (not per recv:
+    a peer that trickles a byte at a time is cut off all the same)."""
+    npa = NpaRequestReader()
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    request: NpaRequest | None = None
+    while request is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no whole named_pipe_auth request in {HANDSHAKE_TIMEOUT:g} s")
+        conn.settimeout(left)
+        chunk = conn.recv(npa.bytes_needed)
         if not chunk:
-            raise ConnectionError(f"peer closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
+            raise ConnectionError("the peer closed the connection in the middle of a request")
+        request = npa.feed(chunk)
+    return request
+

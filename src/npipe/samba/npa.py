@@ -218,6 +218,16 @@ class NpaRequestReader:
         return self._request
 
     @property
+    def bytes_needed(self) -> int:
+        """How many more bytes the request needs: read no more than this from the
+        connection, since what follows the request is the pipe's data."""
+        if self._request is not None:
+            return 0
+        if self._needed is None:
+            return LENGTH_SIZE - len(self._buffer)
+        return self._needed - len(self._buffer)
+
+    @property
     def unused_data(self) -> bytes:
         """Bytes received after the request: the start of the pipe's data."""
         return self._unused
