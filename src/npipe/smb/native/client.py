@@ -216,7 +216,8 @@ def _options_key(options: Options | None) -> tuple[Any, ...]:
     """What of the Options makes a connection different (not the client GUID)."""
     if options is None:
         return ()
-    return (options.dialects, options.ciphers, options.signing_algorithms, options.sign)
+    return (options.dialects, options.ciphers, options.signing_algorithms, options.sign,
+            options.dead_peer_timeout)
 
 
 def _sweep() -> None:

@@ -56,6 +56,12 @@ class Options:
     # a server that does not require signing on SMB 2.x then goes along).
     sign: bool = True
     client_guid: bytes = field(default_factory=lambda: os.urandom(16))
+    # Seconds after which a server that has sent nothing, while requests wait on it, is
+    # taken for dead: every pipe on the connection then fails with ConnectionLost. An
+    # SMB ECHO goes out halfway through such a silence, and TCP keepalive (the same
+    # bound) watches connections with nothing outstanding. None: neither (a vanished
+    # server is noticed only when TCP gives up, if ever).
+    dead_peer_timeout: float | None = 30.0
 
 
 @dataclass(slots=True)

@@ -6,6 +6,12 @@ as a callback (READ and WRITE completions) or a future (everything else). Reques
 find too few credits wait in one FIFO queue, so the order on the wire is the order of
 submission. When the connection dies, every waiter and every pipe on it fails with
 :class:`~npipe.errors.ConnectionLost`.
+
+A server that vanishes without closing the connection (switched off, a route gone)
+sends no FIN: nothing would ever fail. ``Options.dead_peer_timeout`` bounds that wait
+(:class:`Liveness`: an SMB ECHO when requests wait on a silent server, which must be
+answered in time), and TCP keepalive with the same bound watches the connections that
+have nothing outstanding.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +52,83 @@ Callback = Callable[[Response | BaseException], None]
 # ~4 KB in smbd) for the connection's life: after this many, new pipes go to a fresh
 # connection, and the old one goes when its last pipe closes.
 ABANDONED_READS_LIMIT = 256
+# TCP keepalive probes before the kernel gives a connection up (see keepalive_settings).
+KEEPALIVE_PROBES = 3
+
+
+class Liveness:
+    """When a connection sends an SMB ECHO, and when it is dead (sans-I/O: times in,
+    decisions out).
+
+    A connection is *waiting* while requests are outstanding, and a pipe always keeps a
+    READ posted, so a quiet pipe is waiting all the time. Silence alone proves nothing
+    then; so a waiting connection that has heard nothing from its server for
+    ``timeout / 2`` sends an ECHO, and if nothing at all has come ``timeout / 2`` after
+    that ECHO left, the server is dead: at most ``timeout`` of silence, counted from the
+    last thing heard. Anything the server sends counts as an answer, so a busy connection
+    whose server answers sends no ECHO; nor does one with nothing outstanding (TCP
+    keepalive watches those, without SMB traffic).
+    """
+
+    ECHO = "echo"
+    DEAD = "dead"
+
+    __slots__ = ("echo_sent", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        if not timeout > 0:
+            raise ValueError(f"dead_peer_timeout must be positive, not {timeout!r}")
+        self.timeout = timeout
+        self.echo_sent: float | None = None  # when the unanswered ECHO left
+
+    def poll(
+        self, now: float, heard: float, waiting: bool, can_echo: bool = True
+    ) -> tuple[str | None, float]:
+        """What to do at ``now``, the server last heard from at ``heard``, ``waiting``
+        as above: (``ECHO``, ``DEAD`` or None; when to poll next). ``can_echo`` False
+        (no credit for one: the server holds them all) puts the ECHO off."""
+        half = self.timeout / 2
+        sent = self.echo_sent
+        if sent is not None:
+            if heard > sent:
+                self.echo_sent = None  # answered (by the ECHO's response or anything)
+            elif now >= sent + half:
+                return self.DEAD, now
+            else:
+                return None, sent + half
+        if not waiting:
+            return None, now + half
+        quiet_until = heard + half
+        if now < quiet_until:
+            return None, quiet_until
+        if not can_echo:
+            return None, now + half
+        self.echo_sent = now
+        return self.ECHO, now + half
+
+
+def keepalive_settings(timeout: float) -> tuple[int, int, int]:
+    """TCP keepalive for ``dead_peer_timeout``: idle seconds before the first probe, the
+    seconds between probes, how many go unanswered before the kernel ends the
+    connection. About ``timeout`` in all (whole seconds, at least one each)."""
+    idle = max(1, round(timeout / 2))
+    interval = max(1, round(timeout / 2 / KEEPALIVE_PROBES))
+    return idle, interval, KEEPALIVE_PROBES
+
+
+def set_keepalive(sock: socket.socket, timeout: float) -> None:
+    """Turn TCP keepalive on with :func:`keepalive_settings`; options a system lacks
+    (TCP_KEEPIDLE is TCP_KEEPALIVE on macOS) keep the system's values."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, probes = keepalive_settings(timeout)
+    idle_option = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    for option, value in ((idle_option, idle),
+                          (getattr(socket, "TCP_KEEPINTVL", None), interval),
+                          (getattr(socket, "TCP_KEEPCNT", None), probes)):
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class Link(asyncio.Protocol):
@@ -74,6 +158,11 @@ class Link(asyncio.Protocol):
         self._sock: socket.socket | None = None
         self._corked = 0
         self._out: list[bytes | bytearray | memoryview] = []
+        self._clock: Callable[[], float] = time.monotonic  # the loop's, once it runs
+        self.heard = self._clock()  # when the server last sent something
+        self.echoes = 0  # ECHOs sent because the server was silent (for the tests)
+        self._liveness: Liveness | None = None
+        self._liveness_timer: asyncio.TimerHandle | None = None
 
     @property
     def where(self) -> str:
@@ -91,8 +180,11 @@ class Link(asyncio.Protocol):
             # second waits for the first's ACK (Nagle).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.core.options.dead_peer_timeout:
+                set_keepalive(sock, self.core.options.dead_peer_timeout)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = self._clock()
         try:
             responses = self.core.receive(data)
         except wire.ProtocolError as exc:
@@ -259,6 +351,9 @@ class Link(asyncio.Protocol):
     def _fail_all(self) -> None:
         error = self.error
         assert error is not None
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = None
         waiting, self._waiting = self._waiting, {}
         queue, self._queue = self._queue, collections.deque()
         for callback in waiting.values():
@@ -301,6 +396,43 @@ class Link(asyncio.Protocol):
         if self.retired and not self.pipes and self.alive:
             asyncio.get_running_loop().create_task(self.close())
 
+    # --- a server that went silent ----------------------------------------------------
+
+    def _watch(self) -> None:
+        """Start watching for a dead server (after setup: until then establish's timeout
+        bounds everything)."""
+        timeout = self.core.options.dead_peer_timeout
+        if timeout and self._loop is not None and self._liveness is None:
+            self._liveness = Liveness(timeout)
+            self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        self._liveness_timer = None
+        liveness = self._liveness
+        loop = self._loop
+        if liveness is None or loop is None or not self.alive:
+            return
+        now = loop.time()
+        action, wake = liveness.poll(
+            now, self.heard, bool(self._waiting or self._queue),
+            can_echo=not self._queue and self.core.can_send(1),
+        )
+        if action == Liveness.DEAD:
+            self.abort(ConnectionLost(
+                f"the SMB server {self.where} sent nothing for {now - self.heard:.1f} s, "
+                f"not even an answer to an ECHO: the connection is taken for dead "
+                f"(dead_peer_timeout {liveness.timeout:g} s)"
+            ))
+            return
+        if action == Liveness.ECHO:
+            self.echoes += 1
+            log.debug("%s silent for %.1f s with requests outstanding: ECHO",
+                      self.where, now - self.heard)
+            core = self.core
+            self.submit(lambda: core.request(wire.ECHO, wire.small_request(), tree=False), 1,
+                        _ignore)
+        self._liveness_timer = loop.call_at(wake, self._check_liveness)
+
     # --- setup -----------------------------------------------------------------------
 
     async def establish(
@@ -318,6 +450,7 @@ class Link(asyncio.Protocol):
         integrity covers it: a negotiation changed on the way ends in
         NegotiationTampered."""
         loop = self._loop = asyncio.get_running_loop()
+        self._clock = loop.time
         self.user = credentials.principal
         try:
             await asyncio.wait_for(self._connect(loop), timeout)
@@ -345,6 +478,7 @@ class Link(asyncio.Protocol):
         except BaseException as exc:
             self.abort(exc if isinstance(exc, Exception) else ConnectionLost("cancelled"))
             raise
+        self._watch()
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
         # The socket is ours (not made inside create_connection) so that drop() can close
