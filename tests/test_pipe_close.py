@@ -140,6 +140,7 @@ def test_close_with_a_transceive_the_server_never_answers(
     # A wide window for the write to find the pipe quiet (a TRANSCEIVE), however busy
     # the machine; the quiet READ this test never needs.
     monkeypatch.setattr(pipe_module, "QUIET_READ_DELAY", 10.0)
+    monkeypatch.setattr(pipe_module, "QUIET_READ_AFTER_PUSH", True)  # after the greeting
     silent = Silent()
     server = PipeServer(smbd.np_dir, "silent", silent)
     try:

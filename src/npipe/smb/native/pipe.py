@@ -6,7 +6,8 @@ full (Samba returns at most 65,535 bytes per pipe READ) doubles the number in fl
 to ``MAX_READS``, and short ones shrink it again. Completions are delivered in the order
 the READs were sent. ``pause_reading()`` (a full StreamReader) stops posting new ones.
 
-Request and answer: after a short answer the next READ waits ``QUIET_READ_DELAY``. A
+Request and answer: after a short answer to a write the next READ waits
+``QUIET_READ_DELAY`` (after data the server sends unasked it goes out at once). A
 write in that moment (the reader asking again, the usual request/response rhythm) goes
 out as FSCTL_PIPE_TRANSCEIVE, which writes and returns the answer in one exchange: one
 request and one response where a WRITE and a READ take two of each. A server that
@@ -59,7 +60,13 @@ MAX_WRITE = 1 << 20
 # After a short answer, how long the next READ waits for the reader to write first: a
 # write that finds no READ posted goes out as FSCTL_PIPE_TRANSCEIVE, its answer coming
 # back in the same exchange (one SMB round trip instead of a WRITE and a READ).
+# 0: no wait, the READ goes out on the loop's next turn (a write the reader makes in
+# the same turn it is woken still finds the pipe quiet and goes as a TRANSCEIVE).
 QUIET_READ_DELAY = 0.001
+# Wait so after data the client did not ask for too (no write since the last data):
+# off, as measured by bench/server_push.py (docs/benchmarks.md), since the wait would
+# delay each message of a server that pushes several within QUIET_READ_DELAY.
+QUIET_READ_AFTER_PUSH = False
 TRANSCEIVE_OUTPUT = 65536
 # Larger writes go as WRITEs: smbd reads a TRANSCEIVE's answer only once its write is
 # done, so an echoing server blocked on a full socket would never let it finish.
@@ -118,6 +125,7 @@ class RemotePipe(asyncio.Transport):
         self._read_seq = 0
         self._reads_due = False
         self._read_timer: asyncio.TimerHandle | None = None
+        self._asked = False  # written to since data last came: what comes is an answer
         self._transceives: dict[int, int] = {}  # key -> bytes written, of TRANSCEIVEs
         self._answered: set[int] = set()  # keys of TRANSCEIVEs answered, not yet delivered
         self._write_seq = 0
@@ -237,10 +245,14 @@ class RemotePipe(asyncio.Transport):
         if self._reads_due:
             return
         self._reads_due = True
-        if (self._window <= MIN_READS and not self._reads and self.link.transceive_ok
-                and not self._in_flight):
-            # A quiet request/response pipe: give the reader a moment to ask again
-            # (a TRANSCEIVE then), then post a READ for whatever else the server sends.
+        asked, self._asked = self._asked, False
+        if (QUIET_READ_DELAY > 0 and (asked or QUIET_READ_AFTER_PUSH)
+                and self._window <= MIN_READS and not self._reads
+                and self.link.transceive_ok and not self._in_flight):
+            # A quiet request/response pipe, this the answer to a write: give the reader
+            # a moment to ask again (a TRANSCEIVE then), then post a READ for whatever
+            # else the server sends. Data nobody asked for (the server pushing) gets
+            # the next READ at once.
             self._read_timer = self._loop.call_later(QUIET_READ_DELAY, self._post_reads)
         else:
             # The next READ goes out a moment later, so that a WRITE the reader makes in
@@ -294,6 +306,7 @@ class RemotePipe(asyncio.Transport):
             return
         if isinstance(data, bytearray):
             data = bytes(data)
+        self._asked = True
         link = self.link
         if (self._reads_due and not self._reads and not self._writes and not self._in_flight
                 and link.transceive_ok and self._window <= MIN_READS and not self._reading_paused
