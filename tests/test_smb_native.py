@@ -423,13 +423,24 @@ def test_server_data_after_a_quiet_spell_still_arrives(servers: Servers) -> None
         server.close()
 
 
-def test_a_server_that_closes_on_a_transceive_ends_the_stream(servers: Servers) -> None:
+def test_a_server_that_closes_on_a_transceive_ends_the_stream(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The request goes as a TRANSCEIVE and the server closes instead of answering:
     Samba says CONNECTION_DISCONNECTED, which is the end of the stream (not an error)."""
+    from npipe.smb.native import pipe as pipe_module
+
+    # The greeting is data the client did not ask for: wait after it too, so that the
+    # request finds the pipe quiet.
+    monkeypatch.setattr(pipe_module, "QUIET_READ_AFTER_PUSH", True)
+    monkeypatch.setattr(pipe_module, "QUIET_READ_DELAY", 5.0)
     servers.address("smb3_11")
     smbd, _echo = servers.running["smb3_11"]
 
     def greet_then_close(conn: socket.socket, data: bytes) -> None:
+        import time
+
+        time.sleep(0.2)  # a posted READ takes the greeting, not the one sent with CREATE
         conn.sendall(b"bye")
         conn.recv(1)  # the client's request, then close without an answer
 
@@ -440,10 +451,57 @@ def test_a_server_that_closes_on_a_transceive_ends_the_stream(servers: Servers) 
                                              credentials=CREDS, backend="native")
             assert await reader.readexactly(3) == b"bye"
             writer.write(b"k")  # the pipe is quiet: a TRANSCEIVE
+            assert writer.transport._transceives  # type: ignore[attr-defined]
             rest = await asyncio.wait_for(reader.read(), 10)
             writer.close()
             return rest
 
         assert run(main()) == b""
+    finally:
+        server.close()
+
+
+def test_no_wait_before_the_read_after_pushed_data(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The READ after an answer to a write waits QUIET_READ_DELAY (for a TRANSCEIVE);
+    the READ after data the server pushed unasked goes out at once (bench/server_push.py:
+    the wait delayed every message pushed within 1 ms of the one before)."""
+    from npipe.smb.native import pipe as pipe_module
+
+    monkeypatch.setattr(pipe_module, "QUIET_READ_DELAY", 0.5)
+    servers.address("smb3_11")
+    smbd, _echo = servers.running["smb3_11"]
+
+    def answer_then_push(conn: socket.socket, data: bytes) -> None:
+        while len(data) < 3:
+            data += conn.recv(10)
+        conn.sendall(b"ack")
+        import time
+
+        for i in range(3):
+            time.sleep(0.05)
+            conn.sendall(b"m%d" % i)
+        conn.settimeout(5)
+        with contextlib.suppress(OSError):
+            conn.recv(1)
+
+    server = PipeServer(smbd.np_dir, "pusher2", answer_then_push)
+    try:
+        async def main() -> list[bool]:
+            reader, writer = await open_pipe(f"//127.0.0.1:{smbd.port}/pipe/pusher2",
+                                             credentials=CREDS, backend="native")
+            pipe: Any = writer.transport
+            writer.write(b"req")
+            assert await asyncio.wait_for(reader.readexactly(3), 5) == b"ack"
+            waits = [pipe._read_timer is not None]
+            for i in range(3):
+                assert await asyncio.wait_for(reader.readexactly(2), 5) == b"m%d" % i
+                waits.append(pipe._read_timer is not None)
+            writer.close()
+            await writer.wait_closed()
+            return waits
+
+        assert run(main()) == [True, False, False, False]
     finally:
         server.close()

@@ -6,7 +6,8 @@ full (Samba returns at most 65,535 bytes per pipe READ) doubles the number in fl
 to ``MAX_READS``, and short ones shrink it again. Completions are delivered in the order
 the READs were sent. ``pause_reading()`` (a full StreamReader) stops posting new ones.
 
-Request and answer: after a short answer the next READ waits ``QUIET_READ_DELAY``. A
+Request and answer: after a short answer to a write the next READ waits
+``QUIET_READ_DELAY`` (after data the server sends unasked it goes out at once). A
 write in that moment (the reader asking again, the usual request/response rhythm) goes
 out as FSCTL_PIPE_TRANSCEIVE, which writes and returns the answer in one exchange: one
 request and one response where a WRITE and a READ take two of each. A server that
@@ -16,10 +17,17 @@ Writing: ``write()`` never waits for reads. Data goes out in WRITEs of at most
 ``max_write`` bytes with up to ``WRITE_WINDOW`` bytes in flight; beyond ``HIGH_WATER``
 bytes queued or in flight the protocol is paused (``drain()`` waits).
 
-Closing: ``close()`` sends what is queued, then CLOSE. A READ still pending is
-forgotten: Samba never answers a pipe READ after CLOSE (nor CANCEL), so nothing is kept
-for it. The pipe's end (its server closed: PIPE_BROKEN and friends) is EOF, then
-``connection_lost(None)``; a lost connection is ``connection_lost(ConnectionLost)``.
+Closing: ``close()`` sends what is queued, then CANCELs what can never finish by
+itself (a TRANSCEIVE still waiting for its answer, the READs posted) and sends CLOSE
+(CANCELs and CLOSE in one TCP send). A TRANSCEIVE is not waited for: a server that
+answers only once its client has gone would wait for the CLOSE forever, and the client
+for the answer. Samba never answers a pipe READ after CLOSE (nor CANCEL), so those are
+forgotten, not kept. ``CLOSE_TIMEOUT`` after ``close()`` the pipe ends locally whatever
+the server did (WRITEs it never took, a CLOSE it never answered): their late answers,
+if any, are dropped. ``abort()`` drops what is queued, cancels what is in flight, sends
+CLOSE and ends the pipe at once. The pipe's end (its server closed: PIPE_BROKEN and
+friends) is EOF, then ``connection_lost(None)``; a lost connection is
+``connection_lost(ConnectionLost)``.
 """
 
 from __future__ import annotations
@@ -52,7 +60,13 @@ MAX_WRITE = 1 << 20
 # After a short answer, how long the next READ waits for the reader to write first: a
 # write that finds no READ posted goes out as FSCTL_PIPE_TRANSCEIVE, its answer coming
 # back in the same exchange (one SMB round trip instead of a WRITE and a READ).
+# 0: no wait, the READ goes out on the loop's next turn (a write the reader makes in
+# the same turn it is woken still finds the pipe quiet and goes as a TRANSCEIVE).
 QUIET_READ_DELAY = 0.001
+# Wait so after data the client did not ask for too (no write since the last data):
+# off, as measured by bench/server_push.py (docs/benchmarks.md), since the wait would
+# delay each message of a server that pushes several within QUIET_READ_DELAY.
+QUIET_READ_AFTER_PUSH = False
 TRANSCEIVE_OUTPUT = 65536
 # Larger writes go as WRITEs: smbd reads a TRANSCEIVE's answer only once its write is
 # done, so an echoing server blocked on a full socket would never let it finish.
@@ -65,7 +79,12 @@ LOW_WATER = 2 << 20
 END_STATUSES = st.EOF_STATUSES | {0xC000020C, 0xC000020D}
 # A server that will not TRANSCEIVE on this pipe (Windows, byte-mode pipes).
 TRANSCEIVE_REFUSED = {0xC00000AD, 0xC00000BB, 0xC0000010, 0xC000019C}  # PIPE_STATE, ...
+# The longest close() takes: after this the pipe ends locally, answered or not.
 CLOSE_TIMEOUT = 5.0
+# How long the CLOSE may take once a TRANSCEIVE was cancelled for it. Samba 4.17
+# ignores the CANCEL and answers the CLOSE only after the TRANSCEIVE, i.e. when the
+# pipe's server answers: a server waiting for its client to go never does.
+CLOSE_AFTER_CANCEL_TIMEOUT = 0.5
 
 
 class RemotePipe(asyncio.Transport):
@@ -106,7 +125,13 @@ class RemotePipe(asyncio.Transport):
         self._read_seq = 0
         self._reads_due = False
         self._read_timer: asyncio.TimerHandle | None = None
+        self._asked = False  # written to since data last came: what comes is an answer
         self._transceives: dict[int, int] = {}  # key -> bytes written, of TRANSCEIVEs
+        self._answered: set[int] = set()  # keys of TRANSCEIVEs answered, not yet delivered
+        self._write_seq = 0
+        self._write_ids: dict[int, int] = {}  # WRITE key -> message id, until answered
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._close_id: int | None = None  # the CLOSE's message id, until answered
         self._first_read = first_read
         if first_read is not None and first_read.message_id is not None:
             # The READ sent with the CREATE: the first in flight.
@@ -168,8 +193,12 @@ class RemotePipe(asyncio.Transport):
         self._protocol.connection_made(self)  # type: ignore[union-attr]
         first, self._first_read = self._first_read, None
         if first is not None and self._reads and self._reads[0] == -1:
-            first.attach(lambda result: self._read_done(-1, result))
+            first.attach(self._first_read_done)
         self._post_reads()
+
+    def _first_read_done(self, result: Response | BaseException) -> None:
+        self._read_ids.pop(-1, None)
+        self._read_done(-1, result)
 
     # --- reading --------------------------------------------------------------------
 
@@ -216,10 +245,14 @@ class RemotePipe(asyncio.Transport):
         if self._reads_due:
             return
         self._reads_due = True
-        if (self._window <= MIN_READS and not self._reads and self.link.transceive_ok
-                and not self._in_flight):
-            # A quiet request/response pipe: give the reader a moment to ask again
-            # (a TRANSCEIVE then), then post a READ for whatever else the server sends.
+        asked, self._asked = self._asked, False
+        if (QUIET_READ_DELAY > 0 and (asked or QUIET_READ_AFTER_PUSH)
+                and self._window <= MIN_READS and not self._reads
+                and self.link.transceive_ok and not self._in_flight):
+            # A quiet request/response pipe, this the answer to a write: give the reader
+            # a moment to ask again (a TRANSCEIVE then), then post a READ for whatever
+            # else the server sends. Data nobody asked for (the server pushing) gets
+            # the next READ at once.
             self._read_timer = self._loop.call_later(QUIET_READ_DELAY, self._post_reads)
         else:
             # The next READ goes out a moment later, so that a WRITE the reader makes in
@@ -235,8 +268,8 @@ class RemotePipe(asyncio.Transport):
         status = result.status
         if status in (wire.STATUS_SUCCESS, wire.STATUS_BUFFER_OVERFLOW):
             try:
-                if key in self._transceives:
-                    del self._transceives[key]
+                if key in self._answered:
+                    self._answered.discard(key)
                     data = wire.parse_ioctl(result.message)
                     if status == wire.STATUS_BUFFER_OVERFLOW:
                         asked = len(data)  # more waits: read on as after a full READ
@@ -273,6 +306,7 @@ class RemotePipe(asyncio.Transport):
             return
         if isinstance(data, bytearray):
             data = bytes(data)
+        self._asked = True
         link = self.link
         if (self._reads_due and not self._reads and not self._writes and not self._in_flight
                 and link.transceive_ok and self._window <= MIN_READS and not self._reading_paused
@@ -315,14 +349,15 @@ class RemotePipe(asyncio.Transport):
         self, key: int, data: bytes | memoryview, result: Response | BaseException
     ) -> None:
         self._read_ids.pop(key, None)
-        size = self._transceives.get(key, len(data))
+        if key not in self._transceives:
+            return  # given up on at close (its bytes no longer count as in flight)
+        size = self._transceives.pop(key)
         if (isinstance(result, Response) and result.status in TRANSCEIVE_REFUSED
                 and self.link.transceive_ok):
             # The server will not (Windows: byte-mode pipes): nothing was written. Send
             # it as a WRITE and read as usual, from now on on this connection.
             log.debug("pipe %s: no FSCTL_PIPE_TRANSCEIVE (%#010x)", self.name, result.status)
             self.link.transceive_ok = False
-            self._transceives.pop(key, None)
             self._read_sizes.pop(key, None)
             if key in self._reads:
                 self._reads.remove(key)
@@ -333,13 +368,14 @@ class RemotePipe(asyncio.Transport):
             self._send_writes()
             return
         self._in_flight -= size
+        self._answered.add(key)
         self._read_done(key, result)
         if self._closed:
             return
         if self._writing_paused and self.get_write_buffer_size() <= LOW_WATER:
             self._writing_paused = False
             self._protocol.resume_writing()  # type: ignore[union-attr]
-        if self._closing and not self._writes and not self._in_flight:
+        if self._closing and not self._writes_pending():
             self._send_close()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -357,15 +393,31 @@ class RemotePipe(asyncio.Transport):
             size = len(data)
             self._queued -= size
             self._in_flight += size
+            self._write_seq += 1
             head = wire.write_request_head(self.file_id, size)
             link.submit(
-                functools.partial(core.request, wire.WRITE, head, payload=size, data=data),
+                functools.partial(self._build_write, self._write_seq, head, size, data),
                 core.charge(size),
-                functools.partial(self._write_done, size),
+                functools.partial(self._write_done, self._write_seq, size),
             )
 
-    def _write_done(self, size: int, result: Response | BaseException) -> None:
+    def _build_write(self, key: int, head: bytes, size: int, data: bytes | memoryview
+                     ) -> Outgoing:
+        out = self.link.core.request(wire.WRITE, head, payload=size, data=data)
+        self._write_ids[key] = out.message_id
+        return out
+
+    def _writes_pending(self) -> bool:
+        """WRITEs queued or unanswered (a TRANSCEIVE's bytes do not count: close()
+        does not wait for its answer)."""
+        return bool(self._writes) or self._in_flight > sum(self._transceives.values())
+
+    def _write_done(self, key: int, size: int, result: Response | BaseException) -> None:
+        if self._write_ids.pop(key, None) is None and self._closed:
+            return  # given up on when the pipe ended
         self._in_flight -= size
+        if self._closed:
+            return
         if isinstance(result, BaseException):
             self._lost(result)
             return
@@ -383,7 +435,7 @@ class RemotePipe(asyncio.Transport):
         if self._writing_paused and self.get_write_buffer_size() <= LOW_WATER:
             self._writing_paused = False
             self._protocol.resume_writing()  # type: ignore[union-attr]
-        if self._closing and not self._writes and not self._in_flight:
+        if self._closing and not self._writes_pending():
             self._send_close()
 
     def _check_high_water(self) -> None:
@@ -397,30 +449,70 @@ class RemotePipe(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        if not self._writes and not self._in_flight:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if not self._closed:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._close_expired)
+        if not self._writes_pending():
             self._send_close()
 
     def abort(self) -> None:
         self._writes.clear()
         self._queued = 0
         self._closing = True
+        self._give_up_writes()
         self._send_close()
+        self._finish(None)
+
+    def _close_expired(self) -> None:
+        """CLOSE_TIMEOUT after close(): end the pipe here, whatever the server does."""
+        self._close_timer = None
+        if self._closed:
+            return
+        log.debug("pipe %s: not closed after %g s; ending it locally", self.name, CLOSE_TIMEOUT)
+        self._writes.clear()
+        self._queued = 0
+        self._give_up_writes()
+        self._send_close()
+        self._finish(None)
+
+    def _give_up_writes(self) -> None:
+        """Cancel and forget the WRITEs in flight (a server that does not take them)."""
+        link = self.link
+        link.cork()
+        try:
+            for mid in self._write_ids.values():
+                link.cancel(mid)
+                link.forget(mid)
+        finally:
+            link.uncork()
+        self._write_ids.clear()
+        self._in_flight = sum(self._transceives.values())
 
     def _discard_reads(self) -> None:
-        """Forget the READs in flight (see the module docstring)."""
+        """Cancel and forget the READs and TRANSCEIVEs in flight (see the module
+        docstring)."""
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
         link = self.link
         left = 0
-        for key in self._reads:
-            mid = self._read_ids.pop(key, None)
-            if mid is not None:
-                link.cancel(mid)
-                link.forget(mid)
-                left += 1
+        link.cork()  # the CANCELs, and the CLOSE after them, in one send
+        try:
+            for key in self._reads:
+                mid = self._read_ids.pop(key, None)
+                if mid is not None:
+                    link.cancel(mid)
+                    link.forget(mid)
+                    left += 1
+        finally:
+            link.uncork()
         if left:
             link.abandoned(left)
+        self._in_flight -= sum(self._transceives.values())
+        self._transceives.clear()
+        self._answered.clear()
         self._reads.clear()
         self._results.clear()
         self._read_sizes.clear()
@@ -429,23 +521,35 @@ class RemotePipe(asyncio.Transport):
         if self._close_sent:
             return
         self._close_sent = True
-        self._discard_reads()
         link = self.link
-        if link.error is not None:
-            self._finish(None)
-            return
-        future = link.request(wire.CLOSE, wire.close_request(self.file_id))
-        # A callback and a timer rather than a task: nothing left pending (and warned
-        # about) if the loop stops first.
-        timer = self._loop.call_later(CLOSE_TIMEOUT, self._finish, None)
+        stuck = bool(self._transceives)
+        link.cork()
+        try:
+            self._discard_reads()
+            if link.error is not None:
+                self._finish(None)
+                return
+            link.submit(self._build_close, 1, self._close_done)
+        finally:
+            link.uncork()
+        if stuck and self._close_timer is not None and not self._closed:
+            log.debug("pipe %s: closed with a TRANSCEIVE unanswered", self.name)
+            self._close_timer.cancel()
+            self._close_timer = self._loop.call_later(
+                min(CLOSE_AFTER_CANCEL_TIMEOUT, CLOSE_TIMEOUT), self._close_expired)
 
-        def closed(done: asyncio.Future[Response]) -> None:
-            timer.cancel()
-            if not done.cancelled() and done.exception() is not None:
-                log.debug("pipe %s: CLOSE failed: %s", self.name, done.exception())
-            self._finish(None)
+    def _build_close(self) -> Outgoing:
+        out = self.link.core.request(wire.CLOSE, wire.close_request(self.file_id))
+        self._close_id = out.message_id
+        return out
 
-        future.add_done_callback(closed)
+    def _close_done(self, result: Response | BaseException) -> None:
+        self._close_id = None
+        if isinstance(result, BaseException):
+            log.debug("pipe %s: CLOSE failed: %s", self.name, result)
+        elif result.status != wire.STATUS_SUCCESS:
+            log.debug("pipe %s: CLOSE answered %#010x", self.name, result.status)
+        self._finish(None)
 
     def link_lost(self, error: BaseException) -> None:
         """The connection died: the pipe fails with ``error``."""
@@ -467,6 +571,14 @@ class RemotePipe(asyncio.Transport):
         if self._closed:
             return
         self._closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._close_id is not None:
+            self.link.forget(self._close_id)  # a CLOSE not answered in time
+            self._close_id = None
+        if self._write_ids:
+            self._give_up_writes()
         self.link.pipes.discard(self)
         self.link.release()
         protocol = self._protocol
