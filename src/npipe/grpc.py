@@ -26,7 +26,7 @@ import urllib.parse
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -40,9 +40,10 @@ from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_server, connect_error, find_socket
 from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path, trusted_uids
-from npipe.samba import frontdoor as samba
-from npipe.smb.bridge import PipeBridge, close_gently
-from npipe.smb.credentials import Credentials
+
+if TYPE_CHECKING:  # loaded when first needed: a plain import loads no SMB or Samba code
+    from npipe.smb.bridge import PipeBridge
+    from npipe.smb.credentials import Credentials
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -133,6 +134,8 @@ def add_pipe_port(
                 claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path), slots
             )]
             if smb:
+                from npipe.samba import frontdoor as samba
+
                 try:
                     smb_claimed = samba.claim_samba_pipe(addr, directory=pipe_dir, acl=acl)
                 except BaseException:
@@ -219,6 +222,8 @@ def _others_can_name(path: Path) -> bool:
 
 
 def _checked_bridge(path: Path, server_user: str | int | None) -> PipeBridge:
+    from npipe.smb.bridge import PipeBridge
+
     key = (path, frozenset(trusted_uids(server_user)))
     with _checked_lock:
         bridge = _checked_bridges.get(key)
@@ -240,6 +245,8 @@ async def relay_checked(path: Path, server_user: str | int | None, sock: socket.
             raise connect_error(e, path) from e
         check_server(out, path, server_user)
     except BaseException:
+        from npipe.smb.bridge import close_gently
+
         out.close()
         close_gently(sock)
         raise

@@ -9,6 +9,7 @@ import socket
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
@@ -19,7 +20,9 @@ from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket
 from npipe.local.peercred import peer_caller
-from npipe.smb.credentials import Credentials
+
+if TYPE_CHECKING:  # the SMB client is loaded when a remote pipe is first used
+    from npipe.smb.credentials import Credentials
 
 log = logging.getLogger("npipe.streams")
 
