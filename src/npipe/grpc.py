@@ -134,7 +134,7 @@ def add_pipe_port(
                 claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path), slots
             )]
             if smb:
-                from npipe.samba import frontdoor as samba
+                from npipe.samba import np_listener as samba
 
                 try:
                     smb_claimed = samba.claim_samba_pipe(addr, directory=pipe_dir, acl=acl)

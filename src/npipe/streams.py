@@ -14,12 +14,16 @@ from typing import TYPE_CHECKING
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import UnsupportedPlatform
-from npipe.frontdoor import ConnectionSlots, StreamDoor, check_max_connections
+from npipe.frontdoor import (
+    ConnectionSlots,
+    StreamDoor,
+    check_max_connections,
+    local_identify,
+)
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket
-from npipe.local.peercred import peer_caller
 
 if TYPE_CHECKING:  # the SMB client is loaded when a remote pipe is first used
     from npipe.smb.credentials import Credentials
@@ -154,7 +158,7 @@ async def start_server(
     """Serve ``handler(reader, writer)`` on a pipe; ``npipe.caller(writer)`` says who called.
 
     Callers the ACL does not allow are closed before the handler runs, and logged.
-    ``smb=True`` also serves SMB clients through Samba (see npipe.samba.frontdoor).
+    ``smb=True`` also serves SMB clients through Samba (see npipe.samba.np_listener).
 
     At most ``max_connections`` callers are served at once (default: a quarter of the
     process's descriptor limit, between 16 and 1024; see
@@ -168,15 +172,13 @@ async def start_server(
         raise _remote_unsupported(addr)
     slots = ConnectionSlots(check_max_connections(max_connections), addr, log)
 
+    identify_local = local_identify(acl, addr)  # the threaded front door's step as well
+
     async def local(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Caller | None:
-        who = peer_caller(writer.get_extra_info("socket"))
-        if acl.allows(who):
-            return who
-        log.warning("refused %s on pipe %s: not allowed by its ACL", who, addr)
-        return None
+        return identify_local(writer.get_extra_info("socket"))
 
     async def samba(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Caller | None:
-        from npipe.samba.frontdoor import handshake
+        from npipe.samba.np_listener import handshake
 
         return await handshake(reader, writer, acl, addr)
 
@@ -187,7 +189,7 @@ async def start_server(
             addr, acl=acl, directory=pipe_dir, dotnet=dotnet
         )))
         if smb:
-            from npipe.samba.frontdoor import claim_samba_pipe
+            from npipe.samba.np_listener import claim_samba_pipe
 
             claims.append((samba, claim_samba_pipe(addr, directory=pipe_dir, acl=acl)))
         for identify, claimed in claims:

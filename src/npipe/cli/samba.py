@@ -103,7 +103,7 @@ def add_samba_parser(
 
 def link(args: argparse.Namespace) -> int:
     from npipe.address import local
-    from npipe.samba.frontdoor import RESERVED_NAMES, samba_socket_name
+    from npipe.samba.np_listener import RESERVED_NAMES, samba_socket_name
 
     if os.geteuid() != 0:
         return _error("npipe samba link writes in smbd's np directory and needs root")

@@ -27,7 +27,7 @@ import npipe
 import npipe.address
 import npipe.grpc
 from npipe.identity import Caller
-from npipe.samba import frontdoor as samba
+from npipe.samba import np_listener as samba
 from npipe.samba.npa import REPLY_SIZE, NpaRequest, parse_request
 
 
