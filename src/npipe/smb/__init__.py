@@ -32,6 +32,9 @@ from npipe.smb.bridge import PipeBridge
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 
+# asyncio's default StreamReader limit; a full buffer pauses the pipe (backpressure).
+DEFAULT_LIMIT = 64 * 1024
+
 BACKENDS = ("native", "smbprotocol")
 DEFAULT_BACKEND = "native"
 # Selects the backend wherever none is passed (e.g. to run a program on smbprotocol).
@@ -53,9 +56,11 @@ class PipeClient(Protocol):
         credentials: Credentials,
         timeout: float = ...,
         encrypt: bool | None = ...,
+        limit: int = ...,
         allow_smb2: bool = ...,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the pipe; asyncio streams on it. Closing the writer closes the pipe."""
+        """Open the pipe; asyncio streams on it (the reader's buffer limit: ``limit``).
+        Closing the writer closes the pipe."""
         ...
 
     async def attach(
@@ -125,8 +130,10 @@ async def open_pipe(
     encrypt: bool | None = None,
     backend: str | None = None,
     allow_smb2: bool = False,
+    limit: int = DEFAULT_LIMIT,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a remote pipe and return asyncio streams on it.
+    """Open a remote pipe and return asyncio streams on it (``limit``: the
+    StreamReader's buffer limit, as in asyncio.open_connection).
 
     A missing or busy pipe is retried until ``timeout`` (which bounds the whole open),
     then PipeNotFound / PipeBusy. Other failures: HostUnreachable, AuthenticationError,
@@ -139,7 +146,7 @@ async def open_pipe(
     addr = _remote(address)
     creds = credentials if credentials is not None else Credentials.resolve()
     return await client.open_pipe(addr, credentials=creds, timeout=timeout, encrypt=encrypt,
-                                  allow_smb2=allow_smb2)
+                                  limit=limit, allow_smb2=allow_smb2)
 
 
 BridgeKey = tuple[

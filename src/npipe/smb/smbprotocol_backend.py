@@ -918,12 +918,17 @@ def _close_unused(link: _Link, op: Any) -> None:
     threading.Thread(target=close, name="npipe-smb-close", daemon=True).start()
 
 
+_background: set[asyncio.Future[Any]] = set()
+
+
 async def _in_thread(
     fn: Callable[..., T], *args: Any, cleanup: Callable[[T], None] | None = None
 ) -> T:
     """Run blocking smbprotocol work in a thread; if the caller is cancelled meanwhile,
     hand a late result to ``cleanup`` instead of leaking it."""
     future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    _background.add(future)  # asyncio keeps tasks weakly: held until done, even if abandoned
+    future.add_done_callback(_background.discard)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

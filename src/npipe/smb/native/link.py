@@ -74,6 +74,7 @@ class Link(asyncio.Protocol):
         self._sock: socket.socket | None = None
         self._corked = 0
         self._out: list[bytes | bytearray | memoryview] = []
+        self._closing: asyncio.Task[None] | None = None  # close() once retired and idle
 
     @property
     def where(self) -> str:
@@ -298,8 +299,8 @@ class Link(asyncio.Protocol):
             self.retire(f"{self.abandoned_reads} READs of closed pipes are left on the server")
 
     def release(self) -> None:
-        if self.retired and not self.pipes and self.alive:
-            asyncio.get_running_loop().create_task(self.close())
+        if self.retired and not self.pipes and self.alive and self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
 
     # --- setup -----------------------------------------------------------------------
 
@@ -319,13 +320,15 @@ class Link(asyncio.Protocol):
         NegotiationTampered."""
         loop = self._loop = asyncio.get_running_loop()
         self.user = credentials.principal
+        deadline = loop.time() + timeout  # one timeout for connect and setup together
         try:
             await asyncio.wait_for(self._connect(loop), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
             raise HostUnreachable(f"cannot reach the SMB server {self.where}: {reason}") from None
         try:
-            await asyncio.wait_for(self._setup(credentials, encrypt, allow_smb2), timeout)
+            await asyncio.wait_for(self._setup(credentials, encrypt, allow_smb2),
+                                   max(deadline - loop.time(), 0))
         except asyncio.TimeoutError:
             self.abort(HostUnreachable(f"{self.where} did not complete SMB setup in {timeout:g} s"))
             raise HostUnreachable(
