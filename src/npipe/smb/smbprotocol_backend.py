@@ -103,6 +103,7 @@ from npipe.errors import (
     NegotiationTampered,
     NpipeError,
 )
+from npipe.smb import ioloop
 from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
@@ -424,6 +425,8 @@ class _Link:
             idle = self.pipes == 0 and self.retired
         if idle:
             self._drop()
+        else:
+            _schedule_sweep()  # idle from now on, perhaps
 
     def info(self) -> SmbConnectionInfo:
         session = self.session
@@ -574,6 +577,8 @@ def _spnego_reason(exc: BaseException) -> str:
 
 _registry_lock = threading.Lock()
 _links: dict[LinkKey, concurrent.futures.Future[_Link]] = {}
+_used: dict[LinkKey, float] = {}  # when each was last handed out or had pipes
+_sweeping = False
 
 
 def _link_key(
@@ -591,6 +596,7 @@ def _link_future(
     with _registry_lock:
         future = _links.get(key)
         if future is not None:
+            _used[key] = time.monotonic()
             if not future.done():
                 return future
             if future.exception() is None:
@@ -600,6 +606,8 @@ def _link_future(
         future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # waiters cannot cancel the shared setup
         _links[key] = future
+        _used[key] = time.monotonic()
+    _schedule_sweep()
 
     def setup() -> None:
         link = _Link(host, port, credentials, encrypt, allow_smb2)
@@ -621,6 +629,44 @@ def _link_future(
     return future
 
 
+def _schedule_sweep() -> None:
+    """Look for idle connections on the I/O thread (npipe.smb.ioloop), while any exist."""
+    global _sweeping
+    with _registry_lock:
+        if _sweeping or not _links:
+            return
+        _sweeping = True
+
+    def start() -> None:
+        ioloop.get_loop().call_later(ioloop.sweep_interval(), _sweep_idle)
+
+    ioloop.call_soon(start)
+
+
+def _sweep_idle() -> None:
+    """Close the connections with no pipes that nobody asked for in the idle timeout
+    (an open in progress asked: it has up to its own timeout, typically well below)."""
+    global _sweeping
+    now, limit = time.monotonic(), ioloop.idle_timeout()
+    idle = []
+    with _registry_lock:
+        for key, future in list(_links.items()):
+            if not future.done() or future.exception() is not None:
+                continue
+            link = future.result()
+            if link.pipes:
+                _used[key] = now
+            elif now - _used.get(key, now) >= limit and link.usable():
+                del _links[key]
+                _used.pop(key, None)
+                idle.append(link)
+        _sweeping = bool(_links)
+    for link in idle:
+        link.retire(f"unused for {limit:g} s")  # no pipes: disconnects now
+    if _sweeping:
+        ioloop.get_loop().call_later(ioloop.sweep_interval(), _sweep_idle)
+
+
 def connections() -> list[SmbConnectionInfo]:
     """The shared connections set up so far (live or dead, not yet replaced)."""
     with _registry_lock:
@@ -633,6 +679,7 @@ def close_connections() -> None:
     with _registry_lock:
         futures = list(_links.values())
         _links.clear()
+        _used.clear()
     for future in futures:
         if future.done() and future.exception() is None:
             future.result().abort()
