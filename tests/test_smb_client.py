@@ -836,3 +836,81 @@ def test_no_task_is_left_without_a_reference() -> None:
             ):
                 bare.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not bare, bare
+
+
+_EXIT_WITH_OPEN_CHANNELS = r"""
+import sys
+import npipe.grpc, npipe.smb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from npipe.smb.credentials import Credentials
+
+port, user, password, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+creds = Credentials(user, password)
+channels = [npipe.grpc.channel(f"//127.0.0.1:{port}/pipe/atexit", credentials=creds,
+                               smb_backend=backend) for _ in range(3)]
+for ch in channels:
+    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+pinned = npipe.smb.bridge_for(f"//127.0.0.1:{port}/pipe/atexit2", credentials=creds,
+                              backend=backend)
+print(" ".join(b.directory for b in npipe.smb.bridges()), flush=True)
+# exit with the channels open, a call's pipe relayed, and a pinned bridge
+"""
+
+
+def test_exit_with_open_channels_and_bridges(
+    smbd: Smbd, serve: Callable[..., PipeServer], smb_backend: str
+) -> None:
+    """atexit closes the bridges (their directories go) and the process ends at once."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="npg", dir="/tmp"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_insecure_port(f"unix:{sock_dir}/g")
+    server.start()
+    try:
+        serve("atexit", _relay_to(f"{sock_dir}/g"))
+        start = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-c", _EXIT_WITH_OPEN_CHANNELS, str(smbd.port), USER, PASSWORD,
+             smb_backend],
+            capture_output=True, text=True, timeout=30,
+        )
+        took = time.monotonic() - start
+        assert out.returncode == 0, out.stderr
+        directories = out.stdout.split()
+        assert len(directories) == 2
+        assert not [d for d in directories if os.path.exists(d)]
+        assert took < 10, took
+    finally:
+        server.stop(None)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_an_unused_connection_closes_after_the_idle_timeout(
+    smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    from npipe.smb import ioloop
+
+    serve("idle", echo)
+    _close_connections()
+    ioloop.set_idle_timeout(0.4)
+    try:
+
+        async def main() -> tuple[int, int, int]:
+            assert await _echo_roundtrip(smbd.address("idle"), b"x") == b"x"
+            await asyncio.sleep(0.1)
+            while_fresh = smbd.established()
+            deadline = time.monotonic() + 5
+            while smbd.established() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            after = smbd.established()
+            # A new open sets up a new connection.
+            assert await _echo_roundtrip(smbd.address("idle"), b"y") == b"y"
+            return while_fresh, after, smbd.established()
+
+        assert run(main()) == (1, 0, 1)
+    finally:
+        ioloop.set_idle_timeout(None)
+        _close_connections()
