@@ -1,8 +1,13 @@
 """Remote pipes over SMB2/3 with smbprotocol (pure Python; the slow, portable backend).
 
 One TCP connection, session and IPC$ tree connect per (host, port, credentials,
-encryption choice, allow_smb2) is shared by every pipe opened through it (a
-module-level registry; a connection that died is replaced on the next open). Signing
+encryption choice, allow_smb2) is shared by every pipe opened through it, in every
+thread and event loop of the process (a module-level registry; a connection that died
+is replaced on the next open; one without pipes that nobody asked for in the idle
+timeout, :func:`npipe.smb.ioloop.idle_timeout`, is closed, swept on the shared I/O
+thread). Unlike the native backend it cannot share threads: smbprotocol blocks, so
+each open pipe has two relay threads of its own (below), and each connection
+smbprotocol's receive thread. Signing
 is always required; encryption is on by default where the server can do it:
 
 * ``encrypt=None`` (the default): encrypt if the negotiated dialect can (SMB 3.x with a
