@@ -65,8 +65,9 @@ def set_idle_timeout(seconds: float | None) -> None:
 
 
 def sweep_interval() -> float:
-    """How often idle bridges and connections are looked for."""
-    return min(max(idle_timeout() / 4, 0.05), 10.0)
+    """How often idle bridges and connections are looked for (at least once a second,
+    so that a changed idle timeout soon applies to timers already set)."""
+    return min(max(idle_timeout() / 4, 0.05), 1.0)
 
 
 class _IoThread:
