@@ -45,7 +45,6 @@ LinkKey = tuple[
 ]
 
 
-
 class _LoopLinks(dict[LinkKey, "asyncio.Task[Link]"]):
     """One event loop's shared connections (tasks that set them up), by key, and when
     each was last handed out: a connection with no pipes for the idle timeout is closed
