@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -617,3 +622,295 @@ def test_no_malformed_smb_on_the_wire(smbd: Smbd, serve: Callable[..., PipeServe
     print(f"{smb2} SMB2 packets captured, {len(bad)} malformed")
     assert smb2 >= 10, f"only {smb2} SMB2 packets captured"
     assert not bad, f"{len(bad)} of {smb2} SMB2 packets malformed:\n" + "\n".join(bad[:50])
+
+
+# --- sharing: one I/O thread and one connection per host and user (issue 10) ------------
+
+# The client side of test_hundred_channels_share_one_connection, in a process of its own
+# (so that its threads are counted alone). It dials 100 grpcio channels to 50 pipes,
+# reports, and after "close" on stdin lets them go and reports what is left.
+_MANY_CHANNELS = r"""
+import gc, json, os, sys, threading, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+import npipe.grpc, npipe.smb
+from npipe.smb.credentials import Credentials
+
+port, user, password, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+creds = Credentials(user, password)
+opts = [("grpc.use_local_subchannel_pool", 1)]  # one pipe per channel, not per target
+channels = [
+    npipe.grpc.channel(f"//127.0.0.1:{port}/pipe/many{i % 50}", credentials=creds,
+                       smb_backend=backend, options=opts)
+    for i in range(100)
+]
+for ch in channels:
+    reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+def report():
+    conns = [c for c in npipe.smb.get_client(backend).connections() if c.alive]
+    return {
+        "os_threads": len(os.listdir("/proc/self/task")),
+        "threads": sorted(t.name for t in threading.enumerate()),
+        "connections": [[c.port, c.pipes] for c in conns],
+        "bridges": len(npipe.smb.bridges()) if hasattr(npipe.smb, "bridges")
+                   else len(npipe.smb._bridges),
+    }
+
+print(json.dumps(report()), flush=True)
+sys.stdin.readline()
+for ch in channels:
+    ch.close()
+del ch, channels
+gc.collect()
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline:
+    r = report()
+    if not r["connections"] and not r["bridges"]:
+        break
+    time.sleep(0.1)
+print(json.dumps(report()), flush=True)
+"""
+
+
+def _relay_to(path: str) -> Handler:
+    """A pipe server handler that relays the pipe to a Unix socket (a grpcio server)."""
+
+    def handler(conn: socket.socket, data: bytes) -> None:
+        out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        out.connect(path)
+
+        def back() -> None:
+            with contextlib.suppress(OSError):
+                while chunk := out.recv(65536):
+                    conn.sendall(chunk)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+
+        t = threading.Thread(target=back, name=PipeServer.THREAD, daemon=True)
+        t.start()
+        try:
+            if data:
+                out.sendall(data)
+            while chunk := conn.recv(65536):
+                out.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                out.shutdown(socket.SHUT_WR)
+            t.join(10)
+            out.close()
+
+    return handler
+
+
+def test_hundred_channels_share_one_connection(
+    smbd: Smbd, serve: Callable[..., PipeServer], smb_backend: str
+) -> None:
+    """100 grpcio channels to 50 pipes on one host: one SMB connection, and a number of
+    threads that does not grow with the pipes (the native backend; smbprotocol relays
+    each pipe with two threads of its own). Once the channels are gone, the bridges and
+    the connection close after the idle timeout; the process exits at once."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    _close_connections()
+    sock_dir = Path(tempfile.mkdtemp(prefix="npg", dir="/tmp"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_insecure_port(f"unix:{sock_dir}/g")
+    server.start()
+    try:
+        for i in range(50):
+            serve(f"many{i}", _relay_to(f"{sock_dir}/g"))
+        env = dict(os.environ, NPIPE_SMB_IDLE_TIMEOUT="0.5")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MANY_CHANNELS, str(smbd.port), USER, PASSWORD, smb_backend],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            line = proc.stdout.readline()
+            assert line, "the client failed"
+            busy = json.loads(line)
+            established = smbd.established()
+            proc.stdin.write("close\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            idle = json.loads(line) if line else None
+            start = time.monotonic()
+            assert proc.wait(20) == 0
+            exit_took = time.monotonic() - start
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        print(f"{smb_backend}: busy {busy}, smbd sees {established} connection(s); idle {idle}")
+        assert established == 1
+        assert busy["connections"] == [[smbd.port, 100]]
+        relay = ("npipe-smb-read", "npipe-smb-write")  # smbprotocol's per-pipe threads
+        ours = [n for n in busy["threads"] if not n.startswith(relay)]
+        assert len(ours) <= 10, ours
+        if smb_backend == "native":
+            assert len(busy["threads"]) <= 10
+            assert busy["os_threads"] <= 30  # grpcio's own threads included
+        assert idle == {**idle, "connections": [], "bridges": 0}
+        assert smbd.established() == 0
+        assert exit_took < 5
+    finally:
+        server.stop(None)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_open_connection_honours_limit_for_remote_pipes(
+    smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    import npipe
+
+    serve("limited", echo)
+
+    async def main() -> int:
+        reader, writer = await npipe.open_connection(
+            smbd.address("limited"), credentials=CREDS, limit=12345
+        )
+        try:
+            limit: int = reader._limit  # type: ignore[attr-defined]
+            return limit
+        finally:
+            writer.close()
+
+    assert run(main()) == 12345
+
+
+def test_establish_applies_its_timeout_once(smb_backend: str) -> None:
+    """A slow TCP connect and a server that never answers NEGOTIATE: the whole setup
+    fails within the timeout, not after the connect's time plus the timeout again."""
+    if smb_backend != "native":
+        pytest.skip("Link.establish is the native backend's")
+    from npipe.smb.native.link import Link
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    real = Link._connect
+
+    async def slow_connect(self: Link, loop: asyncio.AbstractEventLoop) -> None:
+        await asyncio.sleep(0.7)
+        await real(self, loop)
+
+    async def main() -> float:
+        link = Link("127.0.0.1", port)
+        link._connect = functools.partial(slow_connect, link)  # type: ignore[method-assign]
+        start = time.monotonic()
+        with pytest.raises(HostUnreachable):
+            await link.establish(CREDS, None, 1.0)
+        return time.monotonic() - start
+
+    try:
+        took = run(main())
+    finally:
+        listener.close()
+    assert took < 1.3, took
+
+
+def test_no_task_is_left_without_a_reference() -> None:
+    """asyncio keeps only weak references to tasks: one made and dropped may be
+    collected before it runs to the end. Every create_task / ensure_future in npipe.smb
+    must keep its result."""
+    import ast
+
+    import npipe.smb
+
+    root = Path(npipe.smb.__file__).parent
+    bare = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute)
+                and node.value.func.attr in ("create_task", "ensure_future")
+            ):
+                bare.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not bare, bare
+
+
+_EXIT_WITH_OPEN_CHANNELS = r"""
+import sys
+import npipe.grpc, npipe.smb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from npipe.smb.credentials import Credentials
+
+port, user, password, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+creds = Credentials(user, password)
+channels = [npipe.grpc.channel(f"//127.0.0.1:{port}/pipe/atexit", credentials=creds,
+                               smb_backend=backend) for _ in range(3)]
+for ch in channels:
+    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+pinned = npipe.smb.bridge_for(f"//127.0.0.1:{port}/pipe/atexit2", credentials=creds,
+                              backend=backend)
+print(" ".join(b.directory for b in npipe.smb.bridges()), flush=True)
+# exit with the channels open, a call's pipe relayed, and a pinned bridge
+"""
+
+
+def test_exit_with_open_channels_and_bridges(
+    smbd: Smbd, serve: Callable[..., PipeServer], smb_backend: str
+) -> None:
+    """atexit closes the bridges (their directories go) and the process ends at once."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="npg", dir="/tmp"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_insecure_port(f"unix:{sock_dir}/g")
+    server.start()
+    try:
+        serve("atexit", _relay_to(f"{sock_dir}/g"))
+        start = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-c", _EXIT_WITH_OPEN_CHANNELS, str(smbd.port), USER, PASSWORD,
+             smb_backend],
+            capture_output=True, text=True, timeout=30,
+        )
+        took = time.monotonic() - start
+        assert out.returncode == 0, out.stderr
+        directories = out.stdout.split()
+        assert len(directories) == 2
+        assert not [d for d in directories if os.path.exists(d)]
+        assert took < 10, took
+    finally:
+        server.stop(None)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_an_unused_connection_closes_after_the_idle_timeout(
+    smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    from npipe.smb import ioloop
+
+    serve("idle", echo)
+    _close_connections()
+    ioloop.set_idle_timeout(0.4)
+    try:
+
+        async def main() -> tuple[int, int, int]:
+            assert await _echo_roundtrip(smbd.address("idle"), b"x") == b"x"
+            await asyncio.sleep(0.1)
+            while_fresh = smbd.established()
+            deadline = time.monotonic() + 5
+            while smbd.established() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            after = smbd.established()
+            # A new open sets up a new connection.
+            assert await _echo_roundtrip(smbd.address("idle"), b"y") == b"y"
+            return while_fresh, after, smbd.established()
+
+        assert run(main()) == (1, 0, 1)
+    finally:
+        ioloop.set_idle_timeout(None)
+        _close_connections()

@@ -192,19 +192,38 @@ def target(
     (0700 directory, only this user admitted) whose connections each open the pipe
     over SMB (see :func:`npipe.open_connection` for the SMB options).
     """
+    return _dial(
+        address, server_user=server_user, pipe_dir=pipe_dir, credentials=credentials,
+        timeout=timeout, encrypt=encrypt, smb_backend=smb_backend, allow_smb2=allow_smb2,
+    )[0]
+
+
+def _dial(
+    address: str | PipeAddress,
+    *,
+    server_user: str | int | None = None,
+    pipe_dir: str | os.PathLike[str] | None = None,
+    credentials: Credentials | None = None,
+    timeout: float = 10.0,
+    encrypt: bool | None = None,
+    smb_backend: str | None = None,
+    allow_smb2: bool = False,
+    pin: bool = True,
+) -> tuple[str, PipeBridge | None]:
+    """:func:`target`, and the SMB bridge behind it if any (unpinned: ``pin=False``)."""
     addr = parse_address(address)
     if addr.is_remote:
         from npipe import smb
 
         bridge = smb.bridge_for(
             addr, credentials=credentials, timeout=timeout, encrypt=encrypt, backend=smb_backend,
-            allow_smb2=allow_smb2,
+            allow_smb2=allow_smb2, pin=pin,
         )
-        return bridge.target
+        return bridge.target, bridge
     path = find_socket(addr, server_user=server_user, directory=pipe_dir)
     if not _others_can_name(path):
-        return _grpc_unix_target(path)
-    return _checked_bridge(path, server_user).target
+        return _grpc_unix_target(path), None
+    return _checked_bridge(path, server_user).target, None
 
 
 # grpcio re-dials a target by path on its own, after a server restart, with no check of
@@ -280,10 +299,14 @@ def channel(
     """A grpcio channel to a pipe; generated stubs use it unchanged.
 
     ``dial`` takes :func:`target`'s options (server_user, pipe_dir, credentials, ...).
+    A remote pipe's bridge stays open while the channel lives (then closes once unused
+    for ``npipe.smb.ioloop.idle_timeout()``).
     """
-    return grpc.insecure_channel(
-        target(address, **dial), options=_options(options), compression=compression
-    )
+    where, bridge = _dial(address, pin=False, **dial)
+    ch = grpc.insecure_channel(where, options=_options(options), compression=compression)
+    if bridge is not None:
+        bridge.hold(ch)
+    return ch
 
 
 def aio_channel(
@@ -293,10 +316,12 @@ def aio_channel(
     compression: grpc.Compression | None = None,
     **dial: Any,
 ) -> grpc.aio.Channel:
-    """A ``grpc.aio`` channel to a pipe."""
-    return grpc.aio.insecure_channel(
-        target(address, **dial), options=_options(options), compression=compression
-    )
+    """A ``grpc.aio`` channel to a pipe (a remote pipe's bridge: as :func:`channel`)."""
+    where, bridge = _dial(address, pin=False, **dial)
+    ch = grpc.aio.insecure_channel(where, options=_options(options), compression=compression)
+    if bridge is not None:
+        bridge.hold(ch)
+    return ch
 
 
 def _grpc_unix_target(path: Path) -> str:

@@ -73,7 +73,7 @@ async def open_connection(
 
         return await smb.open_pipe(
             addr, credentials=credentials, timeout=timeout, encrypt=encrypt,
-            backend=smb_backend, allow_smb2=allow_smb2,
+            backend=smb_backend, allow_smb2=allow_smb2, limit=limit,
         )
     path = find_socket(addr, server_user=server_user, directory=pipe_dir)
     try:

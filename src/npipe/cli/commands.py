@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -172,8 +171,11 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     address = parse_address(args.address)
     if address.is_remote:
         # grpcio reports any failure to reach the pipe as UNAVAILABLE; open it once first
-        # so that the user hears why (host, credentials, pipe name, ACL).
-        asyncio.run(_probe(address, credentials, args))
+        # so that the user hears why (host, credentials, pipe name, ACL). On the shared
+        # I/O loop, so that the channel's bridge then uses the same SMB connection.
+        from npipe.smb import ioloop
+
+        ioloop.run(_probe(address, credentials, args))
     return npipe.grpc.channel(
         args.address,
         server_user=args.server_user,

@@ -32,6 +32,9 @@ from npipe.smb.bridge import PipeBridge
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 
+# asyncio's default StreamReader limit; a full buffer pauses the pipe (backpressure).
+DEFAULT_LIMIT = 64 * 1024
+
 BACKENDS = ("native", "smbprotocol")
 DEFAULT_BACKEND = "native"
 # Selects the backend wherever none is passed (e.g. to run a program on smbprotocol).
@@ -53,9 +56,11 @@ class PipeClient(Protocol):
         credentials: Credentials,
         timeout: float = ...,
         encrypt: bool | None = ...,
+        limit: int = ...,
         allow_smb2: bool = ...,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the pipe; asyncio streams on it. Closing the writer closes the pipe."""
+        """Open the pipe; asyncio streams on it (the reader's buffer limit: ``limit``).
+        Closing the writer closes the pipe."""
         ...
 
     async def attach(
@@ -125,8 +130,10 @@ async def open_pipe(
     encrypt: bool | None = None,
     backend: str | None = None,
     allow_smb2: bool = False,
+    limit: int = DEFAULT_LIMIT,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a remote pipe and return asyncio streams on it.
+    """Open a remote pipe and return asyncio streams on it (``limit``: the
+    StreamReader's buffer limit, as in asyncio.open_connection).
 
     A missing or busy pipe is retried until ``timeout`` (which bounds the whole open),
     then PipeNotFound / PipeBusy. Other failures: HostUnreachable, AuthenticationError,
@@ -139,7 +146,7 @@ async def open_pipe(
     addr = _remote(address)
     creds = credentials if credentials is not None else Credentials.resolve()
     return await client.open_pipe(addr, credentials=creds, timeout=timeout, encrypt=encrypt,
-                                  allow_smb2=allow_smb2)
+                                  limit=limit, allow_smb2=allow_smb2)
 
 
 BridgeKey = tuple[
@@ -158,12 +165,21 @@ def bridge_for(
     encrypt: bool | None = None,
     backend: str | None = None,
     allow_smb2: bool = False,
+    pin: bool = True,
 ) -> PipeBridge:
     """A running :class:`PipeBridge` to the remote pipe (``.target`` for grpcio).
 
     Repeated calls with the same address, credentials and options return the same
     bridge while it is open. Each connection to the bridge opens its own pipe
     instance; a failed open closes that connection (grpcio: UNAVAILABLE) and is logged.
+    Every bridge runs on the one I/O thread (:mod:`npipe.smb.ioloop`), and the pipes of
+    all bridges to a host share one SMB connection per identity and options.
+
+    ``pin=True`` keeps the bridge until :func:`close_bridges` (or exit); with
+    ``pin=False`` it stays open while an object passed to ``bridge.hold()`` lives or a
+    connection is relayed, and is closed once unused for the idle timeout
+    (``npipe.smb.ioloop.idle_timeout()``: 60 s, $NPIPE_SMB_IDLE_TIMEOUT).
+    :func:`npipe.grpc.channel` holds an unpinned bridge for the channel's lifetime.
     """
     client = get_client(backend)
     addr = _remote(address)
@@ -173,15 +189,31 @@ def bridge_for(
     with _bridges_lock:
         bridge = _bridges.get(key)
         if bridge is not None and not bridge.closed:
+            bridge.touch()
+            if pin:
+                bridge.pin()
             return bridge
 
         async def attach(sock: socket.socket) -> None:
             await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
                                 allow_smb2=allow_smb2)
 
-        bridge = PipeBridge(attach, description=addr.posix())
+        bridge = PipeBridge(attach, description=addr.posix(), pinned=pin)
         _bridges[key] = bridge
-        return bridge
+
+    def forget(closed: PipeBridge) -> None:
+        with _bridges_lock:
+            if _bridges.get(key) is closed:
+                del _bridges[key]
+
+    bridge.on_close(forget)
+    return bridge
+
+
+def bridges() -> list[PipeBridge]:
+    """The open bridges made by :func:`bridge_for`."""
+    with _bridges_lock:
+        return [bridge for bridge in _bridges.values() if not bridge.closed]
 
 
 def close_bridges() -> None:
@@ -204,6 +236,7 @@ __all__ = [
     "PipeClient",
     "backend_name",
     "bridge_for",
+    "bridges",
     "close_bridges",
     "get_client",
     "open_pipe",

@@ -7,10 +7,16 @@ connection from
 this user (checked with SO_PEERCRED), opens the remote pipe and relays bytes both
 ways. Each connection gets its own pipe instance, as each CreateFile does on Windows.
 
-The bridge runs its own asyncio loop in a daemon thread, so it works under sync
-grpcio and under any other event loop alike. The remote open is done by an ``attach``
-coroutine function that takes the accepted socket and relays it to the pipe itself
-(see :meth:`SmbprotocolClient.attach`): the bytes do not cross this loop at all.
+All bridges run on the process-wide I/O loop (:mod:`npipe.smb.ioloop`: one thread
+however many bridges), so they work under sync grpcio and under any other event loop
+alike, and the native backend's connections are shared between them. The remote open
+is done by an ``attach`` coroutine function that takes the accepted socket and relays
+it to the pipe itself (see :meth:`NativeClient.attach`).
+
+A bridge is *pinned* (open until closed, or until exit) unless made with
+``pinned=False``: then it stays open while an object given to :meth:`PipeBridge.hold`
+lives (a grpcio channel) or a connection is relayed, and closes itself once it has been
+unused for the idle timeout (:func:`npipe.smb.ioloop.idle_timeout`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable
@@ -30,6 +37,7 @@ from npipe.errors import NpipeError
 from npipe.local.listener import private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
+from npipe.smb import ioloop
 
 log = logging.getLogger("npipe.smb.bridge")
 
@@ -60,16 +68,23 @@ class PipeBridge:
     ``attach(sock)`` opens the remote pipe for one accepted connection and relays it,
     taking ownership of ``sock`` (closing it if the open fails). ``description`` names
     the pipe in logs. Close the bridge to stop listening, end the relayed connections
-    and remove the directory.
+    and remove the directory. ``pinned=False``: see the module's docstring.
     """
 
-    def __init__(self, attach: Attach, *, description: str = "remote pipe") -> None:
+    def __init__(
+        self, attach: Attach, *, description: str = "remote pipe", pinned: bool = True
+    ) -> None:
         self._attach = attach
         self.description = description
         self._closed = False
         self._lock = threading.Lock()
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pinned = pinned
+        self._holders = 0
+        self._last_used = time.monotonic()
+        self._on_close: list[Callable[[PipeBridge], None]] = []
+        self._pid = os.getpid()
         self.directory = os.fspath(private_dir(ensure_pipe_dir(pipe_dir())))  # mode 0700
         self.path = os.path.join(self.directory, SOCKET_NAME)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -78,18 +93,14 @@ class PipeBridge:
             os.chmod(self.path, 0o600)
             self._listener.listen(BACKLOG)
             self._listener.setblocking(False)
+            self._loop = ioloop.get_loop()
+            self._serving: asyncio.Task[None] | None = None
+            self._idle_check: asyncio.TimerHandle | None = None
+            ioloop.call(self._start, timeout=10)
         except BaseException:
             self._listener.close()
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
-        self._loop = asyncio.new_event_loop()
-        self._serving: asyncio.Task[None] | None = None
-        started = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(started,), name=f"npipe-bridge {description}", daemon=True
-        )
-        self._thread.start()
-        started.wait()
 
     @property
     def target(self) -> str:
@@ -100,28 +111,72 @@ class PipeBridge:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.target
         return f"<PipeBridge {self.description} at {state}>"
 
-    # --- the loop thread ------------------------------------------------------------
+    # --- who uses it ----------------------------------------------------------------
 
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
+    def pin(self) -> None:
+        """Keep the bridge open until it is closed (or the process exits)."""
+        self._pinned = True
+
+    def touch(self) -> None:
+        """Count the bridge as used now (its idle time starts again)."""
+        self._last_used = time.monotonic()
+
+    def hold(self, owner: object) -> None:
+        """Keep the bridge open while ``owner`` (say, a grpcio channel) lives."""
+        with self._lock:
+            self._holders += 1
+        weakref.finalize(owner, self._unhold)
+
+    def _unhold(self) -> None:
+        with self._lock:
+            self._holders -= 1
+        self.touch()
+
+    @property
+    def connections(self) -> int:
+        """Connections being opened or relayed now."""
+        with self._lock:
+            relayed = sum(1 for sock in list(self._sockets) if sock.fileno() >= 0)
+            return max(relayed, len(self._tasks))
+
+    @property
+    def in_use(self) -> bool:
+        return self._pinned or self._holders > 0 or self.connections > 0
+
+    def on_close(self, callback: Callable[[PipeBridge], None]) -> None:
+        """Call ``callback(bridge)`` once the bridge is closed (by anyone)."""
+        self._on_close.append(callback)
+
+    # --- in the I/O thread ----------------------------------------------------------
+
+    def _start(self) -> None:
         self._serving = self._loop.create_task(self._serve())
-        self._loop.call_soon(started.set)
-        try:
-            self._loop.run_until_complete(self._serving)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            self._loop.run_until_complete(self._loop.shutdown_default_executor())
-            self._loop.close()
+        self._schedule_idle_check()
+
+    def _schedule_idle_check(self) -> None:
+        if not self._closed and not self._pinned:
+            self._idle_check = self._loop.call_later(ioloop.sweep_interval(), self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_check = None
+        if self._closed or self._pinned:
+            return
+        if self.in_use:
+            self.touch()
+        elif time.monotonic() - self._last_used >= ioloop.idle_timeout():
+            log.debug("bridge %s: unused for %g s, closed", self.description,
+                      ioloop.idle_timeout())
+            self.close()
+            return
+        self._schedule_idle_check()
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -134,6 +189,7 @@ class PipeBridge:
                 log.warning("bridge %s: accept failed: %s", self.description, exc)
                 await asyncio.sleep(0.1)
                 continue
+            self.touch()
             task = loop.create_task(self._handle(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -175,6 +231,20 @@ class PipeBridge:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
 
+    def _stop_serving(self, done: threading.Event | None) -> None:
+        """Stop accepting; close the listener once the accept is no longer pending."""
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
+        for task in list(self._tasks):
+            task.cancel()
+        serving = self._serving
+        if serving is None or serving.done():
+            self._finish(done)
+        else:
+            serving.cancel()
+            serving.add_done_callback(lambda _task: self._finish(done))
+
     # --- closing --------------------------------------------------------------------
 
     def close(self) -> None:
@@ -183,23 +253,45 @@ class PipeBridge:
             if self._closed:
                 return
             self._closed = True
+        if os.getpid() != self._pid:
+            self._listener.close()  # a forked child's copy: the directory is the parent's
+            return
+        loop = self._loop
+        if ioloop.in_io_thread():
+            self._stop_serving(None)
+            return
+        done = threading.Event()
+        try:
+            loop.call_soon_threadsafe(self._stop_serving, done)
+        except RuntimeError:  # the I/O loop is gone (at exit): nothing is pending on it
+            self._finish(None)
+            return
+        if not done.wait(5):
+            log.warning("bridge %s: the I/O thread did not stop it in time", self.description)
+            self._finish(None)
+
+    def _finish(self, done: threading.Event | None) -> None:
+        with self._lock:
+            if self._listener.fileno() < 0:
+                if done is not None:
+                    done.set()
+                return
+            self._listener.close()
             sockets = list(self._sockets)
-        if self._loop.is_running() or not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        self._listener.close()
         for sock in sockets:
-            # The relay threads own these; shutting them down makes the threads close
-            # their pipes and the sockets.
+            # Their relays own these; shutting them down makes the relays close their
+            # pipes and the sockets.
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def _stop(self) -> None:
-        if self._serving is not None:
-            self._serving.cancel()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("bridge %s: a close callback failed", self.description)
+        if done is not None:
+            done.set()
 
     def __enter__(self) -> PipeBridge:
         return self

@@ -1,8 +1,13 @@
 """Remote pipes over SMB2/3 with smbprotocol (pure Python; the slow, portable backend).
 
 One TCP connection, session and IPC$ tree connect per (host, port, credentials,
-encryption choice, allow_smb2) is shared by every pipe opened through it (a
-module-level registry; a connection that died is replaced on the next open). Signing
+encryption choice, allow_smb2) is shared by every pipe opened through it, in every
+thread and event loop of the process (a module-level registry; a connection that died
+is replaced on the next open; one without pipes that nobody asked for in the idle
+timeout, :func:`npipe.smb.ioloop.idle_timeout`, is closed, swept on the shared I/O
+thread). Unlike the native backend it cannot share threads: smbprotocol blocks, so
+each open pipe has two relay threads of its own (below), and each connection
+smbprotocol's receive thread. Signing
 is always required; encryption is on by default where the server can do it:
 
 * ``encrypt=None`` (the default): encrypt if the negotiated dialect can (SMB 3.x with a
@@ -103,6 +108,7 @@ from npipe.errors import (
     NegotiationTampered,
     NpipeError,
 )
+from npipe.smb import ioloop
 from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
@@ -424,6 +430,8 @@ class _Link:
             idle = self.pipes == 0 and self.retired
         if idle:
             self._drop()
+        else:
+            _schedule_sweep()  # idle from now on, perhaps
 
     def info(self) -> SmbConnectionInfo:
         session = self.session
@@ -574,6 +582,8 @@ def _spnego_reason(exc: BaseException) -> str:
 
 _registry_lock = threading.Lock()
 _links: dict[LinkKey, concurrent.futures.Future[_Link]] = {}
+_used: dict[LinkKey, float] = {}  # when each was last handed out or had pipes
+_sweeping = False
 
 
 def _link_key(
@@ -591,6 +601,7 @@ def _link_future(
     with _registry_lock:
         future = _links.get(key)
         if future is not None:
+            _used[key] = time.monotonic()
             if not future.done():
                 return future
             if future.exception() is None:
@@ -600,6 +611,8 @@ def _link_future(
         future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # waiters cannot cancel the shared setup
         _links[key] = future
+        _used[key] = time.monotonic()
+    _schedule_sweep()
 
     def setup() -> None:
         link = _Link(host, port, credentials, encrypt, allow_smb2)
@@ -621,6 +634,44 @@ def _link_future(
     return future
 
 
+def _schedule_sweep() -> None:
+    """Look for idle connections on the I/O thread (npipe.smb.ioloop), while any exist."""
+    global _sweeping
+    with _registry_lock:
+        if _sweeping or not _links:
+            return
+        _sweeping = True
+
+    def start() -> None:
+        ioloop.get_loop().call_later(ioloop.sweep_interval(), _sweep_idle)
+
+    ioloop.call_soon(start)
+
+
+def _sweep_idle() -> None:
+    """Close the connections with no pipes that nobody asked for in the idle timeout
+    (an open in progress asked: it has up to its own timeout, typically well below)."""
+    global _sweeping
+    now, limit = time.monotonic(), ioloop.idle_timeout()
+    idle = []
+    with _registry_lock:
+        for key, future in list(_links.items()):
+            if not future.done() or future.exception() is not None:
+                continue
+            link = future.result()
+            if link.pipes:
+                _used[key] = now
+            elif now - _used.get(key, now) >= limit and link.usable():
+                del _links[key]
+                _used.pop(key, None)
+                idle.append(link)
+        _sweeping = bool(_links)
+    for link in idle:
+        link.retire(f"unused for {limit:g} s")  # no pipes: disconnects now
+    if _sweeping:
+        ioloop.get_loop().call_later(ioloop.sweep_interval(), _sweep_idle)
+
+
 def connections() -> list[SmbConnectionInfo]:
     """The shared connections set up so far (live or dead, not yet replaced)."""
     with _registry_lock:
@@ -633,6 +684,7 @@ def close_connections() -> None:
     with _registry_lock:
         futures = list(_links.values())
         _links.clear()
+        _used.clear()
     for future in futures:
         if future.done() and future.exception() is None:
             future.result().abort()
@@ -918,12 +970,17 @@ def _close_unused(link: _Link, op: Any) -> None:
     threading.Thread(target=close, name="npipe-smb-close", daemon=True).start()
 
 
+_background: set[asyncio.Future[Any]] = set()
+
+
 async def _in_thread(
     fn: Callable[..., T], *args: Any, cleanup: Callable[[T], None] | None = None
 ) -> T:
     """Run blocking smbprotocol work in a thread; if the caller is cancelled meanwhile,
     hand a late result to ``cleanup`` instead of leaking it."""
     future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    _background.add(future)  # asyncio keeps tasks weakly: held until done, even if abandoned
+    future.add_done_callback(_background.discard)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

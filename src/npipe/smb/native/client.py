@@ -1,8 +1,11 @@
 """The native backend: remote pipes on :class:`~.link.Link` connections.
 
-One connection per (event loop, host, port, identity, encryption choice, allow_smb2) is
-shared by every pipe opened through it; a dead or retired one is replaced on the next
-open. A
+One connection per (event loop, host, port, identity, encryption choice, allow_smb2,
+security options) is shared by every pipe opened through it; a dead or retired one is
+replaced on the next open, and one without pipes for the idle timeout
+(:func:`npipe.smb.ioloop.idle_timeout`) is closed. Bridges and synchronous users all
+run on the one process-wide I/O loop (:mod:`npipe.smb.ioloop`), so they share one
+connection per host and user. A
 pipe opened with :meth:`NativeClient.open_pipe` is an asyncio transport feeding a
 StreamReader directly (no socket pair, no thread); :meth:`NativeClient.attach` relays
 an accepted socket (the grpcio bridge's) to the pipe within the same loop.
@@ -15,11 +18,13 @@ import contextlib
 import functools
 import logging
 import socket
+import time
 import weakref
 from typing import Any
 
 from npipe.address import PipeAddress
 from npipe.errors import AddressError, ConnectionLost, HostUnreachable
+from npipe.smb import ioloop
 from npipe.smb import status as st
 from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
@@ -39,9 +44,54 @@ LinkKey = tuple[
     tuple[Any, ...],
 ]
 
-_links: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[LinkKey, asyncio.Task[Link]]
-] = weakref.WeakKeyDictionary()
+
+class _LoopLinks(dict[LinkKey, "asyncio.Task[Link]"]):
+    """One event loop's shared connections (tasks that set them up), by key, and when
+    each was last handed out: a connection with no pipes for the idle timeout is closed
+    (checked every :func:`ioloop.sweep_interval`, while there are connections)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.used: dict[LinkKey, float] = {}
+        self.opening: dict[LinkKey, int] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.closing: set[asyncio.Task[None]] = set()
+
+    def touch(self, key: LinkKey) -> None:
+        self.used[key] = time.monotonic()
+        if self.timer is None:
+            self.timer = self.loop.call_later(ioloop.sweep_interval(), self.sweep)
+
+    def sweep(self) -> None:
+        self.timer = None
+        now, limit = time.monotonic(), ioloop.idle_timeout()
+        for key, task in list(self.items()):
+            if not task.done():
+                continue
+            if task.cancelled() or task.exception() is not None:
+                continue
+            link = task.result()
+            if link.pipes or self.opening.get(key):
+                self.used[key] = now
+            elif not link.alive:
+                continue  # dead: kept (for connections()) until replaced
+            elif now - self.used.get(key, now) >= limit:
+                del self[key]
+                self.used.pop(key, None)
+                log.debug("closing the SMB connection to %s: unused for %g s",
+                          link.where, limit)
+                closing = self.loop.create_task(link.close())
+                self.closing.add(closing)
+                closing.add_done_callback(self.closing.discard)
+        if any(not t.done() or (not t.cancelled() and t.exception() is None
+                                and t.result().alive) for t in self.values()):
+            self.timer = self.loop.call_later(ioloop.sweep_interval(), self.sweep)
+
+
+_links: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopLinks] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def connect(
@@ -129,9 +179,26 @@ class NativeClient:
         """Open the pipe, retrying a missing or busy one until ``timeout``."""
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
+        key: LinkKey = (address.host.lower(), address.port, credentials.identity(), encrypt,
+                        allow_smb2, _options_key(self.options))
+        links = _loop_links()
+        links.opening[key] = links.opening.get(key, 0) + 1  # not idle while this opens
+        try:
+            return await self._open(address, key, credentials, timeout, encrypt, allow_smb2)
+        finally:
+            links.opening[key] -= 1
+            if not links.opening[key]:
+                del links.opening[key]
+            links.touch(key)
+
+    async def _open(
+        self, address: PipeAddress, key: LinkKey, credentials: Credentials, timeout: float,
+        encrypt: bool | None, allow_smb2: bool,
+    ) -> RemotePipe:
         retry = OpenRetry(address, credentials, timeout)
         while True:
-            link = await self._link(address, credentials, encrypt, allow_smb2, retry.deadline)
+            link = await self._link(address, key, credentials, encrypt, allow_smb2,
+                                    retry.deadline)
             create_timeout = retry.create_timeout()
             response, first_read = await _create(link, address.name, create_timeout)
             if response is None:
@@ -150,14 +217,12 @@ class NativeClient:
             await retry.wait(status, f"{response}", pipe_wait if link.pipe_wait else None)
 
     async def _link(
-        self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,
-        allow_smb2: bool, deadline: float,
+        self, address: PipeAddress, key: LinkKey, credentials: Credentials,
+        encrypt: bool | None, allow_smb2: bool, deadline: float,
     ) -> Link:
         loop = asyncio.get_running_loop()
-        _sweep()
-        links = _links.setdefault(loop, {})
-        key: LinkKey = (address.host.lower(), address.port, credentials.identity(), encrypt,
-                        allow_smb2, _options_key(self.options))
+        links = _loop_links()
+        links.touch(key)
         task = links.get(key)
         if task is not None and task.done() and (
             task.cancelled() or task.exception() is not None or not task.result().usable
@@ -218,6 +283,16 @@ def _options_key(options: Options | None) -> tuple[Any, ...]:
         return ()
     return (options.dialects, options.ciphers, options.signing_algorithms, options.sign,
             options.dead_peer_timeout)
+
+
+def _loop_links() -> _LoopLinks:
+    """This event loop's shared connections (and a sweep of closed loops' ones)."""
+    loop = asyncio.get_running_loop()
+    _sweep()
+    links = _links.get(loop)
+    if links is None:
+        links = _links[loop] = _LoopLinks(loop)
+    return links
 
 
 def _sweep() -> None:

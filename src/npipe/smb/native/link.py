@@ -163,6 +163,7 @@ class Link(asyncio.Protocol):
         self.echoes = 0  # ECHOs sent because the server was silent (for the tests)
         self._liveness: Liveness | None = None
         self._liveness_timer: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None  # close() once retired and idle
 
     @property
     def where(self) -> str:
@@ -393,8 +394,8 @@ class Link(asyncio.Protocol):
             self.retire(f"{self.abandoned_reads} READs of closed pipes are left on the server")
 
     def release(self) -> None:
-        if self.retired and not self.pipes and self.alive:
-            asyncio.get_running_loop().create_task(self.close())
+        if self.retired and not self.pipes and self.alive and self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
 
     # --- a server that went silent ----------------------------------------------------
 
@@ -452,13 +453,15 @@ class Link(asyncio.Protocol):
         loop = self._loop = asyncio.get_running_loop()
         self._clock = loop.time
         self.user = credentials.principal
+        deadline = loop.time() + timeout  # one timeout for connect and setup together
         try:
             await asyncio.wait_for(self._connect(loop), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
             raise HostUnreachable(f"cannot reach the SMB server {self.where}: {reason}") from None
         try:
-            await asyncio.wait_for(self._setup(credentials, encrypt, allow_smb2), timeout)
+            await asyncio.wait_for(self._setup(credentials, encrypt, allow_smb2),
+                                   max(deadline - loop.time(), 0))
         except asyncio.TimeoutError:
             self.abort(HostUnreachable(f"{self.where} did not complete SMB setup in {timeout:g} s"))
             raise HostUnreachable(
