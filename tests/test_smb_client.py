@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -782,38 +781,6 @@ def test_open_connection_honours_limit_for_remote_pipes(
             writer.close()
 
     assert run(main()) == 12345
-
-
-def test_establish_applies_its_timeout_once(smb_backend: str) -> None:
-    """A slow TCP connect and a server that never answers NEGOTIATE: the whole setup
-    fails within the timeout, not after the connect's time plus the timeout again."""
-    if smb_backend != "native":
-        pytest.skip("Link.establish is the native backend's")
-    from npipe.smb.native.link import Link
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    port = listener.getsockname()[1]
-    real = Link._connect
-
-    async def slow_connect(self: Link, loop: asyncio.AbstractEventLoop) -> None:
-        await asyncio.sleep(0.7)
-        await real(self, loop)
-
-    async def main() -> float:
-        link = Link("127.0.0.1", port)
-        link._connect = functools.partial(slow_connect, link)  # type: ignore[method-assign]
-        start = time.monotonic()
-        with pytest.raises(HostUnreachable):
-            await link.establish(CREDS, None, 1.0)
-        return time.monotonic() - start
-
-    try:
-        took = run(main())
-    finally:
-        listener.close()
-    assert took < 1.3, took
 
 
 def test_no_task_is_left_without_a_reference() -> None:

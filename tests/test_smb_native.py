@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +27,7 @@ import pytest
 from netns import require_root_and_samba
 from pipe_servers import PipeServer, echo
 
-from npipe.errors import ConfigError, ConnectionLost
+from npipe.errors import ConfigError, ConnectionLost, HostUnreachable
 from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import get_client, open_pipe
 from npipe.smb.credentials import Credentials
@@ -505,3 +507,33 @@ def test_no_wait_before_the_read_after_pushed_data(
         assert run(main()) == [True, False, False, False]
     finally:
         server.close()
+
+
+def test_establish_applies_its_timeout_once() -> None:
+    """A slow TCP connect and a server that never answers NEGOTIATE: the whole setup
+    fails within the timeout, not after the connect's time plus the timeout again."""
+    from npipe.smb.native.link import Link
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    real = Link._connect
+
+    async def slow_connect(self: Link, loop: asyncio.AbstractEventLoop) -> None:
+        await asyncio.sleep(0.7)
+        await real(self, loop)
+
+    async def main() -> float:
+        link = Link("127.0.0.1", port)
+        link._connect = functools.partial(slow_connect, link)  # type: ignore[method-assign]
+        start = time.monotonic()
+        with pytest.raises(HostUnreachable):
+            await link.establish(Credentials("u", "p"), None, 1.0)
+        return time.monotonic() - start
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        listener.close()
+    assert took < 1.3, took
