@@ -881,3 +881,18 @@ def test_an_unused_connection_closes_after_the_idle_timeout(
     finally:
         ioloop.set_idle_timeout(None)
         _close_connections()
+
+
+def test_dead_peer_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from npipe.smb import ENV_DEAD_PEER_TIMEOUT, _native_options
+
+    monkeypatch.delenv(ENV_DEAD_PEER_TIMEOUT, raising=False)
+    assert _native_options().dead_peer_timeout == 30.0  # the default: under a minute
+    monkeypatch.setenv(ENV_DEAD_PEER_TIMEOUT, "7.5")
+    assert _native_options().dead_peer_timeout == 7.5
+    monkeypatch.setenv(ENV_DEAD_PEER_TIMEOUT, "0")
+    assert _native_options().dead_peer_timeout is None
+    for bad in ("soon", "-1", "inf", "nan"):
+        monkeypatch.setenv(ENV_DEAD_PEER_TIMEOUT, bad)
+        with pytest.raises(ConfigError, match=ENV_DEAD_PEER_TIMEOUT):
+            _native_options()

@@ -24,7 +24,7 @@ import atexit
 import os
 import socket
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import AddressError, ConfigError
@@ -99,7 +99,7 @@ def get_client(backend: str | None = None) -> PipeClient:
         if backend == "native":
             from npipe.smb.native import NativeClient
 
-            client = NativeClient()
+            client = NativeClient(_native_options())
         elif backend == "smbprotocol":
             from npipe.smb.smbprotocol_backend import SmbprotocolClient
 
@@ -111,6 +111,30 @@ def get_client(backend: str | None = None) -> PipeClient:
             )
         _clients[backend] = client
         return client
+
+
+if TYPE_CHECKING:
+    from npipe.smb.native import Options
+
+# How long a connection with work pending may hear nothing before its pipes fail with
+# ConnectionLost (TCP keepalive and an SMB ECHO find a peer that vanished without a FIN).
+ENV_DEAD_PEER_TIMEOUT = "NPIPE_SMB_DEAD_PEER_TIMEOUT"
+
+
+def _native_options() -> Options:
+    from npipe.smb.native import Options
+
+    text = os.environ.get(ENV_DEAD_PEER_TIMEOUT)
+    if not text:
+        return Options()
+    bad = ConfigError(f"${ENV_DEAD_PEER_TIMEOUT} is {text!r}: give seconds, or 0 for never")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise bad from None
+    if not 0 <= seconds < float("inf"):
+        raise bad
+    return Options(dead_peer_timeout=seconds or None)
 
 
 def _remote(address: str | PipeAddress) -> PipeAddress:
