@@ -27,3 +27,24 @@ def test_a_plain_import_loads_no_remote_support() -> None:
     assert remote == [], remote
     ours = [h for h in loaded["hooks"] if h.startswith("npipe")]  # (logging registers one)
     assert ours == [], loaded["hooks"]
+
+
+WITHOUT_SMBPROTOCOL = """
+import sys
+sys.modules["smbprotocol"] = None  # as if not installed: importing it fails
+import npipe.smb
+from npipe.errors import ConfigError
+assert type(npipe.smb.get_client("native")).__name__ == "NativeClient"
+try:
+    npipe.smb.get_client("smbprotocol")
+except ConfigError as e:
+    print(e)
+"""
+
+
+def test_smbprotocol_is_an_extra() -> None:
+    """The native client needs no smbprotocol; asking for that backend without it says
+    what to install."""
+    out = subprocess.run([sys.executable, "-c", WITHOUT_SMBPROTOCOL], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert "pip install 'npipe[smbprotocol]'" in out, out

@@ -101,8 +101,15 @@ def get_client(backend: str | None = None) -> PipeClient:
 
             client = NativeClient(_native_options())
         elif backend == "smbprotocol":
-            from npipe.smb.smbprotocol_backend import SmbprotocolClient
-
+            try:
+                from npipe.smb.smbprotocol_backend import SmbprotocolClient
+            except ModuleNotFoundError as e:
+                if e.name != "smbprotocol" and not (e.name or "").startswith("smbprotocol."):
+                    raise
+                raise ConfigError(
+                    "the smbprotocol backend needs the smbprotocol package: "
+                    "pip install 'npipe[smbprotocol]'"
+                ) from None
             client = SmbprotocolClient()
         else:
             raise ConfigError(
