@@ -42,9 +42,10 @@ from smb_tamper import (
     response_to,
 )
 
+from npipe import ioloop
 from npipe.errors import ConnectionLost, HostUnreachable, NpipeError
 from npipe.samba.smbd import PrivateSmbd
-from npipe.smb import BACKENDS, get_client, ioloop, open_pipe
+from npipe.smb import BACKENDS, get_client, open_pipe
 from npipe.smb.credentials import Credentials
 
 pytestmark = pytest.mark.root

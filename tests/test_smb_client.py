@@ -41,9 +41,10 @@ from npipe.errors import (
 )
 from npipe.local.paths import pipe_dir
 from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
-from npipe.smb import BACKENDS, ENV_BACKEND, bridge_for, close_bridges, get_client, open_pipe
+from npipe.smb import BACKENDS, ENV_BACKEND, get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
+from npipe.unix_bridge import bridge_for, close_bridges
 
 pytestmark = pytest.mark.root
 
@@ -509,7 +510,7 @@ def test_bridge_relays_a_raw_client(smbd: Smbd, serve: Callable[..., PipeServer]
 def test_bridge_closes_the_connection_when_the_open_fails(
     smbd: Smbd, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="npipe.smb.bridge")
+    caplog.set_level(logging.WARNING, logger="npipe.unix_bridge")
     bridge = bridge_for(smbd.address("absent"), credentials=CREDS, timeout=0.5)
     start = time.monotonic()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -529,7 +530,7 @@ def test_bridge_refuses_other_users(
         pytest.skip("needs /usr/bin/python3 to run a probe as another user")
     serve("private", echo)
     ensure_unix_user(OTHER_USER)
-    caplog.set_level(logging.WARNING, logger="npipe.smb.bridge")
+    caplog.set_level(logging.WARNING, logger="npipe.unix_bridge")
     bridge = bridge_for(smbd.address("private"), credentials=CREDS)
     probe = (
         "import socket, sys\n"
@@ -632,7 +633,7 @@ _MANY_CHANNELS = r"""
 import gc, json, os, sys, threading, time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-import npipe.grpc, npipe.smb
+import npipe.grpc, npipe.smb, npipe.unix_bridge
 from npipe.smb.credentials import Credentials
 
 port, user, password, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -653,8 +654,7 @@ def report():
         "os_threads": len(os.listdir("/proc/self/task")),
         "threads": sorted(t.name for t in threading.enumerate()),
         "connections": [[c.port, c.pipes] for c in conns],
-        "bridges": len(npipe.smb.bridges()) if hasattr(npipe.smb, "bridges")
-                   else len(npipe.smb._bridges),
+        "bridges": len(npipe.unix_bridge.bridges()),
     }
 
 print(json.dumps(report()), flush=True)
@@ -785,13 +785,13 @@ def test_open_connection_honours_limit_for_remote_pipes(
 
 def test_no_task_is_left_without_a_reference() -> None:
     """asyncio keeps only weak references to tasks: one made and dropped may be
-    collected before it runs to the end. Every create_task / ensure_future in npipe.smb
+    collected before it runs to the end. Every create_task / ensure_future in npipe
     must keep its result."""
     import ast
 
-    import npipe.smb
+    import npipe
 
-    root = Path(npipe.smb.__file__).parent
+    root = Path(npipe.__file__).parent
     bare = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -807,7 +807,7 @@ def test_no_task_is_left_without_a_reference() -> None:
 
 _EXIT_WITH_OPEN_CHANNELS = r"""
 import sys
-import npipe.grpc, npipe.smb
+import npipe.grpc, npipe.smb, npipe.unix_bridge
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from npipe.smb.credentials import Credentials
 
@@ -817,9 +817,9 @@ channels = [npipe.grpc.channel(f"//127.0.0.1:{port}/pipe/atexit", credentials=cr
                                smb_backend=backend) for _ in range(3)]
 for ch in channels:
     health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
-pinned = npipe.smb.bridge_for(f"//127.0.0.1:{port}/pipe/atexit2", credentials=creds,
-                              backend=backend)
-print(" ".join(b.directory for b in npipe.smb.bridges()), flush=True)
+pinned = npipe.unix_bridge.bridge_for(f"//127.0.0.1:{port}/pipe/atexit2",
+                                     credentials=creds, backend=backend)
+print(" ".join(b.directory for b in npipe.unix_bridge.bridges()), flush=True)
 # exit with the channels open, a call's pipe relayed, and a pinned bridge
 """
 
@@ -858,7 +858,7 @@ def test_exit_with_open_channels_and_bridges(
 def test_an_unused_connection_closes_after_the_idle_timeout(
     smbd: Smbd, serve: Callable[..., PipeServer]
 ) -> None:
-    from npipe.smb import ioloop
+    from npipe import ioloop
 
     serve("idle", echo)
     _close_connections()

@@ -42,8 +42,8 @@ from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, pr
 from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path, trusted_uids
 
 if TYPE_CHECKING:  # loaded when first needed: a plain import loads no SMB or Samba code
-    from npipe.smb.bridge import PipeBridge
     from npipe.smb.credentials import Credentials
+    from npipe.unix_bridge import PipeBridge
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -213,9 +213,9 @@ def _dial(
     """:func:`target`, and the SMB bridge behind it if any (unpinned: ``pin=False``)."""
     addr = parse_address(address)
     if addr.is_remote:
-        from npipe import smb
+        from npipe.unix_bridge import bridge_for
 
-        bridge = smb.bridge_for(
+        bridge = bridge_for(
             addr, credentials=credentials, timeout=timeout, encrypt=encrypt, backend=smb_backend,
             allow_smb2=allow_smb2, pin=pin,
         )
@@ -241,7 +241,7 @@ def _others_can_name(path: Path) -> bool:
 
 
 def _checked_bridge(path: Path, server_user: str | int | None) -> PipeBridge:
-    from npipe.smb.bridge import PipeBridge
+    from npipe.unix_bridge import PipeBridge
 
     key = (path, frozenset(trusted_uids(server_user)))
     with _checked_lock:
@@ -264,7 +264,7 @@ async def relay_checked(path: Path, server_user: str | int | None, sock: socket.
             raise connect_error(e, path) from e
         check_server(out, path, server_user)
     except BaseException:
-        from npipe.smb.bridge import close_gently
+        from npipe.local.sockets import close_gently
 
         out.close()
         close_gently(sock)
@@ -300,7 +300,7 @@ def channel(
 
     ``dial`` takes :func:`target`'s options (server_user, pipe_dir, credentials, ...).
     A remote pipe's bridge stays open while the channel lives (then closes once unused
-    for ``npipe.smb.ioloop.idle_timeout()``).
+    for ``npipe.ioloop.idle_timeout()``).
     """
     where, bridge = _dial(address, pin=False, **dial)
     ch = grpc.insecure_channel(where, options=_options(options), compression=compression)

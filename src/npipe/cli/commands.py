@@ -173,7 +173,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         # grpcio reports any failure to reach the pipe as UNAVAILABLE; open it once first
         # so that the user hears why (host, credentials, pipe name, ACL). On the shared
         # I/O loop, so that the channel's bridge then uses the same SMB connection.
-        from npipe.smb import ioloop
+        from npipe import ioloop
 
         ioloop.run(_probe(address, credentials, args))
     return npipe.grpc.channel(

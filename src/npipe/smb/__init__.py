@@ -1,9 +1,10 @@
 """Remote pipes: the client side of ``\\\\HOST\\pipe\\NAME`` over SMB.
 
-Two calls make the whole interface; a backend does the SMB work behind them::
+Two calls make the whole interface; a backend does the SMB work behind them (grpcio
+reaches a remote pipe through npipe.unix_bridge, which attaches each connection)::
 
     reader, writer = await npipe.smb.open_pipe("//server/pipe/shop")
-    bridge = npipe.smb.bridge_for("//server/pipe/shop")   # bridge.target: unix:/tmp/...
+    npipe.smb.get_client().attach(address, sock, ...)      # relay a socket (a bridge's)
 
 Backends: ``"native"`` (the default: npipe's own asyncio SMB2/3 client,
 :mod:`npipe.smb.native`) and ``"smbprotocol"`` (the smbprotocol library, slower; kept
@@ -20,7 +21,6 @@ SMB 3 server offering a cipher) and signs otherwise; ``True`` requires encryptio
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import socket
 import threading
@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import AddressError, ConfigError
-from npipe.smb.bridge import PipeBridge
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 
@@ -180,95 +179,14 @@ async def open_pipe(
                                   limit=limit, allow_smb2=allow_smb2)
 
 
-BridgeKey = tuple[
-    str, PipeAddress, tuple[str | None, str | None, str, str | None], float, object, bool
-]
-
-_bridges: dict[BridgeKey, PipeBridge] = {}
-_bridges_lock = threading.Lock()
-
-
-def bridge_for(
-    address: str | PipeAddress,
-    *,
-    credentials: Credentials | None = None,
-    timeout: float = 10.0,
-    encrypt: bool | None = None,
-    backend: str | None = None,
-    allow_smb2: bool = False,
-    pin: bool = True,
-) -> PipeBridge:
-    """A running :class:`PipeBridge` to the remote pipe (``.target`` for grpcio).
-
-    Repeated calls with the same address, credentials and options return the same
-    bridge while it is open. Each connection to the bridge opens its own pipe
-    instance; a failed open closes that connection (grpcio: UNAVAILABLE) and is logged.
-    Every bridge runs on the one I/O thread (:mod:`npipe.smb.ioloop`), and the pipes of
-    all bridges to a host share one SMB connection per identity and options.
-
-    ``pin=True`` keeps the bridge until :func:`close_bridges` (or exit); with
-    ``pin=False`` it stays open while an object passed to ``bridge.hold()`` lives or a
-    connection is relayed, and is closed once unused for the idle timeout
-    (``npipe.smb.ioloop.idle_timeout()``: 60 s, $NPIPE_SMB_IDLE_TIMEOUT).
-    :func:`npipe.grpc.channel` holds an unpinned bridge for the channel's lifetime.
-    """
-    client = get_client(backend)
-    addr = _remote(address)
-    creds = credentials if credentials is not None else Credentials.resolve()
-    key: BridgeKey = (backend_name(backend), addr, creds.identity(), timeout, encrypt,
-                      allow_smb2)
-    with _bridges_lock:
-        bridge = _bridges.get(key)
-        if bridge is not None and not bridge.closed:
-            bridge.touch()
-            if pin:
-                bridge.pin()
-            return bridge
-
-        async def attach(sock: socket.socket) -> None:
-            await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
-                                allow_smb2=allow_smb2)
-
-        bridge = PipeBridge(attach, description=addr.posix(), pinned=pin)
-        _bridges[key] = bridge
-
-    def forget(closed: PipeBridge) -> None:
-        with _bridges_lock:
-            if _bridges.get(key) is closed:
-                del _bridges[key]
-
-    bridge.on_close(forget)
-    return bridge
-
-
-def bridges() -> list[PipeBridge]:
-    """The open bridges made by :func:`bridge_for`."""
-    with _bridges_lock:
-        return [bridge for bridge in _bridges.values() if not bridge.closed]
-
-
-def close_bridges() -> None:
-    """Close every bridge made by :func:`bridge_for` (also done at exit)."""
-    with _bridges_lock:
-        bridges = list(_bridges.values())
-        _bridges.clear()
-    for bridge in bridges:
-        bridge.close()
-
-
-atexit.register(close_bridges)
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
     "ENV_BACKEND",
     "Credentials",
-    "PipeBridge",
     "PipeClient",
     "backend_name",
-    "bridge_for",
-    "bridges",
-    "close_bridges",
     "get_client",
     "open_pipe",
 ]

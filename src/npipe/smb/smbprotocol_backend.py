@@ -4,7 +4,7 @@ One TCP connection, session and IPC$ tree connect per (host, port, credentials,
 encryption choice, allow_smb2) is shared by every pipe opened through it, in every
 thread and event loop of the process (a module-level registry; a connection that died
 is replaced on the next open; one without pipes that nobody asked for in the idle
-timeout, :func:`npipe.smb.ioloop.idle_timeout`, is closed, swept on the shared I/O
+timeout, :func:`npipe.ioloop.idle_timeout`, is closed, swept on the shared I/O
 thread). Unlike the native backend it cannot share threads: smbprotocol blocks, so
 each open pipe has two relay threads of its own (below), and each connection
 smbprotocol's receive thread. Signing
@@ -97,6 +97,7 @@ from smbprotocol.open import (
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 
+from npipe import ioloop
 from npipe.address import PipeAddress
 from npipe.errors import (
     AccessDenied,
@@ -108,8 +109,7 @@ from npipe.errors import (
     NegotiationTampered,
     NpipeError,
 )
-from npipe.smb import ioloop
-from npipe.smb.bridge import close_gently
+from npipe.local.sockets import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 from npipe.smb.retry import OpenRetry
@@ -635,7 +635,7 @@ def _link_future(
 
 
 def _schedule_sweep() -> None:
-    """Look for idle connections on the I/O thread (npipe.smb.ioloop), while any exist."""
+    """Look for idle connections on the I/O thread (npipe.ioloop), while any exist."""
     global _sweeping
     with _registry_lock:
         if _sweeping or not _links:

@@ -3,8 +3,8 @@
 One connection per (event loop, host, port, identity, encryption choice, allow_smb2,
 security options) is shared by every pipe opened through it; a dead or retired one is
 replaced on the next open, and one without pipes for the idle timeout
-(:func:`npipe.smb.ioloop.idle_timeout`) is closed. Bridges and synchronous users all
-run on the one process-wide I/O loop (:mod:`npipe.smb.ioloop`), so they share one
+(:func:`npipe.ioloop.idle_timeout`) is closed. Bridges and synchronous users all
+run on the one process-wide I/O loop (:mod:`npipe.ioloop`), so they share one
 connection per host and user. A
 pipe opened with :meth:`NativeClient.open_pipe` is an asyncio transport feeding a
 StreamReader directly (no socket pair, no thread); :meth:`NativeClient.attach` relays
@@ -22,11 +22,11 @@ import time
 import weakref
 from typing import Any
 
+from npipe import ioloop
 from npipe.address import PipeAddress
 from npipe.errors import AddressError, ConnectionLost, HostUnreachable
-from npipe.smb import ioloop
+from npipe.local.sockets import close_gently
 from npipe.smb import status as st
-from npipe.smb.bridge import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 from npipe.smb.native import wire

@@ -1,6 +1,6 @@
 """The process-wide I/O thread for remote pipes, and the idle timeout.
 
-Every grpcio bridge (:class:`~npipe.smb.bridge.PipeBridge`) and every synchronous user of
+Every grpcio bridge (:class:`~npipe.unix_bridge.PipeBridge`) and every synchronous user of
 the SMB client runs on ONE asyncio event loop in one daemon thread, ``npipe-io``,
 started the first time something needs it. The native backend shares its connections
 per event loop, so all of them share one connection per host, port, identity and
@@ -129,7 +129,7 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the shared loop and wait for its result (not from the loop itself)."""
     if in_io_thread():
         coro.close()
-        raise RuntimeError("npipe.smb.ioloop.run() called from the I/O thread itself")
+        raise RuntimeError("npipe.ioloop.run() called from the I/O thread itself")
     future = asyncio.run_coroutine_threadsafe(coro, get_loop())
     try:
         return future.result(timeout)

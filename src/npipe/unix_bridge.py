@@ -7,7 +7,7 @@ connection from
 this user (checked with SO_PEERCRED), opens the remote pipe and relays bytes both
 ways. Each connection gets its own pipe instance, as each CreateFile does on Windows.
 
-All bridges run on the process-wide I/O loop (:mod:`npipe.smb.ioloop`: one thread
+All bridges run on the process-wide I/O loop (:mod:`npipe.ioloop`: one thread
 however many bridges), so they work under sync grpcio and under any other event loop
 alike, and the native backend's connections are shared between them. The remote open
 is done by an ``attach`` coroutine function that takes the accepted socket and relays
@@ -16,12 +16,13 @@ it to the pipe itself (see :meth:`NativeClient.attach`).
 A bridge is *pinned* (open until closed, or until exit) unless made with
 ``pinned=False``: then it stays open while an object given to :meth:`PipeBridge.hold`
 lives (a grpcio channel) or a connection is relayed, and closes itself once it has been
-unused for the idle timeout (:func:`npipe.smb.ioloop.idle_timeout`).
+unused for the idle timeout (:func:`npipe.ioloop.idle_timeout`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -32,34 +33,25 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
+from npipe import ioloop
+from npipe.address import PipeAddress
 from npipe.errors import NpipeError
 from npipe.local.listener import private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
-from npipe.smb import ioloop
+from npipe.local.sockets import close_gently
 
-log = logging.getLogger("npipe.smb.bridge")
+if TYPE_CHECKING:
+    from npipe.smb.credentials import Credentials
+
+log = logging.getLogger("npipe.unix_bridge")
 
 Attach = Callable[[socket.socket], Awaitable[None]]
 
 SOCKET_NAME = "b"
 BACKLOG = 128
-
-
-def close_gently(sock: socket.socket) -> None:
-    """Close a connection so that its peer reads end of stream, not ECONNRESET.
-
-    Linux resets a Unix (or TCP) connection closed with unread data in its receive
-    queue; what the peer sent first (grpcio's preface) is read and dropped here.
-    """
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
-        sock.setblocking(False)
-        for _ in range(64):
-            if not sock.recv(65536):
-                break
-    sock.close()
 
 
 class PipeBridge:
@@ -300,4 +292,90 @@ class PipeBridge:
         self.close()
 
 
-__all__ = ["Attach", "PipeBridge", "close_gently"]
+
+
+# --- bridges to remote pipes, one per address, identity and options -------------------
+
+BridgeKey = tuple[
+    str, PipeAddress, tuple[str | None, str | None, str, str | None], float, object, bool
+]
+
+_bridges: dict[BridgeKey, PipeBridge] = {}
+_bridges_lock = threading.Lock()
+
+
+def bridge_for(
+    address: str | PipeAddress,
+    *,
+    credentials: Credentials | None = None,
+    timeout: float = 10.0,
+    encrypt: bool | None = None,
+    backend: str | None = None,
+    allow_smb2: bool = False,
+    pin: bool = True,
+) -> PipeBridge:
+    """A running :class:`PipeBridge` to the remote pipe (``.target`` for grpcio).
+
+    Repeated calls with the same address, credentials and options return the same
+    bridge while it is open. Each connection to the bridge opens its own pipe
+    instance; a failed open closes that connection (grpcio: UNAVAILABLE) and is logged.
+    Every bridge runs on the one I/O thread (:mod:`npipe.ioloop`), and the pipes of
+    all bridges to a host share one SMB connection per identity and options.
+
+    ``pin=True`` keeps the bridge until :func:`close_bridges` (or exit); with
+    ``pin=False`` it stays open while an object passed to ``bridge.hold()`` lives or a
+    connection is relayed, and is closed once unused for the idle timeout
+    (``npipe.ioloop.idle_timeout()``: 60 s, $NPIPE_SMB_IDLE_TIMEOUT).
+    :func:`npipe.grpc.channel` holds an unpinned bridge for the channel's lifetime.
+    """
+    from npipe import smb
+    from npipe.smb.credentials import Credentials
+
+    client = smb.get_client(backend)
+    addr = smb._remote(address)
+    creds = credentials if credentials is not None else Credentials.resolve()
+    key: BridgeKey = (smb.backend_name(backend), addr, creds.identity(), timeout, encrypt,
+                      allow_smb2)
+    with _bridges_lock:
+        bridge = _bridges.get(key)
+        if bridge is not None and not bridge.closed:
+            bridge.touch()
+            if pin:
+                bridge.pin()
+            return bridge
+
+        async def attach(sock: socket.socket) -> None:
+            await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
+                                allow_smb2=allow_smb2)
+
+        bridge = PipeBridge(attach, description=addr.posix(), pinned=pin)
+        _bridges[key] = bridge
+
+    def forget(closed: PipeBridge) -> None:
+        with _bridges_lock:
+            if _bridges.get(key) is closed:
+                del _bridges[key]
+
+    bridge.on_close(forget)
+    return bridge
+
+
+def bridges() -> list[PipeBridge]:
+    """The open bridges made by :func:`bridge_for`."""
+    with _bridges_lock:
+        return [bridge for bridge in _bridges.values() if not bridge.closed]
+
+
+def close_bridges() -> None:
+    """Close every bridge made by :func:`bridge_for` (also done at exit)."""
+    with _bridges_lock:
+        bridges = list(_bridges.values())
+        _bridges.clear()
+    for bridge in bridges:
+        bridge.close()
+
+
+atexit.register(close_bridges)
+
+
+__all__ = ["Attach", "PipeBridge", "bridge_for", "bridges", "close_bridges"]
