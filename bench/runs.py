@@ -65,6 +65,7 @@ class Run:
         self.path = path
         self.machine: dict[str, Any] = raw["machine"]
         self.summary: dict[str, dict[str, Any]] = raw["summary"]
+        self.concurrency: dict[str, list[dict[str, Any]]] = raw.get("concurrency") or {}
         self.kind = "local" if "p50_vs_unix" in next(iter(self.summary.values())) else "cross"
         self.p50: dict[str, list[float]] = {t: r["p50_us_rounds"] for t, r in self.summary.items()}
         self.p99: dict[str, list[float]] = {t: r["p99_us_rounds"] for t, r in self.summary.items()}
@@ -148,6 +149,23 @@ def table(runs: list[Run], pairs: list[str]) -> str:
                          f"{statistics.median(per_run):>9.2f}x "
                          f"{spread(ratios, '{:.2f}'):<28} "
                          + " ".join(f"{x:.2f}" for x in per_run))
+    conc: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        for kind, rs in r.concurrency.items():
+            conc.setdefault(kind, []).extend(rs)
+    if conc:
+        head = (f"{'concurrency':<20} {'calls':>6} {'errors':>6} {'total s: median (min-max)':<27}"
+                f" {'call p50 ms':>11} {'slowest ms':>10}")
+        lines += ["", head, "-" * len(head)]
+        for kind, rs in conc.items():
+            secs = [x["seconds"] for x in rs]
+            p50s = [x["p50_ms"] for x in rs if x.get("p50_ms") is not None]
+            maxs = [x["max_ms"] for x in rs if x.get("max_ms") is not None]
+            lines.append(
+                f"{kind:<20} {sum(x['calls'] for x in rs):>6} {sum(x['errors'] for x in rs):>6} "
+                f"{statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){'':<13} "
+                f"{statistics.median(p50s) if p50s else float('nan'):>11.0f} "
+                f"{max(maxs) if maxs else float('nan'):>10.0f}")
     return "\n".join(lines)
 
 
