@@ -42,7 +42,7 @@ does: each round is cut into slices and the order rotates every slice, so noise 
 elsewhere on the machine lands on all of them alike; the tables show the median over
 rounds of each round's p50, p99 and median MB/s, and ratios between those medians.
 
-    python bench/cross_host.py                  # 5 rounds, about 4 minutes on 2 CPUs
+    python bench/cross_host.py                  # 5 rounds, about 5 minutes on 2 CPUs
     python bench/cross_host.py --quick          # smoke run, about 20 s
     python bench/cross_host.py --json out.json --plot out.png
 
@@ -1083,11 +1083,15 @@ COLORS = {
     "smb2-echo-unsigned": "tab:red",
     "grpc-smbprotocol": "tab:purple", "smbprotocol": "tab:purple",
     "smbprotocol-signed": "tab:pink", "impacket": "tab:brown",
+    "minimal": "tab:cyan", "minimal-signed": "tab:olive", "minimal-unsigned": "tab:orange",
 }
 
 
 def _style(t: str) -> str:
-    """Dashed: the floors (TCP, bare SMB2 ECHO); solid: the clients measured."""
+    """Dashed: the floors (TCP, bare SMB2 ECHO); dotted: the minimal client; solid: the
+    clients measured."""
+    if t.startswith("minimal"):
+        return ":"
     return "--" if t.startswith(("smb2-echo", "tcp", "grpc-tcp")) else "-"
 
 
@@ -1165,7 +1169,8 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
         label.set_ha("right")
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
-        f"two network namespaces over veth, Samba smbd {info.get('samba', '?')} | "
+        f"commit {info.get('commit', '?')} on {info.get('hostname', '?')} | two network "
+        f"namespaces over veth, Samba smbd {info.get('samba', '?')} | "
         f"{info['cpu_model']}, {info['nproc']} CPUs, Linux {info['kernel']}, "
         f"Python {info['python']}, grpcio {info['grpcio']}, {info['date']}",
         fontsize=9,

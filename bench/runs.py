@@ -129,6 +129,8 @@ def table(runs: list[Run], pairs: list[str]) -> str:
         a, _, b = pair.partition("/")
         if a in names and b in names and (a, b, "p50") not in want:
             want.append((a, b, "p50"))
+            if runs[0].mbps.get(a) and runs[0].mbps.get(b) and runs[0].kind == "local":
+                want.append((a, b, "mb_s"))
     head = (f"{'ratio':<40} {'size':>6} {'of medians':>10} {'per round: p10-p90 (min-max)':<28}"
             f" {'per run':<20}")
     lines += ["", head, "-" * len(head)]
