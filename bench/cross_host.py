@@ -18,11 +18,15 @@ run:
   echo (p50, p99) and the throughput of echoes of 64 B, 4 KiB, 64 KiB and 1 MiB, for
   - ``smb2-echo`` / ``-signed`` / ``-unsigned``: a bare SMB2 ECHO (``link.echo()``) on
     a native connection, the floor for a pipe round trip at that protection;
+  - ``minimal`` / ``-signed`` / ``-unsigned``: the floor of a pipe round trip, the least
+    asyncio driver around npipe's sans-I/O core: one FSCTL_PIPE_TRANSCEIVE per round
+    trip, nothing posted ahead, no bridge (``smb_clients.MinimalClient``);
   - ``npipe`` / ``npipe-signed`` / ``npipe-unsigned``: ``npipe.open_connection``
     (default / ``encrypt=False`` / the unsigned SMB 2.1 options above);
   - ``smbprotocol`` / ``smbprotocol-signed``: smbprotocol's Connection, Session,
-    TreeConnect and Open used directly (WRITE, then READ), encrypted / signed only;
-  - ``impacket``: impacket's SMBConnection (writeFile, then readFile); up to 64 KiB;
+    TreeConnect and Open used directly, a round trip being one ``SMB2IOCTLRequest`` with
+    FSCTL_PIPE_TRANSCEIVE; encrypted / signed only;
+  - ``impacket``: impacket's SMBConnection, ``transactNamedPipe``; up to 64 KiB;
   - ``tcp``: an asyncio TCP echo on the link, the floor the wire itself sets;
 * concurrency: 50 ``npipe.grpc.aio_channel`` channels (50 pipes on one SMB connection)
   x 20 concurrent unary calls, 1,000 calls at once; errors (must be 0) and the total
@@ -38,7 +42,7 @@ does: each round is cut into slices and the order rotates every slice, so noise 
 elsewhere on the machine lands on all of them alike; the tables show the median over
 rounds of each round's p50, p99 and median MB/s, and ratios between those medians.
 
-    python bench/cross_host.py                  # 5 rounds, about 4 minutes on 2 CPUs
+    python bench/cross_host.py                  # 5 rounds, about 5 minutes on 2 CPUs
     python bench/cross_host.py --quick          # smoke run, about 20 s
     python bench/cross_host.py --json out.json --plot out.png
 
@@ -66,17 +70,26 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from grpc_local import SERVICE, _rotated, bench_service, machine_info, percentile
+from grpc_local import SERVICE, _rotated, bench_service, percentile
+from machine import header, machine_info
+from smb_clients import (
+    BenchClient,
+    ImpacketClient,
+    LoopClient,
+    MinimalClient,
+    SmbprotocolClient,
+    security,
+    smbprotocol_algorithm,
+    timed,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
-T = TypeVar("T")
 
 USER = "npbench"
 PASSWORD = "Bench-Passw0rd-7"
@@ -133,21 +146,29 @@ TRANSPORTS: dict[str, Transport] = {
     "smb2-echo-signed": Transport("raw-pipe", "the same, encrypt=False", security="signed"),
     "smb2-echo-unsigned": Transport("raw-pipe", "the same, unsigned SMB 2.1",
                                     security="unsigned"),
+    # The floor: the least asyncio driver around npipe's sans-I/O core (smb_clients.py).
+    "minimal": Transport("raw-pipe", "minimal asyncio client: 1 TRANSCEIVE per round trip, "
+                         "npipe's core builds the messages", SIZES, "smb2-echo", "npipe",
+                         "encrypted"),
+    "minimal-signed": Transport("raw-pipe", "the same, signed only", SIZES, "smb2-echo-signed",
+                                "npipe-signed", "signed"),
+    "minimal-unsigned": Transport("raw-pipe", "the same, unsigned SMB 2.1", SIZES,
+                                  "smb2-echo-unsigned", "npipe-unsigned", "unsigned"),
     "npipe": Transport("raw-pipe", "npipe.open_connection('//198.18.0.1/pipe/...'), default",
-                       SIZES, "smb2-echo", "tcp", "encrypted"),
+                       SIZES, "minimal", "tcp", "encrypted"),
     "npipe-signed": Transport("raw-pipe", "the same, encrypt=False", SIZES,
-                              "smb2-echo-signed", "tcp", "signed"),
+                              "minimal-signed", "tcp", "signed"),
     "npipe-unsigned": Transport("raw-pipe", "the same, unsigned SMB 2.1 (native Options)",
-                                SIZES, "smb2-echo-unsigned", "tcp", "unsigned"),
+                                SIZES, "minimal-unsigned", "tcp", "unsigned"),
     "smbprotocol": Transport(
-        "raw-pipe", "smbprotocol Open.write then Open.read, require_encryption=True",
+        "raw-pipe", "smbprotocol, SMB2IOCTLRequest FSCTL_PIPE_TRANSCEIVE, require_encryption",
         SIZES, "npipe", "npipe", "encrypted"),
     "smbprotocol-signed": Transport(
         "raw-pipe", "the same, require_encryption=False", SIZES, "npipe-signed",
         "npipe-signed", "signed"),
     # impacket encrypts whenever the server can (AES-128-CCM, the only cipher it offers).
     # A 1 MiB WRITE would wait for READs that impacket's sync calls cannot post meanwhile.
-    "impacket": Transport("raw-pipe", "impacket SMBConnection.writeFile then readFile",
+    "impacket": Transport("raw-pipe", "impacket SMBConnection.transactNamedPipe",
                           SIZES[:-1], "npipe", "npipe", "encrypted"),
 }
 GRPC_TRANSPORTS = tuple(t for t in TRANSPORTS if t.startswith("grpc"))
@@ -282,38 +303,6 @@ async def _serve_raw(kind: str, host: str) -> None:
 # ================================================================== clients (client ns)
 
 
-class BenchClient:
-    """One transport's client: ``lat(n)`` in us per round trip, ``tput(size, n)`` in MB/s."""
-
-    def info(self) -> dict[str, Any]:
-        return {}
-
-    def lat(self, n: int) -> list[float]:
-        raise NotImplementedError
-
-    def tput(self, size: int, n: int) -> list[float]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def _timed(op: Callable[[], None], n: int) -> list[float]:
-    clock = time.perf_counter_ns
-    out = []
-    for _ in range(n):
-        t0 = clock()
-        op()
-        out.append((clock() - t0) / 1000.0)
-    return out
-
-
-def _security(signed: bool, encrypted: bool, algorithm: str | None) -> str:
-    """As the native link says it (``Link.security``): 'encrypted (AES-128-GCM)' etc."""
-    what = "encrypted" if encrypted else "signed" if signed else "unsigned"
-    return f"{what} ({algorithm})" if algorithm and what != "unsigned" else what
-
-
 def _native_link_info(link: Any) -> dict[str, Any]:
     neg = link.core.negotiated
     return {"dialect": neg.dialect_name if neg else "?", "security": link.security}
@@ -339,30 +328,12 @@ def _smbprotocol_backend_info() -> dict[str, Any]:
     out: dict[str, Any] = {}
     with contextlib.suppress(Exception):
         info = backend.connections()[0]
-        out = {"dialect": info.dialect, "security": _security(info.signed, info.encrypted, None)}
+        out = {"dialect": info.dialect, "security": security(info.signed, info.encrypted, None)}
         with backend._registry_lock:
             link = next(iter(backend._links.values())).result()
-        out["security"] = _security(info.signed, info.encrypted,
-                                    _smbprotocol_algorithm(link.conn, info.encrypted))
+        out["security"] = security(info.signed, info.encrypted,
+                                    smbprotocol_algorithm(link.conn, info.encrypted))
     return out
-
-
-def _smbprotocol_algorithm(conn: Any, encrypted: bool) -> str | None:
-    """The cipher (if this session encrypts) or the signing algorithm (if it only signs)."""
-    from smbprotocol.connection import Ciphers, SigningAlgorithms
-
-    if encrypted and conn.cipher_id:
-        return _enum_name(Ciphers, conn.cipher_id)
-    if not encrypted and conn.signing_algorithm_id is not None:
-        return _enum_name(SigningAlgorithms, conn.signing_algorithm_id)
-    return None
-
-
-def _enum_name(cls: Any, value: int) -> str:
-    for name in dir(cls):
-        if not name.startswith("_") and getattr(cls, name) == value:
-            return name.replace("_", "-")
-    return hex(value)
 
 
 class GrpcClient(BenchClient):
@@ -416,7 +387,7 @@ class GrpcClient(BenchClient):
             if len(echo(payload, timeout=CALL_TIMEOUT_S)) != UNARY_BYTES:
                 raise AssertionError("short echo")
 
-        return _timed(one, n)
+        return timed(one, n)
 
     def tput(self, size: int, n: int) -> list[float]:
         msg = os.urandom(size)
@@ -432,25 +403,6 @@ class GrpcClient(BenchClient):
         self.channel.close()
         if self.bridge is not None:
             self.bridge.close()
-
-
-class LoopClient(BenchClient):
-    """An asyncio client on an event loop of its own, driven one command at a time."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.run(self.aclose())
-        self.loop.close()
-
-    async def aclose(self) -> None:
-        pass
 
 
 class AsyncEchoClient(LoopClient):
@@ -558,146 +510,6 @@ class Smb2EchoClient(LoopClient):
         await self.link.close()
 
 
-class SmbprotocolClient(BenchClient):
-    """smbprotocol used directly: one Connection/Session/TreeConnect/Open, sync calls."""
-
-    def __init__(self, kind: str, host: str) -> None:
-        from smbprotocol.connection import Connection
-        from smbprotocol.open import (
-            CreateDisposition,
-            CreateOptions,
-            FilePipePrinterAccessMask,
-            ImpersonationLevel,
-            Open,
-            ShareAccess,
-        )
-        from smbprotocol.session import Session
-        from smbprotocol.tree import TreeConnect
-
-        self.conn = Connection(uuid.uuid4(), host, 445)
-        self.conn.connect(timeout=START_TIMEOUT_S)
-        self.session = Session(self.conn, USER, PASSWORD,
-                               require_encryption=kind == "smbprotocol")
-        self.session.connect()
-        self.tree = TreeConnect(self.session, rf"\\{host}\IPC$")
-        self.tree.connect()
-        self.op = Open(self.tree, RAW_PIPE)
-        self.op.create(
-            ImpersonationLevel.Impersonation,
-            FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
-            0,
-            ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE,
-            CreateDisposition.FILE_OPEN,
-            CreateOptions.FILE_NON_DIRECTORY_FILE,
-        )
-        # A 1 MiB WRITE costs 16 credits: ask for a few more up front (SMB2 ECHO).
-        self.conn.echo(sid=self.session.session_id, credit_request=64)
-        self.payload = os.urandom(RAW_BYTES)
-
-    def info(self) -> dict[str, Any]:
-        from smbprotocol import Dialects
-
-        names = {Dialects.SMB_2_0_2: "2.0.2", Dialects.SMB_2_1_0: "2.1",
-                 Dialects.SMB_3_0_0: "3.0", Dialects.SMB_3_0_2: "3.0.2",
-                 Dialects.SMB_3_1_1: "3.1.1"}
-        encrypted = bool(self.session.encrypt_data)
-        return {"dialect": names.get(self.conn.dialect, hex(self.conn.dialect)),
-                "security": _security(self.session.signing_key is not None, encrypted,
-                                      _smbprotocol_algorithm(self.conn, encrypted))}
-
-    def _read_exactly(self, n: int) -> bytes:
-        parts, got = [], 0
-        while got < n:
-            data = self.op.read(0, min(65536, n - got))
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
-
-    def lat(self, n: int) -> list[float]:
-        op, payload = self.op, self.payload
-
-        def one() -> None:
-            op.write(payload, 0)
-            if self._read_exactly(RAW_BYTES) != payload:
-                raise AssertionError("the echo differs")
-
-        return _timed(one, n)
-
-    def tput(self, size: int, n: int) -> list[float]:
-        """The WRITE is sent without waiting; READs (one at a time) drain the echo, then
-        the WRITE's answer is collected (a 1 MiB WRITE waits for the echo to be read)."""
-        msg = os.urandom(size)
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            message, receive = self.op.write(msg, 0, send=False)
-            request = self.conn.send(message, self.session.session_id,
-                                     self.tree.tree_connect_id)
-            got = self._read_exactly(size)
-            receive(request)
-            out.append(size / (time.perf_counter() - t0) / 1e6)
-            if got != msg:
-                raise AssertionError(f"the {size}-byte echo differs")
-        return out
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.op.close()
-        self.conn.disconnect(close=True)
-
-
-class ImpacketClient(BenchClient):
-    def __init__(self, host: str) -> None:
-        from impacket.smbconnection import SMBConnection
-
-        self.smb = SMBConnection(host, host, sess_port=445, timeout=int(START_TIMEOUT_S))
-        self.smb.login(USER, PASSWORD)
-        self.tid = self.smb.connectTree("IPC$")
-        self.fid = self.smb.openFile(self.tid, "\\" + RAW_PIPE, desiredAccess=0x12019F,
-                                     creationOption=0x40, fileAttributes=0x80)
-        self.payload = os.urandom(RAW_BYTES)
-
-    def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        with contextlib.suppress(Exception):
-            inner = self.smb.getSMBServer()
-            dialect = self.smb.getDialect()
-            out["dialect"] = {0x202: "2.0.2", 0x210: "2.1", 0x300: "3.0", 0x302: "3.0.2",
-                              0x311: "3.1.1"}.get(dialect, str(dialect))
-            tree = inner._Session["TreeConnectTable"].get(self.tid, {})
-            encrypted = bool(tree.get("EncryptData")) or bool(
-                inner._Session["SessionFlags"] & 0x4)  # SMB2_SESSION_FLAG_ENCRYPT_DATA
-            # AES-128-CCM is the only cipher impacket offers and uses.
-            out["security"] = _security(bool(inner._Session["SigningActivated"]), encrypted,
-                                        "AES-128-CCM" if encrypted else None)
-        return out
-
-    def _echo(self, data: bytes) -> None:
-        smb, tid, fid = self.smb, self.tid, self.fid
-        smb.writeFile(tid, fid, data)
-        parts, got = [], 0
-        while got < len(data):
-            part = smb.readFile(tid, fid, 0, min(65536, len(data) - got))
-            parts.append(part)
-            got += len(part)
-        if b"".join(parts) != data:
-            raise AssertionError("the echo differs")
-
-    def lat(self, n: int) -> list[float]:
-        payload = self.payload
-        return _timed(lambda: self._echo(payload), n)
-
-    def tput(self, size: int, n: int) -> list[float]:
-        msg = os.urandom(size)
-        return [size / (us / 1e6) / 1e6 for us in _timed(lambda: self._echo(msg), n)]
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.smb.closeFile(self.tid, self.fid)
-        with contextlib.suppress(Exception):
-            self.smb.close()
-
-
 class ConcurrencyClient(LoopClient):
     """``channels`` grpc.aio channels, each with a subchannel (a pipe or a TCP connection)
     of its own; ``conc(k)`` makes k concurrent unary calls on each, all at once."""
@@ -791,10 +603,15 @@ def make_client(kind: str, target: str, channels: int) -> BenchClient:
         return AsyncEchoClient(kind, target)
     if kind.startswith("smb2-echo"):
         return Smb2EchoClient(kind, target)
+    if kind.startswith("minimal"):
+        return MinimalClient(target, USER, PASSWORD, RAW_PIPE,
+                             {"minimal": "encrypted", "minimal-signed": "signed",
+                              "minimal-unsigned": "unsigned"}[kind], CALL_TIMEOUT_S)
     if kind in ("smbprotocol", "smbprotocol-signed"):
-        return SmbprotocolClient(kind, target)
+        return SmbprotocolClient(target, USER, PASSWORD, RAW_PIPE, kind == "smbprotocol",
+                                 START_TIMEOUT_S)
     if kind == "impacket":
-        return ImpacketClient(target)
+        return ImpacketClient(target, USER, PASSWORD, RAW_PIPE, START_TIMEOUT_S)
     raise ValueError(f"unknown client {kind}")
 
 
@@ -990,7 +807,7 @@ class Testbed:
         server_ip = str(self.hosts.server_ip)
         if "port" in ready:
             return f"{server_ip}:{ready['port']}"
-        if transport.startswith(("smbprotocol", "impacket", "smb2-echo")):
+        if transport.startswith(("smbprotocol", "impacket", "smb2-echo", "minimal")):
             return server_ip
         return f"//{server_ip}/pipe/{ready['pipe']}"
 
@@ -1266,11 +1083,15 @@ COLORS = {
     "smb2-echo-unsigned": "tab:red",
     "grpc-smbprotocol": "tab:purple", "smbprotocol": "tab:purple",
     "smbprotocol-signed": "tab:pink", "impacket": "tab:brown",
+    "minimal": "tab:cyan", "minimal-signed": "tab:olive", "minimal-unsigned": "tab:orange",
 }
 
 
 def _style(t: str) -> str:
-    """Dashed: the floors (TCP, bare SMB2 ECHO); solid: the clients measured."""
+    """Dashed: the floors (TCP, bare SMB2 ECHO); dotted: the minimal client; solid: the
+    clients measured."""
+    if t.startswith("minimal"):
+        return ":"
     return "--" if t.startswith(("smb2-echo", "tcp", "grpc-tcp")) else "-"
 
 
@@ -1348,7 +1169,8 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
         label.set_ha("right")
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
-        f"two network namespaces over veth, Samba smbd {info.get('samba', '?')} | "
+        f"commit {info.get('commit', '?')} on {info.get('hostname', '?')} | two network "
+        f"namespaces over veth, Samba smbd {info.get('samba', '?')} | "
         f"{info['cpu_model']}, {info['nproc']} CPUs, Linux {info['kernel']}, "
         f"Python {info['python']}, grpcio {info['grpcio']}, {info['date']}",
         fontsize=9,
@@ -1359,21 +1181,11 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
     print(f"plot written to {path}", file=sys.stderr)
 
 
-def samba_version() -> str:
-    smbd = shutil.which("smbd") or shutil.which("smbd", path="/usr/sbin:/sbin")
-    if smbd is None:
-        return "?"
-    with contextlib.suppress(Exception):
-        out = subprocess.run([smbd, "-V"], capture_output=True, text=True, timeout=10).stdout
-        return out.split()[-1]
-    return "?"
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("smbprotocol", "impacket", "npipe"):
+    for dist in ("smbprotocol", "impacket", "npipe", "pyspnego", "cryptography"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -1410,11 +1222,11 @@ def orchestrate(args: argparse.Namespace) -> int:
     if why:
         print(why, file=sys.stderr)
         return 2
-    info = {**machine_info(), "samba": samba_version(), **versions()}
-    print(f"# {info['cpu_model']} | nproc {info['nproc']} | Linux {info['kernel']} | "
-          f"Python {info['python']} | grpcio {info['grpcio']} | smbprotocol "
-          f"{info['smbprotocol']} | impacket {info['impacket']} | Samba {info['samba']} | "
-          f"{info['date']} | load {info['loadavg_at_start']}")
+    info = {**machine_info(), **versions()}
+    print(header(info))
+    print(f"# smbprotocol {info['smbprotocol']} | impacket {info['impacket']} | pyspnego "
+          f"{info['pyspnego']} | cryptography {info['cryptography']} | npipe {info['npipe']}"
+          " (the code in this work tree)")
     print(f"# {args.rounds} rounds x {args.calls} round trips per transport (gRPC {UNARY_BYTES} "
           f"B unary, raw {RAW_BYTES} B echo); throughput: {args.streams} turn(s) per round of "
           f"a gRPC client stream of {args.msgs} x 1 MiB, or of "

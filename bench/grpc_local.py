@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import math
 import multiprocessing
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from machine import header, machine_info
 
 SERVICE = "bench.Bench"
 ECHO = f"/{SERVICE}/Echo"
@@ -383,30 +382,6 @@ def _rotated(names: list[str], k: int) -> list[str]:
 # --------------------------------------------------------------------------- reporting
 
 
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "nproc": affinity,
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loadavg_at_start": [round(x, 2) for x in load] if load else None,
-    }
-
-
 def summarize(results: dict[str, Result]) -> dict[str, dict[str, Any]]:
     base = results.get(BASELINE)
     summary: dict[str, dict[str, Any]] = {}
@@ -546,11 +521,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
-    print(
-        f"# {info['cpu_model']} | nproc {info['nproc']} | Linux {info['kernel']} | "
-        f"Python {info['python']} | grpcio {info['grpcio']} | {info['date']} | "
-        f"load {info['loadavg_at_start']}"
-    )
+    print(header(info))
     print(
         f"# {args.rounds} rounds x {args.calls} unary calls ({UNARY_BYTES} B) and "
         f"{args.streams} x {args.msgs} x 1 MiB client streams per transport; "

@@ -55,9 +55,8 @@ from cross_host import (
     emit,
     interruptible,
     rss_kib,
-    samba_version,
 )
-from grpc_local import machine_info
+from machine import header, machine_info
 
 SCRIPT = Path(__file__).resolve()
 CALL_TIMEOUT_S = 30.0
@@ -253,7 +252,8 @@ def soak(args: argparse.Namespace) -> int:
     if why:
         print(why, file=sys.stderr)
         return 2
-    info = {**machine_info(), "samba": samba_version()}
+    info = machine_info()
+    print(header(info), flush=True)
     duration = args.minutes * 60
     warmup = args.warmup if args.warmup is not None else min(120.0, 0.2 * duration)
     print(f"# soak: {args.minutes:g} min, warm-up {warmup:.0f} s, sample every {args.sample:g}"

@@ -43,11 +43,19 @@ def test_cross_host_bench_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = json.loads(out.read_text())
     assert set(raw["summary"]) == set(raw["negotiated"]), raw["negotiated"]
-    assert len(raw["summary"]) == 15, sorted(raw["summary"])
-    for name in ("grpc-smb-unsigned", "npipe-unsigned", "smb2-echo-unsigned"):
-        assert raw["negotiated"][name] == {"dialect": "2.1", "security": "unsigned"}
-    assert raw["negotiated"]["npipe"]["security"].startswith("encrypted")
-    assert raw["negotiated"]["npipe-signed"]["security"].startswith("signed")
+    assert len(raw["summary"]) == 18, sorted(raw["summary"])
+    neg = raw["negotiated"]
+    for name in ("grpc-smb-unsigned", "npipe-unsigned", "smb2-echo-unsigned",
+                 "minimal-unsigned"):
+        assert neg[name] == {"dialect": "2.1", "security": "unsigned"}
+    # The same security for every client compared with npipe: 3.1.1, encrypted by default.
+    for name in ("npipe", "minimal", "smbprotocol", "impacket"):
+        assert neg[name]["dialect"] == "3.1.1", neg
+        assert neg[name]["security"].startswith("encrypted"), neg
+    for name in ("npipe-signed", "minimal-signed", "smbprotocol-signed"):
+        assert neg[name]["security"].startswith("signed"), neg
+    assert raw["machine"]["commit"] not in ("", "?"), raw["machine"]
+    assert raw["machine"]["samba"] not in ("", "-", "?"), raw["machine"]
     smb = raw["concurrency"]["grpc-smb-many"][0]
     assert (smb["calls"], smb["errors"]) == (1000, 0), smb
     assert (smb["smb_connections"], smb["pipes"]) == (1, 50), smb
