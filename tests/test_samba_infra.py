@@ -53,15 +53,12 @@ def temp_dir() -> Iterator[Path]:
 
 
 def free_port() -> int:
-    """A TCP port nothing uses on 127.0.0.1, from 4450 up (smbd needs a fixed one)."""
-    for port in range(4450, 4500):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 4450-4499")
+    """A TCP port nothing uses on 127.0.0.1 (one the kernel picks: two test runs on one
+    machine, say Debian 12 and a Debian 13 chroot, must not pick the same)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def smbd_processes(conf: Path | None, pgid: int | None = None) -> str:
