@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -144,9 +145,12 @@ def test_unreachable_remote_host_is_exit_1(pipe_dir: Path) -> None:
 def test_demo_over_smb(pipe_dir: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("npipe demo --smb starts a private smbd: needs root")
-    r = run("demo", "--smb", "--smb-port", "4446", timeout=120)
+    with socket.socket() as s:  # a port the kernel picks: no other run can hold it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run("demo", "--smb", "--smb-port", str(port), timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "calling \\\\127.0.0.1:4446\\pipe\\npipe-demo" in r.stdout
+    assert f"calling \\\\127.0.0.1:{port}\\pipe\\npipe-demo" in r.stdout
     assert "bought 3 x 'apple' for 30 (caller: " in r.stdout and "npipe-demo uid=" in r.stdout
     assert "from 127.0.0.1:" in r.stdout
 
