@@ -58,7 +58,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import importlib
 import json
 import os
 import pwd
@@ -743,8 +742,9 @@ class Testbed:
     and the Unix account if it was created here."""
 
     def __init__(self, prefix: str = "npxb") -> None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        self.netns = importlib.import_module("netns")  # two_hosts(), popen_in(): tests/netns.py
+        from npipe.testing import netns
+
+        self.netns = netns
         self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.children: list[Child] = []
         self.made_user = not _user_exists(USER)
