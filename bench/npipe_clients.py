@@ -94,7 +94,7 @@ class GrpcClient(BenchClient):
             # npipe.grpc.channel() cannot take native Options: a bridge of our own.
             from npipe.address import parse_address
             from npipe.smb.native import NativeClient
-            from npipe.smb import PipeBridge
+            from npipe.unix_bridge import PipeBridge
 
             client = NativeClient(unsigned_options())
             address, creds = parse_address(target), credentials()
