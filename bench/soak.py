@@ -2,8 +2,8 @@
 """Soak run: continuous gRPC calls and raw echoes through npipe's native SMB client,
 across two network namespaces, watching the client's memory.
 
-The test bed is cross_host.py's (server 198.18.0.1 with a private smbd, client
-198.18.0.2; a sync grpcio server behind ``npipe.grpc.add_pipe_port(..., smb=True)`` and
+The test bed is cross_host.py's (testbed.py: server 198.18.0.1 with a private smbd,
+client 198.18.0.2; a sync grpcio server behind ``npipe.grpc.add_pipe_port(..., smb=True)`` and
 an npipe raw echo server). One client process does, all at once and without pause:
 
 * gRPC unary calls (100 B) on ``--grpc-tasks`` concurrent loops, and a client stream of
@@ -42,12 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cross_host import (
-    ECHO,
-    MIB,
+from machine import header, machine_info
+from testbed import (
     START_TIMEOUT_S,
-    UNARY_BYTES,
-    UPLOAD,
     Child,
     Testbed,
     check_prerequisites,
@@ -56,7 +53,7 @@ from cross_host import (
     interruptible,
     rss_kib,
 )
-from machine import header, machine_info
+from transports import ECHO, MIB, UNARY_BYTES, UPLOAD
 
 SCRIPT = Path(__file__).resolve()
 CALL_TIMEOUT_S = 30.0

@@ -23,7 +23,6 @@ Needs Wireshark's ``dumpcap`` and ``tshark`` (Debian: ``apt-get install tshark``
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import struct
@@ -32,8 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import pytest
-from netns import popen_in, tool
+from npipe.testing.netns import popen_in, skip_or_fail, tool
 
 # The packets tshark could not dissect, whose dissection found an error, or that carry
 # a NetBIOS session message that is neither SMB2 nor SMB (garbage in the stream).
@@ -54,10 +52,7 @@ def require_tshark() -> None:
     """Skip unless dumpcap and tshark are installed; fail instead when CI=true."""
     if have_tshark():
         return
-    reason = "dumpcap/tshark not found (apt-get install tshark)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; CI=true, so this must not be skipped", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail("dumpcap/tshark not found (apt-get install tshark)")
 
 
 _ETHERNET = 1  # pcap LINKTYPE_ETHERNET: what Linux captures on lo and veth

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from netns import require_root_and_samba
+
+from npipe.testing.netns import require_root_and_samba
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

@@ -15,7 +15,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any
 
 import pytest
 from capture import Capture, capture, have_tshark, require_tshark
-from netns import Hosts, popen_in, require_root_and_samba, run_in, two_hosts
 
-from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import BACKENDS, ENV_BACKEND
+from npipe.testing.netns import SmbSite, popen_in, require_root_and_samba, run_in, smb_site
 
 APPS = Path(__file__).resolve().parent / "cross_host"
 ALICE, BOB, PASSWORD = "npt-alice", "npt-bob", "Pipe-Passw0rd!"
@@ -47,58 +45,28 @@ def smb_backend(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @dataclass
-class Site:
-    hosts: Hosts
-    smbd: PrivateSmbd
-    workdir: Path
+class Site(SmbSite):
     capture: Capture | None = None  # TCP 445 on the server's veth, for the whole module
-
-    def address(self, name: str) -> str:
-        return f"//{self.hosts.server_ip}/pipe/{name}"
 
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     require_root_and_samba()
-    workdir = Path(tempfile.mkdtemp(prefix="npx", dir="/tmp"))
-    try:
-        with two_hosts() as hosts, contextlib.ExitStack() as stack:
-            cap = None
-            if have_tshark():  # else test_no_malformed_smb_on_the_wire skips (or fails)
-                # Every user has PASSWORD: tshark decrypts and checks SMB3 inside too.
-                cap = stack.enter_context(capture(hosts.server_ns, hosts.server_if,
-                                                  workdir / "smb.pcapng", nt_password=PASSWORD))
-            smbd = PrivateSmbd(
-                workdir / "smbd", port=445, interfaces=hosts.server_if,
-                users={ALICE: PASSWORD, BOB: PASSWORD}, netns=hosts.server_ns,
-            )
-            with smbd:
-                yield Site(hosts, smbd, workdir, cap)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with smb_site({ALICE: PASSWORD, BOB: PASSWORD}, prefix="npx") as bed, \
+            contextlib.ExitStack() as stack:
+        cap = None
+        if have_tshark():  # else test_no_malformed_smb_on_the_wire skips (or fails)
+            # Every user has PASSWORD: tshark decrypts and checks SMB3 inside too.
+            cap = stack.enter_context(capture(bed.hosts.server_ns, bed.hosts.server_if,
+                                              bed.workdir / "smb.pcapng", nt_password=PASSWORD))
+        yield Site(bed.hosts, bed.smbd, bed.workdir, cap)
 
 
-@contextlib.contextmanager
 def serve(site: Site, name: str, kind: str = "grpc", users: str = ALICE,
-          **env_extra: str) -> Iterator[None]:
+          **env_extra: str) -> contextlib.AbstractContextManager[object]:
     """The npipe server app in the server namespace, serving NAME locally and via smbd."""
-    env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(site.smbd.np_dir),
-           "NPIPE_PIPE_DIR": str(site.workdir / "pipes"), **env_extra}
-    proc = popen_in(site.hosts.server_ns, [sys.executable, str(APPS / "server_app.py"), kind,
-                                           name, users],
-                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.strip() == "ready", f"server app did not start: {line!r}"
-        yield
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    return site.serve([sys.executable, str(APPS / "server_app.py"), kind, name, users],
+                      **env_extra)
 
 
 def client(site: Site, scenario: str, address: str, *, user: str = ALICE,

@@ -3,7 +3,7 @@ route) fails its pipes with ConnectionLost within ``Options.dead_peer_timeout``;
 connections, quiet or busy, are left alone.
 
 The cross-host part runs a real smbd in one network namespace and the native client in
-another (tests/netns.py), and silences the path between them mid-call: each side's
+another (npipe.testing.netns), and silences the path between them mid-call: each side's
 neighbour entry for the other is pointed at a MAC nobody has, so every packet either
 way vanishes (nothing is refused, no RST, no ICMP, the sending kernel reports success),
 as when a peer is switched off.
@@ -22,12 +22,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import Hosts, popen_in, require_root_and_samba, run_in, tool, two_hosts
 from pipe_servers import PipeServer, echo
 from smb_tamper import TamperProxy
 
@@ -37,6 +35,15 @@ from npipe.samba.smbd import PrivateSmbd
 from npipe.smb.credentials import Credentials
 from npipe.smb.native import NativeClient, Options
 from npipe.smb.native.link import KEEPALIVE_PROBES, Link, Liveness, keepalive_settings
+from npipe.testing.netns import (
+    Hosts,
+    SmbSite,
+    popen_in,
+    require_root_and_samba,
+    run_in,
+    smb_site,
+    tool,
+)
 
 APPS = Path(__file__).resolve().parent / "cross_host"
 ALICE, PASSWORD = "npt-alice", "Pipe-Passw0rd!"
@@ -200,56 +207,22 @@ async def _read_until_stalled(proxy: TamperProxy, timeout: float) -> dict[str, A
 # --- cross host ------------------------------------------------------------------------
 
 
-@dataclass
-class Site:
-    hosts: Hosts
-    smbd: PrivateSmbd
-    workdir: Path
-
-    def address(self, name: str) -> str:
-        return f"//{self.hosts.server_ip}/pipe/{name}"
-
-
 @pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
+def site() -> Iterator[SmbSite]:
     require_root_and_samba()
-    workdir = Path(tempfile.mkdtemp(prefix="npd", dir="/tmp"))
-    try:
-        with two_hosts() as hosts:
-            smbd = PrivateSmbd(workdir / "smbd", port=445, interfaces=hosts.server_if,
-                               users={ALICE: PASSWORD}, netns=hosts.server_ns)
-            with smbd:
-                yield Site(hosts, smbd, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with smb_site({ALICE: PASSWORD}, prefix="npd") as bed:
+        yield bed
 
 
-@contextlib.contextmanager
-def serve_raw(site: Site, name: str) -> Iterator[None]:
+def serve_raw(site: SmbSite, name: str) -> contextlib.AbstractContextManager[object]:
     """The raw echo server app (a greeting line, then echoes) in the server namespace."""
-    env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(site.smbd.np_dir),
-           "NPIPE_PIPE_DIR": str(site.workdir / "pipes")}
-    proc = popen_in(site.hosts.server_ns,
-                    [sys.executable, str(APPS / "server_app.py"), "raw", name, ALICE],
-                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.strip() == "ready", f"server app did not start: {line!r}"
-        yield
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    return site.serve([sys.executable, str(APPS / "server_app.py"), "raw", name, ALICE])
 
 
 class App:
     """tests/cross_host/dead_peer_app.py in the client namespace, one JSON line a step."""
 
-    def __init__(self, site: Site, scenario: str, name: str) -> None:
+    def __init__(self, site: SmbSite, scenario: str, name: str) -> None:
         env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
         self.proc = popen_in(site.hosts.client_ns,
                              [sys.executable, str(APPS / "dead_peer_app.py"), scenario,
@@ -311,7 +284,7 @@ def silenced(hosts: Hosts) -> Iterator[None]:
                            capture_output=True, timeout=15)
 
 
-def test_a_silent_peer_fails_a_pending_read_within_the_timeout(site: Site) -> None:
+def test_a_silent_peer_fails_a_pending_read_within_the_timeout(site: SmbSite) -> None:
     """A read waits on a pipe; the path goes silent: the read fails with ConnectionLost
     within about dead_peer_timeout, and once the path is back a new open works."""
     with serve_raw(site, "quietly"):
@@ -339,7 +312,7 @@ def test_a_silent_peer_fails_a_pending_read_within_the_timeout(site: Site) -> No
         app.finish()
 
 
-def test_healthy_connections_are_left_alone(site: Site) -> None:
+def test_healthy_connections_are_left_alone(site: SmbSite) -> None:
     """A quiet pipe over four timeouts gets ECHOs (which are answered) and stays up; a
     busy answering connection gets no ECHO; an idle one (no pipes) gets none either and
     is still the one a new open uses."""
@@ -359,7 +332,7 @@ def test_healthy_connections_are_left_alone(site: Site) -> None:
     assert result["idle_echoes"] == 0, result
 
 
-def test_the_silenced_path_really_is_silent(site: Site) -> None:
+def test_the_silenced_path_really_is_silent(site: SmbSite) -> None:
     """Silenced, packets vanish without telling the sender: a TCP connect neither
     succeeds nor fails within a second."""
     probe = (

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -26,9 +24,9 @@ from typing import Any
 
 import pytest
 from addc import DC_FQDN, DC_NAME, REALM, WORKGROUP, AdDc, KerberosClient, require_kerberos
-from netns import Hosts, popen_in, two_hosts
 
 import npipe.smb
+from npipe.testing.netns import Hosts, serve_app, server_env, two_hosts
 
 APPS = Path(__file__).resolve().parent / "cross_host"
 ALICE, BOB, PASSWORD = "alice", "bob", "Pipe-Passw0rd!"
@@ -62,25 +60,11 @@ class Realm:
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-@contextlib.contextmanager
-def serve(hosts: Hosts, dc: AdDc, workdir: Path, argv: list[str]) -> Iterator[None]:
+def serve(hosts: Hosts, dc: AdDc, workdir: Path,
+          argv: list[str]) -> contextlib.AbstractContextManager[object]:
     """A server app in the DC's namespace, its front door in the DC smbd's np/."""
-    env = {**os.environ, "NPIPE_SAMBA_NP_DIR": str(dc.np_dir),
-           "NPIPE_PIPE_DIR": str(workdir / "pipes")}
-    proc = popen_in(hosts.server_ns, [sys.executable, *argv], env=env,
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.strip() == "ready", f"server app did not start: {line!r}"
-        yield
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    return serve_app(hosts.server_ns, [sys.executable, *argv],
+                     server_env(dc.np_dir, workdir / "pipes"))
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import require_root_and_samba
 from pipe_servers import PipeServer, echo
 
 from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.native import pipe as pipe_module
+from npipe.testing.netns import require_root_and_samba
 
 pytestmark = pytest.mark.root
 

@@ -22,24 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import (
-    require_root_and_samba,
-    run_in,
-    smb_login,
-    smb_pipe_echo,
-    tool,
-    two_hosts,
-)
+from smb_probe import smb_login, smb_pipe_echo
 
 from npipe.cli import main
 from npipe.samba import npa
 from npipe.samba.config import ENV_CONF, ENV_NP_DIR, np_dir_from_conf
 from npipe.samba.smbd import PrivateSmbd, SmbdError
+from npipe.testing.netns import require_root_and_samba, run_in, tool, two_hosts
 
 STATUS_LOGON_FAILURE = 0xC000006D
 STATUS_OBJECT_NAME_NOT_FOUND = 0xC0000034
 USER = "npipe-smb1"
-NETNS_SCRIPT = str(Path(__file__).with_name("netns.py"))
+SMB_PROBE = str(Path(__file__).with_name("smb_probe.py"))
 
 
 @contextlib.contextmanager
@@ -380,7 +374,7 @@ def test_smb_across_namespaces(password: str) -> None:
             with echo_listener(server.np_dir, "echo-test") as requests:
                 done = run_in(
                     hosts.client_ns,
-                    [sys.executable, NETNS_SCRIPT, "echo", hosts.server_ip, "445", USER,
+                    [sys.executable, SMB_PROBE, "echo", hosts.server_ip, "445", USER,
                      password, "echo-test", "hello"],
                     capture_output=True, text=True,
                 )

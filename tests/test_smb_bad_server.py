@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import pytest
 from capture import capture, require_tshark
-from netns import require_root_and_samba
 from pipe_servers import PipeServer, echo
 from smb_tamper import (
     CREATE,
@@ -47,6 +46,7 @@ from npipe.errors import ConnectionLost, HostUnreachable, NpipeError
 from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import BACKENDS, get_client, open_pipe
 from npipe.smb.credentials import Credentials
+from npipe.testing.netns import require_root_and_samba
 
 pytestmark = pytest.mark.root
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from netns import require_root_and_samba
 from pipe_servers import PipeServer, echo
 from smb_tamper import (
     CAP_ENCRYPTION,
@@ -46,6 +45,7 @@ from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import BACKENDS, get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
+from npipe.testing.netns import require_root_and_samba
 
 pytestmark = pytest.mark.root
 

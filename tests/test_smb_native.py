@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from netns import require_root_and_samba
 from pipe_servers import PipeServer, echo
 
 from npipe.errors import ConfigError, ConnectionLost, HostUnreachable
@@ -33,6 +32,7 @@ from npipe.smb import get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.native import Options, connect, wire
 from npipe.smb.native.negotiate import SMB_2_1
+from npipe.testing.netns import require_root_and_samba
 
 pytestmark = pytest.mark.root
 

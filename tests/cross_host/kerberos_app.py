@@ -4,8 +4,9 @@
     python kerberos_app.py raw|grpc|error BACKEND ADDRESS   # in the client's
 
 The server sends the caller it saw (a JSON line), then echoes bytes; it prints "ready"
-when serving and stops when stdin closes. Clients log on with the Kerberos cache
-($KRB5CCNAME) alone: no user, no password, and auth_protocol="kerberos" (no NTLM).
+when serving and stops when stdin closes (server_app.serve_stream). Clients log on with
+the Kerberos cache ($KRB5CCNAME) alone: no user, no password, and auth_protocol="kerberos"
+(no NTLM).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import sys
 import time
 from typing import Any
+
+from server_app import serve_stream
 
 import npipe
 import npipe.grpc
@@ -34,17 +37,7 @@ def serve(name: str, users: list[str]) -> None:
             writer.write(data)
             await writer.drain()
 
-    async def main() -> None:
-        async with await npipe.start_server(
-            handler, name, smb=True, acl=npipe.Acl.allow(users=users)
-        ):
-            print("ready", flush=True)
-            loop = asyncio.get_running_loop()
-            closed = asyncio.Event()
-            loop.add_reader(sys.stdin.fileno(), closed.set)
-            await closed.wait()
-
-    asyncio.run(main())
+    serve_stream(handler, name, users)
 
 
 def raw(backend: str, address: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -27,6 +27,7 @@ import npipe.grpc
 import npipe.samba.smbd
 
 SERVICE = "x.Svc"
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def caller_json(context: grpc.ServicerContext) -> bytes:
@@ -97,6 +98,12 @@ def serve_raw(name: str, users: list[str]) -> None:
             writer.write(data)
             await writer.drain()
 
+    serve_stream(handler, name, users)
+
+
+def serve_stream(handler: Handler, name: str, users: list[str]) -> None:
+    """Serve a stream ``handler`` on pipe NAME, locally and through Samba, for ``users``;
+    print "ready" when serving and stop on SIGTERM or when stdin closes."""
     async def main() -> None:
         async with await npipe.start_server(
             handler, name, smb=True, acl=npipe.Acl.allow(users=users)

@@ -1,15 +1,19 @@
-"""Two hosts on one machine for the Samba tests: network namespaces joined by a veth link.
+"""Two hosts on one machine, for tests and benchmarks: network namespaces joined by a veth
+link, a private smbd in the server's, and pipe server apps started there.
 
     with two_hosts() as hosts:
         run_in(hosts.server_ns, ["ip", "addr"])
         PrivateSmbd(d, port=445, interfaces=hosts.server_if, netns=hosts.server_ns)
 
+    with smb_site({"alice": "Passw0rd!"}) as site:      # both of the above, and a work dir
+        with site.serve([sys.executable, "server_app.py", ...]):   # prints "ready"
+            run_in(site.hosts.client_ns, [...client..., site.address("shop")])
+
 The server namespace has 198.18.0.1/30, the client 198.18.0.2/30 (the benchmarking
 range, RFC 2544), each with ``lo`` up; both namespaces and the link are removed on exit,
-also when the body fails. Needs root and iproute2.
-
-Also a small SMB client (smbprotocol) the tests use in this process or, as
-``python netns.py ...``, inside a namespace.
+also when the body fails. Needs root and iproute2 (and Samba for the site).
+``require_root_and_samba`` skips a pytest test where that is missing (fails it when
+CI=true); pytest is imported only there.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import itertools
 import os
 import shutil
 import subprocess
-import sys
+import tempfile
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
-import pytest
+from npipe.samba.smbd import PrivateSmbd
 
 SERVER_IP = "198.18.0.1"
 CLIENT_IP = "198.18.0.2"
@@ -48,8 +52,9 @@ def tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=_SBIN_PATH)
 
 
-def require_root_and_samba(*more_tools: str) -> None:
-    """Skip unless root with Samba and iproute2 (and ``more_tools``); fail when CI=true."""
+def missing_prerequisites(*more_tools: str) -> str | None:
+    """Why the two hosts and smbd cannot run here (not root; Samba, iproute2 or
+    ``more_tools`` missing, with the Debian packages that bring them), or None."""
     reasons = []
     if os.geteuid() != 0:
         reasons.append("needs root (smbd, network namespaces)")
@@ -60,9 +65,21 @@ def require_root_and_samba(*more_tools: str) -> None:
             f"{', '.join(missing)} not found (scripts/test installs them: "
             f"apt-get install {' '.join(packages)})"
         )
-    if not reasons:
-        return
-    reason = "; ".join(reasons)
+    return "; ".join(reasons) or None
+
+
+def require_root_and_samba(*more_tools: str) -> None:
+    """Skip unless root with Samba and iproute2 (and ``more_tools``); fail when CI=true."""
+    reason = missing_prerequisites(*more_tools)
+    if reason is not None:
+        skip_or_fail(reason)
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the running pytest test for ``reason``; fail it instead when CI=true (a CI
+    machine must have every prerequisite). Imports pytest: call it from tests only."""
+    import pytest
+
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; CI=true, so this must not be skipped", pytrace=False)
     pytest.skip(reason)
@@ -150,93 +167,81 @@ def _remove(hosts: Hosts) -> None:
         _ip("link", "del", ifname, check=False)
 
 
-# --- a small SMB client ------------------------------------------------------------
-
-STATUS_SUCCESS = 0
 
 
-def smb_login(host: str, port: int, user: str, password: str) -> int:
-    """Log on and connect to IPC$: 0, or the NTSTATUS that refused it."""
-    from smbprotocol.exceptions import SMBResponseException
-
-    try:
-        with _ipc(host, port, user, password):
-            return STATUS_SUCCESS
-    except SMBResponseException as e:
-        return int(e.status)
+# --- a private smbd in the server namespace, and the pipe servers behind it -------------
 
 
-def smb_pipe_echo(
-    host: str, port: int, user: str, password: str, pipe: str, data: bytes,
-    timeout: float = 10.0,
-) -> bytes | int:
-    """Open ``pipe`` on IPC$, write ``data``, read as many bytes back; the bytes read, or
-    the NTSTATUS with which the open failed."""
-    from smbprotocol.exceptions import SMBResponseException
-    from smbprotocol.open import (
-        CreateDisposition,
-        CreateOptions,
-        FilePipePrinterAccessMask,
-        ImpersonationLevel,
-        Open,
-        ShareAccess,
-    )
+def smbd_in(hosts: Hosts, directory: Path, users: Mapping[str, str]) -> PrivateSmbd:
+    """A private smbd (not started) on port 445 in the server namespace, bound to its veth
+    end only, with these SMB users (name -> password)."""
+    return PrivateSmbd(directory, port=445, interfaces=hosts.server_if, users=users,
+                       netns=hosts.server_ns)
 
-    with _ipc(host, port, user, password) as tree:
-        handle = Open(tree, pipe)
-        try:
-            handle.create(
-                ImpersonationLevel.Impersonation,
-                FilePipePrinterAccessMask.GENERIC_READ | FilePipePrinterAccessMask.GENERIC_WRITE,
-                0,
-                ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE,
-                CreateDisposition.FILE_OPEN,
-                CreateOptions.FILE_NON_DIRECTORY_FILE,
-            )
-        except SMBResponseException as e:
-            return int(e.status)
-        try:
-            handle.write(data, 0)
-            got = b""
-            deadline = time.monotonic() + timeout
-            while len(got) < len(data) and time.monotonic() < deadline:
-                got += handle.read(0, len(data) - len(got))
-            return got
-        finally:
-            handle.close()
+
+def server_env(np_dir: Path, pipe_dir: Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a pipe server app: its front door in smbd's
+    ``np_dir`` (NPIPE_SAMBA_NP_DIR), its local pipes in ``pipe_dir``, plus ``extra``."""
+    return {**os.environ, "NPIPE_SAMBA_NP_DIR": str(np_dir), "NPIPE_PIPE_DIR": str(pipe_dir),
+            **extra}
 
 
 @contextlib.contextmanager
-def _ipc(host: str, port: int, user: str, password: str) -> Iterator[Any]:
-    from smbprotocol.connection import Connection
-    from smbprotocol.session import Session
-    from smbprotocol.tree import TreeConnect
-
-    # SMB 3.1.1 requires a signed TREE_CONNECT: leave require_signing at True.
-    connection = Connection(uuid.uuid4(), host, port)
-    connection.connect(timeout=10)
+def serve_app(ns: str, argv: Sequence[str], env: Mapping[str, str],
+              stop_timeout: float = 15.0) -> Iterator[subprocess.Popen[str]]:
+    """A server app in namespace ``ns`` that prints ``ready`` when it serves and stops
+    when its stdin closes: started, waited for, and at exit stopped (stdin closed; killed
+    if it has not exited after ``stop_timeout`` s)."""
+    proc = popen_in(ns, argv, env=dict(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    text=True)
     try:
-        session = Session(connection, user, password, require_encryption=False)
-        session.connect()
-        tree = TreeConnect(session, rf"\\{host}\IPC$")
-        tree.connect()
-        yield tree
+        line = proc.stdout.readline() if proc.stdout else ""
+        if line.strip() != "ready":
+            raise RuntimeError(f"server app did not start: {line!r} ({' '.join(argv)})")
+        yield proc
     finally:
-        connection.disconnect(close=True)
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()
 
 
-def main(argv: Sequence[str]) -> int:
-    """``netns.py login HOST PORT USER PASSWORD`` or ``... echo HOST PORT USER PASSWORD
-    PIPE DATA``: prints ``status 0x...`` or ``data HEX``."""
-    command, host, port, user, password, *rest = argv
-    if command == "login":
-        print(f"status {smb_login(host, int(port), user, password):#010x}")
-    else:
-        pipe, data = rest
-        result = smb_pipe_echo(host, int(port), user, password, pipe, data.encode())
-        print(f"status {result:#010x}" if isinstance(result, int) else f"data {result.hex()}")
-    return 0
+@dataclass
+class SmbSite:
+    """Two hosts, a private smbd on port 445 in the server's, and a work directory."""
+
+    hosts: Hosts
+    smbd: PrivateSmbd
+    workdir: Path
+
+    def address(self, name: str) -> str:
+        """Pipe ``name`` on the server host, as a client on the other host dials it."""
+        return f"//{self.hosts.server_ip}/pipe/{name}"
+
+    def server_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a pipe server app behind this site's smbd."""
+        return server_env(self.smbd.np_dir, self.workdir / "pipes", **extra)
+
+    def serve(self, argv: Sequence[str],
+              **env_extra: str) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+        """``argv``, a server app (see ``serve_app``), in the server namespace, behind
+        this site's smbd."""
+        return serve_app(self.hosts.server_ns, argv, self.server_env(**env_extra))
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+@contextlib.contextmanager
+def smb_site(users: Mapping[str, str], prefix: str = "npx") -> Iterator[SmbSite]:
+    """``two_hosts()``, smbd in the server namespace with ``users`` (see ``smbd_in``)
+    and a work directory ``/tmp/PREFIX...`` (short: socket paths are limited to 107
+    bytes); smbd stopped, the namespaces and the directory removed at exit."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        with two_hosts() as hosts, smbd_in(hosts, workdir / "smbd", users) as smbd:
+            yield SmbSite(hosts, smbd, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

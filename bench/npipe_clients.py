@@ -1,0 +1,397 @@
+"""The clients of the cross-host benchmark that are npipe's own (and the gRPC and TCP
+ones they are compared with): each connects once, warms up and then answers the
+orchestrator's commands on stdin (``client_main``). The other SMB clients, and the
+minimal one that sets the floor, are in smb_clients.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import sys
+import time
+from typing import Any
+
+from grpc_local import percentile
+from smb_clients import (
+    BenchClient,
+    ImpacketClient,
+    LoopClient,
+    MinimalClient,
+    SmbprotocolClient,
+    security,
+    smbprotocol_algorithm,
+    timed,
+)
+from testbed import PASSWORD, RAW_PIPE, START_TIMEOUT_S, USER, credentials, emit
+from transports import (
+    CALL_TIMEOUT_S,
+    CONC_TRANSPORTS,
+    ECHO,
+    GRPC_TRANSPORTS,
+    RAW_BYTES,
+    SMB_2_1,
+    TRANSPORTS,
+    UNARY_BYTES,
+    UPLOAD,
+)
+
+
+def unsigned_options() -> Any:
+    """Native client options for an unsigned SMB 2.1 connection (benchmarks only)."""
+    from npipe.smb.native import Options
+
+    return Options(sign=False, dialects=(SMB_2_1,))
+
+
+
+def _native_link_info(link: Any) -> dict[str, Any]:
+    neg = link.core.negotiated
+    return {"dialect": neg.dialect_name if neg else "?", "security": link.security}
+
+
+def _native_info() -> dict[str, Any]:
+    """What this process's (only) native SMB connection negotiated. Reads the backend's
+    registry of shared connections, which is private: informational only."""
+    from npipe.smb.native import client as native
+
+    with contextlib.suppress(Exception):
+        for links in list(native._links.values()):
+            for task in list(links.values()):
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    return _native_link_info(task.result())
+    return {}
+
+
+def _smbprotocol_backend_info() -> dict[str, Any]:
+    """What the smbprotocol backend's shared connection negotiated (private registry)."""
+    from npipe.smb import smbprotocol_backend as backend
+
+    out: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        info = backend.connections()[0]
+        out = {"dialect": info.dialect, "security": security(info.signed, info.encrypted, None)}
+        with backend._registry_lock:
+            link = next(iter(backend._links.values())).result()
+        out["security"] = security(info.signed, info.encrypted,
+                                    smbprotocol_algorithm(link.conn, info.encrypted))
+    return out
+
+
+class GrpcClient(BenchClient):
+    def __init__(self, kind: str, target: str) -> None:
+        import grpc
+
+        import npipe.grpc
+
+        self.kind = kind
+        self.bridge: Any = None
+        if kind == "grpc-tcp":
+            self.channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+        elif kind == "grpc-smb-unsigned":
+            # npipe.grpc.channel() cannot take native Options: a bridge of our own.
+            from npipe.address import parse_address
+            from npipe.smb.native import NativeClient
+            from npipe.unix_bridge import PipeBridge
+
+            client = NativeClient(unsigned_options())
+            address, creds = parse_address(target), credentials()
+
+            async def attach(sock: Any) -> None:
+                await client.attach(address, sock, credentials=creds, encrypt=False,
+                                    allow_smb2=True)
+
+            self.bridge = PipeBridge(attach, description=address.posix())
+            self.channel = grpc.insecure_channel(
+                self.bridge.target, options=[("grpc.default_authority", "localhost")])
+        else:
+            self.channel = npipe.grpc.channel(
+                target, credentials=credentials(),
+                encrypt=False if kind == "grpc-smb-signed" else None,
+                smb_backend="smbprotocol" if kind == "grpc-smbprotocol" else "native",
+            )
+        grpc.channel_ready_future(self.channel).result(timeout=START_TIMEOUT_S)
+        self.echo = self.channel.unary_unary(ECHO, _registered_method=True)
+        self.upload = self.channel.stream_unary(UPLOAD, _registered_method=True)
+        self.payload = os.urandom(UNARY_BYTES)
+
+    def info(self) -> dict[str, Any]:
+        if self.kind == "grpc-tcp":
+            return {}
+        if self.kind == "grpc-smbprotocol":
+            return _smbprotocol_backend_info()
+        return _native_info()
+
+    def lat(self, n: int) -> list[float]:
+        payload, echo = self.payload, self.echo
+
+        def one() -> None:
+            if len(echo(payload, timeout=CALL_TIMEOUT_S)) != UNARY_BYTES:
+                raise AssertionError("short echo")
+
+        return timed(one, n)
+
+    def tput(self, size: int, n: int) -> list[float]:
+        msg = os.urandom(size)
+        t0 = time.perf_counter()
+        reply = self.upload(iter([msg] * n), timeout=CALL_TIMEOUT_S)
+        elapsed = time.perf_counter() - t0
+        moved = int.from_bytes(reply, "little")
+        if moved != n * size:
+            raise AssertionError(f"server counted {moved} bytes, sent {n * size}")
+        return [moved / elapsed / 1e6]
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.bridge is not None:
+            self.bridge.close()
+
+
+class AsyncEchoClient(LoopClient):
+    """npipe.open_connection (or the native client with unsigned options), or plain TCP."""
+
+    def __init__(self, kind: str, target: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.reader, self.writer = self.run(self._open(target))
+        self.payload = os.urandom(RAW_BYTES)
+
+    async def _open(self, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.kind == "tcp":
+            host, _, port = target.rpartition(":")
+            return await asyncio.open_connection(host, int(port))
+        if self.kind == "npipe-unsigned":
+            from npipe.address import parse_address
+            from npipe.smb.native import NativeClient
+
+            return await NativeClient(unsigned_options()).open_pipe(
+                parse_address(target), credentials=credentials(), encrypt=False,
+                allow_smb2=True)
+        import npipe
+
+        return await npipe.open_connection(
+            target, credentials=credentials(),
+            encrypt=None if self.kind == "npipe" else False, smb_backend="native",
+        )
+
+    def info(self) -> dict[str, Any]:
+        link = getattr(self.writer.transport, "link", None)  # a native RemotePipe's
+        return _native_link_info(link) if link is not None else {}
+
+    def lat(self, n: int) -> list[float]:
+        return self.run(self._lat(n))
+
+    async def _lat(self, n: int) -> list[float]:
+        reader, writer, payload = self.reader, self.writer, self.payload
+        clock = time.perf_counter_ns
+        out = []
+        for _ in range(n):
+            t0 = clock()
+            writer.write(payload)
+            await writer.drain()
+            got = await asyncio.wait_for(reader.readexactly(RAW_BYTES), CALL_TIMEOUT_S)
+            out.append((clock() - t0) / 1000.0)
+            if got != payload:
+                raise AssertionError("the echo differs")
+        return out
+
+    def tput(self, size: int, n: int) -> list[float]:
+        return self.run(self._tput(size, n))
+
+    async def _tput(self, size: int, n: int) -> list[float]:
+        msg = os.urandom(size)
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.writer.write(msg)
+            _, got = await asyncio.wait_for(
+                asyncio.gather(self.writer.drain(), self.reader.readexactly(size)),
+                CALL_TIMEOUT_S,
+            )
+            out.append(size / (time.perf_counter() - t0) / 1e6)
+            if got != msg:
+                raise AssertionError(f"the {size}-byte echo differs")
+        return out
+
+    async def aclose(self) -> None:
+        self.writer.close()
+        await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+class Smb2EchoClient(LoopClient):
+    """A bare SMB2 ECHO on an unshared native connection: the floor of a pipe round trip."""
+
+    def __init__(self, kind: str, host: str) -> None:
+        super().__init__()
+        import npipe.smb.native
+
+        self.link = self.run(npipe.smb.native.connect(
+            host, 445, credentials=credentials(),
+            encrypt=None if kind == "smb2-echo" else False,
+            options=unsigned_options() if kind == "smb2-echo-unsigned" else None,
+            allow_smb2=kind == "smb2-echo-unsigned",
+        ))
+
+    def info(self) -> dict[str, Any]:
+        return _native_link_info(self.link)
+
+    def lat(self, n: int) -> list[float]:
+        return self.run(self._lat(n))
+
+    async def _lat(self, n: int) -> list[float]:
+        echo = self.link.echo
+        clock = time.perf_counter_ns
+        out = []
+        for _ in range(n):
+            t0 = clock()
+            await echo()
+            out.append((clock() - t0) / 1000.0)
+        return out
+
+    async def aclose(self) -> None:
+        await self.link.close()
+
+
+class ConcurrencyClient(LoopClient):
+    """``channels`` grpc.aio channels, each with a subchannel (a pipe or a TCP connection)
+    of its own; ``conc(k)`` makes k concurrent unary calls on each, all at once."""
+
+    def __init__(self, kind: str, target: str, channels: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.channels = self.run(self._open(target, channels))
+        self.stubs = [c.unary_unary(ECHO, _registered_method=True) for c in self.channels]
+        self.payload = os.urandom(UNARY_BYTES)
+
+    async def _open(self, target: str, n: int) -> list[Any]:
+        import grpc
+
+        import npipe.grpc
+
+        # Without a subchannel pool per channel, channels to one target share a connection.
+        opts = [("grpc.use_local_subchannel_pool", 1)]
+        if self.kind == "grpc-tcp-many":
+            chans = [grpc.aio.insecure_channel(target, options=[*opts, ("grpc.enable_http_proxy",
+                                                                        0)]) for _ in range(n)]
+        else:
+            chans = [npipe.grpc.aio_channel(target, options=opts, credentials=credentials(),
+                                            smb_backend="native") for _ in range(n)]
+        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), START_TIMEOUT_S)
+                               for c in chans))
+        return chans
+
+    def info(self) -> dict[str, Any]:
+        if self.kind == "grpc-tcp-many":
+            return {"channels": len(self.channels)}
+        from npipe.smb import get_client
+
+        conns = get_client("native").connections()
+        return {**_native_info(), "channels": len(self.channels), "smb_connections": len(conns),
+                "pipes": sum(c.pipes for c in conns)}
+
+    def lat(self, n: int) -> list[float]:
+        """n sequential calls, round robin over the channels (the warm-up)."""
+        return self.run(self._lat(n))
+
+    async def _lat(self, n: int) -> list[float]:
+        clock = time.perf_counter_ns
+        out = []
+        for i in range(n):
+            t0 = clock()
+            await self.stubs[i % len(self.stubs)](self.payload, timeout=CALL_TIMEOUT_S)
+            out.append((clock() - t0) / 1000.0)
+        return out
+
+    def conc(self, per_channel: int) -> dict[str, Any]:
+        return self.run(self._conc(per_channel))
+
+    async def _conc(self, per_channel: int) -> dict[str, Any]:
+        import grpc
+
+        errors: collections.Counter[str] = collections.Counter()
+        times: list[float] = []
+        payload = self.payload
+
+        async def one(stub: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                if await stub(payload, timeout=CALL_TIMEOUT_S) != payload:
+                    errors["wrong reply"] += 1
+                    return
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] += 1
+                return
+            times.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(stub) for stub in self.stubs for _ in range(per_channel)))
+        elapsed = time.perf_counter() - t0
+        out = {"calls": len(self.stubs) * per_channel, "errors": sum(errors.values()),
+               "error_kinds": dict(errors), "seconds": round(elapsed, 4),
+               "p50_ms": round(percentile(times, 50) * 1e3, 2) if times else None,
+               "max_ms": round(max(times) * 1e3, 2) if times else None}
+        return {**out, **self.info()}
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
+
+
+def make_client(kind: str, target: str, channels: int) -> BenchClient:
+    if kind in CONC_TRANSPORTS:
+        return ConcurrencyClient(kind, target, channels)
+    if kind in GRPC_TRANSPORTS:
+        return GrpcClient(kind, target)
+    if kind in ("tcp", "npipe", "npipe-signed", "npipe-unsigned"):
+        return AsyncEchoClient(kind, target)
+    if kind.startswith("smb2-echo"):
+        return Smb2EchoClient(kind, target)
+    if kind.startswith("minimal"):
+        return MinimalClient(target, USER, PASSWORD, RAW_PIPE,
+                             {"minimal": "encrypted", "minimal-signed": "signed",
+                              "minimal-unsigned": "unsigned"}[kind], CALL_TIMEOUT_S)
+    if kind in ("smbprotocol", "smbprotocol-signed"):
+        return SmbprotocolClient(target, USER, PASSWORD, RAW_PIPE, kind == "smbprotocol",
+                                 START_TIMEOUT_S)
+    if kind == "impacket":
+        return ImpacketClient(target, USER, PASSWORD, RAW_PIPE, START_TIMEOUT_S)
+    raise ValueError(f"unknown client {kind}")
+
+
+def client_main(kind: str, target: str, warmup: int, channels: int) -> int:
+    """Connect, warm up, say ready, then answer commands until stdin ends."""
+    try:
+        client = make_client(kind, target, channels)
+        client.lat(warmup)
+        for size in TRANSPORTS[kind].sizes if kind in TRANSPORTS else ():
+            client.tput(size, 2)
+        info = client.info()
+        want = TRANSPORTS[kind].security if kind in TRANSPORTS else None
+        if want and not str(info.get("security", "")).startswith(want):
+            raise AssertionError(f"expected a {want} connection, got {info}")
+    except Exception as e:
+        emit({"error": f"{type(e).__name__}: {e}"})
+        return 1
+    emit({"ready": True, "info": info})
+    status = 0
+    for line in sys.stdin:
+        command, *args = line.split()
+        try:
+            if command == "lat":
+                emit({"us": [round(x, 1) for x in client.lat(int(args[0]))]})
+            elif command == "tput":
+                emit({"mb_s": [round(x, 2) for x in client.tput(int(args[0]), int(args[1]))]})
+            elif command == "conc" and isinstance(client, ConcurrencyClient):
+                emit(client.conc(int(args[0])))
+            else:
+                emit({"error": f"unknown command {line.strip()!r}"})
+        except Exception as e:
+            emit({"error": f"{type(e).__name__}: {e}"})
+            status = 1
+            break
+    with contextlib.suppress(Exception):
+        client.close()
+    return status
+
+
