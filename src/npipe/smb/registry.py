@@ -18,16 +18,18 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 from npipe import ioloop
 from npipe.address import PipeAddress
 from npipe.errors import HostUnreachable
+from npipe.smb.credentials import Credentials
+from npipe.smb.retry import PipeWait, Refused, Retryable, open_with_retries
 
 
-class SharedConnection(Protocol):
-    """What the registry asks of a connection."""
+class SharedConnection(Retryable, Protocol):
+    """What the registry asks of a connection (and :func:`open_with_retries`)."""
 
     @property
     def busy(self) -> bool:
@@ -44,6 +46,7 @@ class SharedConnection(Protocol):
 
 
 C = TypeVar("C", bound=SharedConnection)
+T = TypeVar("T")
 Setup = asyncio.Future[C] | concurrent.futures.Future[C]
 # call_later(delay, callback), from any thread that may touch the registry.
 CallLater = Callable[[float, Callable[[], None]], object]
@@ -118,6 +121,28 @@ class ConnectionRegistry(Generic[C]):
             raise HostUnreachable(
                 f"no SMB session with {address.host}:{address.port} within {remaining:g} s"
             ) from None
+
+    async def open(
+        self,
+        key: Hashable,
+        address: PipeAddress,
+        credentials: Credentials,
+        timeout: float,
+        *,
+        start: Callable[[float], Setup[C]],
+        create: Callable[[C, float], Awaitable[T | Refused | None]],
+        pipe_wait: Callable[[C], PipeWait],
+    ) -> T:
+        """Open ``address`` on ``key``'s shared connection with
+        :func:`~npipe.smb.retry.open_with_retries` (``start(timeout)`` sets up a new
+        connection; ``create`` and ``pipe_wait`` as there)."""
+
+        async def connect(deadline: float) -> C:
+            return await self.connection(key, start, address, deadline)
+
+        with self.opening(key):  # not idle while this opens
+            return await open_with_retries(address, credentials, timeout, connect=connect,
+                                           create=create, pipe_wait=pipe_wait)
 
     @contextlib.contextmanager
     def opening(self, key: Hashable) -> Iterator[None]:

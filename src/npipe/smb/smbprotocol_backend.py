@@ -113,7 +113,7 @@ from npipe.local.sockets import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 from npipe.smb.registry import ConnectionRegistry
-from npipe.smb.retry import PipeWait, Refused, open_with_retries
+from npipe.smb.retry import PipeWait, Refused
 from npipe.smb.status import (
     EOF_STATUSES as _EOF_STATUSES,
 )
@@ -864,9 +864,6 @@ class SmbprotocolClient:
         def start(remaining: float) -> concurrent.futures.Future[_SmbConnection]:
             return _set_up(address, credentials, encrypt, allow_smb2, remaining)
 
-        async def connect(deadline: float) -> _SmbConnection:
-            return await _registry.connection(key, start, address, deadline)
-
         async def create(
             connection: _SmbConnection, timeout: float
         ) -> tuple[_SmbConnection, Any] | Refused | None:
@@ -890,9 +887,8 @@ class SmbprotocolClient:
         def pipe_wait(connection: _SmbConnection) -> PipeWait:
             return functools.partial(_in_thread, connection.wait_for_pipe, address.name)
 
-        with _registry.opening(key):  # not idle while this opens
-            return await open_with_retries(address, credentials, timeout, connect=connect,
-                                           create=create, pipe_wait=pipe_wait)
+        return await _registry.open(key, address, credentials, timeout, start=start,
+                                    create=create, pipe_wait=pipe_wait)
 
     @staticmethod
     def connections() -> list[SmbConnectionInfo]:

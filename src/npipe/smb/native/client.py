@@ -34,7 +34,7 @@ from npipe.smb.native.connection import SmbConnection, _resolver
 from npipe.smb.native.core import Options, Outgoing, Response
 from npipe.smb.native.pipe import IDLE_READ_SIZE, EarlyRead, RemotePipe
 from npipe.smb.registry import ConnectionRegistry
-from npipe.smb.retry import PipeWait, Refused, open_with_retries
+from npipe.smb.retry import PipeWait, Refused
 
 log = logging.getLogger("npipe.smb")
 
@@ -160,9 +160,6 @@ class NativeClient:
                 self._establish(address, credentials, encrypt, allow_smb2, remaining)
             )
 
-        async def connect(deadline: float) -> SmbConnection:
-            return await registry.connection(key, start, address, deadline)
-
         async def create(connection: SmbConnection, timeout: float) -> RemotePipe | Refused | None:
             response, first_read = await _create(connection, address.name, timeout)
             if response is None:
@@ -176,9 +173,8 @@ class NativeClient:
         def pipe_wait(connection: SmbConnection) -> PipeWait:
             return functools.partial(_pipe_wait, connection, address.name)
 
-        with registry.opening(key):  # not idle while this opens
-            return await open_with_retries(address, credentials, timeout, connect=connect,
-                                           create=create, pipe_wait=pipe_wait)
+        return await registry.open(key, address, credentials, timeout, start=start,
+                                   create=create, pipe_wait=pipe_wait)
 
     async def _establish(
         self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,
