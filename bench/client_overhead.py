@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 
 from npipe.smb.native import crypto, wire
-from npipe.smb.native.link import Link
+from npipe.smb.native.connection import SmbConnection
 from npipe.smb.native.negotiate import SMB_3_1_1, Negotiated
 from npipe.smb.native.pipe import RemotePipe
 
@@ -77,8 +77,8 @@ class _Server:
         return len(message).to_bytes(4, "big") + bytes(message)
 
 
-def _link(key: bytes, encrypt: bool) -> Link:
-    link = Link("bench", 445)
+def _link(key: bytes, encrypt: bool) -> SmbConnection:
+    link = SmbConnection("bench", 445)
     core = link.core
     core.negotiated = Negotiated(SMB_3_1_1, 1, 0x44, 1 << 20, 1 << 20, 1 << 20, b"",
                                  crypto.AES_128_GCM, crypto.AES_GMAC)

@@ -58,10 +58,9 @@ def _native_info() -> dict[str, Any]:
     from npipe.smb.native import client as native
 
     with contextlib.suppress(Exception):
-        for links in list(native._links.values()):
-            for task in list(links.values()):
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    return _native_link_info(task.result())
+        for registry in list(native._registries.values()):
+            for connection in registry.connections():
+                return _native_link_info(connection)
     return {}
 
 
@@ -73,8 +72,7 @@ def _smbprotocol_backend_info() -> dict[str, Any]:
     with contextlib.suppress(Exception):
         info = backend.connections()[0]
         out = {"dialect": info.dialect, "security": security(info.signed, info.encrypted, None)}
-        with backend._registry_lock:
-            link = next(iter(backend._links.values())).result()
+        link = backend._registry.connections()[0]
         out["security"] = security(info.signed, info.encrypted,
                                     smbprotocol_algorithm(link.conn, info.encrypted))
     return out

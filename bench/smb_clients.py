@@ -103,7 +103,7 @@ def timed(op: Callable[[], None], n: int) -> list[float]:
 
 
 def security(signed: bool, encrypted: bool, algorithm: str | None) -> str:
-    """As the native link says it (``Link.security``): 'encrypted (AES-128-GCM)' etc."""
+    """As the native link says it (``SmbConnection.security``): 'encrypted (AES-128-GCM)' etc."""
     what = "encrypted" if encrypted else "signed" if signed else "unsigned"
     return f"{what} ({algorithm})" if algorithm and what != "unsigned" else what
 

@@ -34,7 +34,12 @@ from npipe.errors import ConnectionLost
 from npipe.samba.smbd import PrivateSmbd
 from npipe.smb.credentials import Credentials
 from npipe.smb.native import NativeClient, Options
-from npipe.smb.native.link import KEEPALIVE_PROBES, Link, Liveness, keepalive_settings
+from npipe.smb.native.connection import (
+    KEEPALIVE_PROBES,
+    Liveness,
+    SmbConnection,
+    keepalive_settings,
+)
 from npipe.testing.netns import (
     Hosts,
     SmbSite,
@@ -122,7 +127,7 @@ def _keepalive_of(options: Options | None) -> tuple[int, ...]:
         port = server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         transport, _link = await loop.create_connection(
-            lambda: Link("127.0.0.1", port, options), "127.0.0.1", port)
+            lambda: SmbConnection("127.0.0.1", port, options), "127.0.0.1", port)
         sock = transport.get_extra_info("socket")
         values = [sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)]
         if hasattr(socket, "TCP_KEEPIDLE"):

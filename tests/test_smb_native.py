@@ -304,9 +304,9 @@ def test_pipe_churn_moves_to_a_fresh_connection(
     """Each closed pipe may leave a READ Samba never answers (and keeps in smbd):
     after ABANDONED_READS_LIMIT of them new pipes go to a new connection, and the old
     one is closed once its pipes are, which frees smbd's memory."""
-    from npipe.smb.native import link as link_module
+    from npipe.smb.native import connection as connection_module
 
-    monkeypatch.setattr(link_module, "ABANDONED_READS_LIMIT", 20)
+    monkeypatch.setattr(connection_module, "ABANDONED_READS_LIMIT", 20)
 
     async def main() -> list[Any]:
         address = servers.address("smb3_11")
@@ -356,16 +356,16 @@ def test_request_and_answer_in_one_exchange(
 ) -> None:
     """A write that finds the pipe quiet goes out as FSCTL_PIPE_TRANSCEIVE (the answer
     in the same exchange); bulk data still flows as WRITEs and READs."""
-    from npipe.smb.native import link as link_module
+    from npipe.smb.native import connection as connection_module
 
     seen: list[int] = []
-    dispatch = link_module.Link._dispatch
+    dispatch = connection_module.SmbConnection._dispatch
 
     def counting(self: Any, responses: list[Any]) -> None:
         seen.extend(r.command for r in responses)
         dispatch(self, responses)
 
-    monkeypatch.setattr(link_module.Link, "_dispatch", counting)
+    monkeypatch.setattr(connection_module.SmbConnection, "_dispatch", counting)
 
     async def main() -> None:
         reader, writer = await open_pipe(servers.address("smb3_11"), credentials=CREDS,
@@ -512,20 +512,20 @@ def test_no_wait_before_the_read_after_pushed_data(
 def test_establish_applies_its_timeout_once() -> None:
     """A slow TCP connect and a server that never answers NEGOTIATE: the whole setup
     fails within the timeout, not after the connect's time plus the timeout again."""
-    from npipe.smb.native.link import Link
+    from npipe.smb.native.connection import SmbConnection
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
     port = listener.getsockname()[1]
-    real = Link._connect
+    real = SmbConnection._connect
 
-    async def slow_connect(self: Link, loop: asyncio.AbstractEventLoop) -> None:
+    async def slow_connect(self: SmbConnection, loop: asyncio.AbstractEventLoop) -> None:
         await asyncio.sleep(0.7)
         await real(self, loop)
 
     async def main() -> float:
-        link = Link("127.0.0.1", port)
+        link = SmbConnection("127.0.0.1", port)
         link._connect = functools.partial(slow_connect, link)  # type: ignore[method-assign]
         start = time.monotonic()
         with pytest.raises(HostUnreachable):

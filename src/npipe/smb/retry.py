@@ -2,13 +2,16 @@
 
 A missing or busy pipe is tried again (after FSCTL_PIPE_WAIT where the server has it,
 else after a doubling pause) until the deadline; a session that went away is replaced
-at most twice; anything else ends the open with the npipe error for its status.
+at most twice; a CREATE not answered in time retires its connection and ends the open
+with PipeBusy; anything else ends the open with the npipe error for its status.
+:func:`open_with_retries` drives that loop over a backend's connections and CREATEs.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple, Protocol, TypeVar
 
 from npipe.address import PipeAddress
 from npipe.errors import ConnectionLost, NpipeError, PipeBusy, PipeNotFound
@@ -20,7 +23,7 @@ RETRY_MAX = 1.0
 # A CREATE of a missing pipe takes ~75 ms on Samba: the last attempt may end a little
 # after the deadline rather than be cut short.
 CREATE_MIN_TIMEOUT = 2.0
-MAX_RELINKS = 2
+MAX_RECONNECTS = 2
 
 PipeWait = Callable[[float], Awaitable[int | None]]
 
@@ -35,7 +38,7 @@ class OpenRetry:
         self._loop = asyncio.get_running_loop()
         self.deadline = self._loop.time() + timeout
         self._delay = RETRY_FIRST
-        self._relinks = 0
+        self._reconnects = 0
         self._last_status = st.STATUS_OBJECT_NAME_NOT_FOUND
 
     def create_timeout(self) -> float:
@@ -50,16 +53,16 @@ class OpenRetry:
         )
 
     @staticmethod
-    def link_gone(status: int | None, alive: bool) -> bool:
+    def connection_gone(status: int | None, alive: bool) -> bool:
         """Whether a CREATE that failed with ``status`` calls for a new connection."""
         return status not in st.RETRY_STATUSES and (
-            status in st.LINK_GONE_STATUSES or not alive
+            status in st.CONNECTION_GONE_STATUSES or not alive
         )
 
-    def relink(self, where: str, detail: str) -> None:
+    def reconnect(self, where: str, detail: str) -> None:
         """Count a replaced connection; ConnectionLost once it keeps happening."""
-        self._relinks += 1
-        if self._relinks > MAX_RELINKS or self._loop.time() >= self.deadline:
+        self._reconnects += 1
+        if self._reconnects > MAX_RECONNECTS or self._loop.time() >= self.deadline:
             raise ConnectionLost(f"the SMB connection to {where} keeps failing: {detail}")
 
     async def wait(self, status: int | None, detail: str, pipe_wait: PipeWait | None) -> None:
@@ -86,3 +89,70 @@ class OpenRetry:
         return PipeNotFound(
             f"no pipe {self.address}: nothing listened on it for {self.timeout:g} s"
         )
+
+
+class Refused(NamedTuple):
+    """A CREATE that failed: its NTSTATUS (None without one), the detail for the errors,
+    ``short`` for the log line that retires a connection (default: ``detail``), and the
+    error to raise as is when waiting cannot help (else one is made from the status)."""
+
+    status: int | None
+    detail: str
+    short: str | None = None
+    error: BaseException | None = None
+
+
+class Retryable(Protocol):
+    """What :func:`open_with_retries` asks of a connection."""
+
+    @property
+    def where(self) -> str: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def pipe_wait(self) -> bool:
+        """Whether to ask FSCTL_PIPE_WAIT (until the server says it cannot)."""
+        ...
+
+    def retire(self, why: str) -> None: ...
+
+
+C = TypeVar("C", bound=Retryable)
+T = TypeVar("T")
+
+
+async def open_with_retries(
+    address: PipeAddress,
+    credentials: Credentials,
+    timeout: float,
+    *,
+    connect: Callable[[float], Awaitable[C]],
+    create: Callable[[C, float], Awaitable[T | Refused | None]],
+    pipe_wait: Callable[[C], PipeWait],
+) -> T:
+    """Open the pipe, retrying a missing or busy one until ``timeout``.
+
+    ``connect(deadline)``: the shared connection to use, by the loop's time ``deadline``;
+    ``create(connection, timeout)``: one CREATE, whose result is the open pipe, a
+    :class:`Refused`, or None if it was not answered in time; ``pipe_wait(connection)``:
+    FSCTL_PIPE_WAIT for the pipe there (asked while ``connection.pipe_wait``)."""
+    retry = OpenRetry(address, credentials, timeout)
+    while True:
+        connection = await connect(retry.deadline)
+        create_timeout = retry.create_timeout()
+        result = await create(connection, create_timeout)
+        if result is None:
+            connection.retire("a CREATE was not answered (the pipe's server may be stuck)")
+            raise retry.stuck(create_timeout)
+        if not isinstance(result, Refused):
+            return result
+        if retry.connection_gone(result.status, connection.alive):
+            connection.retire(f"the session is gone ({result.short or result.detail})")
+            retry.reconnect(connection.where, result.detail)
+            continue
+        if result.error is not None:
+            raise result.error
+        waiter = pipe_wait(connection) if connection.pipe_wait else None
+        await retry.wait(result.status, result.detail, waiter)

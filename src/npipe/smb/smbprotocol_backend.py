@@ -2,10 +2,10 @@
 
 One TCP connection, session and IPC$ tree connect per (host, port, credentials,
 encryption choice, allow_smb2) is shared by every pipe opened through it, in every
-thread and event loop of the process (a module-level registry; a connection that died
-is replaced on the next open; one without pipes that nobody asked for in the idle
-timeout, :func:`npipe.ioloop.idle_timeout`, is closed, swept on the shared I/O
-thread). Unlike the native backend it cannot share threads: smbprotocol blocks, so
+thread and event loop of the process (one process-wide :mod:`npipe.smb.registry`; a
+connection that died is replaced on the next open; one without pipes that nobody asked
+for in the idle timeout, :func:`npipe.ioloop.idle_timeout`, is closed, swept on the
+shared I/O thread). Unlike the native backend it cannot share threads: smbprotocol blocks, so
 each open pipe has two relay threads of its own (below), and each connection
 smbprotocol's receive thread. Signing
 is always required; encryption is on by default where the server can do it:
@@ -112,7 +112,8 @@ from npipe.errors import (
 from npipe.local.sockets import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
-from npipe.smb.retry import OpenRetry
+from npipe.smb.registry import ConnectionRegistry
+from npipe.smb.retry import PipeWait, Refused
 from npipe.smb.status import (
     EOF_STATUSES as _EOF_STATUSES,
 )
@@ -159,7 +160,7 @@ _DIALECTS = {
     Dialects.SMB_3_1_1: "3.1.1",
 }
 
-LinkKey = tuple[str, int, tuple[str | None, str | None, str, str | None], bool | None, bool]
+ConnectionKey = tuple[str, int, tuple[str | None, str | None, str, str | None], bool | None, bool]
 _SESSION_SETUP = Commands.SMB2_SESSION_SETUP
 _FLAG_SIGNED = Smb2Flags.SMB2_FLAGS_SIGNED
 
@@ -177,7 +178,7 @@ def _status_text(exc: BaseException) -> str:
     return f"NTSTATUS {status:#010x}"
 
 
-class _Link:
+class _SmbConnection:
     """One TCP connection + authenticated session + IPC$ tree connect."""
 
     def __init__(
@@ -378,6 +379,7 @@ class _Link:
 
     # --- state ----------------------------------------------------------------------
 
+    @property
     def alive(self) -> bool:
         transport = self.conn.transport
         return (
@@ -387,8 +389,14 @@ class _Link:
             and not self.aborted
         )
 
+    @property
     def usable(self) -> bool:
-        return self.alive() and not self.retired
+        return self.alive and not self.retired
+
+    @property
+    def busy(self) -> bool:
+        """Whether pipes are open on it."""
+        return self.pipes > 0
 
     def abort(self) -> None:
         """Close the TCP connection now: every waiting thread wakes with an error."""
@@ -431,7 +439,7 @@ class _Link:
         if idle:
             self._drop()
         else:
-            _schedule_sweep()  # idle from now on, perhaps
+            _registry.schedule_sweep()  # idle from now on, perhaps
 
     def info(self) -> SmbConnectionInfo:
         session = self.session
@@ -444,7 +452,7 @@ class _Link:
             signed=session is not None and session.signing_key is not None,
             encrypted=session is not None and bool(session.encrypt_data),
             pipes=self.pipes,
-            alive=self.alive(),
+            alive=self.alive,
             pipe_wait=self.pipe_wait,
         )
 
@@ -580,114 +588,70 @@ def _spnego_reason(exc: BaseException) -> str:
 
 # --- the registry of shared connections --------------------------------------------
 
-_registry_lock = threading.Lock()
-_links: dict[LinkKey, concurrent.futures.Future[_Link]] = {}
-_used: dict[LinkKey, float] = {}  # when each was last handed out or had pipes
-_sweeping = False
+def _retire_idle(connection: _SmbConnection, limit: float) -> None:
+    connection.retire(f"unused for {limit:g} s")  # no pipes: disconnects now
 
 
-def _link_key(
-    host: str, port: int, credentials: Credentials, encrypt: bool | None, allow_smb2: bool
-) -> LinkKey:
-    return (host.lower(), port, credentials.identity(), encrypt, allow_smb2)
+def _retire_dead(connection: _SmbConnection) -> None:
+    connection.retire("the connection died")
 
 
-def _link_future(
-    host: str, port: int, credentials: Credentials, encrypt: bool | None, allow_smb2: bool,
+def _call_later(delay: float, callback: Callable[[], None]) -> None:
+    """Sweeps run on the I/O thread (npipe.ioloop)."""
+    loop = ioloop.get_loop()
+    ioloop.call_soon(loop.call_later, delay, callback)
+
+
+# Process-wide: every thread and event loop shares these connections.
+_registry: ConnectionRegistry[_SmbConnection] = ConnectionRegistry(
+    _call_later, _retire_idle, replaced=_retire_dead
+)
+
+
+def _connection_key(
+    address: PipeAddress, credentials: Credentials, encrypt: bool | None, allow_smb2: bool
+) -> ConnectionKey:
+    return (address.host.lower(), address.port, credentials.identity(), encrypt, allow_smb2)
+
+
+def _set_up(
+    address: PipeAddress, credentials: Credentials, encrypt: bool | None, allow_smb2: bool,
     timeout: float,
-) -> concurrent.futures.Future[_Link]:
-    """The shared link for this key: live, being set up, or set up now in a thread."""
-    key = _link_key(host, port, credentials, encrypt, allow_smb2)
-    with _registry_lock:
-        future = _links.get(key)
-        if future is not None:
-            _used[key] = time.monotonic()
-            if not future.done():
-                return future
-            if future.exception() is None:
-                if future.result().usable():
-                    return future
-                future.result().retire("the connection died")
-        future = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()  # waiters cannot cancel the shared setup
-        _links[key] = future
-        _used[key] = time.monotonic()
-    _schedule_sweep()
+) -> concurrent.futures.Future[_SmbConnection]:
+    """Set a new connection up in a thread."""
+    host, port = address.host, address.port
+    future: concurrent.futures.Future[_SmbConnection] = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()  # waiters cannot cancel the shared setup
 
     def setup() -> None:
-        link = _Link(host, port, credentials, encrypt, allow_smb2)
+        connection = _SmbConnection(host, port, credentials, encrypt, allow_smb2)
         try:
-            link.establish(timeout)
+            connection.establish(timeout)
         except BaseException as exc:
             future.set_exception(exc)
         else:
             log.info(
                 "SMB connection to %s as %s: dialect %s, %s",
-                link.where,
+                connection.where,
                 credentials.describe(),
-                link.dialect,
-                "encrypted" if link.session.encrypt_data else "signed",
+                connection.dialect,
+                "encrypted" if connection.session.encrypt_data else "signed",
             )
-            future.set_result(link)
+            future.set_result(connection)
 
     threading.Thread(target=setup, name=f"npipe-smb-setup {host}:{port}", daemon=True).start()
     return future
 
 
-def _schedule_sweep() -> None:
-    """Look for idle connections on the I/O thread (npipe.ioloop), while any exist."""
-    global _sweeping
-    with _registry_lock:
-        if _sweeping or not _links:
-            return
-        _sweeping = True
-
-    def start() -> None:
-        ioloop.get_loop().call_later(ioloop.sweep_interval(), _sweep_idle)
-
-    ioloop.call_soon(start)
-
-
-def _sweep_idle() -> None:
-    """Close the connections with no pipes that nobody asked for in the idle timeout
-    (an open in progress asked: it has up to its own timeout, typically well below)."""
-    global _sweeping
-    now, limit = time.monotonic(), ioloop.idle_timeout()
-    idle = []
-    with _registry_lock:
-        for key, future in list(_links.items()):
-            if not future.done() or future.exception() is not None:
-                continue
-            link = future.result()
-            if link.pipes:
-                _used[key] = now
-            elif now - _used.get(key, now) >= limit and link.usable():
-                del _links[key]
-                _used.pop(key, None)
-                idle.append(link)
-        _sweeping = bool(_links)
-    for link in idle:
-        link.retire(f"unused for {limit:g} s")  # no pipes: disconnects now
-    if _sweeping:
-        ioloop.get_loop().call_later(ioloop.sweep_interval(), _sweep_idle)
-
-
 def connections() -> list[SmbConnectionInfo]:
     """The shared connections set up so far (live or dead, not yet replaced)."""
-    with _registry_lock:
-        futures = list(_links.values())
-    return [f.result().info() for f in futures if f.done() and f.exception() is None]
+    return [connection.info() for connection in _registry.connections()]
 
 
 def close_connections() -> None:
     """Disconnect every shared connection now (their pipes see end of stream)."""
-    with _registry_lock:
-        futures = list(_links.values())
-        _links.clear()
-        _used.clear()
-    for future in futures:
-        if future.done() and future.exception() is None:
-            future.result().abort()
+    for connection in _registry.clear():
+        connection.abort()
 
 
 # --- the relay between a pipe and a socket -----------------------------------------
@@ -696,7 +660,7 @@ def close_connections() -> None:
 class _Relay:
     """Two daemon threads copying between an open pipe and a connected socket."""
 
-    def __init__(self, link: _Link, op: Any, sock: socket.socket, label: str) -> None:
+    def __init__(self, link: _SmbConnection, op: Any, sock: socket.socket, label: str) -> None:
         self.link = link
         self.op = op
         self.sock = sock
@@ -786,7 +750,7 @@ class _Relay:
             self._finish()
 
     def _lost(self, exc: BaseException) -> None:
-        if isinstance(exc, SMBConnectionClosed) or not self.link.alive():
+        if isinstance(exc, SMBConnectionClosed) or not self.link.alive:
             err = ConnectionLost(f"the SMB connection to {self.link.where} was lost")
         else:
             err = ConnectionLost(f"pipe {self.label} failed: {exc}")
@@ -812,7 +776,7 @@ class _Relay:
         link = self.link
         pending = [r for r in (self._pending_read, self._pending_write) if r is not None]
         try:
-            if link.alive():
+            if link.alive:
                 for request in pending:
                     _cancel(request)
                 message, receive = self.op.close(send=False)
@@ -892,57 +856,39 @@ class SmbprotocolClient:
         timeout: float,
         encrypt: bool | None,
         allow_smb2: bool = False,
-    ) -> tuple[_Link, Any]:
+    ) -> tuple[_SmbConnection, Any]:
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
-        retry = OpenRetry(address, credentials, timeout)
-        while True:
-            link = await self._link(address, credentials, encrypt, allow_smb2, retry.deadline)
-            create_timeout = retry.create_timeout()
+        key = _connection_key(address, credentials, encrypt, allow_smb2)
+
+        def start(remaining: float) -> concurrent.futures.Future[_SmbConnection]:
+            return _set_up(address, credentials, encrypt, allow_smb2, remaining)
+
+        async def create(
+            connection: _SmbConnection, timeout: float
+        ) -> tuple[_SmbConnection, Any] | Refused | None:
             try:
                 op = await _in_thread(
                     _create_and_acquire,
-                    link,
+                    connection,
                     address.name,
-                    create_timeout,
-                    cleanup=functools.partial(_close_unused, link),
+                    timeout,
+                    cleanup=functools.partial(_close_unused, connection),
                 )
-                return link, op
             except _CreateTimeout:
-                link.retire("a CREATE was not answered (the pipe's server may be stuck)")
-                raise retry.stuck(create_timeout) from None
+                return None
             except Exception as exc:
-                status, detail, status_text = _status(exc), str(exc), _status_text(exc)
+                status = _status(exc)
                 # An npipe error without a status (say, a lost connection) stands as is.
                 error = exc if status is None and isinstance(exc, NpipeError) else None
-            if retry.link_gone(status, link.alive()):
-                link.retire(f"the session is gone ({status_text})")
-                retry.relink(link.where, detail)
-                continue
-            if error is not None:
-                raise error
-            pipe_wait = functools.partial(_in_thread, link.wait_for_pipe, address.name)
-            await retry.wait(status, detail, pipe_wait if link.pipe_wait else None)
+                return Refused(status, str(exc), _status_text(exc), error)
+            return connection, op
 
-    async def _link(
-        self,
-        address: PipeAddress,
-        credentials: Credentials,
-        encrypt: bool | None,
-        allow_smb2: bool,
-        deadline: float,
-    ) -> _Link:
-        loop = asyncio.get_running_loop()
-        remaining = max(deadline - loop.time(), 0.05)
-        future = _link_future(
-            address.host, address.port, credentials, encrypt, allow_smb2, remaining
-        )
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
-        except asyncio.TimeoutError:
-            raise HostUnreachable(
-                f"no SMB session with {address.host}:{address.port} within {remaining:g} s"
-            ) from None
+        def pipe_wait(connection: _SmbConnection) -> PipeWait:
+            return functools.partial(_in_thread, connection.wait_for_pipe, address.name)
+
+        return await _registry.open(key, address, credentials, timeout, start=start,
+                                    create=create, pipe_wait=pipe_wait)
 
     @staticmethod
     def connections() -> list[SmbConnectionInfo]:
@@ -953,13 +899,13 @@ class SmbprotocolClient:
         close_connections()
 
 
-def _create_and_acquire(link: _Link, name: str, timeout: float) -> Any:
+def _create_and_acquire(link: _SmbConnection, name: str, timeout: float) -> Any:
     op = link.create_pipe(name, timeout)
     link.acquire()
     return op
 
 
-def _close_unused(link: _Link, op: Any) -> None:
+def _close_unused(link: _SmbConnection, op: Any) -> None:
     """A pipe opened for a caller that gave up (cancelled): close it again."""
 
     def close() -> None:

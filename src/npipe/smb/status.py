@@ -72,7 +72,7 @@ EOF_STATUSES = {
     STATUS_CANCELLED,
 }
 # The session or tree connect is gone: open a new connection and try again.
-LINK_GONE_STATUSES = {
+CONNECTION_GONE_STATUSES = {
     STATUS_NETWORK_NAME_DELETED,
     STATUS_USER_SESSION_DELETED,
     STATUS_NETWORK_SESSION_EXPIRED,

@@ -4,7 +4,7 @@
 * :mod:`.negotiate` - NEGOTIATE with the 3.1.1 contexts
 * :mod:`.crypto` - key derivation, signing, encryption
 * :mod:`.core` - the connection's state machine: message ids, credits, security
-* :mod:`.link` - one connection driven by asyncio (setup, requests, teardown)
+* :mod:`.connection` - one connection driven by asyncio (setup, requests, teardown)
 * :mod:`.pipe` - an open pipe as an asyncio transport (READs kept in flight)
 * :mod:`.client` - the backend: shared connections, opening pipes, the socket relay
 

@@ -3,7 +3,7 @@
 It turns requests into bytes to send and received bytes into :class:`Response` objects,
 and keeps the state that lies between: message ids, credits, the dialect, the preauth
 integrity hash, the session's keys, which responses must be signed or encrypted. It
-never touches a socket; :mod:`npipe.smb.native.link` drives it with asyncio, and the
+never touches a socket; :mod:`npipe.smb.native.connection` drives it with asyncio, and the
 tests drive it with bytes.
 
 One connection carries one session (npipe opens one connection per host and identity).

@@ -42,8 +42,8 @@ from typing import Any
 from npipe.errors import ConnectionLost
 from npipe.smb import status as st
 from npipe.smb.native import wire
+from npipe.smb.native.connection import SmbConnection
 from npipe.smb.native.core import Outgoing, Response
-from npipe.smb.native.link import Link
 
 log = logging.getLogger("npipe.smb")
 
@@ -88,10 +88,10 @@ CLOSE_AFTER_CANCEL_TIMEOUT = 0.5
 
 
 class RemotePipe(asyncio.Transport):
-    """An open pipe on a :class:`Link`; set a protocol with :meth:`set_protocol`."""
+    """An open pipe on a :class:`SmbConnection`; set a protocol with :meth:`set_protocol`."""
 
     def __init__(
-        self, link: Link, file_id: bytes, name: str, *, first_read: EarlyRead | None = None
+        self, link: SmbConnection, file_id: bytes, name: str, *, first_read: EarlyRead | None = None
     ) -> None:
         super().__init__()
         self.link = link

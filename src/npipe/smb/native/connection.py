@@ -1,6 +1,6 @@
 """One SMB connection driven by asyncio: TCP, NEGOTIATE, SESSION_SETUP, IPC$.
 
-:class:`Link` is an :class:`asyncio.Protocol` around a :class:`~.core.Smb2Client`: it
+:class:`SmbConnection` is an :class:`asyncio.Protocol` around a :class:`~.core.Smb2Client`: it
 sends what the core builds and hands each response to whoever waits for its message id,
 as a callback (READ and WRITE completions) or a future (everything else). Requests that
 find too few credits wait in one FIFO queue, so the order on the wire is the order of
@@ -131,7 +131,7 @@ def set_keepalive(sock: socket.socket, timeout: float) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-class Link(asyncio.Protocol):
+class SmbConnection(asyncio.Protocol):
     """One TCP connection, one authenticated session, one IPC$ tree connect."""
 
     def __init__(self, host: str, port: int, options: Options | None = None) -> None:
@@ -239,6 +239,11 @@ class Link(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return self.alive and not self.retired
+
+    @property
+    def busy(self) -> bool:
+        """Whether pipes are open on it."""
+        return bool(self.pipes)
 
     def submit(self, build: Callable[[], Outgoing], charge: int, callback: Callback) -> None:
         """Send the request ``build`` makes as soon as ``charge`` credits are in hand;
