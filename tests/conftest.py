@@ -44,3 +44,18 @@ def pipe_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("NPIPE_PIPE_DIR", str(d / "pipes"))
     yield d / "pipes"
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def np_dir(pipe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for smbd's np/ directory (root's, 0700): the tests play smbd there,
+    which runs as root, so they need root (a failure under CI=true, else a skip)."""
+    if os.geteuid() != 0:
+        reason = "needs root: it plays smbd, which runs as root"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true", pytrace=False)
+        pytest.skip(reason)
+    np = pipe_dir.parent / "np"
+    np.mkdir(mode=0o700)
+    monkeypatch.setenv("NPIPE_SAMBA_NP_DIR", str(np))
+    return np

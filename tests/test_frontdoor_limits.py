@@ -160,23 +160,6 @@ def test_bad_max_connections_is_a_config_error(pipe_dir: Path) -> None:
     assert not (pipe_dir / "svc").exists() and not (pipe_dir / "x").exists()
 
 
-def _require_root() -> None:
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("needs root (it plays smbd, which runs as root); CI=true", pytrace=False)
-    pytest.skip("needs root: it plays smbd, which runs as root")
-
-
-@pytest.fixture
-def np_dir(pipe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    _require_root()
-    np = pipe_dir.parent / "np"
-    np.mkdir(mode=0o700)
-    monkeypatch.setenv("NPIPE_SAMBA_NP_DIR", str(np))
-    return np
-
-
 def test_grpc_pending_samba_handshakes_hold_slots(
     np_dir: Path, pipe_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -31,23 +31,6 @@ from npipe.samba import np_listener as samba
 from npipe.samba.npa import REPLY_SIZE, NpaRequest, parse_request
 
 
-def require_root() -> None:
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("needs root (it plays smbd, which runs as root); CI=true", pytrace=False)
-    pytest.skip("needs root: it plays smbd, which runs as root")
-
-
-@pytest.fixture
-def np_dir(pipe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    require_root()
-    np = pipe_dir.parent / "np"
-    np.mkdir(mode=0o700)
-    monkeypatch.setenv("NPIPE_SAMBA_NP_DIR", str(np))
-    return np
-
-
 @pytest.fixture
 def served(np_dir: Path) -> Iterator[Path]:
     """A grpcio echo server on pipe 'door', open to npt (the user in the vectors)."""
