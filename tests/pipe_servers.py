@@ -4,9 +4,11 @@ answer the named_pipe_auth handshake with ``npipe.samba.npa``, then run a handle
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from npipe.samba.npa import NpaRequestReader, build_reply
@@ -76,3 +78,43 @@ def echo(conn: socket.socket, data: bytes) -> None:
         conn.sendall(data)
     while data := conn.recv(1 << 20):
         conn.sendall(data)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the kernel picked (so concurrent runs never meet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SmbdPool:
+    """Private smbds on loopback, one per named configuration (extra smb.conf lines),
+    started on first use, each with an echo pipe."""
+
+    def __init__(self, configs: Mapping[str, Mapping[str, str]], users: Mapping[str, str],
+                 prefix: str = "npsmbd") -> None:
+        from npipe.samba.smbd import PrivateSmbd
+
+        self._make = PrivateSmbd
+        self.configs = configs
+        self.users = dict(users)
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.running: dict[str, tuple[PrivateSmbd, PipeServer]] = {}
+
+    def port(self, config: str) -> int:
+        if config not in self.running:
+            smbd = self._make(self.dir / config, port=free_port(), bind_address="127.0.0.1",
+                              users=self.users, extra=self.configs[config])
+            smbd.start()
+            self.running[config] = (smbd, PipeServer(smbd.np_dir, "echo", echo))
+        return self.running[config][0].port
+
+    def address(self, config: str) -> str:
+        """The echo pipe of that configuration's smbd."""
+        return f"//127.0.0.1:{self.port(config)}/pipe/echo"
+
+    def close(self) -> None:
+        for smbd, pipe in self.running.values():
+            pipe.close()
+            smbd.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import tempfile
 import time
 from collections.abc import Awaitable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from pipe_servers import PipeServer, echo
+from pipe_servers import SmbdPool
 from smb_tamper import (
     CAP_ENCRYPTION,
     ENCRYPTION_CAPABILITIES,
@@ -41,7 +37,6 @@ from smb_tamper import (
 )
 
 from npipe.errors import ConfigError, NegotiationTampered
-from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import BACKENDS, get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
@@ -64,38 +59,10 @@ SERVERS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Servers:
-    """One private smbd per configuration, started on first use, each with an echo pipe."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="npdown", dir="/tmp"))
-        self.running: dict[str, tuple[PrivateSmbd, PipeServer]] = {}
-
-    def port(self, config: str) -> int:
-        if config not in self.running:
-            smbd = PrivateSmbd(self.dir / config, port=_free_port(), bind_address="127.0.0.1",
-                               users={USER: PASSWORD}, extra=SERVERS[config])
-            smbd.start()
-            self.running[config] = (smbd, PipeServer(smbd.np_dir, "echo", echo))
-        return self.running[config][0].port
-
-    def close(self) -> None:
-        for smbd, pipe in self.running.values():
-            pipe.close()
-            smbd.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def servers() -> Iterator[Servers]:
+def servers() -> Iterator[SmbdPool]:
     require_root_and_samba()
-    s = Servers()
+    s = SmbdPool(SERVERS, {USER: PASSWORD}, prefix="npdown")
     try:
         yield s
     finally:
@@ -152,7 +119,7 @@ def _connections_closed(proxy: TamperProxy) -> None:
 # --- SMB 2.x only with allow_smb2 ---------------------------------------------------
 
 
-def test_client_negotiate_rewritten_to_smb21(servers: Servers, backend: str) -> None:
+def test_client_negotiate_rewritten_to_smb21(servers: SmbdPool, backend: str) -> None:
     """The attacker makes the client seem to offer 2.1 only: refused by default."""
     with TamperProxy(servers.port("smb3_11")) as proxy:
         proxy.tamper(request_to(NEGOTIATE), "rewrite", edit=offer_only(0x0210),
@@ -174,7 +141,7 @@ def test_client_negotiate_rewritten_to_smb21(servers: Servers, backend: str) -> 
         assert not proxy.errors, proxy.errors
 
 
-def test_allow_smb2_without_tampering(servers: Servers, backend: str) -> None:
+def test_allow_smb2_without_tampering(servers: SmbdPool, backend: str) -> None:
     """allow_smb2=True does not change what a 3.x server negotiates."""
     with TamperProxy(servers.port("smb3_11")) as proxy:
         info = run(_echo_once(proxy.address("echo"), backend, allow_smb2=True))
@@ -182,7 +149,7 @@ def test_allow_smb2_without_tampering(servers: Servers, backend: str) -> None:
         assert not proxy.errors, proxy.errors
 
 
-def test_smb2_server_only_with_allow_smb2(servers: Servers, backend: str) -> None:
+def test_smb2_server_only_with_allow_smb2(servers: SmbdPool, backend: str) -> None:
     port = servers.port("smb2_10")
     address = f"//127.0.0.1:{port}/pipe/echo"
     error = _open_fails(address, backend)
@@ -196,7 +163,7 @@ def test_smb2_server_only_with_allow_smb2(servers: Servers, backend: str) -> Non
 
 
 @pytest.mark.parametrize("config", ["smb3_00", "smb3_02"])
-def test_validated_negotiation_passes(servers: Servers, backend: str, config: str) -> None:
+def test_validated_negotiation_passes(servers: SmbdPool, backend: str, config: str) -> None:
     """Untouched, a 3.0 / 3.0.2 session validates and encrypts."""
     with TamperProxy(servers.port(config)) as proxy:
         info = run(_echo_once(proxy.address("echo"), backend))
@@ -206,7 +173,7 @@ def test_validated_negotiation_passes(servers: Servers, backend: str, config: st
 
 
 @pytest.mark.parametrize("config", ["smb3_00", "smb3_02"])
-def test_stripped_encryption_capability(servers: Servers, backend: str, config: str) -> None:
+def test_stripped_encryption_capability(servers: SmbdPool, backend: str, config: str) -> None:
     """CAP_ENCRYPTION cleared in the NEGOTIATE response: the client would sign only;
     VALIDATE_NEGOTIATE_INFO shows the server's real capabilities."""
 
@@ -223,7 +190,7 @@ def test_stripped_encryption_capability(servers: Servers, backend: str, config: 
         assert not proxy.errors, proxy.errors
 
 
-def test_client_negotiate_rewritten_to_smb30(servers: Servers, backend: str) -> None:
+def test_client_negotiate_rewritten_to_smb30(servers: SmbdPool, backend: str) -> None:
     """A 3.1.1 server made to pick 3.0 (the client seems to offer 3.0 only): the server
     sees the real dialect list in VALIDATE_NEGOTIATE_INFO and hangs up."""
     with TamperProxy(servers.port("smb3_11")) as proxy:
@@ -240,7 +207,7 @@ def test_client_negotiate_rewritten_to_smb30(servers: Servers, backend: str) -> 
 # --- 3.1.1: preauth integrity -------------------------------------------------------------
 
 
-def test_stripped_encryption_context(servers: Servers, backend: str) -> None:
+def test_stripped_encryption_context(servers: SmbdPool, backend: str) -> None:
     """The ENCRYPTION_CAPABILITIES context removed from the 3.1.1 NEGOTIATE response: the
     keys hash the response as each side saw it, so the session's signature fails."""
 
@@ -258,7 +225,7 @@ def test_stripped_encryption_context(servers: Servers, backend: str) -> None:
         assert not proxy.errors, proxy.errors
 
 
-def test_untouched_311_encrypts(servers: Servers, backend: str) -> None:
+def test_untouched_311_encrypts(servers: SmbdPool, backend: str) -> None:
     with TamperProxy(servers.port("smb3_11")) as proxy:
         proxy.tamper(response_to(0xFF), "drop")  # matches nothing: the proxy only counts
         info = run(_echo_once(proxy.address("echo"), backend))
@@ -266,7 +233,7 @@ def test_untouched_311_encrypts(servers: Servers, backend: str) -> None:
         assert not proxy.fired.is_set() and not proxy.errors
 
 
-def test_client_negotiate_rewritten_on_311(servers: Servers, backend: str) -> None:
+def test_client_negotiate_rewritten_on_311(servers: SmbdPool, backend: str) -> None:
     """Any change to the client's 3.1.1 NEGOTIATE (here: its 2.x dialects dropped, the
     cipher left alone) changes the server's preauth hash: the session's keys differ and
     the final SESSION_SETUP signature fails (smbprotocol itself checks it only on a

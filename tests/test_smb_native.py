@@ -15,19 +15,15 @@ import contextlib
 import functools
 import os
 import random
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Coroutine, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from pipe_servers import PipeServer, echo
+from pipe_servers import PipeServer, SmbdPool
 
 from npipe.errors import ConfigError, ConnectionLost, HostUnreachable
-from npipe.samba.smbd import PrivateSmbd
 from npipe.smb import get_client, open_pipe
 from npipe.smb.credentials import Credentials
 from npipe.smb.native import Options, connect, wire
@@ -76,38 +72,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Servers:
-    """One private smbd per configuration, started on first use, each with an echo pipe."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="npnat", dir="/tmp"))
-        self.running: dict[str, tuple[PrivateSmbd, PipeServer]] = {}
-
-    def address(self, config: str) -> str:
-        if config not in self.running:
-            smbd = PrivateSmbd(self.dir / config, port=_free_port(), bind_address="127.0.0.1",
-                               users={USER: PASSWORD}, extra=CONFIGS[config][0])
-            smbd.start()
-            self.running[config] = (smbd, PipeServer(smbd.np_dir, "echo", echo))
-        return f"//127.0.0.1:{self.running[config][0].port}/pipe/echo"
-
-    def close(self) -> None:
-        for smbd, pipe in self.running.values():
-            pipe.close()
-            smbd.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def servers() -> Iterator[Servers]:
+def servers() -> Iterator[SmbdPool]:
     require_root_and_samba()
-    s = Servers()
+    s = SmbdPool({k: v[0] for k, v in CONFIGS.items()}, {USER: PASSWORD}, prefix="npnat")
     try:
         yield s
     finally:
@@ -133,7 +101,7 @@ async def _echo_sizes(
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_dialects_ciphers_and_signing(servers: Servers, config: str) -> None:
+def test_dialects_ciphers_and_signing(servers: SmbdPool, config: str) -> None:
     _settings, dialect, default, signed_only = CONFIGS[config]
     address = servers.address(config)
     smb2 = dialect.startswith("2.")
@@ -147,7 +115,7 @@ def test_dialects_ciphers_and_signing(servers: Servers, config: str) -> None:
             run(_echo_sizes(address, True, smb2))
 
 
-def test_unsigned_when_the_server_allows_it(servers: Servers) -> None:
+def test_unsigned_when_the_server_allows_it(servers: SmbdPool) -> None:
     """Only benchmarks ask for it: SMB 2.1 without signing against a server that does
     not require it; a server that requires signing gets it anyway."""
     host, port = "127.0.0.1", int(servers.address("smb2_10").split(":")[1].split("/")[0])
@@ -178,7 +146,7 @@ async def _security_of(host: str, port: int) -> str:
         await link.close()
 
 
-def test_many_reads_in_flight_for_a_stream(servers: Servers) -> None:
+def test_many_reads_in_flight_for_a_stream(servers: SmbdPool) -> None:
     """A bulk stream grows the READs in flight (Samba returns <= 64 KiB per READ);
     a quiet pipe keeps one posted."""
 
@@ -199,7 +167,7 @@ def test_many_reads_in_flight_for_a_stream(servers: Servers) -> None:
     assert quiet == 1 and busy >= 8
 
 
-def test_closing_pipes_leaves_nothing_waiting(servers: Servers) -> None:
+def test_closing_pipes_leaves_nothing_waiting(servers: SmbdPool) -> None:
     """Samba never answers the READ a closed pipe leaves pending: the client forgets it
     rather than keeping it (and its callback) for the connection's lifetime."""
 
@@ -256,7 +224,7 @@ async def _stream_through(backend: str, address: str, seed: int) -> bytes:
 
 
 @pytest.mark.parametrize("config", ["smb2_10", "smb3_02", "smb3_11"])
-def test_both_backends_carry_the_same_bytes(servers: Servers, config: str) -> None:
+def test_both_backends_carry_the_same_bytes(servers: SmbdPool, config: str) -> None:
     address = servers.address(config)
     for seed in (1, 2):
         native = run(_stream_through("native", address, seed))
@@ -264,7 +232,7 @@ def test_both_backends_carry_the_same_bytes(servers: Servers, config: str) -> No
         assert native == reference
 
 
-def test_both_backends_see_a_server_that_closes(servers: Servers) -> None:
+def test_both_backends_see_a_server_that_closes(servers: SmbdPool) -> None:
     """A pipe server that answers and closes: both backends read the answer, then EOF."""
     smbd, _echo = servers.running.get("smb3_11") or (None, None)
     if smbd is None:
@@ -299,7 +267,7 @@ def test_both_backends_see_a_server_that_closes(servers: Servers) -> None:
 
 
 def test_pipe_churn_moves_to_a_fresh_connection(
-    servers: Servers, monkeypatch: pytest.MonkeyPatch
+    servers: SmbdPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each closed pipe may leave a READ Samba never answers (and keeps in smbd):
     after ABANDONED_READS_LIMIT of them new pipes go to a new connection, and the old
@@ -329,7 +297,7 @@ def test_pipe_churn_moves_to_a_fresh_connection(
     assert [link.alive for link in links[:2]] == [False, False]
 
 
-def test_transceive_and_peek(servers: Servers) -> None:
+def test_transceive_and_peek(servers: SmbdPool) -> None:
     """FSCTL_PIPE_TRANSCEIVE (a write and its answer in one round trip) works on Samba;
     FSCTL_PIPE_PEEK is not implemented there and says so."""
     port = int(servers.address("smb3_11").split(":")[1].split("/")[0])
@@ -352,7 +320,7 @@ def test_transceive_and_peek(servers: Servers) -> None:
 
 
 def test_request_and_answer_in_one_exchange(
-    servers: Servers, monkeypatch: pytest.MonkeyPatch
+    servers: SmbdPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write that finds the pipe quiet goes out as FSCTL_PIPE_TRANSCEIVE (the answer
     in the same exchange); bulk data still flows as WRITEs and READs."""
@@ -386,7 +354,7 @@ def test_request_and_answer_in_one_exchange(
     run(main())
 
 
-def test_server_data_after_a_quiet_spell_still_arrives(servers: Servers) -> None:
+def test_server_data_after_a_quiet_spell_still_arrives(servers: SmbdPool) -> None:
     """After an answer the next READ waits a moment (for a TRANSCEIVE); what the server
     sends unasked later is still read at once."""
     smbd, _echo = servers.running.get("smb3_11") or (None, None)
@@ -426,7 +394,7 @@ def test_server_data_after_a_quiet_spell_still_arrives(servers: Servers) -> None
 
 
 def test_a_server_that_closes_on_a_transceive_ends_the_stream(
-    servers: Servers, monkeypatch: pytest.MonkeyPatch
+    servers: SmbdPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The request goes as a TRANSCEIVE and the server closes instead of answering:
     Samba says CONNECTION_DISCONNECTED, which is the end of the stream (not an error)."""
@@ -464,7 +432,7 @@ def test_a_server_that_closes_on_a_transceive_ends_the_stream(
 
 
 def test_no_wait_before_the_read_after_pushed_data(
-    servers: Servers, monkeypatch: pytest.MonkeyPatch
+    servers: SmbdPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The READ after an answer to a write waits QUIET_READ_DELAY (for a TRANSCEIVE);
     the READ after data the server pushed unasked goes out at once (bench/server_push.py:
