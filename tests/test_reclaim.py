@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -254,3 +257,29 @@ def test_a_killed_servers_socket_for_smbd_is_reclaimed(
         assert not os.path.lexists(np_dir / "smbdead")
     finally:
         server.stop(None)
+
+
+def test_only_what_npipe_made_is_taken_from_tmp() -> None:
+    """Directories under /tmp named like an older npipe's private ones are removed only
+    if they hold nothing but what those held (a dead backend socket, relay names): never
+    a demo's smbd directory or anything else that happens to share the prefix."""
+    old = time.time() - 3600
+    made: list[Path] = []
+    try:
+        for content in ("g", "smb.conf"):
+            d = Path(tempfile.mkdtemp(prefix="npipe-", dir="/tmp"))
+            made.append(d)
+            if content == "g":
+                s = socket.socket(socket.AF_UNIX)
+                s.bind(str(d / "g"))
+                s.close()  # bound, never listening: dead
+            else:
+                (d / content).write_text("[global]\n")
+            os.utime(d, (old, old))
+        removed = reclaim.reclaim()
+        assert made[0] in removed and not made[0].exists()  # an old backend dir: dead
+        assert made[1] not in removed and made[1].exists()  # not npipe's: kept
+    finally:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+

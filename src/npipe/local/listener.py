@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -285,7 +286,9 @@ def remove_private_dir(private: Path, uid: int) -> bool:
     except (OSError, ValueError):
         return False
     if owner is None:
-        if time.time() - st.st_mtime < UNRECORDED_GRACE:
+        # Made by an older npipe (no record): only a directory holding nothing but what
+        # those made (the backend socket, a bridge's socket, relay names), and not new.
+        if time.time() - st.st_mtime < UNRECORDED_GRACE or not _only_npipe_sockets(private):
             return False
     elif not isinstance(owner, dict) or record_alive(owner):
         return False
@@ -293,6 +296,16 @@ def remove_private_dir(private: Path, uid: int) -> bool:
         return False
     shutil.rmtree(private, ignore_errors=True)
     return True
+
+
+_OLD_PRIVATE_ENTRY = re.compile(r"(?:g|b|c[0-9]+)\Z")
+
+
+def _only_npipe_sockets(directory: Path) -> bool:
+    try:
+        return all(_OLD_PRIVATE_ENTRY.match(name) for name in os.listdir(directory))
+    except OSError:
+        return False
 
 
 def _sockets_in(directory: Path) -> list[Path]:
