@@ -73,6 +73,34 @@ class BenchClient:
         pass
 
 
+class BlockingEchoClient(BenchClient):
+    """A client with a blocking ``echo(data) -> answer`` (one request, its answer): the
+    latency and throughput loops are the same for every such library."""
+
+    payload: bytes
+
+    def echo(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def lat(self, n: int) -> list[float]:
+        payload, echo = self.payload, self.echo
+
+        def one() -> None:
+            _check(echo(payload), payload)
+
+        return timed(one, n)
+
+    def tput(self, size: int, n: int) -> list[float]:
+        msg = os.urandom(size)
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            got = self.echo(msg)
+            out.append(size / (time.perf_counter() - t0) / 1e6)
+            _check(got, msg)
+        return out
+
+
 class LoopClient(BenchClient):
     """An asyncio client on an event loop of its own, driven one command at a time."""
 
@@ -294,7 +322,7 @@ class MinimalClient(LoopClient):
 # ================================================================== smbprotocol
 
 
-class SmbprotocolClient(BenchClient):
+class SmbprotocolClient(BlockingEchoClient):
     """smbprotocol used directly: one Connection/Session/TreeConnect/Open, sync calls;
     a round trip is one IOCTL FSCTL_PIPE_TRANSCEIVE."""
 
@@ -374,24 +402,6 @@ class SmbprotocolClient(BenchClient):
         receive(request)
         return got
 
-    def lat(self, n: int) -> list[float]:
-        payload, echo = self.payload, self.echo
-
-        def one() -> None:
-            _check(echo(payload), payload)
-
-        return timed(one, n)
-
-    def tput(self, size: int, n: int) -> list[float]:
-        msg = os.urandom(size)
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            got = self.echo(msg)
-            out.append(size / (time.perf_counter() - t0) / 1e6)
-            _check(got, msg)
-        return out
-
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.op.close()
@@ -401,7 +411,7 @@ class SmbprotocolClient(BenchClient):
 # ================================================================== impacket
 
 
-class ImpacketClient(BenchClient):
+class ImpacketClient(BlockingEchoClient):
     """impacket's SMBConnection; a round trip is one ``transactNamedPipe``."""
 
     def __init__(self, host: str, user: str, password: str, pipe: str,
@@ -443,24 +453,6 @@ class ImpacketClient(BenchClient):
             return self._rest(bytes(smb.transactNamedPipe(tid, fid, data)), len(data))
         smb.writeFile(tid, fid, data)
         return self._rest(b"", len(data))
-
-    def lat(self, n: int) -> list[float]:
-        payload, echo = self.payload, self.echo
-
-        def one() -> None:
-            _check(echo(payload), payload)
-
-        return timed(one, n)
-
-    def tput(self, size: int, n: int) -> list[float]:
-        msg = os.urandom(size)
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            got = self.echo(msg)
-            out.append(size / (time.perf_counter() - t0) / 1e6)
-            _check(got, msg)
-        return out
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
