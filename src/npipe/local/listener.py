@@ -126,8 +126,8 @@ def locked(lock_file: Path, *, create: bool) -> Iterator[int | None]:
         try:
             lock_fd = os.open(lock_file, flags, 0o600)
         except FileNotFoundError:
-            if create:
-                continue
+            if create:  # (O_CREAT: it is the directory that is missing)
+                raise
             yield None
             return
         try:
