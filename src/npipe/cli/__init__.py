@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from npipe.cli import commands
+from npipe.cli import commands, service
 from npipe.cli.samba import add_samba_parser
 from npipe.errors import AddressError, ConfigError, NpipeError
 
@@ -131,12 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="npipe: %(levelname)s: %(message)s",
     )
     try:
+        config_parser = getattr(args, "config_parser", None)
+        if config_parser is not None:  # a long-running command: --config and NPIPE_*
+            service.apply_config(config_parser, args, argv)
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
