@@ -116,3 +116,47 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await _reply(send, 200, json.dumps(headers).encode(), b"application/json")
     else:
         await _reply(send, 404, b"not found")
+
+
+# --- an in-process server for the tests --------------------------------------------------
+
+
+class ServerThread:
+    """serve_asgi(app, name, **options) on its own event loop in a thread, so that sync
+    clients (and asyncio.run clients with their own loop) can call it from the test."""
+
+    def __init__(self, name: str, application: Any = None, **options: Any) -> None:
+        self.name = name
+        self.app = application if application is not None else app
+        self.options = options
+        self.loop = asyncio.new_event_loop()
+        self.server: Any = None
+        self._thread: Any = None
+
+    def __enter__(self) -> ServerThread:
+        import threading
+
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = self.call(self._start())
+        return self
+
+    async def _start(self) -> Any:
+        from npipe.http import serve_asgi
+
+        return await serve_asgi(self.app, self.name, **self.options)
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self.server is not None:
+            self.call(self.server.aclose(), timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
