@@ -80,8 +80,8 @@ def test_transports_replace_httpx_pool_with_a_pipe_backed_one() -> None:
 
 
 def test_import_npipe_loads_no_http_libraries() -> None:
-    probe = ("import sys, npipe, npipe.http; "
-             "print(sorted(m for m in ('httpx', 'httpcore', 'hypercorn', 'h2') if m in sys.modules))")
+    probe = ("import sys, npipe, npipe.http; print(sorted(m for m in "
+             "('httpx', 'httpcore', 'hypercorn', 'h2') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
