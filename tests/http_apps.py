@@ -8,7 +8,7 @@ GET  /big?n=N            -> N bytes of a known pattern (pattern(N))
 GET  /stream?chunks=N    -> N chunks "chunk i\\n", sent one by one
 GET  /slow?s=SECONDS     -> "done" after sleeping
 GET  /caller             -> JSON of scope["extensions"]["npipe.caller"] and the HTTP version
-GET  /lifespan           -> JSON of what the lifespan saw
+GET  /lifespan           -> JSON of the lifespan counters and the request's scope["state"]
 GET  /status?code=N      -> status N, body "status N"
 GET  /headers            -> JSON of the request headers
 """
@@ -69,6 +69,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 LIFESPAN["startup"] += 1
+                await asyncio.sleep(float(os.environ.get("HTTP_APPS_STARTUP_DELAY", "0")))
+                if "state" in scope:  # handed to every request's scope
+                    scope["state"]["started_by"] = "lifespan"
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 LIFESPAN["shutdown"] += 1
@@ -107,7 +110,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     elif path == "/caller":
         await _reply(send, 200, json.dumps(_caller_json(scope)).encode(), b"application/json")
     elif path == "/lifespan":
-        await _reply(send, 200, json.dumps(LIFESPAN).encode(), b"application/json")
+        seen = {**LIFESPAN, "state": dict(scope.get("state") or {})}
+        await _reply(send, 200, json.dumps(seen).encode(), b"application/json")
     elif path == "/status":
         code = int(query.get("code", "200"))
         await _reply(send, code, f"status {code}".encode())
