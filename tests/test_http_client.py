@@ -364,6 +364,14 @@ def test_remote_pipe_through_samba(site: Any) -> None:
     address = "\\\\" + site.hosts.server_ip + "\\pipe\\remoteapi"
     with remote_server(site, "remoteapi"):
         out = run_client(site, REMOTE_CLIENT, address, ALICE)
+        from npipe.testing.netns import run_in
+
+        env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
+        cli = run_in(site.hosts.client_ns, [sys.executable, "-m", "npipe", "http", "--http2",
+                                            site.address("remoteapi"), "/caller"],
+                     env=env, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["account"] == ALICE
     for version in ("h1", "h2"):
         sync, asynchronous = out[f"sync-{version}"], out[f"async-{version}"]
         for who in (sync["who"], asynchronous["who"]):
