@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import grpc
 
 from npipe.cli import commands, service
+from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
 from npipe.errors import AddressError, ConfigError, NpipeError
 
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.call)
 
     add_samba_parser(sub, [common])
+    add_http_parsers(sub, common, dial)
 
     p = sub.add_parser(
         "ls", parents=[common], help="list local pipes",

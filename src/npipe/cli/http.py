@@ -1,0 +1,275 @@
+r"""``npipe http`` (a curl for pipes) and ``npipe serve-asgi`` (an ASGI app on a pipe).
+
+httpx and hypercorn are imported only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import re
+import sys
+from typing import IO, TYPE_CHECKING, Any
+
+from npipe.acl import OWNER_ONLY, Acl
+from npipe.address import parse_address
+from npipe.cli import service
+from npipe.errors import ConfigError, NpipeError
+
+if TYPE_CHECKING:
+    import httpx
+
+EXIT_HTTP_ERROR = 22  # curl -f's exit code for a response >= 400
+# RFC 9110 token: what a header name may be made of.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BAD_VALUE = re.compile(r"[\r\n\0]")
+
+
+def add_http_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    dial: argparse.ArgumentParser,
+) -> None:
+    """Register ``http`` and ``serve-asgi``."""
+    p = sub.add_parser(
+        "http", parents=[common, dial], help="make an HTTP request over a pipe (like curl)",
+        usage="npipe http [METHOD] ADDRESS PATH [-d DATA|@FILE] [-H 'Name: value'] "
+              "[--http2] [-i] [-f] [-o FILE] [options]",
+        description="Send one HTTP request over a pipe and print the response body (bytes "
+        "as they are). Exit 0 for any response unless -f is given; with -f a status >= 400 "
+        "prints no body and exits 22 (as curl does).",
+    )
+    p.add_argument("path", metavar="PATH", help="the request target, e.g. /items?limit=3")
+    # With three positionals the first is the METHOD (dial's ADDRESS comes first in the
+    # parser: the command shifts them).
+    p.add_argument("extra", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("-d", "--data", metavar="DATA", help="request body (POST unless METHOD "
+                   "is given); @FILE reads a file, @- standard input")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
+                   help="add a request header (repeatable)")
+    p.add_argument("--http2", action="store_true",
+                   help="HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1")
+    p.add_argument("-i", "--include", action="store_true",
+                   help="print the status line and headers before the body")
+    p.add_argument("-f", "--fail", action="store_true",
+                   help="exit 22 without printing the body when the status is >= 400")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the body to FILE")
+    p.set_defaults(func=http_command)
+
+    p = sub.add_parser(
+        "serve-asgi", parents=[common], help="serve an ASGI app on a pipe (hypercorn)",
+        description="Import MODULE:APP (the current directory first on sys.path) and serve "
+        "it on a pipe with hypercorn (HTTP/1.1 and h2c), until SIGINT/SIGTERM; then requests "
+        "in flight get --graceful-timeout seconds to finish. The app finds its caller in "
+        "scope['extensions']['npipe.caller'].",
+    )
+    p.add_argument("app", nargs="?", metavar="MODULE:APP",
+                   help="the ASGI app, e.g. myapi:app (APP defaults to 'app')")
+    p.add_argument("--pipe", metavar="NAME", help="pipe name to serve (required)")
+    p.add_argument("--smb", action="store_true", help="serve SMB clients too, through Samba")
+    p.add_argument("--acl", help="also allow (comma-separated): user:NAME, group:NAME, "
+                   "uid:N, gid:N, sid:S-1-..., everyone (default: only you)")
+    p.add_argument("--dotnet", action="store_true",
+                   help="also where .NET clients look (/tmp/CoreFxPipe_NAME)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="serve at most N connections at once (others wait)")
+    p.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S",
+                   help="on stop, seconds requests in flight get to finish (default 5)")
+    service.add_config_option(p)
+    p.set_defaults(func=serve_asgi_command)
+
+
+# --- npipe http ---------------------------------------------------------------------------
+
+
+def http_command(args: argparse.Namespace) -> int:
+    import httpx
+
+    from npipe.http import Transport
+
+    method, address, target = _positionals(args)
+    addr = parse_address(address)  # AddressError: exit 2
+    headers = _headers(args.header)
+    body = _body(args.data) if args.data is not None else None
+    if method is None:
+        method = "POST" if body is not None else "GET"
+    if body is not None and not any(k.lower() == "content-type" for k, _ in headers):
+        headers.append(("Content-Type", "application/x-www-form-urlencoded"))  # curl's
+    credentials = None
+    if addr.is_remote:
+        from npipe.smb.credentials import Credentials
+
+        # The password only from $NPIPE_PASSWORD: a command line is visible to every user.
+        credentials = Credentials.resolve(args.user, None, args.domain, args.auth)
+    transport = Transport(
+        addr, http1=not args.http2, http2=args.http2, server_user=args.server_user,
+        pipe_dir=args.pipe_dir, credentials=credentials, timeout=args.timeout,
+        encrypt=args.encrypt, allow_smb2=args.allow_smb2,
+    )
+    # --timeout bounds opening the pipe; the response may take as long as it takes.
+    timeout = httpx.Timeout(None, connect=args.timeout)
+    with httpx.Client(transport=transport, timeout=timeout, base_url="http://localhost") as client:
+        try:
+            with client.stream(method, target, headers=headers, content=body) as response:
+                return _print_response(args, response)
+        except httpx.HTTPError as e:
+            raise NpipeError(_http_error(e, addr)) from e
+
+
+def _positionals(args: argparse.Namespace) -> tuple[str | None, str, str]:
+    if args.extra is None:
+        method, address, target = None, args.address, args.path
+    else:
+        method, address, target = args.address, args.path, args.extra
+        if not _TOKEN.match(method):
+            raise ConfigError(f"bad METHOD {method!r}")
+        method = method.upper()
+    if "://" in target:
+        raise ConfigError(f"PATH {target!r} is a URL: give only the path (the pipe is the host)")
+    if not target.startswith("/"):
+        target = "/" + target
+    return method, address, target
+
+
+def _headers(given: list[str]) -> list[tuple[str, str]]:
+    headers = []
+    for header in given:
+        name, sep, value = header.partition(":")
+        if not sep or not _TOKEN.match(name):
+            raise ConfigError(f"bad header {header!r}: use 'Name: value'")
+        if _BAD_VALUE.search(value):
+            raise ConfigError(f"bad header {header!r}: a value may not hold CR, LF or NUL")
+        headers.append((name, value.strip()))
+    return headers
+
+
+def _body(data: str) -> bytes:
+    if not data.startswith("@"):
+        return data.encode()
+    source = data[1:]
+    if source == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {source}: {e.strerror or e}") from e
+
+
+def _print_response(args: argparse.Namespace, response: httpx.Response) -> int:
+    if args.fail and response.status_code >= 400:
+        reason = f" {response.reason_phrase}" if response.reason_phrase else ""
+        print(f"npipe: the server answered {response.status_code}{reason}", file=sys.stderr)
+        return EXIT_HTTP_ERROR
+    out: IO[bytes]
+    if args.include:
+        # HTTP/2 has no reason phrase (httpx makes one up): print what came on the wire.
+        phrase = response.reason_phrase if response.http_version.startswith("HTTP/1") else ""
+        reason = f" {phrase}" if phrase else ""
+        head = [f"{response.http_version} {response.status_code}{reason}"]
+        head += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in response.headers.raw]
+        sys.stdout.buffer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+    if args.output:
+        sys.stdout.buffer.flush()
+        with open(args.output, "wb") as out:
+            _copy(response, out)
+    else:
+        _copy(response, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _copy(response: httpx.Response, out: IO[bytes]) -> None:
+    for chunk in response.iter_bytes():
+        out.write(chunk)
+
+
+def _http_error(e: Exception, addr: Any) -> str:
+    import httpx
+
+    if isinstance(e, httpx.ConnectTimeout):
+        return f"timed out opening pipe {addr}"
+    if isinstance(e, httpx.TimeoutException):
+        return f"timed out talking to pipe {addr}"
+    if isinstance(e, httpx.ConnectError):
+        return str(e)  # npipe's own message (no pipe, access denied, ...)
+    return f"HTTP over pipe {addr} failed: {e or type(e).__name__}"
+
+
+# --- npipe serve-asgi ---------------------------------------------------------------------
+
+
+def serve_asgi_command(args: argparse.Namespace) -> int:
+    service.require(args, "app", "pipe")
+    address = parse_address(args.pipe)
+    if address.is_remote:
+        raise ConfigError(f"--pipe {args.pipe}: serve a local NAME (--smb for SMB clients)")
+    if not args.graceful_timeout >= 0:
+        raise ConfigError(f"--graceful-timeout must be >= 0, not {args.graceful_timeout}")
+    acl = Acl.parse(args.acl) if args.acl else OWNER_ONLY
+    app = load_app(args.app)
+    return asyncio.run(_serve(args, app, acl))
+
+
+async def _serve(args: argparse.Namespace, app: Any, acl: Acl) -> int:
+    from hypercorn.config import Config
+
+    from npipe.http import serve_asgi
+
+    config = Config()
+    config.graceful_timeout = args.graceful_timeout
+    # Handlers first: a signal that comes right after READY=1 must stop us gracefully.
+    stop = asyncio.ensure_future(service.until_stop_signal())
+    await asyncio.sleep(0)
+    try:
+        server = await serve_asgi(
+            app, args.pipe, acl=acl, pipe_dir=args.pipe_dir, dotnet=args.dotnet, smb=args.smb,
+            max_connections=args.max_connections, config=config,
+        )
+    except BaseException:
+        stop.cancel()
+        raise
+    status = f"serving {args.app} on {server.address}"
+    print(status, file=sys.stderr, flush=True)
+    service.ready(status)
+    try:
+        sig = await stop
+        service.stopping(f"stopping on {sig.name}")
+    finally:
+        await server.aclose()  # bounded: graceful timeout, then cancelled
+    return 0
+
+
+def load_app(spec: str) -> Any:
+    """MODULE:APP (APP may be dotted, default ``app``), importing from the current
+    directory first as uvicorn and hypercorn do."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    if not module_name or not all(part.isidentifier() for part in module_name.split(".")):
+        raise ConfigError(f"bad app {spec!r}: use MODULE:APP, e.g. myapi:app")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ConfigError(f"cannot import {module_name!r}: no such module here "
+                              f"({cwd}) or on sys.path") from e
+        raise NpipeError(f"importing {module_name} failed: {e}") from e
+    except Exception as e:
+        raise NpipeError(f"importing {module_name} failed: {type(e).__name__}: {e}") from e
+    value: Any = module
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise ConfigError(f"{module_name} has no {attr!r}") from None
+    if not callable(value):
+        raise ConfigError(f"{spec} is not an ASGI app (not callable)")
+    return value
+
+
+__all__ = ["add_http_parsers", "load_app"]

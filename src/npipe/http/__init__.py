@@ -1,0 +1,49 @@
+r"""HTTP over pipes: httpx transports (client) and hypercorn (server).
+
+Client::
+
+    with httpx.Client(transport=npipe.http.Transport(r"\\host\pipe\api"),
+                      base_url="http://api") as client:
+        client.get("/items")
+
+Server (asyncio)::
+
+    server = await npipe.http.serve_asgi(app, "api", acl=npipe.Acl.parse("group:ops"))
+    await server.serve_forever()
+
+The app sees its caller as ``scope["extensions"]["npipe.caller"]``. httpx and hypercorn
+are imported when a name here is first used, not by ``import npipe`` (or npipe.http).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from npipe.http.server import CALLER_EXTENSION, AsgiServer, serve_asgi
+    from npipe.http.transport import AsyncTransport, Transport
+
+_WHERE = {
+    "Transport": "npipe.http.transport",
+    "AsyncTransport": "npipe.http.transport",
+    "serve_asgi": "npipe.http.server",
+    "AsgiServer": "npipe.http.server",
+    "CALLER_EXTENSION": "npipe.http.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'npipe.http' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+__all__ = ["CALLER_EXTENSION", "AsgiServer", "AsyncTransport", "Transport", "serve_asgi"]
