@@ -262,22 +262,24 @@ class Proc:
 
     def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
         self.proc, self.name = proc, name
+        self._buf = b""
 
     def line(self, timeout: float) -> dict[str, Any]:
         import select
 
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()  # raw reads: a buffered reader hides data from select
         deadline = time.monotonic() + timeout
-        buf = b""
-        while not buf.endswith(b"\n"):
+        while b"\n" not in self._buf:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise TimeoutError(f"{self.name}: no answer in {timeout:g} s")
-            byte = self.proc.stdout.read(1)
-            if not byte:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
                 raise RuntimeError(f"{self.name} exited ({self.proc.wait()})")
-            buf += byte
-        msg: dict[str, Any] = json.loads(buf)
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        msg: dict[str, Any] = json.loads(line)
         return msg
 
     def stop(self) -> None:
