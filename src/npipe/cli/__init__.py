@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from npipe.cli import commands, service
+from npipe.cli import commands, serve_grpc, service
 from npipe.cli.samba import add_samba_parser
 from npipe.errors import AddressError, ConfigError, NpipeError
 
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.call)
 
     add_samba_parser(sub, [common])
+    serve_grpc.add_parser(sub, [common])
 
     p = sub.add_parser(
         "ls", parents=[common], help="list local pipes",
