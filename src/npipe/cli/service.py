@@ -82,7 +82,11 @@ def stopping(status: str = "") -> bool:
 
 
 async def until_stop_signal() -> signal.Signals:
-    """Wait on the running loop for SIGINT or SIGTERM; return which came."""
+    """Wait on the running loop for SIGINT or SIGTERM; return which came.
+
+    The handlers that were there before come back afterwards, so a second signal during
+    the graceful stop acts as it would have without this (by default: at once).
+    """
     loop = asyncio.get_running_loop()
     came: asyncio.Future[signal.Signals] = loop.create_future()
 
@@ -90,13 +94,16 @@ async def until_stop_signal() -> signal.Signals:
         if not came.done():
             came.set_result(sig)
 
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await came
     finally:
         for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)  # (this resets it to the default)
+            if before[sig] is not None:
+                signal.signal(sig, before[sig])
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -209,6 +216,8 @@ def _given_on_command_line(
     return set(vars(seen)) - set(parser._defaults)
 
 
+# A flag's key names its dest and gives the dest's value: ``cache = false`` (or
+# NPIPE_CACHE=0) for ``--no-cache`` (dest cache, store_false), ``smb = true`` for ``--smb``.
 def _is_flag(action: argparse.Action) -> bool:
     return isinstance(
         action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
@@ -224,9 +233,9 @@ def _from_env(action: argparse.Action, name: str, value: str) -> Any:
     if _is_flag(action):
         low = value.strip().lower()
         if low in _TRUE:
-            return not isinstance(action, argparse._StoreFalseAction)
+            return True
         if low in _FALSE:
-            return isinstance(action, argparse._StoreFalseAction)
+            return False
         raise ConfigError(f"{name}={value!r}: use 1/0, true/false, yes/no")
     if _is_list(action):
         return [_convert(action, name, v.strip()) for v in value.split(",") if v.strip()]
@@ -238,7 +247,7 @@ def _from_file(action: argparse.Action, path: str, key: str, value: Any) -> Any:
     if _is_flag(action):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, not {value!r}")
-        return value if not isinstance(action, argparse._StoreFalseAction) else not value
+        return value
     if _is_list(action):
         items = value if isinstance(value, list) else [value]
         return [_convert(action, where, _scalar(where, v)) for v in items]
