@@ -131,6 +131,7 @@ def test_unit_runs_the_command_as_a_notify_service(name: str) -> None:
     assert service_["Type"] == "notify" and service_["NotifyAccess"] == "main"
     assert service_["KillSignal"] == "SIGTERM"
     assert service_["Restart"] == "on-failure"
+    assert service_["RestartPreventExitStatus"] == "2"  # a bad config stays failed
     assert service_["EnvironmentFile"] == "-/etc/npipe/%i.env"
     assert service_["ExecStart"] == (
         f"/usr/bin/env npipe {COMMANDS[name]} --config /etc/npipe/%i.toml"
