@@ -407,6 +407,18 @@ def test_call_through_reflection_on_the_buy_example(pipe_dir: Path) -> None:
         assert served.stop()[0] == 0
 
 
+def test_a_function_that_adds_health_and_reflection_itself_keeps_them(pipe_dir: Path) -> None:
+    # npipe.examples.buy.service.add_to_server registers all three services itself
+    with serve_grpc("npipe.examples.buy.service:add_to_server", "--pipe", "shop") as served:
+        with npipe.grpc.channel("shop") as channel:
+            assert list_services(channel, timeout=10) == [
+                "buy.MyService", "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+        assert health_status("shop", "buy.MyService") == "SERVING"
+        assert served.stop()[0] == 0
+
+
 def test_an_async_function_runs_on_an_aio_server(pipe_dir: Path) -> None:
     with serve_grpc("npipe.examples.buy.serve:add_async_services", "--pipe", "shop",
                     "--grace", "3") as served:
