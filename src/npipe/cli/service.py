@@ -7,13 +7,16 @@ Readiness follows sd_notify(3) without libsystemd: one datagram to ``$NOTIFY_SOC
 Options, for the commands that take ``--config FILE`` (serve-asgi, serve-grpc, forward,
 expose), come from, first to last: the command line, the environment (``--foo-bar`` as
 ``NPIPE_FOO_BAR``, as ``--user`` already comes from ``NPIPE_USER``), the file (the key
-``foo-bar`` or ``foo_bar``), the built-in default.
+``foo-bar`` or ``foo_bar``), the built-in default. A repeatable option (``--acl``) takes a
+comma-separated list from the environment and a TOML array (or one string) from the file;
+a positional (MODULE:APP) comes from the file only, by its name (``app = "web:app"``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -29,6 +32,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+log = logging.getLogger("npipe.service")
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ENV_PREFIX = "NPIPE_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -41,18 +46,23 @@ _FALSE = {"0", "false", "no", "off", ""}
 def notify(*states: str) -> bool:
     """Send ``states`` (e.g. ``READY=1``) to the service manager; False if there is none.
 
-    A manager that set NOTIFY_SOCKET but cannot be reached is an error worth a line in
-    the log, not a reason to stop serving: the OSError is left to the caller's logging.
+    A manager that set NOTIFY_SOCKET but cannot be reached is worth a warning in the log,
+    not a reason to stop serving (sd_notify(3) reports it and goes on too): False then.
     """
     target = os.environ.get("NOTIFY_SOCKET")
     if not target:
         return False
     if target.startswith("@"):  # abstract namespace
         target = "\0" + target[1:]
-    elif not target.startswith("/"):
-        raise ConfigError(f"NOTIFY_SOCKET={target!r}: only a path or @name is supported")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto("\n".join(states).encode(), target)
+    elif not target.startswith("/"):  # e.g. vsock:CID:PORT (systemd 254+): not ours to speak
+        log.warning("NOTIFY_SOCKET=%r: only a path or @name is supported", target)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(states).encode(), target)
+    except OSError as e:
+        log.warning("cannot notify the service manager at %s: %s", target.lstrip("\0"), e)
+        return False
     return True
 
 
@@ -72,7 +82,11 @@ def stopping(status: str = "") -> bool:
 
 
 async def until_stop_signal() -> signal.Signals:
-    """Wait on the running loop for SIGINT or SIGTERM; return which came."""
+    """Wait on the running loop for SIGINT or SIGTERM; return which came.
+
+    The handlers that were there before come back afterwards, so a second signal during
+    the graceful stop acts as it would have without this (by default: at once).
+    """
     loop = asyncio.get_running_loop()
     came: asyncio.Future[signal.Signals] = loop.create_future()
 
@@ -80,13 +94,16 @@ async def until_stop_signal() -> signal.Signals:
         if not came.done():
             came.set_result(sig)
 
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await came
     finally:
         for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)  # (this resets it to the default)
+            if before[sig] is not None:
+                signal.signal(sig, before[sig])
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -106,20 +123,20 @@ def apply_config(
 ) -> None:
     """Fill what the command line left unset from the environment, then from --config.
 
-    ``parser`` is the subcommand's parser and ``argv`` the arguments it was given (to
-    tell an option the user typed from one left at its default).
+    ``parser`` is the subcommand's parser and ``argv`` the whole command line (to tell
+    an option the user typed from one left at its default).
     """
     file_values = _read_config(args.config) if getattr(args, "config", None) else {}
     known = {
         action.dest: action for action in parser._actions
-        if action.dest not in ("help", "config_parser")
+        if action.dest not in ("help", "config", "config_parser", argparse.SUPPRESS)
     }
     for key in file_values:
-        if key not in known or key == "config":
-            raise ConfigError(f"{args.config}: unknown option {key!r}")
-    given = _given_on_command_line(parser, argv)
+        if key not in known:
+            raise ConfigError(f"{args.config}: unknown option {key.replace('_', '-')!r}")
+    given = _given_on_command_line(parser, args, argv)
     for dest, action in known.items():
-        if dest in given or dest == "config":
+        if dest in given:
             continue
         env_name = ENV_PREFIX + dest.upper()
         if env_name in os.environ and _env_configurable(action):
@@ -130,9 +147,24 @@ def apply_config(
 
 def require(args: argparse.Namespace, *dests: str) -> None:
     """A positional that a config file may give instead must be there after all."""
+    parser = getattr(args, "config_parser", None)
     for dest in dests:
         if getattr(args, dest, None) in (None, [], ""):
-            raise ConfigError(f"missing {dest.upper()} (on the command line or in --config)")
+            name = _metavar(parser, dest)
+            raise ConfigError(
+                f"missing {name} (on the command line, or {dest.replace('_', '-')} = ... "
+                "in the --config file)"
+            )
+
+
+def _metavar(parser: argparse.ArgumentParser | None, dest: str) -> str:
+    for action in parser._actions if parser is not None else ():
+        if action.dest == dest:
+            if action.option_strings:
+                return max(action.option_strings, key=len)
+            if isinstance(action.metavar, str):
+                return action.metavar
+    return dest.upper()
 
 
 # Options whose environment variable already means something else to npipe: only the
@@ -154,19 +186,38 @@ def _read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return {key.replace("-", "_"): value for key, value in raw.items()}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        if dest in values:  # max-connections and max_connections: which one was meant?
+            raise ConfigError(f"{path}: {key!r} is given twice (with - and with _)")
+        values[dest] = value
+    return values
 
 
-def _given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    given: set[str] = set()
-    for action in parser._actions:
-        for opt in action.option_strings:
-            if any(a == opt or a.startswith(opt + "=") for a in argv):
-                given.add(action.dest)
-    # Positionals: argparse leaves them None (nargs="?") or [] when absent.
-    return given
+def _given_on_command_line(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]
+) -> set[str]:
+    """The dests the command line set, found by parsing the subcommand's part again with
+    every default suppressed: argparse's own reading, abbreviations (--max-conn),
+    ``--opt=value``, ``-dVALUE`` and positionals included."""
+    command = getattr(args, "command", None)
+    words = list(argv)
+    rest = words[words.index(command) + 1:] if command in words else words
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        # The top-level parse accepted these words already, so this one cannot fail.
+        seen, _ = parser.parse_known_args(rest)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(seen)) - set(parser._defaults)
 
 
+# A flag's key names its dest and gives the dest's value: ``cache = false`` (or
+# NPIPE_CACHE=0) for ``--no-cache`` (dest cache, store_false), ``smb = true`` for ``--smb``.
 def _is_flag(action: argparse.Action) -> bool:
     return isinstance(
         action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
@@ -182,9 +233,9 @@ def _from_env(action: argparse.Action, name: str, value: str) -> Any:
     if _is_flag(action):
         low = value.strip().lower()
         if low in _TRUE:
-            return not isinstance(action, argparse._StoreFalseAction)
+            return True
         if low in _FALSE:
-            return isinstance(action, argparse._StoreFalseAction)
+            return False
         raise ConfigError(f"{name}={value!r}: use 1/0, true/false, yes/no")
     if _is_list(action):
         return [_convert(action, name, v.strip()) for v in value.split(",") if v.strip()]
@@ -192,11 +243,11 @@ def _from_env(action: argparse.Action, name: str, value: str) -> Any:
 
 
 def _from_file(action: argparse.Action, path: str, key: str, value: Any) -> Any:
-    where = f"{path}: {key}"
+    where = f"{path}: {key.replace('_', '-')}"
     if _is_flag(action):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false")
-        return value if not isinstance(action, argparse._StoreFalseAction) else not value
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+        return value
     if _is_list(action):
         items = value if isinstance(value, list) else [value]
         return [_convert(action, where, _scalar(where, v)) for v in items]

@@ -1,0 +1,292 @@
+"""``npipe serve-grpc MODULE:FUNCTION --pipe NAME``: a gRPC service on a pipe, no main needed.
+
+FUNCTION gets a fresh ``grpc.Server`` (a thread pool) and adds servicers to it, as generated
+``add_XServicer_to_server`` helpers do; an ``async def`` FUNCTION gets a ``grpc.aio.Server``
+instead. The command adds grpc.health.v1 (every service and the server as a whole SERVING)
+and server reflection for the services FUNCTION added, serves the pipe, tells systemd it is
+ready, and on SIGINT/SIGTERM reports NOT_SERVING, stops taking calls and gives the calls in
+flight ``--grace`` seconds to finish.
+
+The services FUNCTION added are learnt by watching the two public ways of adding them,
+``add_generic_rpc_handlers`` (a ``grpc.ServiceRpcHandler`` names its service) and
+``add_registered_method_handlers``, on this one server while FUNCTION runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import npipe.grpc
+from npipe.acl import OWNER_ONLY, Acl
+from npipe.address import PipeAddress, parse_address
+from npipe.cli import service
+from npipe.cli.load import load_object
+from npipe.errors import ConfigError, NpipeError
+
+log = logging.getLogger("npipe.serve_grpc")
+
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the grace grpcio cancels the calls, but a handler that never looks at its context
+# keeps its worker thread: wait this much longer, then leave without it.
+ABANDON_AFTER = 2.0
+
+
+def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve-grpc", parents=list(parents),
+        help="serve a gRPC service on a pipe (health and reflection added)",
+        description="Import MODULE:FUNCTION (the current directory first on the path), call "
+        "FUNCTION(server) to add servicers to a grpc.Server (a grpc.aio.Server if FUNCTION "
+        "is async), add health checking and reflection for them, and serve it on --pipe "
+        "until SIGINT/SIGTERM; calls in flight then get --grace seconds to finish.",
+    )
+    p.add_argument("function", nargs="?", metavar="MODULE:FUNCTION",
+                   help="e.g. npipe.examples.buy.serve:add_services")
+    p.add_argument("--pipe", metavar="NAME", help=r"pipe name: NAME or \\.\pipe\NAME (required)")
+    p.add_argument("--smb", action="store_true",
+                   help="also serve SMB clients (\\\\HOST\\pipe\\NAME) through Samba")
+    p.add_argument(
+        "--acl", action="append", metavar="ENTRIES",
+        help="also allow (comma-separated, repeatable): user:NAME, user:DOMAIN\\NAME, "
+        "user:NAME@REALM, group:NAME, uid:N, gid:N, sid:S-1-..., everyone",
+    )
+    p.add_argument("--dotnet", action="store_true",
+                   help="listen where .NET clients look (/tmp/CoreFxPipe_NAME)")
+    p.add_argument("--max-connections", type=_positive_int, metavar="N",
+                   help="callers served at once (more wait); default from the fd limit")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="threads running calls (sync FUNCTION; grpcio's default otherwise)")
+    p.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="S",
+                   help="seconds calls in flight get to finish on SIGTERM (default 10)")
+    service.add_config_option(p)
+    p.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{value} is not positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{text} is not a number of seconds")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    service.require(args, "function", "pipe")
+    address = parse_address(args.pipe)
+    if address.is_remote:
+        raise ConfigError(f"--pipe {args.pipe}: a server serves a local pipe name")
+    acl = Acl.parse(",".join(args.acl)) if args.acl else OWNER_ONLY
+    function = load_object(args.function, "MODULE:FUNCTION")
+    if not callable(function):
+        raise ConfigError(f"{args.function!r} is not a function")
+    if inspect.iscoroutinefunction(function):
+        if args.workers is not None:
+            log.warning("--workers is ignored: an async FUNCTION runs on a grpc.aio.Server")
+        return asyncio.run(_serve_aio(args, function, address, acl))
+    return asyncio.run(_serve(args, function, address, acl))
+
+
+async def _serve(
+    args: argparse.Namespace, function: Callable[[grpc.Server], Any],
+    address: PipeAddress, acl: Acl,
+) -> int:
+    stop = await _watch_stop_signals()
+    executor = ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="grpc-call")
+    server = grpc.server(executor)
+    names = _added_services(server, lambda: function(server), args.function)
+    health_servicer = None
+    if HEALTH not in names:
+        health_servicer = health.HealthServicer()
+        for name in _health_names(names):
+            health_servicer.set(name, SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _add_reflection(server, names)
+    _add_pipe_port(server, args, address, acl)
+    server.start()
+    _ready(names, address)
+    sig = await stop
+    _stopping(sig, args.grace)
+    if health_servicer is not None:
+        for name in _health_names(names):
+            health_servicer.set(name, NOT_SERVING)
+    stopped = server.stop(args.grace)
+    drained = asyncio.to_thread(_drain, stopped, executor)
+    try:
+        await asyncio.wait_for(drained, args.grace + ABANDON_AFTER)
+    except asyncio.TimeoutError:
+        # The pool's threads are joined at exit: one stuck in a call would hold the
+        # process past systemd's TimeoutStopSec, so leave without it.
+        print(f"npipe: calls still running {args.grace:g}s after {sig.name}: abandoned",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    return 0
+
+
+def _drain(stopped: threading.Event, executor: ThreadPoolExecutor) -> None:
+    stopped.wait()  # grpcio: the grace is over, calls left are cancelled
+    executor.shutdown(wait=True)  # handlers that ignore the cancellation: here
+
+
+async def _serve_aio(
+    args: argparse.Namespace, function: Callable[[grpc.aio.Server], Any],
+    address: PipeAddress, acl: Acl,
+) -> int:
+    stop = await _watch_stop_signals()
+    server = grpc.aio.server()
+    names = await _added_services_aio(server, function, args.function)
+    health_servicer = None
+    if HEALTH not in names:
+        health_servicer = health.aio.HealthServicer()
+        for name in _health_names(names):
+            await health_servicer.set(name, SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _add_reflection(server, names)
+    _add_pipe_port(server, args, address, acl)
+    await server.start()
+    _ready(names, address)
+    sig = await stop
+    _stopping(sig, args.grace)
+    if health_servicer is not None:
+        for name in _health_names(names):
+            await health_servicer.set(name, NOT_SERVING)
+    try:
+        await asyncio.wait_for(server.stop(args.grace), args.grace + ABANDON_AFTER)
+    except asyncio.TimeoutError:
+        raise NpipeError(f"calls still running {args.grace:g}s after {sig.name}") from None
+    return 0
+
+
+async def _watch_stop_signals() -> asyncio.Future[signal.Signals]:
+    # Handlers in place before the (slow) start: a SIGTERM during it is kept, not fatal.
+    stop = asyncio.ensure_future(service.until_stop_signal())
+    await asyncio.sleep(0)
+    return stop
+
+
+def _added_services(
+    server: grpc.Server, add: Callable[[], Any], spec: str
+) -> list[str]:
+    names = _watch_additions(server)
+    try:
+        add()
+    except Exception as e:
+        raise NpipeError(f"{spec}(server) failed: {type(e).__name__}: {e}") from e
+    finally:
+        _unwatch(server)
+    return _checked(names, spec)
+
+
+async def _added_services_aio(
+    server: grpc.aio.Server, function: Callable[[grpc.aio.Server], Any], spec: str
+) -> list[str]:
+    names = _watch_additions(server)
+    try:
+        await function(server)
+    except Exception as e:
+        raise NpipeError(f"{spec}(server) failed: {type(e).__name__}: {e}") from e
+    finally:
+        _unwatch(server)
+    return _checked(names, spec)
+
+
+def _watch_additions(server: grpc.Server | grpc.aio.Server) -> list[str]:
+    names: list[str] = []
+    add_generic = server.add_generic_rpc_handlers
+    add_registered = server.add_registered_method_handlers
+
+    def generic(handlers: Sequence[grpc.GenericRpcHandler]) -> Any:
+        for handler in handlers:
+            if isinstance(handler, grpc.ServiceRpcHandler):
+                _note(names, handler.service_name())
+        return add_generic(handlers)
+
+    def registered(name: str, handlers: Any) -> Any:
+        _note(names, name)
+        return add_registered(name, handlers)
+
+    server.add_generic_rpc_handlers = generic
+    server.add_registered_method_handlers = registered
+    return names
+
+
+def _unwatch(server: grpc.Server | grpc.aio.Server) -> None:
+    del server.add_generic_rpc_handlers
+    del server.add_registered_method_handlers
+
+
+def _note(names: list[str], name: str) -> None:
+    if name not in names:
+        names.append(name)
+
+
+def _checked(names: list[str], spec: str) -> list[str]:
+    if not names:
+        log.warning("%s added no service that names itself: only health and reflection "
+                    "are known by name", spec)
+    return names
+
+
+def _health_names(names: list[str]) -> list[str]:
+    return [health.OVERALL_HEALTH, *names]
+
+
+def _add_reflection(server: grpc.Server | grpc.aio.Server, names: list[str]) -> None:
+    if reflection.SERVICE_NAME in names:
+        return  # FUNCTION did it
+    pool = descriptor_pool.Default()
+    described = []
+    for name in [*names, HEALTH]:
+        try:
+            pool.FindServiceByName(name)
+        except KeyError:
+            log.warning("reflection cannot describe %s: it is not in the protobuf "
+                        "descriptor pool (not generated by protoc?)", name)
+            continue
+        described.append(name)
+    reflection.enable_server_reflection([*described, reflection.SERVICE_NAME], server)
+
+
+def _add_pipe_port(
+    server: grpc.Server | grpc.aio.Server, args: argparse.Namespace,
+    address: PipeAddress, acl: Acl,
+) -> None:
+    npipe.grpc.add_pipe_port(
+        server, address, acl=acl, pipe_dir=args.pipe_dir, dotnet=args.dotnet, smb=args.smb,
+        max_connections=args.max_connections,
+    )
+
+
+def _ready(names: list[str], address: PipeAddress) -> None:
+    status = f"serving {', '.join(names) or 'gRPC'} on {address}"
+    print(f"npipe: {status}", flush=True)
+    service.ready(status)
+
+
+def _stopping(sig: signal.Signals, grace: float) -> None:
+    status = f"{sig.name}: stopping, calls in flight get {grace:g}s"
+    print(f"npipe: {status}", flush=True)
+    service.stopping(status)
