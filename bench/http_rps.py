@@ -421,7 +421,7 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace,
             row = (f"{part:8} {name:9} {statistics.median(values):10.0f} "
                    f"{_pct(values, 10):11.0f}-{_pct(values, 90):<11.0f} {unit:5}")
             if name == this:
-                ratios = [a / b for a, b in zip(per[this], per[base])]
+                ratios = [a / b for a, b in zip(per[this], per[base], strict=True)]
                 ratio = statistics.median(per[this]) / statistics.median(per[base])
                 verdict = "met" if ratio >= target else "MISSED"
                 row += (f" {ratio:.2f}x {base} ({_pct(ratios, 10):.2f}-{_pct(ratios, 90):.2f})"
