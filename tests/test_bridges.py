@@ -1,0 +1,404 @@
+"""npipe forward / expose / relay with real peers: curl, h2load, grpcio, ssh, socat and
+plain sockets, locally and across two network namespaces (SMB through a real smbd).
+
+    client ns: curl/h2load/ssh -> npipe forward|relay --SMB--> server ns: smbd
+               -> npipe expose --smb -> hypercorn / sshd
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pipe_servers import free_port
+
+from npipe.bridges.endpoint import Endpoint, parse_endpoint
+from npipe.errors import AddressError
+from npipe.testing.netns import popen_in, skip_or_fail
+
+APPS = Path(__file__).resolve().parent / "cross_host"
+NPIPE = [sys.executable, "-m", "npipe"]
+WAIT = 30.0
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        skip_or_fail(f"{', '.join(missing)} not found (apt-get install "
+                     f"{' '.join({'h2load': 'nghttp2-client'}.get(t, t) for t in missing)})")
+
+
+class Running:
+    """A process whose stderr is collected line by line (to wait for a log line)."""
+
+    def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
+                 ns: str | None = None) -> None:
+        kw: dict[str, object] = {"env": env, "stdin": subprocess.DEVNULL,
+                                 "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE,
+                                 "text": True}
+        self.proc = popen_in(ns, argv, **kw) if ns else subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = WAIT, count: int = 1) -> list[re.Match[str]]:
+        """The first ``count`` matches of ``pattern`` in the log, once there are that many."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        with self._changed:
+            while True:
+                found = [m for line in self.lines if (m := regex.search(line))]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no {count} x {pattern!r} in the log "
+                                         f"(exit {self.proc.poll()}):\n{self.log_unlocked()}")
+                self._changed.wait(min(left, 0.5))
+
+    def log_unlocked(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"did not stop within {timeout} s:\n{self.log}") from None
+        self._reader.join(5)
+        return rc
+
+
+@contextlib.contextmanager
+def running(argv: Sequence[str], **kw: object) -> Iterator[Running]:
+    r = Running(argv, **kw)  # type: ignore[arg-type]
+    try:
+        yield r
+    finally:
+        if r.proc.poll() is None:
+            r.stop()
+
+
+@contextlib.contextmanager
+def app(*args: str, ns: str | None = None,
+        env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """A bridge_apps.py peer (see there), stopped by closing its stdin."""
+    argv = [sys.executable, str(APPS / "bridge_apps.py"), *args]
+    kw: dict[str, object] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True,
+                             "env": env}
+    proc = popen_in(ns, argv, **kw) if ns else subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", f"{args} did not start: {line!r}"
+        yield proc
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def forward(address: str, listen: str = "tcp:127.0.0.1:0", *more: str,
+            ns: str | None = None, env: dict[str, str] | None = None
+            ) -> contextlib.AbstractContextManager[Running]:
+    return running([*NPIPE, "forward", address, "--listen", listen, *more], ns=ns, env=env)
+
+
+def listening_port(fwd: Running) -> int:
+    m = fwd.wait_for(r"listening on tcp:(\S+):(\d+),")[0]
+    return int(m.group(2))
+
+
+def exchange(port: int, payload: bytes, *, half_close: bool = True,
+             timeout: float = WAIT) -> bytes:
+    """Send ``payload`` (while reading), half-close, read to the end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        got: list[bytes] = []
+
+        def read() -> None:
+            with contextlib.suppress(ConnectionResetError):
+                while data := s.recv(65536):
+                    got.append(data)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(payload)
+            if half_close:
+                with contextlib.suppress(OSError):  # (already closed by the other side)
+                    s.shutdown(socket.SHUT_WR)
+        reader.join(timeout)
+        assert not reader.is_alive(), "no end of stream"
+        return b"".join(got)
+
+
+def digest_line(data: bytes) -> bytes:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("npipe: "), done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def npipe_run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NPIPE, *args], capture_output=True, text=True,  # type: ignore[call-overload]
+                          timeout=kw.pop("timeout", 60), **kw)
+
+
+# --- address specs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("tcp:127.0.0.1:8080", Endpoint("tcp", host="127.0.0.1", port=8080)),
+    ("tcp:localhost:0", Endpoint("tcp", host="localhost", port=0)),
+    ("tcp:[::1]:65535", Endpoint("tcp", host="::1", port=65535)),
+    ("tcp:example.test:1", Endpoint("tcp", host="example.test", port=1)),
+    ("unix:/run/x.sock", Endpoint("unix", path="/run/x.sock")),
+    ("unix:rel/x", Endpoint("unix", path="rel/x")),
+])
+def test_endpoint_specs(spec: str, expected: Endpoint) -> None:
+    assert parse_endpoint(spec) == expected
+    assert parse_endpoint(str(expected)) == expected  # str() round-trips
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ("", "use tcp:HOST:PORT"), ("8080", "use tcp:HOST:PORT"), ("udp:1.2.3.4:5", "use tcp"),
+    ("tcp:127.0.0.1", "missing :PORT"), ("tcp::80", "missing host"),
+    ("tcp:127.0.0.1:http", "port must be a number"), ("tcp:127.0.0.1:65536", "0-65535"),
+    ("tcp:127.0.0.1:-1", "port must be"), ("tcp:::1:80", "in brackets"),
+    ("tcp:[::1]80", "tcp:[IPV6]:PORT"), ("tcp:[nope]:80", "not an IPv6 address"),
+    ("tcp:[::1:80", "tcp:[IPV6]:PORT"), ("unix:", "needs a socket path"),
+])
+def test_bad_endpoint_specs(spec: str, why: str) -> None:
+    with pytest.raises(AddressError, match=re.escape(why)) as e:
+        parse_endpoint(spec)
+    assert "\n" not in str(e.value) and repr(spec) in str(e.value)
+
+
+@pytest.mark.parametrize(("spec", "loopback"), [
+    ("tcp:127.0.0.1:1", True), ("tcp:127.8.9.10:1", True), ("tcp:[::1]:1", True),
+    ("tcp:localhost:1", True), ("unix:x", True), ("tcp:0.0.0.0:1", False),
+    ("tcp:[::]:1", False), ("tcp:198.18.0.1:1", False), ("tcp:example.test:1", False),
+])
+def test_loopback(spec: str, loopback: bool) -> None:
+    assert parse_endpoint(spec).is_loopback is loopback
+
+
+# --- command-line errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["forward", "p", "--listen", "tcp:127.0.0.1"], "missing :PORT"),
+    (["forward", "p", "--listen", "bogus"], "bad endpoint 'bogus'"),
+    (["forward", "p"], "missing LISTEN"),
+    (["forward", "//", "--listen", "tcp:127.0.0.1:0"], "//"),
+    (["forward", "p", "--listen", "tcp:0.0.0.0:0"], "--allow-remote-listen"),
+    (["forward", "p", "--listen", "tcp:[::]:0"], "not a loopback address"),
+    (["expose", "p", "--to", "tcp:h"], "missing :PORT"),
+    (["expose", "p"], "missing TO"),
+    (["expose", "p", "--to", "tcp:127.0.0.1:1", "--acl", "nobody"], "bad ACL entry"),
+    (["relay", "bad/name"], "bad/name"),
+])
+def test_bad_usage_is_one_line_and_exit_2(pipe_dir: Path, args: list[str],
+                                          message: str) -> None:
+    done = npipe_run(*args)
+    assert done.returncode == 2, done.stderr
+    assert message in one_line_error(done)
+
+
+def test_remote_listen_refusal_says_why(pipe_dir: Path) -> None:
+    line = one_line_error(npipe_run("forward", "p", "--listen", "tcp:0.0.0.0:0"))
+    assert "anyone who can reach it" in line and "credentials" in line
+
+
+def test_relay_to_a_missing_pipe_is_one_line_and_exit_1(pipe_dir: Path) -> None:
+    done = npipe_run("relay", "nosuchpipe", input="")
+    assert done.returncode == 1 and done.stdout == ""
+    assert "nosuchpipe" in one_line_error(done)
+
+
+# --- forward, locally -----------------------------------------------------------------
+
+
+def test_forward_half_close_and_byte_counts(pipe_dir: Path) -> None:
+    """A local pipe has half-close: the client shuts its sending side and still gets the
+    reply; the log line counts the bytes each way."""
+    payload = os.urandom(300_000)
+    with app("pipe", "digest", "fwd-digest"), forward("fwd-digest") as fwd:
+        port = listening_port(fwd)
+        assert exchange(port, payload) == digest_line(payload)
+        line = fwd.wait_for(r"127\.0\.0\.1:\d+ -> pipe \S*fwd-digest: .*")[0].group(0)
+    reply = len(digest_line(payload))
+    assert f": {len(payload)} B to pipe, {reply} B from pipe, " in line
+    assert re.search(r"\d+\.\d{3} s, closed by client then pipe$", line), line
+
+
+def test_forward_fifty_concurrent_connections(pipe_dir: Path) -> None:
+    payloads = [os.urandom(50_000 + i) for i in range(50)]
+    with app("pipe", "digest", "fwd-many"), forward("fwd-many") as fwd:
+        port = listening_port(fwd)
+        barrier = threading.Barrier(50)
+
+        def one(payload: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+                barrier.wait(WAIT)  # all 50 open at once
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                return b"".join(iter(lambda: s.recv(65536), b""))
+
+        with ThreadPoolExecutor(50) as pool:
+            replies = list(pool.map(one, payloads))
+        assert replies == [digest_line(p) for p in payloads]
+        lines = fwd.wait_for(r"-> pipe \S*fwd-many: (\d+) B to pipe", count=50)
+    assert sorted(int(m.group(1)) for m in lines) == sorted(len(p) for p in payloads)
+
+
+def test_forward_backpressure_keeps_memory_bounded(pipe_dir: Path) -> None:
+    """A pipe that sends 192 MiB to a client that does not read: the forwarder stops
+    reading the pipe instead of buffering it (its RSS hardly grows), and every byte
+    arrives once the client reads."""
+    total = 192 * 1024 * 1024
+    with app("pipe", f"flood:{total}", "fwd-flood"), forward("fwd-flood") as fwd:
+        port = listening_port(fwd)
+        before = rss_kib(fwd.proc.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            time.sleep(3)  # the flood fills every buffer on the way, then stops
+            stalled = rss_kib(fwd.proc.pid)
+            received = 0
+            while data := s.recv(1 << 20):
+                received += len(data)
+        assert received == total
+        line = fwd.wait_for(r"-> pipe \S*fwd-flood: .*")[0].group(0)
+    assert f"0 B to pipe, {total} B from pipe" in line
+    assert stalled - before < 32 * 1024, f"RSS grew {stalled - before} KiB with a slow reader"
+
+
+def test_forward_to_a_missing_pipe_closes_that_connection_only(pipe_dir: Path) -> None:
+    with forward("fwd-later") as fwd:
+        port = listening_port(fwd)
+        assert exchange(port, b"x") == b""  # closed at once
+        line = fwd.wait_for(r"cannot open pipe fwd-later")[0].string
+        assert "Traceback" not in fwd.log and "; connection closed" in line
+        with app("pipe", "digest", "fwd-later"):  # the forwarder is still there
+            assert exchange(port, b"now") == digest_line(b"now")
+        assert fwd.proc.poll() is None
+        assert fwd.stop() == 0
+
+
+def test_forward_on_a_unix_socket_owner_only(pipe_dir: Path) -> None:
+    path = pipe_dir.parent / "fwd.sock"
+    with app("pipe", "echo", "fwd-unix"), forward("fwd-unix", f"unix:{path}") as fwd:
+        fwd.wait_for(rf"listening on unix:{re.escape(str(path))},")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(WAIT)
+            s.connect(str(path))
+            s.sendall(b"hello")
+            s.shutdown(socket.SHUT_WR)
+            assert b"".join(iter(lambda: s.recv(100), b"")) == b"hello"
+        assert fwd.stop() == 0
+    assert not path.exists()  # removed on exit
+    with app("pipe", "echo", "fwd-unix2"), \
+            forward("fwd-unix2", f"unix:{path}", "--mode", "660") as fwd:
+        fwd.wait_for("listening on")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+
+
+def test_sigterm_stops_promptly_with_a_grace(pipe_dir: Path) -> None:
+    with app("pipe", "echo", "fwd-term"), forward("fwd-term", "tcp:127.0.0.1:0",
+                                                  "--grace", "1") as fwd:
+        port = listening_port(fwd)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+            s.sendall(b"ping")
+            assert s.recv(10) == b"ping"  # open and idle: the grace runs out
+            started = time.monotonic()
+            assert fwd.stop(signal.SIGTERM) == 0
+            took = time.monotonic() - started
+            assert s.recv(10) == b""  # its connection was closed
+    assert took < 5, f"took {took:.1f} s"
+    assert "1 connection(s) open (grace 1 s)" in fwd.log
+    assert re.search(r"-> pipe \S*fwd-term: 4 B to pipe, 4 B from pipe, .*, stopped", fwd.log)
+    assert "Traceback" not in fwd.log
+
+
+def test_sigint_without_connections_exits_0(pipe_dir: Path) -> None:
+    with forward("fwd-int") as fwd:
+        listening_port(fwd)
+        assert fwd.stop(signal.SIGINT, timeout=5) == 0
+
+
+def test_grpc_through_forward(pipe_dir: Path) -> None:
+    """grpcio dials 127.0.0.1:PORT; the Buy service is on a pipe (npipe demo --serve)."""
+    import grpc
+
+    from npipe.examples.buy import buy_pb2, buy_pb2_grpc
+
+    demo = subprocess.Popen([*NPIPE, "demo", "--serve", "--pipe", "fwd-grpc"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert demo.stdout is not None
+        assert demo.stdout.readline().startswith("serving buy.MyService")
+        with forward("fwd-grpc") as fwd:
+            port = listening_port(fwd)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = buy_pb2_grpc.MyServiceStub(channel)  # type: ignore[no-untyped-call]
+                replies = [stub.Buy(buy_pb2.BuyRequest(id="pear", quantity=q, price=7),
+                                    timeout=WAIT).result for q in (1, 2, 3)]
+            assert replies[2].startswith("bought 3 x 'pear' for 21")
+            assert [r.split(" (")[0] for r in replies] == [
+                f"bought {q} x 'pear' for {7 * q}" for q in (1, 2, 3)]
+            fwd.wait_for(r"-> pipe \S*fwd-grpc: [1-9]\d* B to pipe, [1-9]\d* B from pipe")
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(10)
