@@ -402,3 +402,162 @@ def test_grpc_through_forward(pipe_dir: Path) -> None:
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(10)
+
+
+# --- expose, locally -----------------------------------------------------------------
+
+
+def expose(name: str, to: str, *more: str, ns: str | None = None,
+           env: dict[str, str] | None = None) -> contextlib.AbstractContextManager[Running]:
+    return running([*NPIPE, "expose", name, "--to", to, *more], ns=ns, env=env)
+
+
+def pipe_exchange(name: str, payload: bytes, *, half_close: bool = True) -> bytes:
+    """Through the pipe with npipe's own client."""
+    import asyncio
+
+    import npipe
+
+    async def go() -> bytes:
+        reader, writer = await npipe.open_connection(name)
+        writer.write(payload)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        try:
+            return await asyncio.wait_for(reader.read(), WAIT)
+        except ConnectionResetError:  # closed with what was sent unread
+            return b""
+        finally:
+            writer.close()
+
+    return asyncio.run(go())
+
+
+def test_expose_logs_the_caller_and_half_closes(pipe_dir: Path) -> None:
+    target = pipe_dir.parent / "digest.sock"
+    payload = os.urandom(200_000)
+    with app("unix", "digest", str(target)), expose("exp-digest", f"unix:{target}") as exp:
+        exp.wait_for(r"serving pipe exp-digest, relaying to unix:")
+        assert pipe_exchange("exp-digest", payload) == digest_line(payload)
+        line = exp.wait_for(r"caller .* on pipe exp-digest -> .*")[0].string
+    me = f"uid={os.getuid()} pid={os.getpid()}"
+    assert me in line, line
+    assert f"{len(payload)} B to target, {len(digest_line(payload))} B from target" in line
+
+
+def test_expose_unreachable_target_is_one_line(pipe_dir: Path) -> None:
+    nothing = pipe_dir.parent / "nothing.sock"
+    with expose("exp-none", f"unix:{nothing}") as exp:
+        exp.wait_for("serving pipe exp-none")
+        assert pipe_exchange("exp-none", b"hello") == b""
+        line = exp.wait_for(r"cannot reach")[0].string
+        assert str(nothing) in line and "caller's connection closed" in line
+        port = free_port()  # nobody listens there
+    with expose("exp-none", f"tcp:127.0.0.1:{port}") as exp:
+        exp.wait_for("serving pipe exp-none")
+        assert pipe_exchange("exp-none", b"hello") == b""
+        assert "refused" in exp.wait_for(r"cannot reach")[0].string
+        assert exp.stop() == 0
+    assert "Traceback" not in exp.log
+
+
+# --- readiness (sd_notify) --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def notify_socket() -> Iterator[tuple[socket.socket, dict[str, str]]]:
+    d = tempfile.mkdtemp(prefix="npn", dir="/tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(os.path.join(d, "notify"))
+        sock.settimeout(WAIT)
+        yield sock, {**os.environ, "NOTIFY_SOCKET": os.path.join(d, "notify")}
+    finally:
+        sock.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_forward_ready_once_the_port_is_bound(pipe_dir: Path) -> None:
+    with app("pipe", "echo", "rdy-fwd"), notify_socket() as (sock, env), \
+            forward("rdy-fwd", env=env) as fwd:
+        message = sock.recv(4096).decode()
+        # Usable the moment READY=1 arrives: connect at once, before reading the log.
+        port = int(re.search(r"STATUS=listening on tcp:127\.0\.0\.1:(\d+),", message)[1])  # type: ignore[index]
+        assert "READY=1" in message.splitlines()
+        assert f"MAINPID={fwd.proc.pid}" in message.splitlines()
+        assert exchange(port, b"ready?") == b"ready?"
+        assert fwd.stop() == 0
+        assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
+
+
+def test_expose_ready_once_the_pipe_is_claimed(pipe_dir: Path) -> None:
+    target = pipe_dir.parent / "echo.sock"
+    with app("unix", "echo", str(target)), notify_socket() as (sock, env), \
+            expose("rdy-exp", f"unix:{target}", env=env):
+        message = sock.recv(4096).decode()
+        assert "READY=1" in message.splitlines()
+        assert "STATUS=serving pipe rdy-exp, relaying to unix:" in message
+        assert pipe_exchange("rdy-exp", b"ready?") == b"ready?"
+
+
+def test_forward_config_file(pipe_dir: Path) -> None:
+    """ADDRESS and --listen from --config (a systemd unit's usual form)."""
+    config = pipe_dir.parent / "forward.toml"
+    config.write_text('address = "cfg-fwd"\nlisten = "tcp:127.0.0.1:0"\ngrace = 1\n')
+    with app("pipe", "echo", "cfg-fwd"), \
+            running([*NPIPE, "forward", "--config", str(config)]) as fwd:
+        assert exchange(listening_port(fwd), b"configured") == b"configured"
+
+
+# --- relay: stdin/stdout <-> pipe ------------------------------------------------------
+
+
+def test_relay_files_both_ways_and_half_close(pipe_dir: Path) -> None:
+    """stdin a file, stdout a file (read and written without the event loop): the end of
+    stdin half-closes the local pipe, the echo comes back whole, exit 0."""
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    src, dst = pipe_dir.parent / "in.bin", pipe_dir.parent / "out.bin"
+    src.write_bytes(data)
+    with app("pipe", "echo", "rl-files"), src.open("rb") as fin, dst.open("wb") as fout:
+        done = subprocess.run([*NPIPE, "relay", "rl-files"], stdin=fin, stdout=fout,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_relay_pipes_digest(pipe_dir: Path) -> None:
+    data = os.urandom(1024 * 1024)
+    with app("pipe", "digest", "rl-digest"):
+        done = subprocess.run([*NPIPE, "relay", "rl-digest"], input=data,
+                              capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == digest_line(data)  # nothing but the pipe's bytes on stdout
+
+
+def test_socat_exec_relay_stdio(pipe_dir: Path) -> None:
+    """socat - EXEC:"npipe relay NAME": a few MiB of random bytes there and back."""
+    need("socat")
+    data = os.urandom(4 * 1024 * 1024)
+    relay = " ".join([*NPIPE, "relay", "sc-echo"])
+    with app("pipe", "echo", "sc-echo"):
+        done = subprocess.run(["socat", "-t", "30", "-", f"EXEC:{relay}"], input=data,
+                              capture_output=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert hashlib.sha256(done.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_socat_tcp_listen_to_relay(pipe_dir: Path) -> None:
+    """socat TCP-LISTEN -> EXEC npipe relay (one socketpair for stdin and stdout):
+    random bytes both ways, and a half-close passed on to the pipe."""
+    need("socat")
+    port = free_port()
+    data = os.urandom(5 * 1024 * 1024)
+    relay = " ".join([*NPIPE, "relay", "sc-tcp"])
+    with app("pipe", "echo", "sc-tcp"), running(
+        ["socat", "-d", "-d", "-t", "30", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+         f"EXEC:{relay}"]
+    ) as socat:
+        socat.wait_for("listening on")
+        assert hashlib.sha256(exchange(port, data)).digest() == hashlib.sha256(data).digest()
+        assert socat.proc.wait(30) == 0

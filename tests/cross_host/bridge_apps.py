@@ -58,8 +58,16 @@ def flood(total: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
 
 async def main(argv: list[str]) -> None:
     where, kind, target, *rest = argv
-    handler = flood(int(kind.split(":")[1])) if kind.startswith("flood:") else \
+    serve = flood(int(kind.split(":")[1])) if kind.startswith("flood:") else \
         {"echo": echo, "digest": digest}[kind]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await serve(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()  # asyncio's servers leave that to the handler
     if where == "pipe":
         import npipe
 

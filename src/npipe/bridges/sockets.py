@@ -117,7 +117,8 @@ async def connect(
     except asyncio.TimeoutError:
         raise NpipeError(f"{endpoint}: no answer within {timeout:g} s") from None
     except OSError as e:
-        raise NpipeError(f"{endpoint}: {e.strerror or e}") from e
+        why = os.strerror(e.errno) if e.errno else str(e)  # not asyncio's "Connect call failed"
+        raise NpipeError(f"{endpoint}: {why}") from e
 
 
 def peer_name(writer: asyncio.StreamWriter) -> str:
