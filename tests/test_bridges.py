@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -29,7 +30,15 @@ from pipe_servers import free_port
 
 from npipe.bridges.endpoint import Endpoint, parse_endpoint
 from npipe.errors import AddressError
-from npipe.testing.netns import popen_in, skip_or_fail
+from npipe.testing.netns import (
+    SmbSite,
+    popen_in,
+    require_root_and_samba,
+    run_in,
+    skip_or_fail,
+    smb_site,
+    tool,
+)
 
 APPS = Path(__file__).resolve().parent / "cross_host"
 NPIPE = [sys.executable, "-m", "npipe"]
@@ -561,3 +570,145 @@ def test_socat_tcp_listen_to_relay(pipe_dir: Path) -> None:
         socat.wait_for("listening on")
         assert hashlib.sha256(exchange(port, data)).digest() == hashlib.sha256(data).digest()
         assert socat.proc.wait(30) == 0
+
+
+# --- across two hosts: SMB through a real smbd ------------------------------------------
+
+ALICE, PASSWORD = "npt-bralice", "Bridge-Passw0rd!"
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[SmbSite]:
+    require_root_and_samba()
+    with smb_site({ALICE: PASSWORD}, prefix="npb") as bed:
+        yield bed
+
+
+def client_env() -> dict[str, str]:
+    return {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
+
+
+def in_client(site: SmbSite, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    kw.setdefault("timeout", 120)
+    done = run_in(site.hosts.client_ns, argv, env=client_env(), capture_output=True,
+                  text=True, **kw)
+    assert done.returncode == 0, f"{argv[0]} exit {done.returncode}: {done.stderr[-2000:]}"
+    return done
+
+
+def expose_smb(site: SmbSite, name: str, to: str) -> contextlib.AbstractContextManager[Running]:
+    return expose(name, to, "--smb", "--acl", f"user:{ALICE}", ns=site.hosts.server_ns,
+                  env=site.server_env())
+
+
+def test_http_through_forward_across_hosts(site: SmbSite) -> None:
+    """curl (HTTP/1.1, h2c) and h2load in the client host -> npipe forward -> SMB ->
+    npipe expose --smb -> hypercorn on a Unix socket in the server host."""
+    need("curl", "h2load")
+    sock = site.workdir / "http.sock"
+    body = site.workdir / "body.bin"
+    body.write_bytes(os.urandom(1024 * 1024))
+    hypercorn = popen_in(site.hosts.server_ns, [sys.executable, "-m", "hypercorn",
+                                                "bridge_apps:app", "--bind", f"unix:{sock}"],
+                         cwd=APPS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not sock.exists():
+            assert time.monotonic() < deadline and hypercorn.poll() is None, "no hypercorn"
+            time.sleep(0.1)
+        with expose_smb(site, "web", f"unix:{sock}") as exp, \
+                forward(site.address("web"), ns=site.hosts.client_ns, env=client_env()) as fwd:
+            exp.wait_for("serving pipe web")
+            url = f"http://127.0.0.1:{listening_port(fwd)}"
+            empty = hashlib.sha256(b"").hexdigest()
+            out = in_client(site, ["curl", "-sS", "--http1.1", f"{url}/one"]).stdout
+            assert out == f"HTTP/1.1 GET /one 0 {empty}"
+            out = in_client(site, ["curl", "-sS", "--http2-prior-knowledge",
+                                   "--data-binary", f"@{body}", f"{url}/up"]).stdout
+            sha = hashlib.sha256(body.read_bytes()).hexdigest()
+            assert out == f"HTTP/2 POST /up {1024 * 1024} {sha}"
+            load = in_client(site, ["h2load", "-n", "400", "-c", "8", "-m", "4",
+                                    f"{url}/load"]).stdout
+            assert "400 succeeded, 0 errored" in load or \
+                re.search(r"\b400 succeeded, 0 failed, 0 errored", load), load
+            assert re.search(r"requests: 400 total, 400 started, 400 done, 400 succeeded", load)
+            # The expose log names the SMB user and the client host of every caller.
+            callers = exp.wait_for(rf"caller \S*{ALICE} .*on pipe web -> unix:", count=10)
+            assert all(f"from {site.hosts.client_ip}" in m.string for m in callers)
+            fwd.wait_for(r"-> pipe \S*198\.18\.0\.1\S*web: [1-9]\d* B to pipe", count=10)
+            assert fwd.stop() == 0 and exp.stop() == 0
+        assert "Traceback" not in fwd.log + exp.log
+    finally:
+        hypercorn.terminate()
+        hypercorn.wait(10)
+
+
+HALF_CLOSE_CLIENT = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+s.sendall(b"ping")
+if sys.argv[2] == "echo":
+    print(s.recv(10).decode())
+s.shutdown(socket.SHUT_WR)
+print(repr(b"".join(iter(lambda: s.recv(100), b""))))
+"""
+
+
+def test_smb_pipe_has_no_half_close(site: SmbSite) -> None:
+    """Over SMB a client's half-close ends the whole connection: a request/response
+    exchange works, but a server that answers only at end of stream never gets to."""
+    with app("pipe", "echo", "hc-echo", "--smb", "--acl", f"user:{ALICE}",
+             ns=site.hosts.server_ns, env=site.server_env()), \
+            app("pipe", "digest", "hc-digest", "--smb", "--acl", f"user:{ALICE}",
+                ns=site.hosts.server_ns, env=site.server_env()), \
+            forward(site.address("hc-echo"), ns=site.hosts.client_ns, env=client_env()) as echo, \
+            forward(site.address("hc-digest"), ns=site.hosts.client_ns,
+                    env=client_env()) as digest:
+        out = in_client(site, [sys.executable, "-c", HALF_CLOSE_CLIENT,
+                               str(listening_port(echo)), "echo"]).stdout
+        assert out == "ping\nb''\n"
+        out = in_client(site, [sys.executable, "-c", HALF_CLOSE_CLIENT,
+                               str(listening_port(digest)), "digest"]).stdout
+        assert out == "b''\n"  # no digest: the pipe was closed, not half-closed
+        for fwd in (echo, digest):
+            line = fwd.wait_for(r"-> pipe \S*198\.18\.0\.1\S*: 4 B to pipe")[0].string
+            assert line.endswith("closed by client (pipe has no half-close)"), line
+
+
+def test_ssh_proxycommand_through_relay(site: SmbSite) -> None:
+    """ssh -o ProxyCommand="npipe relay //SERVER/pipe/ssh" -> SMB -> npipe expose --smb
+    -> an sshd of the test's own (own host key, own authorized key) in the server host."""
+    need("ssh", "ssh-keygen")
+    sshd = tool("sshd")
+    if sshd is None:
+        skip_or_fail("sshd not found (apt-get install openssh-server)")
+    d = site.workdir / "ssh"
+    d.mkdir()
+    for key in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                       check=True, timeout=30)
+    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
+        "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+    )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    with running([sshd, "-D", "-e", "-f", str(d / "sshd_config")],
+                 ns=site.hosts.server_ns) as daemon, \
+            expose_smb(site, "ssh", f"tcp:127.0.0.1:{port}") as exp:
+        daemon.wait_for("Server listening on 127.0.0.1")
+        exp.wait_for("serving pipe ssh")
+        relay = " ".join([*NPIPE, "relay", site.address("ssh")])
+        user = pwd.getpwuid(os.getuid()).pw_name
+        done = in_client(site, [
+            "ssh", "-F", "none", "-i", str(d / "user_key"), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", f"ProxyCommand={relay}",
+            "-o", "LogLevel=ERROR", f"{user}@bridged-host", "echo hello-over-a-pipe; id -u",
+        ])
+        assert done.stdout == f"hello-over-a-pipe\n{os.getuid()}\n"
+        line = exp.wait_for(rf"caller \S*{ALICE} .*on pipe ssh -> tcp:127\.0\.0\.1:{port}: ")
+        assert re.search(r"[1-9]\d* B to target, [1-9]\d* B from target", line[0].string)
