@@ -429,13 +429,13 @@ def pipe_exchange(name: str, payload: bytes, *, half_close: bool = True) -> byte
 
     async def go() -> bytes:
         reader, writer = await npipe.open_connection(name)
-        writer.write(payload)
-        await writer.drain()
-        if half_close:
-            writer.write_eof()
         try:
+            writer.write(payload)
+            await writer.drain()
+            if half_close:
+                writer.write_eof()
             return await asyncio.wait_for(reader.read(), WAIT)
-        except ConnectionResetError:  # closed with what was sent unread
+        except ConnectionError:  # closed by the other side with what was sent unread
             return b""
         finally:
             writer.close()
