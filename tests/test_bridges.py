@@ -333,6 +333,25 @@ def test_forward_backpressure_keeps_memory_bounded(pipe_dir: Path) -> None:
     assert stalled - before < 32 * 1024, f"RSS grew {stalled - before} KiB with a slow reader"
 
 
+def test_forward_client_reset_ends_cleanly(pipe_dir: Path) -> None:
+    """A client that vanishes (RST) mid-stream: one log line saying so, no traceback, and
+    the forwarder serves the next connection."""
+    import struct
+
+    with app("pipe", "echo", "fwd-reset"), forward("fwd-reset") as fwd:
+        port = listening_port(fwd)
+        s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        s.sendall(b"x" * 1000)
+        assert s.recv(1000)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # with linger 0: a reset
+        line = fwd.wait_for(r"-> pipe \S*fwd-reset: .*")[0].string
+        assert re.search(r"closed by client|client lost: .*reset", line), line
+        assert exchange(port, b"again") == b"again"
+        assert fwd.stop() == 0
+    assert "Traceback" not in fwd.log and "ERROR" not in fwd.log
+
+
 def test_forward_to_a_missing_pipe_closes_that_connection_only(pipe_dir: Path) -> None:
     with forward("fwd-later") as fwd:
         port = listening_port(fwd)
