@@ -7,6 +7,7 @@ plain sockets, locally and across two network namespaces (SMB through a real smb
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -29,6 +30,7 @@ import pytest
 from pipe_servers import free_port
 
 from npipe.bridges.endpoint import Endpoint, parse_endpoint
+from npipe.bridges.relay import RelayStats, Side, relay
 from npipe.errors import AddressError
 from npipe.testing.netns import (
     SmbSite,
@@ -243,6 +245,56 @@ def test_loopback(spec: str, loopback: bool) -> None:
     assert parse_endpoint(spec).is_loopback is loopback
 
 
+# --- the relay core, on socket pairs ---------------------------------------------------
+
+
+async def _pairs() -> tuple[Side, Side, asyncio.StreamReader, asyncio.StreamWriter,
+                            asyncio.StreamReader, asyncio.StreamWriter]:
+    """Sides "a" and "b" of a relay, and the far ends (a test's peers) of each."""
+    ends = []
+    for _ in range(2):
+        near, far = socket.socketpair()
+        ends.append((*await asyncio.open_connection(sock=near),
+                     *await asyncio.open_connection(sock=far)))
+    (ar, aw, far_ar, far_aw), (br, bw, far_br, far_bw) = ends
+    return Side("a", ar, aw), Side("b", br, bw), far_ar, far_aw, far_br, far_bw
+
+
+@pytest.mark.parametrize(("b_half_close", "keep_reading", "a_gets", "ended"), [
+    (True, False, b"answer", "closed by a then b"),  # both can: the answer comes
+    (False, False, b"", "closed by a (b has no half-close)"),  # an SMB pipe: all ends
+    (False, True, b"answer", "closed by b"),  # npipe relay: reads on until b ends
+])
+def test_relay_end_of_stream(b_half_close: bool, keep_reading: bool, a_gets: bytes,
+                             ended: str) -> None:
+    async def go() -> tuple[bytes, RelayStats]:
+        a, b, far_ar, far_aw, far_br, far_bw = await _pairs()
+        b.half_close = b_half_close
+        b.final = not b_half_close
+        running = asyncio.create_task(relay(a, b, keep_reading=keep_reading))
+        far_aw.write(b"question")
+        far_aw.write_eof()
+        assert await asyncio.wait_for(far_br.readexactly(8), WAIT) == b"question"
+        with contextlib.suppress(ConnectionError):
+            far_bw.write(b"answer")
+            await far_bw.drain()
+            if b_half_close:
+                assert await far_br.read() == b""  # the half-close came through
+                far_bw.write_eof()
+            else:
+                await asyncio.sleep(0.2)
+                far_bw.close()
+        got = await asyncio.wait_for(far_ar.read(), WAIT)
+        stats = await asyncio.wait_for(running, WAIT)
+        for w in (far_aw, far_bw):
+            w.close()
+        return got, stats
+
+    got, stats = asyncio.run(go())
+    assert got == a_gets and stats.ended == ended
+    assert stats.a_to_b == 8 and stats.b_to_a == len(a_gets) and stats.duration > 0
+
+
 # --- command-line errors ---------------------------------------------------------------
 
 
@@ -442,8 +494,6 @@ def expose(name: str, to: str, *more: str, ns: str | None = None,
 
 def pipe_exchange(name: str, payload: bytes, *, half_close: bool = True) -> bytes:
     """Through the pipe with npipe's own client."""
-    import asyncio
-
     import npipe
 
     async def go() -> bytes:
