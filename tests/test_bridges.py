@@ -32,6 +32,7 @@ from pipe_servers import free_port
 from npipe.bridges.endpoint import Endpoint, parse_endpoint
 from npipe.bridges.relay import RelayStats, Side, relay
 from npipe.errors import AddressError
+from npipe.smb import BACKENDS, ENV_BACKEND
 from npipe.testing.netns import (
     SmbSite,
     popen_in,
@@ -653,6 +654,14 @@ def site() -> Iterator[SmbSite]:
         yield bed
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each cross-host test runs with each SMB client backend (the client apps inherit
+    $NPIPE_SMB_BACKEND)."""
+    monkeypatch.setenv(ENV_BACKEND, request.param)
+    return str(request.param)
+
+
 def client_env() -> dict[str, str]:
     return {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
 
@@ -670,7 +679,7 @@ def expose_smb(site: SmbSite, name: str, to: str) -> contextlib.AbstractContextM
                   env=site.server_env())
 
 
-def test_http_through_forward_across_hosts(site: SmbSite) -> None:
+def test_http_through_forward_across_hosts(site: SmbSite, backend: str) -> None:
     """curl (HTTP/1.1, h2c) and h2load in the client host -> npipe forward -> SMB ->
     npipe expose --smb -> hypercorn on a Unix socket in the server host."""
     need("curl", "h2load")
@@ -723,7 +732,7 @@ print(repr(b"".join(iter(lambda: s.recv(100), b""))))
 """
 
 
-def test_smb_pipe_has_no_half_close(site: SmbSite) -> None:
+def test_smb_pipe_has_no_half_close(site: SmbSite, backend: str) -> None:
     """Over SMB a client's half-close ends the whole connection: a request/response
     exchange works, but a server that answers only at end of stream never gets to."""
     with app("pipe", "echo", "hc-echo", "--smb", "--acl", f"user:{ALICE}",
@@ -744,15 +753,14 @@ def test_smb_pipe_has_no_half_close(site: SmbSite) -> None:
             assert line.endswith("closed by client (pipe has no half-close)"), line
 
 
-def test_ssh_proxycommand_through_relay(site: SmbSite) -> None:
+def test_ssh_proxycommand_through_relay(site: SmbSite, backend: str) -> None:
     """ssh -o ProxyCommand="npipe relay //SERVER/pipe/ssh" -> SMB -> npipe expose --smb
     -> an sshd of the test's own (own host key, own authorized key) in the server host."""
     need("ssh", "ssh-keygen")
     sshd = tool("sshd")
     if sshd is None:
         skip_or_fail("sshd not found (apt-get install openssh-server)")
-    d = site.workdir / "ssh"
-    d.mkdir()
+    d = Path(tempfile.mkdtemp(prefix="ssh", dir=site.workdir))
     for key in ("host_key", "user_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
                        check=True, timeout=30)

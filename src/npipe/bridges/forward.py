@@ -59,8 +59,10 @@ class Forward:
             raise
         stats = RelayStats()
         try:
+            # An SMB pipe has no half-close, whatever the backend's transport says.
             await relay(Side("client", reader, writer),
-                        Side("pipe", pipe_reader, pipe_writer), stats=stats)
+                        Side("pipe", pipe_reader, pipe_writer,
+                             half_close=not self.address.is_remote), stats=stats)
         finally:
             log.info("%s -> pipe %s: %d B to pipe, %d B from pipe, %.3f s, %s",
                      peer, self.address, stats.a_to_b, stats.b_to_a, stats.duration,

@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 import npipe
-from npipe.address import PipeAddress
+from npipe.address import PipeAddress, parse_address
 from npipe.bridges.relay import CHUNK, ByteReader, ByteWriter, RelayStats, Side, relay
 from npipe.streams import DEFAULT_LIMIT
 
@@ -134,7 +134,8 @@ async def relay_stdio(
     """Open the pipe, then relay stdin -> pipe and pipe -> stdout until the pipe's side
     ends. End of stdin half-closes a local pipe; an SMB pipe cannot be half-closed, so
     then the pipe is read on until its server ends it."""
-    pipe_reader, pipe_writer = await npipe.open_connection(address, limit=limit, **dial)
+    addr = parse_address(address)
+    pipe_reader, pipe_writer = await npipe.open_connection(addr, limit=limit, **dial)
     try:
         reader, writer, transports = await open_stdio(limit)
     except BaseException:
@@ -142,7 +143,9 @@ async def relay_stdio(
         raise
     try:
         return await relay(Side("stdin/stdout", reader, writer),
-                           Side("pipe", pipe_reader, pipe_writer, final=True),
+                           # An SMB pipe has no half-close, whatever the backend says.
+                           Side("pipe", pipe_reader, pipe_writer, final=True,
+                                half_close=not addr.is_remote),
                            keep_reading=True)
     finally:
         for transport in transports:
