@@ -195,6 +195,15 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -302,12 +311,12 @@ def test_relay_end_of_stream(b_half_close: bool, keep_reading: bool, a_gets: byt
 @pytest.mark.parametrize(("args", "message"), [
     (["forward", "p", "--listen", "tcp:127.0.0.1"], "missing :PORT"),
     (["forward", "p", "--listen", "bogus"], "bad endpoint 'bogus'"),
-    (["forward", "p"], "missing LISTEN"),
+    (["forward", "p"], "missing --listen"),
     (["forward", "//", "--listen", "tcp:127.0.0.1:0"], "//"),
     (["forward", "p", "--listen", "tcp:0.0.0.0:0"], "--allow-remote-listen"),
     (["forward", "p", "--listen", "tcp:[::]:0"], "not a loopback address"),
     (["expose", "p", "--to", "tcp:h"], "missing :PORT"),
-    (["expose", "p"], "missing TO"),
+    (["expose", "p"], "missing --to"),
     (["expose", "p", "--to", "tcp:127.0.0.1:1", "--acl", "nobody"], "bad ACL entry"),
     (["relay", "bad/name"], "bad/name"),
 ])
@@ -683,7 +692,7 @@ def test_http_through_forward_across_hosts(site: SmbSite, backend: str) -> None:
     """curl (HTTP/1.1, h2c) and h2load in the client host -> npipe forward -> SMB ->
     npipe expose --smb -> hypercorn on a Unix socket in the server host."""
     need("curl", "h2load")
-    sock = site.workdir / "http.sock"
+    sock = Path(tempfile.mkdtemp(prefix="http", dir=site.workdir)) / "s"  # new each run
     body = site.workdir / "body.bin"
     body.write_bytes(os.urandom(1024 * 1024))
     hypercorn = popen_in(site.hosts.server_ns, [sys.executable, "-m", "hypercorn",
@@ -691,29 +700,31 @@ def test_http_through_forward_across_hosts(site: SmbSite, backend: str) -> None:
                          cwd=APPS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + WAIT
-        while not sock.exists():
+        while not accepts(sock):  # bound is not yet listening: connect to know
             assert time.monotonic() < deadline and hypercorn.poll() is None, "no hypercorn"
             time.sleep(0.1)
         with expose_smb(site, "web", f"unix:{sock}") as exp, \
                 forward(site.address("web"), ns=site.hosts.client_ns, env=client_env()) as fwd:
             exp.wait_for("serving pipe web")
             url = f"http://127.0.0.1:{listening_port(fwd)}"
-            empty = hashlib.sha256(b"").hexdigest()
-            out = in_client(site, ["curl", "-sS", "--http1.1", f"{url}/one"]).stdout
-            assert out == f"HTTP/1.1 GET /one 0 {empty}"
-            out = in_client(site, ["curl", "-sS", "--http2-prior-knowledge",
-                                   "--data-binary", f"@{body}", f"{url}/up"]).stdout
-            sha = hashlib.sha256(body.read_bytes()).hexdigest()
-            assert out == f"HTTP/2 POST /up {1024 * 1024} {sha}"
-            load = in_client(site, ["h2load", "-n", "400", "-c", "8", "-m", "4",
-                                    f"{url}/load"]).stdout
-            assert "400 succeeded, 0 errored" in load or \
-                re.search(r"\b400 succeeded, 0 failed, 0 errored", load), load
-            assert re.search(r"requests: 400 total, 400 started, 400 done, 400 succeeded", load)
-            # The expose log names the SMB user and the client host of every caller.
-            callers = exp.wait_for(rf"caller \S*{ALICE} .*on pipe web -> unix:", count=10)
-            assert all(f"from {site.hosts.client_ip}" in m.string for m in callers)
-            fwd.wait_for(r"-> pipe \S*198\.18\.0\.1\S*web: [1-9]\d* B to pipe", count=10)
+            try:
+                empty = hashlib.sha256(b"").hexdigest()
+                out = in_client(site, ["curl", "-sS", "--http1.1", f"{url}/one"]).stdout
+                assert out == f"HTTP/1.1 GET /one 0 {empty}"
+                out = in_client(site, ["curl", "-sS", "--http2-prior-knowledge",
+                                       "--data-binary", f"@{body}", f"{url}/up"]).stdout
+                sha = hashlib.sha256(body.read_bytes()).hexdigest()
+                assert out == f"HTTP/2 POST /up {1024 * 1024} {sha}"
+                load = in_client(site, ["h2load", "-n", "400", "-c", "8", "-m", "4",
+                                        f"{url}/load"]).stdout
+                assert re.search(r"requests: 400 total, 400 started, 400 done, "
+                                 r"400 succeeded, 0 failed, 0 errored", load), load
+                # The expose log names the SMB user and the client host of every caller.
+                callers = exp.wait_for(rf"caller \S*{ALICE} .*on pipe web -> unix:", count=10)
+                assert all(f"from {site.hosts.client_ip}" in m.string for m in callers)
+                fwd.wait_for(r"-> pipe \S*198\.18\.0\.1\S*web: [1-9]\d* B to pipe", count=10)
+            except AssertionError as e:  # with both logs: what each side saw
+                raise AssertionError(f"{e}\nforward:\n{fwd.log}\nexpose:\n{exp.log}") from None
             assert fwd.stop() == 0 and exp.stop() == 0
         assert "Traceback" not in fwd.log + exp.log
     finally:
