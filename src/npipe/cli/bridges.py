@@ -102,7 +102,8 @@ def add_bridge_parsers(
     p.add_argument("--to", metavar="tcp:HOST:PORT|unix:PATH", help="where callers go")
     p.add_argument("--smb", action="store_true",
                    help="also serve SMB clients through Samba (its np/ directory)")
-    p.add_argument("--acl", help="who may connect besides you (comma-separated): "
+    p.add_argument("--acl", action="append", metavar="ENTRIES",
+                   help="who may connect besides you (comma-separated, repeatable): "
                    "user:NAME, user:DOMAIN\\NAME, user:NAME@REALM, group:NAME, uid:N, "
                    "gid:N, sid:S-1-..., everyone (default: only you)")
     p.add_argument("--dotnet", action="store_true",
@@ -190,7 +191,7 @@ def forward(args: argparse.Namespace) -> int:
 def expose(args: argparse.Namespace) -> int:
     service.require(args, "name", "to")
     target = parse_endpoint(args.to)
-    acl = Acl.parse(args.acl) if args.acl else OWNER_ONLY
+    acl = Acl.parse(",".join(args.acl)) if args.acl else OWNER_ONLY
     if args.max_connections is not None and args.max_connections < 1:
         raise ValueError("--max-connections must be 1 or more")
     _show_connection_log(args)
