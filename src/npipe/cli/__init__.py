@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import grpc
 
 from npipe.cli import commands, serve_grpc, service
+from npipe.cli.bridges import add_bridge_parsers
 from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
 from npipe.errors import AddressError, ConfigError, NpipeError
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_samba_parser(sub, [common])
     add_http_parsers(sub, common, dial)
     serve_grpc.add_parser(sub, [common])
+    add_bridge_parsers(sub, common, dial)
 
     p = sub.add_parser(
         "ls", parents=[common], help="list local pipes",

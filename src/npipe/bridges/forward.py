@@ -1,0 +1,102 @@
+"""``forward``: listen on TCP or a Unix socket; each connection gets its own pipe instance.
+
+Every accepted connection opens the pipe anew (``npipe.open_connection``: a local pipe,
+or a remote one over SMB, where each open is a new instance, as each CreateFile is on
+Windows) and is relayed to it. A pipe that cannot be opened closes that one connection,
+with one line in the log; the forwarder goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import npipe
+from npipe.address import PipeAddress, parse_address
+from npipe.bridges.endpoint import Endpoint
+from npipe.bridges.relay import RelayStats, Side, relay
+from npipe.bridges.sockets import DEFAULT_UNIX_MODE, Connections, Listener, listen, peer_name
+from npipe.errors import ConfigError
+from npipe.streams import DEFAULT_LIMIT
+
+log = logging.getLogger("npipe.bridges")
+
+
+class Forward:
+    """A running forwarder; ``endpoint`` is where it listens (with the kernel's port)."""
+
+    def __init__(self, address: PipeAddress, dial: dict[str, Any], limit: int) -> None:
+        self.address = address
+        self._dial = dial
+        self._limit = limit
+        self._connections = Connections()
+        self._listener: Listener | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        assert self._listener is not None
+        return self._listener.endpoint
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.track()
+        peer = peer_name(writer)
+        try:
+            pipe_reader, pipe_writer = await npipe.open_connection(
+                self.address, limit=self._limit, **self._dial
+            )
+        except Exception as e:
+            log.warning("%s: cannot open pipe %s: %s; connection closed", peer, self.address, e)
+            log.debug("open failed", exc_info=True)
+            writer.close()
+            return
+        except asyncio.CancelledError:
+            writer.close()
+            raise
+        stats = RelayStats()
+        try:
+            # An SMB pipe has no half-close, whatever the backend's transport says.
+            await relay(Side("client", reader, writer),
+                        Side("pipe", pipe_reader, pipe_writer,
+                             half_close=not self.address.is_remote), stats=stats)
+        finally:
+            log.info("%s -> pipe %s: %d B to pipe, %d B from pipe, %.3f s, %s",
+                     peer, self.address, stats.a_to_b, stats.b_to_a, stats.duration,
+                     stats.ended)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, give open connections ``grace`` seconds, then end them."""
+        if self._listener is not None:
+            self._listener.close()
+        await self._connections.finish(grace)
+
+
+async def start_forward(
+    address: str | PipeAddress,
+    listen_on: Endpoint,
+    *,
+    allow_remote_listen: bool = False,
+    mode: int = DEFAULT_UNIX_MODE,
+    limit: int = DEFAULT_LIMIT,
+    **dial: Any,
+) -> Forward:
+    """Listen on ``listen_on`` and relay each connection to a new instance of the pipe
+    ``address``; ``dial`` is passed to :func:`npipe.open_connection` (credentials,
+    timeout, ...). Listening beyond loopback needs ``allow_remote_listen``."""
+    addr = parse_address(address)
+    if not listen_on.is_loopback and not allow_remote_listen:
+        raise ConfigError(
+            f"{listen_on} is not a loopback address: anyone who can reach it would use the "
+            "pipe with this process's identity and credentials; pass --allow-remote-listen "
+            "(allow_remote_listen=True) if that is intended"
+        )
+    forward = Forward(addr, dial, limit)
+    forward._listener = await listen(listen_on, forward._serve, mode=mode, limit=limit)
+    return forward
+
+
+__all__ = ["Forward", "start_forward"]

@@ -1,0 +1,217 @@
+"""``npipe forward``, ``npipe expose`` and ``npipe relay``: pipes <-> TCP, Unix sockets,
+stdin/stdout (the library is npipe.bridges)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import logging
+from typing import Any
+
+from npipe.acl import OWNER_ONLY, Acl
+from npipe.bridges.endpoint import parse_endpoint
+from npipe.bridges.expose import start_expose
+from npipe.bridges.forward import start_forward
+from npipe.bridges.sockets import DEFAULT_UNIX_MODE
+from npipe.bridges.stdio import relay_stdio
+from npipe.cli import service
+
+log = logging.getLogger("npipe.bridges")
+
+DEFAULT_GRACE = 5.0
+HALF_CLOSE = (
+    "End of stream: where both sides can half-close (TCP, Unix sockets, local pipes) one "
+    "side's end of stream is passed on and the other direction goes on. An SMB pipe "
+    "(a remote pipe, or a caller through Samba) has no half-close: there an end of stream "
+    "on either side closes the whole connection."
+)
+
+
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 600") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mode between 000 and 777")
+    return mode
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
+def _optional_positional(parser: argparse.ArgumentParser, dest: str) -> None:
+    """Let --config give a positional that a shared parent parser declares as required:
+    this parser gets its own copy of the action (the parent's stays as it is)."""
+    for group in (parser._actions, parser._positionals._group_actions):
+        for i, action in enumerate(group):
+            if action.dest == dest and not action.option_strings:
+                optional = copy.copy(action)
+                optional.nargs, optional.default, optional.required = "?", None, False
+                group[i] = optional
+
+
+def add_bridge_parsers(
+    sub: Any, common: argparse.ArgumentParser, dial: argparse.ArgumentParser
+) -> None:
+    """Add forward, expose and relay to the ``npipe`` subcommands."""
+    p = sub.add_parser(
+        "forward", parents=[common, dial],
+        help="listen on TCP or a Unix socket and relay each connection to the pipe",
+        description="Listen on --listen; each accepted connection opens its own instance "
+        "of the pipe ADDRESS (local, or remote over SMB) and bytes are copied both ways. "
+        "One log line per connection (peer, bytes each way, duration, how it ended). "
+        + HALF_CLOSE,
+    )
+    _optional_positional(p, "address")
+    p.add_argument(
+        "--listen", metavar="tcp:HOST:PORT|unix:PATH",
+        help="where to listen: tcp:127.0.0.1:PORT, tcp:[::1]:PORT, tcp:localhost:PORT or "
+        "unix:PATH (PORT 0: the kernel picks one; the log says which)",
+    )
+    p.add_argument(
+        "--allow-remote-listen", action="store_true",
+        help="allow listening on a non-loopback address: whoever reaches it uses the pipe "
+        "with this process's identity and SMB credentials",
+    )
+    p.add_argument("--mode", type=_mode, default=DEFAULT_UNIX_MODE,
+                   help="the unix: socket's mode in octal (default 600: owner only)")
+    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE,
+                   help="on SIGINT/SIGTERM, seconds open connections may still take "
+                   f"(default {DEFAULT_GRACE:g})")
+    service.add_config_option(p)
+    p.set_defaults(func=forward)
+
+    p = sub.add_parser(
+        "expose", parents=[common],
+        help="serve a pipe and relay each caller to a TCP or Unix socket",
+        description="Serve the pipe NAME (the ACL is applied first); each caller gets its "
+        "own connection to --to. One log line per connection naming the caller. "
+        + HALF_CLOSE,
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="the pipe name to serve")
+    p.add_argument("--to", metavar="tcp:HOST:PORT|unix:PATH", help="where callers go")
+    p.add_argument("--smb", action="store_true",
+                   help="also serve SMB clients through Samba (its np/ directory)")
+    p.add_argument("--acl", action="append", metavar="ENTRIES",
+                   help="who may connect besides you (comma-separated, repeatable): "
+                   "user:NAME, user:DOMAIN\\NAME, user:NAME@REALM, group:NAME, uid:N, "
+                   "gid:N, sid:S-1-..., everyone (default: only you)")
+    p.add_argument("--dotnet", action="store_true",
+                   help="also be reachable by .NET clients (its CoreFxPipe_ socket)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="callers served at once (more wait)")
+    p.add_argument("--connect-timeout", type=_seconds, default=10.0,
+                   help="seconds to reach --to (default 10)")
+    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE,
+                   help="on SIGINT/SIGTERM, seconds open connections may still take "
+                   f"(default {DEFAULT_GRACE:g})")
+    service.add_config_option(p)
+    p.set_defaults(func=expose)
+
+    p = sub.add_parser(
+        "relay", parents=[common, dial],
+        help="relay stdin/stdout to a pipe (ssh ProxyCommand, socat EXEC)",
+        description="Copy stdin to the pipe ADDRESS and the pipe to stdout, binary-safe; "
+        "logs go to stderr only. Exit 0 when the pipe's side ends, 1 if it cannot be "
+        "opened. End of stdin half-closes a local pipe; an SMB pipe has no half-close, so "
+        "then the pipe is read on until its server ends it. Example: ssh -o "
+        "ProxyCommand='npipe relay //HOST/pipe/ssh' HOST.",
+    )
+    p.set_defaults(func=relay)
+
+
+def _show_connection_log(args: argparse.Namespace) -> None:
+    # The per-connection lines are the point of a bridge: INFO shows without --debug.
+    if not args.debug:
+        log.setLevel(logging.INFO)
+
+
+def _dial(args: argparse.Namespace) -> dict[str, Any]:
+    from npipe.smb.credentials import Credentials
+
+    return {
+        "server_user": args.server_user, "pipe_dir": args.pipe_dir,
+        # The password only from $NPIPE_PASSWORD: a command line is visible to every user.
+        "credentials": Credentials.resolve(args.user, None, args.domain, args.auth),
+        "timeout": args.timeout, "encrypt": args.encrypt, "allow_smb2": args.allow_smb2,
+    }
+
+
+def _ready(status: str) -> None:
+    try:
+        service.ready(status)
+    except OSError as e:
+        log.warning("cannot tell the service manager we are ready: %s", e)
+
+
+async def _serve_until_stopped(status: str, bridge: Any, grace: float) -> int:
+    # Signal handlers first, so that a stop right after READY=1 is not a kill.
+    stop = asyncio.ensure_future(service.until_stop_signal())
+    await asyncio.sleep(0)
+    log.info("%s", status)
+    _ready(status)
+    try:
+        sig = await stop
+    finally:
+        stop.cancel()
+    with contextlib.suppress(OSError):
+        service.stopping(f"stopping on {sig.name}")
+    log.info("stopping on %s, %d connection(s) open (grace %g s)", sig.name,
+             bridge.connections, grace)
+    await bridge.close(grace)
+    return 0
+
+
+def forward(args: argparse.Namespace) -> int:
+    service.require(args, "address", "listen")
+    listen_on = parse_endpoint(args.listen)
+    _show_connection_log(args)
+    dial = _dial(args)
+
+    async def run() -> int:
+        fwd = await start_forward(args.address, listen_on,
+                                  allow_remote_listen=args.allow_remote_listen,
+                                  mode=args.mode, **dial)
+        return await _serve_until_stopped(
+            f"listening on {fwd.endpoint}, forwarding to {fwd.address}", fwd, args.grace)
+
+    return asyncio.run(run())
+
+
+def expose(args: argparse.Namespace) -> int:
+    service.require(args, "name", "to")
+    target = parse_endpoint(args.to)
+    acl = Acl.parse(",".join(args.acl)) if args.acl else OWNER_ONLY
+    if args.max_connections is not None and args.max_connections < 1:
+        raise ValueError("--max-connections must be 1 or more")
+    _show_connection_log(args)
+
+    async def run() -> int:
+        exp = await start_expose(
+            args.name, target, acl=acl, smb=args.smb, dotnet=args.dotnet,
+            max_connections=args.max_connections, pipe_dir=args.pipe_dir,
+            connect_timeout=args.connect_timeout,
+        )
+        via = " (and via SMB)" if args.smb else ""
+        return await _serve_until_stopped(
+            f"serving pipe {exp.name}{via}, relaying to {target}", exp, args.grace)
+
+    return asyncio.run(run())
+
+
+def relay(args: argparse.Namespace) -> int:
+    asyncio.run(relay_stdio(args.address, **_dial(args)))
+    return 0
+
+
+__all__ = ["add_bridge_parsers"]
