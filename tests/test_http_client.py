@@ -329,7 +329,7 @@ def remote_server(site: Any, name: str) -> Iterator[subprocess.Popen[str]]:
     from npipe.testing.netns import popen_in
 
     argv = [sys.executable, "-m", "npipe", "serve-asgi", "http_apps:app", "--pipe", name,
-            "--smb", "--acl", f"user:{ALICE}", "--graceful-timeout", "2"]
+            "--smb", "--acl", f"user:{ALICE}", "--grace", "2"]
     proc = popen_in(site.hosts.server_ns, argv, env=site.server_env(), cwd=str(TESTS),
                     stderr=subprocess.PIPE, text=True)
     try:

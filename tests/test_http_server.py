@@ -290,7 +290,7 @@ def wait_for(sock: socket.socket, state: str, timeout: float) -> str:
 
 def test_serve_asgi_ready_then_graceful_on_sigterm(pipe_dir: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "api.toml"
-    cfg.write_text('app = "http_apps:app"\npipe = "svc"\ngraceful-timeout = 10\n')
+    cfg.write_text('app = "http_apps:app"\npipe = "svc"\ngrace = 10\n')
     marker = tmp_path / "shutdown"
     with notify_socket() as (notify, notify_path):
         env = {**os.environ, "NOTIFY_SOCKET": notify_path, "HTTP_APPS_STARTUP_DELAY": "1",
@@ -335,7 +335,7 @@ def test_serve_asgi_ready_then_graceful_on_sigterm(pipe_dir: Path, tmp_path: Pat
 
 def test_serve_asgi_exit_is_bounded_by_the_graceful_timeout(pipe_dir: Path) -> None:
     proc = subprocess.Popen([*NPIPE, "serve-asgi", "http_apps:app", "--pipe", "svc",
-                             "--graceful-timeout", "0.5"], cwd=TESTS,
+                             "--grace", "0.5"], cwd=TESTS,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -363,11 +363,11 @@ def test_serve_asgi_exit_is_bounded_by_the_graceful_timeout(pipe_dir: Path) -> N
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["serve-asgi", "--pipe", "svc"], "missing APP"),
-    (["serve-asgi", "http_apps:app"], "missing PIPE"),
+    (["serve-asgi", "--pipe", "svc"], "missing MODULE:APP"),
+    (["serve-asgi", "http_apps:app"], "missing --pipe"),
     (["serve-asgi", "no_such_module:app", "--pipe", "svc"], "cannot import"),
     (["serve-asgi", "http_apps:nothing", "--pipe", "svc"], "has no 'nothing'"),
-    (["serve-asgi", "http_apps:app", "--pipe", "//host/pipe/x"], "serve a local NAME"),
+    (["serve-asgi", "http_apps:app", "--pipe", "//host/pipe/x"], "serves a local pipe NAME"),
 ])
 def test_serve_asgi_usage_errors(pipe_dir: Path, args: list[str], message: str) -> None:
     done = run_npipe(*args, cwd=TESTS)

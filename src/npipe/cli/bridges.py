@@ -10,7 +10,6 @@ import copy
 import logging
 from typing import Any
 
-from npipe.acl import OWNER_ONLY, Acl
 from npipe.bridges.endpoint import parse_endpoint
 from npipe.bridges.expose import start_expose
 from npipe.bridges.forward import start_forward
@@ -37,16 +36,6 @@ def _mode(text: str) -> int:
     if not 0 <= mode <= 0o777:
         raise argparse.ArgumentTypeError(f"{text!r} is not a mode between 000 and 777")
     return mode
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
-    return value
 
 
 def _optional_positional(parser: argparse.ArgumentParser, dest: str) -> None:
@@ -85,7 +74,7 @@ def add_bridge_parsers(
     )
     p.add_argument("--mode", type=_mode, default=DEFAULT_UNIX_MODE,
                    help="the unix: socket's mode in octal (default 600: owner only)")
-    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE,
+    p.add_argument("--grace", type=service.seconds, default=DEFAULT_GRACE,
                    help="on SIGINT/SIGTERM, seconds open connections may still take "
                    f"(default {DEFAULT_GRACE:g})")
     service.add_config_option(p)
@@ -100,19 +89,10 @@ def add_bridge_parsers(
     )
     p.add_argument("name", nargs="?", metavar="NAME", help="the pipe name to serve")
     p.add_argument("--to", metavar="tcp:HOST:PORT|unix:PATH", help="where callers go")
-    p.add_argument("--smb", action="store_true",
-                   help="also serve SMB clients through Samba (its np/ directory)")
-    p.add_argument("--acl", action="append", metavar="ENTRIES",
-                   help="who may connect besides you (comma-separated, repeatable): "
-                   "user:NAME, user:DOMAIN\\NAME, user:NAME@REALM, group:NAME, uid:N, "
-                   "gid:N, sid:S-1-..., everyone (default: only you)")
-    p.add_argument("--dotnet", action="store_true",
-                   help="also be reachable by .NET clients (its CoreFxPipe_ socket)")
-    p.add_argument("--max-connections", type=int, metavar="N",
-                   help="callers served at once (more wait)")
-    p.add_argument("--connect-timeout", type=_seconds, default=10.0,
+    service.add_pipe_server_options(p)
+    p.add_argument("--connect-timeout", type=service.seconds, default=10.0,
                    help="seconds to reach --to (default 10)")
-    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE,
+    p.add_argument("--grace", type=service.seconds, default=DEFAULT_GRACE,
                    help="on SIGINT/SIGTERM, seconds open connections may still take "
                    f"(default {DEFAULT_GRACE:g})")
     service.add_config_option(p)
@@ -191,9 +171,8 @@ def forward(args: argparse.Namespace) -> int:
 def expose(args: argparse.Namespace) -> int:
     service.require(args, "name", "to")
     target = parse_endpoint(args.to)
-    acl = Acl.parse(",".join(args.acl)) if args.acl else OWNER_ONLY
-    if args.max_connections is not None and args.max_connections < 1:
-        raise ValueError("--max-connections must be 1 or more")
+    service.served_pipe(args.name, "NAME")
+    acl = service.pipe_acl(args)
     _show_connection_log(args)
 
     async def run() -> int:

@@ -13,7 +13,7 @@ import re
 import sys
 from typing import IO, TYPE_CHECKING, Any
 
-from npipe.acl import OWNER_ONLY, Acl
+from npipe.acl import Acl
 from npipe.address import parse_address
 from npipe.cli import service
 from npipe.errors import ConfigError, NpipeError
@@ -62,20 +62,14 @@ def add_http_parsers(
         "serve-asgi", parents=[common], help="serve an ASGI app on a pipe (hypercorn)",
         description="Import MODULE:APP (the current directory first on sys.path) and serve "
         "it on a pipe with hypercorn (HTTP/1.1 and h2c), until SIGINT/SIGTERM; then requests "
-        "in flight get --graceful-timeout seconds to finish. The app finds its caller in "
+        "in flight get --grace seconds to finish. The app finds its caller in "
         "scope['extensions']['npipe.caller'].",
     )
     p.add_argument("app", nargs="?", metavar="MODULE:APP",
                    help="the ASGI app, e.g. myapi:app (APP defaults to 'app')")
     p.add_argument("--pipe", metavar="NAME", help="pipe name to serve (required)")
-    p.add_argument("--smb", action="store_true", help="serve SMB clients too, through Samba")
-    p.add_argument("--acl", help="also allow (comma-separated): user:NAME, group:NAME, "
-                   "uid:N, gid:N, sid:S-1-..., everyone (default: only you)")
-    p.add_argument("--dotnet", action="store_true",
-                   help="also where .NET clients look (/tmp/CoreFxPipe_NAME)")
-    p.add_argument("--max-connections", type=int, metavar="N",
-                   help="serve at most N connections at once (others wait)")
-    p.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S",
+    service.add_pipe_server_options(p)
+    p.add_argument("--grace", type=service.seconds, default=5.0, metavar="S",
                    help="on stop, seconds requests in flight get to finish (default 5)")
     service.add_config_option(p)
     p.set_defaults(func=serve_asgi_command)
@@ -203,12 +197,8 @@ def _http_error(e: Exception, addr: Any) -> str:
 
 def serve_asgi_command(args: argparse.Namespace) -> int:
     service.require(args, "app", "pipe")
-    address = parse_address(args.pipe)
-    if address.is_remote:
-        raise ConfigError(f"--pipe {args.pipe}: serve a local NAME (--smb for SMB clients)")
-    if not args.graceful_timeout >= 0:
-        raise ConfigError(f"--graceful-timeout must be >= 0, not {args.graceful_timeout}")
-    acl = Acl.parse(args.acl) if args.acl else OWNER_ONLY
+    service.served_pipe(args.pipe, "--pipe")
+    acl = service.pipe_acl(args)
     app = load_app(args.app)
     return asyncio.run(_serve(args, app, acl))
 
@@ -219,7 +209,7 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl) -> int:
     from npipe.http import serve_asgi
 
     config = Config()
-    config.graceful_timeout = args.graceful_timeout
+    config.graceful_timeout = args.grace
     # Handlers first: a signal that comes right after READY=1 must stop us gracefully.
     stop = asyncio.ensure_future(service.until_stop_signal())
     await asyncio.sleep(0)

@@ -33,8 +33,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import npipe.grpc
-from npipe.acl import OWNER_ONLY, Acl
-from npipe.address import PipeAddress, parse_address
+from npipe.acl import Acl
+from npipe.address import PipeAddress
 from npipe.cli import service
 from npipe.cli.load import load_object
 from npipe.errors import ConfigError, NpipeError
@@ -61,45 +61,19 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     p.add_argument("function", nargs="?", metavar="MODULE:FUNCTION",
                    help="e.g. npipe.examples.buy.serve:add_services")
     p.add_argument("--pipe", metavar="NAME", help=r"pipe name: NAME or \\.\pipe\NAME (required)")
-    p.add_argument("--smb", action="store_true",
-                   help="also serve SMB clients (\\\\HOST\\pipe\\NAME) through Samba")
-    p.add_argument(
-        "--acl", action="append", metavar="ENTRIES",
-        help="also allow (comma-separated, repeatable): user:NAME, user:DOMAIN\\NAME, "
-        "user:NAME@REALM, group:NAME, uid:N, gid:N, sid:S-1-..., everyone",
-    )
-    p.add_argument("--dotnet", action="store_true",
-                   help="listen where .NET clients look (/tmp/CoreFxPipe_NAME)")
-    p.add_argument("--max-connections", type=_positive_int, metavar="N",
-                   help="callers served at once (more wait); default from the fd limit")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
+    service.add_pipe_server_options(p)
+    p.add_argument("--workers", type=service.positive_int, metavar="N",
                    help="threads running calls (sync FUNCTION; grpcio's default otherwise)")
-    p.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="S",
+    p.add_argument("--grace", type=service.seconds, default=10.0, metavar="S",
                    help="seconds calls in flight get to finish on SIGTERM (default 10)")
     service.add_config_option(p)
     p.set_defaults(func=run)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{value} is not positive")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{text} is not a number of seconds")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     service.require(args, "function", "pipe")
-    address = parse_address(args.pipe)
-    if address.is_remote:
-        raise ConfigError(f"--pipe {args.pipe}: a server serves a local pipe name")
-    acl = Acl.parse(",".join(args.acl)) if args.acl else OWNER_ONLY
+    address = service.served_pipe(args.pipe, "--pipe")
+    acl = service.pipe_acl(args)
     function = load_object(args.function, "MODULE:FUNCTION")
     if not callable(function):
         raise ConfigError(f"{args.function!r} is not a function")

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from npipe.acl import OWNER_ONLY, Acl
+from npipe.address import PipeAddress, parse_address
 from npipe.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -269,3 +271,55 @@ def _convert(action: argparse.Action, where: str, value: str) -> Any:
     if action.choices is not None and result not in action.choices:
         raise ConfigError(f"{where}: {value!r} is not one of {sorted(action.choices)}")
     return result
+
+
+# -- the options of every command that serves a pipe ----------------------------------
+
+ACL_HELP = ("who may connect besides you (comma-separated, repeatable): user:NAME, "
+            "user:DOMAIN\\NAME, user:NAME@REALM, group:NAME, uid:N, gid:N, sid:S-1-..., "
+            "everyone (default: only you)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more (and finite)")
+    return value
+
+
+def add_pipe_server_options(parser: argparse.ArgumentParser) -> None:
+    """--smb, --acl, --dotnet, --max-connections: the same for serve-grpc, serve-asgi and
+    expose (and in their --config files)."""
+    parser.add_argument("--smb", action="store_true",
+                        help="also serve SMB clients (\\\\HOST\\pipe\\NAME) through Samba")
+    parser.add_argument("--acl", action="append", metavar="ENTRIES", help=ACL_HELP)
+    parser.add_argument("--dotnet", action="store_true",
+                        help="also listen where .NET clients look (/tmp/CoreFxPipe_NAME)")
+    parser.add_argument("--max-connections", type=positive_int, metavar="N",
+                        help="callers served at once (more wait); default from the fd limit")
+
+
+def pipe_acl(args: argparse.Namespace) -> Acl:
+    return Acl.parse(",".join(args.acl)) if args.acl else OWNER_ONLY
+
+
+def served_pipe(name: str, option: str) -> PipeAddress:
+    """The local pipe a command serves; a remote address is a usage error."""
+    address = parse_address(name)
+    if address.is_remote:
+        raise ConfigError(f"{option} {name}: a server serves a local pipe NAME "
+                          "(--smb makes it reachable as \\\\HOST\\pipe\\NAME)")
+    return address
