@@ -732,6 +732,41 @@ def test_http_through_forward_across_hosts(site: SmbSite, backend: str) -> None:
         hypercorn.wait(10)
 
 
+def test_curl_and_h2load_through_forward_to_serve_asgi_across_hosts(
+        site: SmbSite, backend: str) -> None:
+    """curl (HTTP/1.1, h2c) and h2load in the client host -> npipe forward -> SMB ->
+    npipe serve-asgi --smb in the server host (no expose: hypercorn gets the pipe's
+    connections itself), the SMB caller reaching the app."""
+    need("curl", "h2load")
+    body = site.workdir / "asgi-body.bin"
+    body.write_bytes(os.urandom(3 * 1024 * 1024))
+    serve = [*NPIPE, "serve-asgi", "bridge_apps:app", "--pipe", "webasgi", "--smb",
+             "--acl", f"user:{ALICE}"]
+    env = {**site.server_env(), "PYTHONPATH": str(APPS)}
+    with running(serve, ns=site.hosts.server_ns, env=env) as srv, \
+            forward(site.address("webasgi"), ns=site.hosts.client_ns, env=client_env()) as fwd:
+        srv.wait_for("serving bridge_apps:app on")
+        url = f"http://127.0.0.1:{listening_port(fwd)}"
+        try:
+            empty = hashlib.sha256(b"").hexdigest()
+            out = in_client(site, ["curl", "-sS", "-f", "--http1.1", f"{url}/one"]).stdout
+            assert out == f"HTTP/1.1 GET /one 0 {empty} caller={ALICE}", out
+            out = in_client(site, ["curl", "-sS", "-f", "--http2-prior-knowledge",
+                                   "--data-binary", f"@{body}", f"{url}/up"]).stdout
+            sha = hashlib.sha256(body.read_bytes()).hexdigest()
+            assert out == f"HTTP/2 POST /up {3 * 1024 * 1024} {sha} caller={ALICE}", out
+            # (h2 only: h2load --h1 counts hypercorn's reason-less "HTTP/1.1 200 " status
+            # lines as failures, behind plain hypercorn on TCP too.)
+            load = in_client(site, ["h2load", "-n", "300", "-c", "6", "-m", "4",
+                                    f"{url}/load"]).stdout
+            assert re.search(r"requests: 300 total, 300 started, 300 done, "
+                             r"300 succeeded, 0 failed, 0 errored", load), load
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nforward:\n{fwd.log}\nserve-asgi:\n{srv.log}") from None
+        assert fwd.stop() == 0 and srv.stop() == 0
+    assert "Traceback" not in fwd.log + srv.log
+
+
 HALF_CLOSE_CLIENT = """
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)

@@ -365,7 +365,7 @@ def test_serve_asgi_exit_is_bounded_by_the_graceful_timeout(pipe_dir: Path) -> N
 @pytest.mark.parametrize(("args", "message"), [
     (["serve-asgi", "--pipe", "svc"], "missing MODULE:APP"),
     (["serve-asgi", "http_apps:app"], "missing --pipe"),
-    (["serve-asgi", "no_such_module:app", "--pipe", "svc"], "cannot import"),
+    (["serve-asgi", "no_such_module:app", "--pipe", "svc"], "no module named"),
     (["serve-asgi", "http_apps:nothing", "--pipe", "svc"], "has no 'nothing'"),
     (["serve-asgi", "http_apps:app", "--pipe", "//host/pipe/x"], "serves a local pipe NAME"),
 ])

@@ -98,6 +98,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     text = f"HTTP/{scope['http_version']} {scope['method']} {scope['path']} {n} {h.hexdigest()}"
+    caller = scope.get("extensions", {}).get("npipe.caller")  # under npipe serve-asgi
+    if caller is not None:
+        text += f" caller={caller.account or caller.user}"
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": text.encode()})

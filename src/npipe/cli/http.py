@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import os
 import re
 import sys
 from typing import IO, TYPE_CHECKING, Any
@@ -16,6 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 from npipe.acl import Acl
 from npipe.address import parse_address
 from npipe.cli import service
+from npipe.cli.load import load_object
 from npipe.errors import ConfigError, NpipeError
 
 if TYPE_CHECKING:
@@ -233,33 +232,12 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl) -> int:
 
 
 def load_app(spec: str) -> Any:
-    """MODULE:APP (APP may be dotted, default ``app``), importing from the current
-    directory first as uvicorn and hypercorn do."""
-    module_name, _, attr = spec.partition(":")
-    attr = attr or "app"
-    if not module_name or not all(part.isidentifier() for part in module_name.split(".")):
-        raise ConfigError(f"bad app {spec!r}: use MODULE:APP, e.g. myapi:app")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ConfigError(f"cannot import {module_name!r}: no such module here "
-                              f"({cwd}) or on sys.path") from e
-        raise NpipeError(f"importing {module_name} failed: {e}") from e
-    except Exception as e:
-        raise NpipeError(f"importing {module_name} failed: {type(e).__name__}: {e}") from e
-    value: Any = module
-    for part in attr.split("."):
-        try:
-            value = getattr(value, part)
-        except AttributeError:
-            raise ConfigError(f"{module_name} has no {attr!r}") from None
-    if not callable(value):
+    """MODULE:APP (APP may be dotted; MODULE alone means MODULE:app), imported as uvicorn
+    and hypercorn do (npipe.cli.load)."""
+    app = load_object(spec if ":" in spec else f"{spec}:app", "MODULE:APP")
+    if not callable(app):
         raise ConfigError(f"{spec} is not an ASGI app (not callable)")
-    return value
+    return app
 
 
 __all__ = ["add_http_parsers", "load_app"]
