@@ -10,9 +10,9 @@ import os
 import npipe
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.bridges.endpoint import Endpoint
-from npipe.bridges.relay import RelayStats, Side, relay
+from npipe.bridges.relay import RELAY_LIMIT, RelayStats, Side, relay
 from npipe.bridges.sockets import Connections, connect
-from npipe.streams import DEFAULT_LIMIT, PipeServer
+from npipe.streams import PipeServer
 
 log = logging.getLogger("npipe.bridges")
 
@@ -75,7 +75,7 @@ async def start_expose(
     max_connections: int | None = None,
     pipe_dir: str | os.PathLike[str] | None = None,
     connect_timeout: float = 10.0,
-    limit: int = DEFAULT_LIMIT,
+    limit: int = RELAY_LIMIT,
 ) -> Expose:
     """Serve pipe ``name`` (npipe.start_server: the ACL is applied before a caller is
     relayed) and relay each caller to a new connection to ``target``."""

@@ -15,10 +15,9 @@ from typing import Any
 import npipe
 from npipe.address import PipeAddress, parse_address
 from npipe.bridges.endpoint import Endpoint
-from npipe.bridges.relay import RelayStats, Side, relay
+from npipe.bridges.relay import RELAY_LIMIT, RelayStats, Side, relay
 from npipe.bridges.sockets import DEFAULT_UNIX_MODE, Connections, Listener, listen, peer_name
 from npipe.errors import ConfigError
-from npipe.streams import DEFAULT_LIMIT
 
 log = logging.getLogger("npipe.bridges")
 
@@ -81,7 +80,7 @@ async def start_forward(
     *,
     allow_remote_listen: bool = False,
     mode: int = DEFAULT_UNIX_MODE,
-    limit: int = DEFAULT_LIMIT,
+    limit: int = RELAY_LIMIT,
     **dial: Any,
 ) -> Forward:
     """Listen on ``listen_on`` and relay each connection to a new instance of the pipe

@@ -24,7 +24,11 @@ from typing import Protocol
 
 log = logging.getLogger("npipe.bridges")
 
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
+# The StreamReader limit of a relayed connection: a read gets up to CHUNK of what has
+# arrived while the last chunk was written (64 KiB, asyncio's default, halves the chunks
+# and doubles the SMB WRITEs and the wake-ups per byte).
+RELAY_LIMIT = 2 * CHUNK
 # How long closing a side may take (flushing what is left) before it is abandoned.
 CLOSE_TIMEOUT = 5.0
 
@@ -180,4 +184,4 @@ async def _close(writer: ByteWriter) -> None:
         await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
 
 
-__all__ = ["CHUNK", "ByteReader", "ByteWriter", "RelayStats", "Side", "relay"]
+__all__ = ["CHUNK", "RELAY_LIMIT", "ByteReader", "ByteWriter", "RelayStats", "Side", "relay"]

@@ -18,8 +18,7 @@ from typing import Any
 
 import npipe
 from npipe.address import PipeAddress, parse_address
-from npipe.bridges.relay import CHUNK, ByteReader, ByteWriter, RelayStats, Side, relay
-from npipe.streams import DEFAULT_LIMIT
+from npipe.bridges.relay import CHUNK, RELAY_LIMIT, ByteReader, ByteWriter, RelayStats, Side, relay
 
 STDIN, STDOUT = 0, 1
 _THREAD_QUEUE = 4  # chunks a reading thread may be ahead of the relay
@@ -94,7 +93,7 @@ def _watchable(st: os.stat_result) -> bool:
 
 
 async def open_stdio(
-    limit: int = DEFAULT_LIMIT,
+    limit: int = RELAY_LIMIT,
 ) -> tuple[ByteReader, ByteWriter, list[asyncio.BaseTransport]]:
     """stdin and stdout as a reader and a writer (and transports to close at the end)."""
     loop = asyncio.get_running_loop()
@@ -129,7 +128,7 @@ async def open_stdio(
 
 
 async def relay_stdio(
-    address: str | PipeAddress, *, limit: int = DEFAULT_LIMIT, **dial: Any
+    address: str | PipeAddress, *, limit: int = RELAY_LIMIT, **dial: Any
 ) -> RelayStats:
     """Open the pipe, then relay stdin -> pipe and pipe -> stdout until the pipe's side
     ends. End of stdin half-closes a local pipe; an SMB pipe cannot be half-closed, so
