@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,36 @@ def test_cross_host_bench_quick(tmp_path: Path) -> None:
     assert raw["concurrency"]["grpc-tcp-many"][0]["errors"] == 0
     for table in ("gRPC ", "raw 64 B echo ", "raw echo MB/s ", "concurrency ", "targets:"):
         assert table in proc.stdout, proc.stdout
+
+
+def _http_bench(tmp_path: Path, parts: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    out = tmp_path / "http.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "http_rps.py"), "--quick", "--parts", parts,
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    raw: dict[str, Any] = json.loads(out.read_text())
+    assert raw["machine"]["commit"] not in ("", "?"), raw["machine"]
+    return proc.stdout, raw
+
+
+def test_http_bench_local_quick(tmp_path: Path) -> None:
+    """The same ASGI app through a local pipe and a plain Unix socket, requests counted
+    (the pipe's app checks it got a caller on every request: an error fails the run)."""
+    stdout, raw = _http_bench(tmp_path, "local", 120)
+    assert set(raw["results"]["local"]) == {"pipe", "unix"}
+    assert all(v > 0 for values in raw["results"]["local"].values() for v in values)
+    assert "x unix" in stdout and ">= 0.95x" in stdout, stdout
+
+
+@pytest.mark.timeout(240)
+def test_http_bench_remote_and_forward_quick(tmp_path: Path) -> None:
+    """Across two namespaces: the app through a remote pipe and over TCP, and npipe
+    forward's echo throughput next to the direct client's."""
+    require_root_and_samba()
+    stdout, raw = _http_bench(tmp_path, "remote,forward", 200)
+    assert set(raw["results"]["remote"]) == {"smb", "tcp"}
+    assert set(raw["results"]["forward"]) == {"forward", "direct"}
+    assert "x tcp" in stdout and "x direct" in stdout, stdout
