@@ -74,10 +74,7 @@ def add_bridge_parsers(
     )
     p.add_argument("--mode", type=_mode, default=DEFAULT_UNIX_MODE,
                    help="the unix: socket's mode in octal (default 600: owner only)")
-    p.add_argument("--grace", type=service.seconds, default=DEFAULT_GRACE,
-                   help="on SIGINT/SIGTERM, seconds open connections may still take "
-                   f"(default {DEFAULT_GRACE:g})")
-    service.add_config_option(p)
+    service.add_service_options(p, grace=DEFAULT_GRACE, what="open connections")
     p.set_defaults(func=forward)
 
     p = sub.add_parser(
@@ -92,10 +89,7 @@ def add_bridge_parsers(
     service.add_pipe_server_options(p)
     p.add_argument("--connect-timeout", type=service.seconds, default=10.0,
                    help="seconds to reach --to (default 10)")
-    p.add_argument("--grace", type=service.seconds, default=DEFAULT_GRACE,
-                   help="on SIGINT/SIGTERM, seconds open connections may still take "
-                   f"(default {DEFAULT_GRACE:g})")
-    service.add_config_option(p)
+    service.add_service_options(p, grace=DEFAULT_GRACE, what="open connections")
     p.set_defaults(func=expose)
 
     p = sub.add_parser(

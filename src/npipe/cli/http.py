@@ -68,9 +68,7 @@ def add_http_parsers(
                    help="the ASGI app, e.g. myapi:app (APP defaults to 'app')")
     p.add_argument("--pipe", metavar="NAME", help="pipe name to serve (required)")
     service.add_pipe_server_options(p)
-    p.add_argument("--grace", type=service.seconds, default=5.0, metavar="S",
-                   help="on stop, seconds requests in flight get to finish (default 5)")
-    service.add_config_option(p)
+    service.add_service_options(p, grace=5.0, what="requests in flight")
     p.set_defaults(func=serve_asgi_command)
 
 

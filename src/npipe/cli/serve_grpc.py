@@ -64,9 +64,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     service.add_pipe_server_options(p)
     p.add_argument("--workers", type=service.positive_int, metavar="N",
                    help="threads running calls (sync FUNCTION; grpcio's default otherwise)")
-    p.add_argument("--grace", type=service.seconds, default=10.0, metavar="S",
-                   help="seconds calls in flight get to finish on SIGTERM (default 10)")
-    service.add_config_option(p)
+    service.add_service_options(p, grace=10.0, what="calls in flight")
     p.set_defaults(func=run)
 
 

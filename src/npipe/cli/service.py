@@ -111,6 +111,15 @@ async def until_stop_signal() -> signal.Signals:
 # -- configuration ---------------------------------------------------------------------
 
 
+def add_service_options(parser: argparse.ArgumentParser, *, grace: float, what: str) -> None:
+    """--grace (how long ``what`` may still take after SIGINT/SIGTERM) and --config: the
+    options of every long-running command."""
+    parser.add_argument("--grace", type=seconds, default=grace, metavar="S",
+                        help=f"on SIGINT/SIGTERM, seconds {what} may still take to finish "
+                        f"(default {grace:g})")
+    add_config_option(parser)
+
+
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="FILE",

@@ -11,7 +11,7 @@ checked by tests/test_http_client.py).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpcore
 import httpx
@@ -64,13 +64,7 @@ class Transport(httpx.HTTPTransport):
                          limits=limits, retries=retries)
         self.address = options.address
         self._pool = httpcore.ConnectionPool(
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=http1,
-            http2=http2,
-            retries=retries,
-            network_backend=PipeBackend(options),
+            **_pool_options(limits, http1, http2, retries), network_backend=PipeBackend(options)
         )
 
     def __repr__(self) -> str:
@@ -105,17 +99,24 @@ class AsyncTransport(httpx.AsyncHTTPTransport):
                          limits=limits, retries=retries)
         self.address = options.address
         self._pool = httpcore.AsyncConnectionPool(
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=http1,
-            http2=http2,
-            retries=retries,
+            **_pool_options(limits, http1, http2, retries),
             network_backend=AsyncPipeBackend(options),
         )
 
     def __repr__(self) -> str:
         return f"<npipe.http.AsyncTransport {self.address}>"
+
+
+def _pool_options(limits: httpx.Limits, http1: bool, http2: bool, retries: int) -> dict[str, Any]:
+    """What httpx's own transports give their httpcore pool, but the network backend."""
+    return {
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+        "http1": http1,
+        "http2": http2,
+        "retries": retries,
+    }
 
 
 __all__ = ["AsyncTransport", "Transport"]
