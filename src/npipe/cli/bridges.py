@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import copy
 import logging
 from typing import Any
@@ -121,25 +120,15 @@ def _dial(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _ready(status: str) -> None:
-    try:
-        service.ready(status)
-    except OSError as e:
-        log.warning("cannot tell the service manager we are ready: %s", e)
-
-
 async def _serve_until_stopped(status: str, bridge: Any, grace: float) -> int:
-    # Signal handlers first, so that a stop right after READY=1 is not a kill.
-    stop = asyncio.ensure_future(service.until_stop_signal())
-    await asyncio.sleep(0)
+    stop = await service.watch_stop_signals()
     log.info("%s", status)
-    _ready(status)
+    service.ready(status)
     try:
         sig = await stop
     finally:
         stop.cancel()
-    with contextlib.suppress(OSError):
-        service.stopping(f"stopping on {sig.name}")
+    service.stopping(f"stopping on {sig.name}")
     log.info("stopping on %s, %d connection(s) open (grace %g s)", sig.name,
              bridge.connections, grace)
     await bridge.close(grace)

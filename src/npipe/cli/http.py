@@ -207,9 +207,7 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl) -> int:
 
     config = Config()
     config.graceful_timeout = args.grace
-    # Handlers first: a signal that comes right after READY=1 must stop us gracefully.
-    stop = asyncio.ensure_future(service.until_stop_signal())
-    await asyncio.sleep(0)
+    stop = await service.watch_stop_signals()
     try:
         server = await serve_asgi(
             app, args.pipe, acl=acl, pipe_dir=args.pipe_dir, dotnet=args.dotnet, smb=args.smb,

@@ -86,7 +86,7 @@ async def _serve(
     args: argparse.Namespace, function: Callable[[grpc.Server], Any],
     address: PipeAddress, acl: Acl,
 ) -> int:
-    stop = await _watch_stop_signals()
+    stop = await service.watch_stop_signals()
     executor = ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="grpc-call")
     server = grpc.server(executor)
     names = _added_services(server, lambda: function(server), args.function)
@@ -127,7 +127,7 @@ async def _serve_aio(
     args: argparse.Namespace, function: Callable[[grpc.aio.Server], Any],
     address: PipeAddress, acl: Acl,
 ) -> int:
-    stop = await _watch_stop_signals()
+    stop = await service.watch_stop_signals()
     server = grpc.aio.server()
     names = await _added_services_aio(server, function, args.function)
     health_servicer = None
@@ -150,13 +150,6 @@ async def _serve_aio(
     except asyncio.TimeoutError:
         raise NpipeError(f"calls still running {args.grace:g}s after {sig.name}") from None
     return 0
-
-
-async def _watch_stop_signals() -> asyncio.Future[signal.Signals]:
-    # Handlers in place before the (slow) start: a SIGTERM during it is kept, not fatal.
-    stop = asyncio.ensure_future(service.until_stop_signal())
-    await asyncio.sleep(0)
-    return stop
 
 
 def _added_services(

@@ -83,6 +83,15 @@ def stopping(status: str = "") -> bool:
 # -- stopping --------------------------------------------------------------------------
 
 
+async def watch_stop_signals() -> asyncio.Future[signal.Signals]:
+    """Put the SIGINT/SIGTERM handlers in place now, before a (slow) start, so that a
+    signal during it or right after READY=1 is a graceful stop rather than a kill; await
+    the result for the signal."""
+    stop = asyncio.ensure_future(until_stop_signal())
+    await asyncio.sleep(0)  # the handlers are installed when the task first runs
+    return stop
+
+
 async def until_stop_signal() -> signal.Signals:
     """Wait on the running loop for SIGINT or SIGTERM; return which came.
 
