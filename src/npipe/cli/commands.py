@@ -71,9 +71,11 @@ def _demo(
     )
     server.start()
     try:
-        print(f"serving buy.MyService on {address} (socket {port.path})")
+        # Flushed: with --serve nothing else comes, and a pipe or log reading stdout
+        # should see these lines at once, not at exit.
+        print(f"serving buy.MyService on {address} (socket {port.path})", flush=True)
         if args.serve:
-            print("press Ctrl-C to stop")
+            print("press Ctrl-C to stop", flush=True)
             threading.Event().wait()
             return 0
         request = buy_pb2.BuyRequest(id=args.id, quantity=args.quantity, price=args.price)
