@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from npipe.cli import commands, serve_grpc, service
+from npipe.cli import commands, serve_grpc, service, winservice
 from npipe.cli.bridges import add_bridge_parsers
 from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_http_parsers(sub, common, dial)
     serve_grpc.add_parser(sub, [common])
     add_bridge_parsers(sub, common, dial)
+    winservice.add_parser(sub, [common])
 
     p = sub.add_parser(
         "ls", parents=[common], help="list local pipes",

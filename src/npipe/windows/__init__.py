@@ -1,0 +1,15 @@
+"""Windows-native named pipes.
+
+The platform-neutral parts (importable and tested everywhere):
+
+- :mod:`npipe.windows.sddl`: the pipe's security descriptor (SDDL) from an ``Acl``;
+- :mod:`npipe.windows.names`: pipe addresses as Windows paths (``\\\\.\\pipe\\NAME``);
+- :mod:`npipe.windows.errors`: Win32 error codes as npipe's exceptions;
+- :mod:`npipe.windows.waiting`: the client's busy/missing-pipe wait policy (sans I/O);
+- :mod:`npipe.windows.identity`: callers from token data, the ACL check, server checks;
+- :mod:`npipe.windows.service_host`: ``npipe service`` (a Windows service around a serve
+  command; pywin32, the ``windows-service`` extra, is imported only when it runs).
+
+The Windows-only I/O (ctypes and the proactor) lives in ``win32`` and ``pipes``, which
+nothing here imports.
+"""
