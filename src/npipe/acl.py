@@ -213,9 +213,18 @@ def _check_sid(sid: str) -> str:
     return sid.upper()
 
 
-def _uid(name: str) -> int:
-    import pwd  # POSIX only; the Windows path matches SIDs and accounts
+def _posix_only(kind: str, name: str) -> ConfigError:
+    return ConfigError(
+        f"{kind}:{name} in the pipe's ACL: a bare name is a Unix {kind}; on Windows name "
+        f"the account as DOMAIN\\{name} (HOSTNAME\\{name} for a local one) or by its SID"
+    )
 
+
+def _uid(name: str) -> int:
+    try:
+        import pwd  # POSIX only; the Windows path matches SIDs and accounts
+    except ImportError:
+        raise _posix_only("user", name) from None
     try:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
@@ -223,8 +232,10 @@ def _uid(name: str) -> int:
 
 
 def _gid(name: str) -> int:
-    import grp
-
+    try:
+        import grp
+    except ImportError:
+        raise _posix_only("group", name) from None
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:

@@ -52,7 +52,7 @@ def notify(*states: str) -> bool:
     not a reason to stop serving (sd_notify(3) reports it and goes on too): False then.
     """
     target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
+    if not target or sys.platform == "win32":  # (Windows: the service host, see ready())
         return False
     if target.startswith("@"):  # abstract namespace
         target = "\0" + target[1:]
@@ -69,7 +69,12 @@ def notify(*states: str) -> bool:
 
 
 def ready(status: str = "") -> bool:
-    """Tell the service manager the command is ready (its pipe claimed, its port bound)."""
+    """Tell the service manager the command is ready (its pipe claimed, its port bound):
+    systemd through $NOTIFY_SOCKET; on Windows, the service host (npipe service run)."""
+    if sys.platform == "win32":
+        from npipe.windows.service_host import mark_ready
+
+        mark_ready()
     states = [f"MAINPID={os.getpid()}", "READY=1"]
     if status:
         states.append(f"STATUS={status}")
@@ -106,13 +111,21 @@ async def until_stop_signal() -> signal.Signals:
             came.set_result(sig)
 
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, on_signal, sig)
+    if sys.platform == "win32":
+        # No loop.add_signal_handler on Windows: a plain handler that wakes the loop
+        # (the service host stops a command with SIGINT too).
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda num, _frame: loop.call_soon_threadsafe(
+                on_signal, signal.Signals(num)))
+    else:
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await came
     finally:
         for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)  # (this resets it to the default)
+            if sys.platform != "win32":
+                loop.remove_signal_handler(sig)  # (this resets it to the default)
             if before[sig] is not None:
                 signal.signal(sig, before[sig])
 
