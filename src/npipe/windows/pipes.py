@@ -324,7 +324,13 @@ class WindowsPipeServer(PipeServer):
     def _identify(self, handle: int) -> Caller | None:
         """Who the caller is (from its token), if the ACL admits them (runs in a thread:
         looking an account up may ask a domain controller)."""
-        sid, groups = win32.client_token_sids(handle)
+        try:
+            sid, groups = win32.client_token_sids(handle)
+        except OSError as e:
+            if e.winerror != win32.ERROR_CANNOT_IMPERSONATE:
+                raise
+            # No client context yet: a local caller's process token says the same.
+            sid, groups = win32.process_token_sids(win32.client_process_id(handle))
         remote = NETWORK_SID in groups
         account, domain = win32.lookup_account(sid)
         who = windows_caller(

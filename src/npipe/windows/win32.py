@@ -64,6 +64,7 @@ ERROR_PIPE_CONNECTED = 535
 ERROR_SEM_TIMEOUT = 121
 ERROR_INSUFFICIENT_BUFFER = 122
 ERROR_NONE_MAPPED = 1332
+ERROR_CANNOT_IMPERSONATE = 1368  # "until data has been read from that pipe"
 
 # Tokens and security descriptors.
 TOKEN_QUERY = 0x0008
@@ -325,6 +326,16 @@ def process_user_sid(pid: int) -> str:
     try:
         with _process_token(process) as token:
             return token_user_sid(token)
+    finally:
+        close_handle(process)
+
+
+def process_token_sids(pid: int) -> tuple[str, list[str]]:
+    """The user SID and group SIDs of process ``pid``'s token."""
+    process = _handle(_kernel32.OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, False, pid))
+    try:
+        with _process_token(process) as token:
+            return token_user_sid(token), token_group_sids(token)
     finally:
         close_handle(process)
 
