@@ -327,8 +327,9 @@ class WindowsPipeServer(PipeServer):
         try:
             sid, groups = win32.client_token_sids(handle)
         except OSError as e:
-            if e.winerror != win32.ERROR_CANNOT_IMPERSONATE:
-                raise
+            if (e.winerror != win32.ERROR_CANNOT_IMPERSONATE
+                    or win32.client_computer_name(handle) is not None):
+                raise  # (a remote caller's pid is not a process of this machine)
             # No client context yet: a local caller's process token says the same.
             sid, groups = win32.process_token_sids(win32.client_process_id(handle))
         remote = NETWORK_SID in groups
