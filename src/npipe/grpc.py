@@ -21,10 +21,11 @@ import functools
 import os
 import shutil
 import socket
+import sys
 import threading
 import urllib.parse
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,8 @@ def add_pipe_port(
     if not caller_identity and max_connections is not None:
         raise ConfigError("max_connections needs caller_identity=True (the front door)")
     cap = frontdoor.check_max_connections(max_connections)
+    if sys.platform == "win32":
+        return _add_windows_pipe_port(server, addr, acl=acl, smb=smb, max_connections=cap)
     directory = _pipe_dir(pipe_dir)
     # Without the front door grpcio's socket is hard-linked to the pipe's name, so it
     # must be on the same file system: in the pipe directory.
@@ -153,6 +156,75 @@ def add_pipe_port(
         raise
     _close_with(server, port)
     return port
+
+
+def _add_windows_pipe_port(
+    server: grpc.Server | grpc.aio.Server, addr: PipeAddress, *, acl: Acl, smb: bool,
+    max_connections: int,
+) -> PipePort:
+    """Windows: grpcio listens on an AF_UNIX socket in a directory only this user may
+    enter, and a native pipe server on the I/O thread relays each admitted caller to
+    it (always through the front door: there are no hard links to a pipe)."""
+    if sys.platform != "win32":  # (and mypy checks the rest as Windows code only)
+        raise UnsupportedPlatform("Windows only")
+    from npipe import ioloop
+    from npipe.windows import pipes
+
+    door = pipes.GrpcPipePort(pipes.private_directory("npipe-grpc-"), frontdoor._callers)
+    try:
+        if server.add_insecure_port(pipes.unix_target(door.backend)) == 0:
+            raise OSError(f"grpcio could not listen on {door.backend}")
+        door.server = ioloop.run(pipes.start_pipe_server(
+            door.relay, addr, acl=acl, remote=smb, max_connections=max_connections
+        ))
+    except BaseException:
+        door.close()
+        raise
+
+    def close() -> None:
+        if ioloop.running() is not None:
+            ioloop.call(door.close, timeout=5)
+
+    port = PipePort(addr, door.server.path, close)
+    _close_with(server, port)
+    return port
+
+
+def _windows_dialer(
+    addr: PipeAddress, server_user: str | int | None, credentials: Credentials | None,
+    timeout: float, encrypt: bool | None, smb_backend: str | None, allow_smb2: bool,
+) -> str:
+    """Windows: the target of a private AF_UNIX listener whose connections each open the
+    pipe natively (or through npipe's SMB client when its options ask for it)."""
+    if sys.platform != "win32":  # (and mypy checks the rest as Windows code only)
+        raise UnsupportedPlatform("Windows only")
+    from npipe import ioloop
+    from npipe.streams import windows_native
+    from npipe.windows import pipes
+
+    native = windows_native(addr, credentials, smb_backend, encrypt)
+    key = (str(addr), str(server_user), native, id(credentials), encrypt, smb_backend,
+           allow_smb2, timeout)
+    with _checked_lock:
+        dialer = _windows_dialers.get(key)
+        if dialer is not None and not dialer.closed:
+            return str(dialer.target)
+
+        def opener() -> Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+            if native:
+                return pipes.open_pipe_client(addr, server_user=server_user, timeout=timeout)
+            from npipe import smb
+
+            return smb.open_pipe(
+                addr, credentials=credentials, timeout=timeout, encrypt=encrypt,
+                backend=smb_backend, allow_smb2=allow_smb2,
+            )
+
+        dialer = _windows_dialers[key] = pipes.PipeDialer(opener, ioloop.get_loop(), str(addr))
+        return str(dialer.target)
+
+
+_windows_dialers: dict[tuple[object, ...], Any] = {}
 
 
 def _close_all(doors: list[frontdoor.FrontDoor]) -> None:
@@ -212,6 +284,11 @@ def _dial(
 ) -> tuple[str, PipeBridge | None]:
     """:func:`target`, and the SMB bridge behind it if any (unpinned: ``pin=False``)."""
     addr = parse_address(address)
+    if sys.platform == "win32":
+        where = _windows_dialer(
+            addr, server_user, credentials, timeout, encrypt, smb_backend, allow_smb2
+        )
+        return where, None
     if addr.is_remote:
         from npipe.unix_bridge import bridge_for
 

@@ -175,7 +175,8 @@ def _forget_after_fork() -> None:
     _io.loop = _io.thread = None
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+if hasattr(os, "register_at_fork"):  # (not on Windows)
+    os.register_at_fork(after_in_child=_forget_after_fork)
 # Registered when npipe.smb is first imported, before close_bridges: atexit runs in
 # reverse order, so the bridges close first and the loop stops after them.
 atexit.register(shutdown)

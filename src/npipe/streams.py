@@ -6,13 +6,14 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from npipe.acl import OWNER_ONLY, Acl
-from npipe.address import PipeAddress, parse_address
+from npipe.address import SMB_PORT, PipeAddress, parse_address
 from npipe.errors import UnsupportedPlatform
 from npipe.frontdoor import (
     ConnectionSlots,
@@ -68,6 +69,12 @@ async def open_connection(
     unless ``allow_smb2=True``; a downgraded negotiation raises NegotiationTampered.
     """
     addr = parse_address(address)
+    if sys.platform == "win32" and windows_native(addr, credentials, smb_backend, encrypt):
+        from npipe.windows import pipes
+
+        return await pipes.open_pipe_client(
+            addr, server_user=server_user, timeout=timeout, limit=limit
+        )
     if addr.is_remote:
         from npipe import smb
 
@@ -170,6 +177,8 @@ async def start_server(
     addr = parse_address(address)
     if addr.is_remote:
         raise _remote_unsupported(addr)
+    if sys.platform == "win32":
+        return await _start_windows_server(handler, addr, acl, smb, limit, max_connections)
     slots = ConnectionSlots(check_max_connections(max_connections), addr, log)
 
     identify_local = local_identify(acl, addr)  # the threaded front door's step as well
@@ -225,6 +234,43 @@ def _connection_handler(
             writer.close()
 
     return on_connect
+
+
+def windows_native(
+    addr: PipeAddress, credentials: Credentials | None, smb_backend: str | None,
+    encrypt: bool | None,
+) -> bool:
+    """On Windows: open ``addr`` with the OS's own pipes (a remote one through its SMB
+    client and this user's logon) unless npipe's SMB client is asked for (credentials,
+    a backend, an encryption demand, or a port other than 445)."""
+    if addr.kind == "unix":
+        raise UnsupportedPlatform(f"{addr}: CPython cannot dial AF_UNIX paths on Windows")
+    if addr.is_local:
+        return True
+    return (credentials is None and smb_backend is None and encrypt is None
+            and addr.port == SMB_PORT)
+
+
+async def _start_windows_server(
+    handler: Handler, addr: PipeAddress, acl: Acl, smb: bool, limit: int,
+    max_connections: int | None,
+) -> PipeServer:
+    """Windows: a native pipe (pipe_dir and dotnet mean nothing there: .NET's pipes are
+    these); ``smb=True`` lets Windows' SMB server bring the callers the ACL names."""
+    if sys.platform != "win32":  # (and mypy checks the rest as Windows code only)
+        raise UnsupportedPlatform("Windows only")
+    from npipe.windows import pipes
+
+    if addr.kind == "unix":
+        raise UnsupportedPlatform(f"{addr}: CPython cannot serve AF_UNIX paths on Windows")
+
+    async def identify(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Caller | None:
+        return pipes.caller_of(writer)  # identified and admitted before the streams were made
+
+    return await pipes.start_pipe_server(
+        _connection_handler(handler, identify, addr), addr, acl=acl, remote=smb,
+        max_connections=check_max_connections(max_connections), limit=limit,
+    )
 
 
 def _remote_unsupported(addr: PipeAddress) -> UnsupportedPlatform:
