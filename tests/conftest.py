@@ -19,11 +19,12 @@ def machine_dir() -> Iterator[Path]:
     """The machine-wide pipe directory for this test run (npipe.local.namespace): a fresh
     root-owned sticky one when the tests run as root, so that tests never publish names
     in the machine's own /run/npipe; children inherit it through the environment."""
-    d = Path(tempfile.mkdtemp(prefix="npm", dir="/tmp"))
+    posix = hasattr(os, "geteuid")  # (Windows: one namespace per machine, the kernel's)
+    d = Path(tempfile.mkdtemp(prefix="npm", dir="/tmp" if posix else None))
     machine = d / "run"
     old = os.environ.get("NPIPE_MACHINE_DIR")
     os.environ["NPIPE_MACHINE_DIR"] = str(machine)
-    if os.geteuid() == 0:
+    if posix and os.geteuid() == 0:
         os.chmod(d, 0o755)
         machine.mkdir()
         os.chmod(machine, 0o1777)

@@ -39,7 +39,7 @@ from npipe.windows import win32
 from npipe.windows.errors import pipe_error
 from npipe.windows.identity import acl_admits, check_server_owner, windows_caller
 from npipe.windows.names import is_local, pipe_path
-from npipe.windows.sddl import pipe_security_descriptor
+from npipe.windows.sddl import admitted_sids, pipe_security_descriptor
 from npipe.windows.waiting import open_with_wait
 
 assert sys.platform == "win32"  # mypy: checked as Windows code only
@@ -216,6 +216,9 @@ class WindowsPipeServer(PipeServer):
         self._sddl = pipe_security_descriptor(
             acl, owner_sid=self._owner_sid, remote=remote, resolve_account=win32.account_sid
         )
+        # The ACL's accounts and UPNs as SIDs, resolved once (as the DACL has them), so the
+        # check of each caller matches what the kernel let in.
+        self._admitted = admitted_sids(acl, win32.account_sid)
         self._slots = asyncio.Semaphore(max_connections)
         self._connections: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -339,7 +342,7 @@ class WindowsPipeServer(PipeServer):
             sid=sid, account=account, domain=domain, group_sids=groups, remote=remote,
             address=win32.client_computer_name(handle) if remote else None,
         )
-        if acl_admits(self._acl, who, self._owner_sid):
+        if acl_admits(self._acl, who, self._owner_sid, resolved=self._admitted):
             return who
         log.warning("refused %s on pipe %s: not allowed by its ACL", who, self.address)
         return None
