@@ -16,6 +16,8 @@ import pytest
 
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import parse_address
+from npipe.cli import build_parser, service
+from npipe.cli import winservice_host as service_host
 from npipe.errors import (
     AccessDenied,
     AddressError,
@@ -29,7 +31,7 @@ from npipe.errors import (
     PipeNotFound,
 )
 from npipe.windows import errors as werr
-from npipe.windows import names, sddl, service_host
+from npipe.windows import names, sddl
 from npipe.windows.identity import (
     acl_admits,
     check_server_owner,
@@ -48,6 +50,11 @@ from npipe.windows.waiting import (
 OWNER = "S-1-5-21-1111111111-2222222222-3333333333-1001"
 ALICE = "S-1-5-21-1111111111-2222222222-3333333333-1002"
 OPS = "S-1-5-21-1111111111-2222222222-3333333333-2001"
+
+
+def parse(argv: list[str]) -> object:
+    """npipe's own parser, as the CLI hands it to the service host."""
+    return build_parser().parse_args(argv)
 
 
 def winerror(code: int) -> OSError:
@@ -371,7 +378,7 @@ def write(path: Path, text: str) -> Path:
 def test_service_spec_from_a_config_file(tmp_path: Path) -> None:
     config = write(tmp_path / "shop.toml", 'function = "npipe.examples.buy.serve:add_services"'
                    '\npipe = "shop"\nacl = ["sid:S-1-5-32-545"]\n')
-    spec = service_host.make_spec("shop", str(config))
+    spec = service_host.make_spec("shop", str(config), parse)
     assert spec.command == "serve-grpc" and spec.working_dir == tmp_path
     assert spec.service_account == "NT SERVICE\\shop"
     argv = service_host.run_argv(spec)
@@ -392,19 +399,19 @@ def test_service_spec_from_a_config_file(tmp_path: Path) -> None:
 def test_bad_config_fails_at_install(tmp_path: Path, text: str, match: str) -> None:
     config = write(tmp_path / "svc.toml", text)
     with pytest.raises(ConfigError, match=match):
-        service_host.make_spec("svc", str(config))
+        service_host.make_spec("svc", str(config), parse)
 
 
 def test_service_name_and_options_checked(tmp_path: Path) -> None:
     config = write(tmp_path / "e.toml", 'name = "ssh"\nto = "tcp:127.0.0.1:22"\n')
-    assert service_host.make_spec("e", str(config)).command == "expose"
+    assert service_host.make_spec("e", str(config), parse).command == "expose"
     for bad in ("", "a/b", "a\\b", "-x", "x" * 257, "a b"):
         with pytest.raises(ConfigError, match="service name"):
-            service_host.make_spec(bad, str(config))
+            service_host.make_spec(bad, str(config), parse)
     with pytest.raises(ConfigError, match="--command"):
-        service_host.make_spec("e", str(config), command="relay")
+        service_host.make_spec("e", str(config), parse, command="relay")
     with pytest.raises(ConfigError, match="no such file"):
-        service_host.make_spec("e", str(tmp_path / "missing.toml"))
+        service_host.make_spec("e", str(tmp_path / "missing.toml"), parse)
 
 
 def test_python_argv_outside_and_inside_a_virtualenv() -> None:
@@ -465,7 +472,7 @@ def test_runner_stops_the_command_with_sigint_from_another_thread() -> None:
         else:
             loop.add_signal_handler(signal.SIGINT, stop.set_result, None)
         try:
-            service_host.mark_ready()
+            service.ready()
             await asyncio.wait_for(stop, 10)
             return 0
         finally:
@@ -487,7 +494,7 @@ def test_runner_stops_the_command_with_sigint_from_another_thread() -> None:
     assert time.monotonic() - started < 5  # stopped by the signal, not the time-out
     thread.join(5)
     assert seen == [True] and runner.done.is_set() and runner.stop_requested.is_set()
-    service_host._ready.clear()
+    service.READY.clear()
 
 
 def test_runner_reports_a_failed_command_and_never_ready() -> None:

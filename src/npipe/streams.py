@@ -25,14 +25,13 @@ from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket
+from npipe.pipe_server import DEFAULT_LIMIT, PipeServer
 
 if TYPE_CHECKING:  # the SMB client is loaded when a remote pipe is first used
     from npipe.smb.credentials import Credentials
 
 log = logging.getLogger("npipe.streams")
 
-# asyncio's default StreamReader limit; a full buffer pauses reading (backpressure).
-DEFAULT_LIMIT = 64 * 1024
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -95,11 +94,9 @@ async def open_connection(
     return reader, writer
 
 
-class PipeServer:
-    """A running pipe server; close it (or use ``async with``) to give up the name.
-
-    It listens on the pipe's local socket and, with ``smb=True``, in Samba's np/ too.
-    """
+class SocketPipeServer(PipeServer):
+    """A pipe server on Unix sockets: the pipe's own and, with ``smb=True``, one in
+    Samba's np/."""
 
     def __init__(
         self, address: PipeAddress, listeners: list[tuple[StreamDoor, ClaimedSocket]]
@@ -140,12 +137,6 @@ class PipeServer:
             self.close()
             await self.wait_closed()
 
-    async def __aenter__(self) -> PipeServer:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-        await self.wait_closed()
 
 
 Identify = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable["Caller | None"]]
@@ -214,7 +205,7 @@ async def start_server(
         for _, claimed in claims:
             claimed.release()
         raise
-    return PipeServer(addr, listeners)
+    return SocketPipeServer(addr, listeners)
 
 
 def _connection_handler(
@@ -279,4 +270,7 @@ def _remote_unsupported(addr: PipeAddress) -> UnsupportedPlatform:
     )
 
 
-__all__ = ["PipeServer", "caller", "claim_pipe", "open_connection", "start_server"]
+__all__ = [
+    "DEFAULT_LIMIT", "PipeServer", "SocketPipeServer", "caller", "claim_pipe",
+    "open_connection", "start_server",
+]

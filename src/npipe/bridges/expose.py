@@ -12,7 +12,7 @@ from npipe.acl import OWNER_ONLY, Acl
 from npipe.bridges.endpoint import Endpoint
 from npipe.bridges.relay import RELAY_LIMIT, RelayStats, Side, relay
 from npipe.bridges.sockets import Connections, connect
-from npipe.streams import PipeServer
+from npipe.pipe_server import PipeServer
 
 log = logging.getLogger("npipe.bridges")
 

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_http_parsers(sub, common, dial)
     serve_grpc.add_parser(sub, [common])
     add_bridge_parsers(sub, common, dial)
-    winservice.add_parser(sub, [common])
+    winservice.add_parser(sub, [common], parse=lambda argv: build_parser().parse_args(argv),
+                          main=lambda argv: main(argv))
 
     p = sub.add_parser(
         "ls", parents=[common], help="list local pipes",

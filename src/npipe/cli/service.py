@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,15 @@ def notify(*states: str) -> bool:
     return True
 
 
+# Set once the command serves: what the Windows service host (cli/winservice_host.py)
+# waits for before it reports RUNNING.
+READY = threading.Event()
+
+
 def ready(status: str = "") -> bool:
     """Tell the service manager the command is ready (its pipe claimed, its port bound):
     systemd through $NOTIFY_SOCKET; on Windows, the service host (npipe service run)."""
-    if sys.platform == "win32":
-        from npipe.windows.service_host import mark_ready
-
-        mark_ready()
+    READY.set()
     states = [f"MAINPID={os.getpid()}", "READY=1"]
     if status:
         states.append(f"STATUS={status}")
@@ -159,7 +162,7 @@ def apply_config(
     ``parser`` is the subcommand's parser and ``argv`` the whole command line (to tell
     an option the user typed from one left at its default).
     """
-    file_values = _read_config(args.config) if getattr(args, "config", None) else {}
+    file_values = read_config(args.config) if getattr(args, "config", None) else {}
     known = {
         action.dest: action for action in parser._actions
         if action.dest not in ("help", "config", "config_parser", argparse.SUPPRESS)
@@ -211,7 +214,7 @@ def _env_configurable(action: argparse.Action) -> bool:
     return bool(action.option_strings) and action.dest not in _NOT_FROM_ENV
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def read_config(path: str) -> dict[str, Any]:
     try:
         with Path(path).open("rb") as f:
             raw = tomllib.load(f)

@@ -1,12 +1,12 @@
 """``npipe service install|remove|run``: a serve command as a Windows service
-(:mod:`npipe.windows.service_host`); on other systems use contrib/systemd/."""
+(:mod:`npipe.cli.winservice_host`); on other systems use contrib/systemd/."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,13 @@ WINDOWS_ONLY = "npipe: service: Windows only: use contrib/systemd/ (see contrib/
 EXIT_USAGE = 2
 
 
-def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
-    from npipe.windows.service_host import PASSWORD_ENV, SERVE_COMMANDS, START_TYPES
+def add_parser(
+    sub: Any, parents: Sequence[argparse.ArgumentParser], *,
+    parse: Callable[[list[str]], Any], main: Callable[[list[str]], int],
+) -> None:
+    """``parse`` and ``main`` are npipe's own (npipe.cli): the host checks a config file
+    with the one and runs the command with the other."""
+    from npipe.cli.winservice_host import PASSWORD_ENV, SERVE_COMMANDS, START_TYPES
 
     p = sub.add_parser(
         "service", parents=list(parents),
@@ -24,6 +29,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         "that runs one serve command from its --config file, the counterpart of "
         "contrib/systemd/. Needs pywin32: pip install 'npipe[windows-service]'.",
     )
+    p.set_defaults(parse_argv=parse, run_main=main)
     service_sub = p.add_subparsers(dest="service_command", metavar="ACTION", required=True)
     commands = ", ".join(SERVE_COMMANDS)
 
@@ -71,10 +77,10 @@ def _windows_only() -> int | None:
 def install(args: argparse.Namespace) -> int:
     if (code := _windows_only()) is not None:
         return code
-    from npipe.windows import service_host
+    from npipe.cli import winservice_host as service_host
 
     spec = service_host.make_spec(
-        args.name, args.config, command=args.command, working_dir=args.working_dir,
+        args.name, args.config, args.parse_argv, command=args.command, working_dir=args.working_dir,
         start=args.start, account=args.user,
     )
     service_host.install(spec, os.environ.get(service_host.PASSWORD_ENV))
@@ -86,7 +92,7 @@ def install(args: argparse.Namespace) -> int:
 def remove(args: argparse.Namespace) -> int:
     if (code := _windows_only()) is not None:
         return code
-    from npipe.windows import service_host
+    from npipe.cli import winservice_host as service_host
 
     service_host.remove(args.name)
     print(f"removed service {args.name}")
@@ -96,10 +102,10 @@ def remove(args: argparse.Namespace) -> int:
 def run_service(args: argparse.Namespace) -> int:
     if (code := _windows_only()) is not None:
         return code
-    from npipe.cli import main
-    from npipe.windows import service_host
+    from npipe.cli import winservice_host as service_host
 
     config = Path(args.config)
     os.chdir(args.working_dir or config.absolute().parent)
     argv = service_host.serve_argv(args.command, config)
-    return service_host.run(service_host.check_service_name(args.name), lambda: main(argv))
+    name = service_host.check_service_name(args.name)
+    return service_host.run(name, lambda: int(args.run_main(argv)))

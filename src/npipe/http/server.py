@@ -39,7 +39,8 @@ from hypercorn.typing import AppWrapper, ASGIFramework, LifespanState, Scope
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress
 from npipe.identity import Caller
-from npipe.streams import PipeServer, caller, start_server
+from npipe.pipe_server import PipeServer
+from npipe.streams import caller, start_server
 
 log = logging.getLogger("npipe.http")
 

@@ -6,9 +6,10 @@ The platform-neutral parts (importable and tested everywhere):
 - :mod:`npipe.windows.names`: pipe addresses as Windows paths (``\\\\.\\pipe\\NAME``);
 - :mod:`npipe.windows.errors`: Win32 error codes as npipe's exceptions;
 - :mod:`npipe.windows.waiting`: the client's busy/missing-pipe wait policy (sans I/O);
-- :mod:`npipe.windows.identity`: callers from token data, the ACL check, server checks;
-- :mod:`npipe.windows.service_host`: ``npipe service`` (a Windows service around a serve
-  command; pywin32, the ``windows-service`` extra, is imported only when it runs).
+- :mod:`npipe.windows.identity`: callers from token data, the ACL check, server checks.
+
+(``npipe service``, the Windows service host around a serve command, is part of the CLI:
+npipe.cli.winservice_host.)
 
 The Windows-only I/O (ctypes and the proactor) lives in ``win32`` and ``pipes``, which
 nothing here imports.

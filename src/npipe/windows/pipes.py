@@ -34,7 +34,7 @@ from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress
 from npipe.errors import ConfigError, NpipeError
 from npipe.identity import Caller
-from npipe.streams import DEFAULT_LIMIT, PipeServer
+from npipe.pipe_server import DEFAULT_LIMIT, PipeServer
 from npipe.windows import win32
 from npipe.windows.errors import pipe_error
 from npipe.windows.identity import acl_admits, check_server_owner, windows_caller

@@ -10,7 +10,8 @@ The pywin32 part (the ``windows-service`` extra, imported only here, only on Win
 thin: CreateService/DeleteService, and the service class the SCM drives. The process the
 SCM starts is ``python -m npipe service run NAME --command CMD --config FILE``: its main
 thread runs the command, a second thread StartServiceCtrlDispatcher. The service reports
-SERVICE_RUNNING once the command calls :func:`mark_ready` (from ``service.ready()``) or
+SERVICE_RUNNING once the command says it is ready (``service.ready()`` sets
+:data:`npipe.cli.service.READY`) or
 after :data:`READY_FALLBACK` seconds, and stops on SERVICE_CONTROL_STOP/SHUTDOWN.
 """
 
@@ -27,7 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from npipe.cli import service as cli_service
 from npipe.errors import ConfigError, UnsupportedPlatform
+
+# How the host reads a command line as ``npipe`` would (npipe.cli.build_parser's
+# parse_args), and runs one (npipe.cli.main): handed in by the CLI, which sits above.
+ParseArgv = Callable[[list[str]], Any]
 
 # The serve commands, and the positional their config file names (contrib/README.md).
 SERVE_COMMANDS = {"serve-grpc": "function", "serve-asgi": "app", "forward": "address",
@@ -80,9 +86,7 @@ def command_for_config(config: Path, command: str | None = None) -> str:
                 f"--command {command!r}: one of {', '.join(SERVE_COMMANDS)}"
             )
         return command
-    from npipe.cli.service import _read_config
-
-    keys = set(_read_config(str(config)))
+    keys = set(cli_service.read_config(str(config)))
     found = [cmd for cmd, key in SERVE_COMMANDS.items() if key in keys]
     if len(found) != 1:
         named = " and ".join(f"{SERVE_COMMANDS[c]!r}" for c in found) or "none of them"
@@ -98,15 +102,12 @@ def serve_argv(command: str, config: Path) -> list[str]:
     return [command, "--config", str(config)]
 
 
-def check_config(command: str, config: Path) -> None:
-    """Read ``config`` as ``npipe COMMAND --config FILE`` will, so that a bad file fails
-    at install rather than at every start: unknown keys, bad values, a missing positional
-    or required option."""
-    from npipe.cli import build_parser
-    from npipe.cli import service as cli_service
-
+def check_config(command: str, config: Path, parse: ParseArgv) -> None:
+    """Read ``config`` as ``npipe COMMAND --config FILE`` will (``parse``: npipe's own
+    argument parser), so that a bad file fails at install rather than at every start:
+    unknown keys, bad values, a missing positional or required option."""
     argv = serve_argv(command, config)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     cli_service.apply_config(args.config_parser, args, argv)
     required = {"serve-grpc": ("pipe",), "serve-asgi": ("pipe",), "forward": ("listen",),
                 "expose": ("to",)}[command]
@@ -162,6 +163,7 @@ def command_line(argv: Sequence[str]) -> str:
 def make_spec(
     name: str,
     config: str,
+    parse: ParseArgv,
     *,
     command: str | None = None,
     working_dir: str | None = None,
@@ -175,7 +177,7 @@ def make_spec(
     if not path.is_file():
         raise ConfigError(f"--config {config}: no such file")
     cmd = command_for_config(path, command)
-    check_config(cmd, path)
+    check_config(cmd, path, parse)
     if start not in START_TYPES:
         raise ConfigError(f"--start {start!r}: one of {', '.join(START_TYPES)}")
     wd = Path(working_dir).absolute() if working_dir else path.parent
@@ -186,15 +188,6 @@ def make_spec(
 
 # -- running the command: platform-neutral, driven by the service class ------------------
 
-_ready = threading.Event()
-
-
-def mark_ready() -> None:
-    """The command serves (its pipe claimed): the service becomes RUNNING. A no-op
-    outside a service."""
-    _ready.set()
-
-
 class ServiceRunner:
     """Runs ``command()`` (returning an exit code) in the calling (main) thread and lets
     other threads wait for it to be ready or done, and ask it to stop."""
@@ -203,7 +196,7 @@ class ServiceRunner:
         self.command = command
         self.done = threading.Event()
         self.exit_code: int | None = None
-        self.ready = _ready
+        self.ready = cli_service.READY
         self.stop_requested = threading.Event()
 
     def run(self) -> int:
