@@ -513,3 +513,11 @@ def test_line_sink() -> None:
     sink.write("tail")
     sink.flush()
     assert lines == ["npipe: bad config", "second", "tail"]
+
+
+def test_a_new_runner_is_not_ready_from_an_earlier_command() -> None:
+    # A readiness left over in the process (an earlier command, or a test) must not make
+    # the service manager stop a command before it has installed its signal handlers.
+    service.ready()
+    runner = service_host.ServiceRunner(lambda: 0)
+    assert not runner.wait_ready(0.05)

@@ -196,7 +196,10 @@ class ServiceRunner:
         self.command = command
         self.done = threading.Event()
         self.exit_code: int | None = None
+        # One command per process: a readiness left over from before is not this one's
+        # (the SCM would otherwise stop a command that has not yet installed its handlers).
         self.ready = cli_service.READY
+        self.ready.clear()
         self.stop_requested = threading.Event()
 
     def run(self) -> int:
