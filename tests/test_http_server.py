@@ -3,6 +3,7 @@ we drive, the lifespan, graceful shutdown, readiness through a real NOTIFY_SOCKE
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import inspect
@@ -373,3 +374,42 @@ def test_serve_asgi_usage_errors(pipe_dir: Path, args: list[str], message: str) 
     done = run_npipe(*args, cwd=TESTS)
     err = done.stderr.decode().strip()
     assert done.returncode == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_websocket_scope_carries_the_caller(pipe_dir: Path) -> None:
+    """A websocket connection (an independent client: the websockets library over the
+    pipe's Unix socket) reaches the app with the caller in its scope, like HTTP."""
+    from websockets.asyncio.client import unix_connect
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert scope["type"] == "websocket"
+        who = scope["extensions"]["npipe.caller"]
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.accept"})
+            elif message["type"] == "websocket.receive":
+                await send({"type": "websocket.send",
+                            "text": f"{who.user} uid={who.uid}: {message['text']}"})
+            else:
+                return
+
+    async def main() -> list[str]:
+        server = await npipe.http.serve_asgi(app, "ws")
+        try:
+            async with unix_connect(str(server.path), uri="ws://ws/chat") as ws:
+                answers = []
+                for text in ("one", "two"):
+                    await ws.send(text)
+                    answers.append(str(await ws.recv()))
+                return answers
+        finally:
+            await server.aclose()
+
+    me = f"{npipe.Caller.local(os.getpid(), os.getuid(), os.getgid()).user} uid={os.getuid()}"
+    assert asyncio.run(main()) == [f"{me}: one", f"{me}: two"]
