@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from machine import header, machine_info
+from testbed import (
+    PASSWORD,
+    USER,
+    Testbed,
+    check_prerequisites,
+    credentials,
+    emit,
+    until_stdin_closes,
+)
 
 SCRIPT = Path(__file__).resolve()
 PIPE = "benchhttp"
@@ -79,23 +89,6 @@ def make_app(body: bytes, need_caller: bool) -> Any:
     return app
 
 
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-async def _until_stdin_closes() -> None:
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def on_stdin() -> None:
-        if not os.read(sys.stdin.fileno(), 4096) and not done.done():
-            done.set_result(None)
-
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
-    await done
-
-
 async def serve(kind: str, where: str, body: int, user: str | None) -> None:
     """Serve the app as ``kind`` (unix: a socket path; tcp: a host; pipe/smb: a pipe name)
     until stdin closes."""
@@ -111,18 +104,19 @@ async def serve(kind: str, where: str, body: int, user: str | None) -> None:
     app = make_app(b"x" * body, need_caller=kind in ("pipe", "smb"))
     if kind in ("unix", "tcp"):
         config.bind = [f"unix:{where}" if kind == "unix" else f"{where}:0"]
-        # hypercorn binds in serve(); bind here to learn the port, hand it the socket.
+        # hypercorn binds in serve(); bind here to learn the port, and listen, so that
+        # clients may connect as soon as we say ready; hand hypercorn the socket.
         sockets = config.create_sockets()
         sock = sockets.insecure_sockets[0]
+        sock.listen(config.backlog)
         config.bind = [f"fd://{sock.fileno()}"]
         ready: dict[str, Any] = {"ready": True, "address": where if kind == "unix" else
                                  f"{where}:{sock.getsockname()[1]}"}
         stop = asyncio.Event()
         task = asyncio.create_task(hypercorn.asyncio.serve(
             app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)
         emit(ready)
-        await _until_stdin_closes()
+        await until_stdin_closes()
         stop.set()
         await task
         return
@@ -132,7 +126,7 @@ async def serve(kind: str, where: str, body: int, user: str | None) -> None:
     acl = npipe.Acl.allow(users=[user]) if user else npipe.acl.OWNER_ONLY
     server = await npipe.http.serve_asgi(app, where, acl=acl, smb=kind == "smb", config=config)
     emit({"ready": True, "address": where})
-    await _until_stdin_closes()
+    await until_stdin_closes()
     server.close()
     await server.wait_closed()
 
@@ -149,7 +143,7 @@ async def echo_pipe(name: str, user: str) -> None:
 
     server = await npipe.start_server(echo, name, smb=True, acl=npipe.Acl.allow(users=[user]))
     emit({"ready": True, "address": name})
-    await _until_stdin_closes()
+    await until_stdin_closes()
     server.close()
     await server.wait_closed()
 
@@ -226,15 +220,9 @@ def opener(target: dict[str, Any]) -> Opener:
             return await asyncio.open_connection(host, int(port), limit=MIB)
         import npipe
 
-        return await npipe.open_connection(address, limit=MIB, credentials=_credentials())
+        return await npipe.open_connection(address, limit=MIB, credentials=credentials())
 
     return open_
-
-
-def _credentials() -> Any:
-    from testbed import credentials
-
-    return credentials()
 
 
 async def run_turns(targets: dict[str, dict[str, Any]], rounds: int, args: argparse.Namespace,
@@ -274,9 +262,11 @@ def client_main(args: argparse.Namespace) -> int:
 class Proc:
     """A child speaking JSON lines on stdout (started directly, or in a namespace)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], name: str,
+                 stop_signal: int | None = None) -> None:
         self.proc, self.name = proc, name
         self._buf = b""
+        self._stop_signal = stop_signal  # None: it stops when its stdin closes
 
     def line(self, timeout: float) -> dict[str, Any]:
         import select
@@ -298,7 +288,9 @@ class Proc:
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
-            if self.proc.stdin:
+            if self._stop_signal is not None:
+                self.proc.send_signal(self._stop_signal)
+            elif self.proc.stdin:
                 self.proc.stdin.close()
         try:
             self.proc.wait(15)
@@ -312,10 +304,10 @@ def _spawn(argv: list[str], name: str, env: dict[str, str] | None = None,
     from npipe.testing.netns import popen_in
 
     cmd = [sys.executable, str(SCRIPT), *argv]
-    err = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
-    kwargs: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE,
-                              "stderr": err, "env": env}
-    proc = popen_in(ns, cmd, **kwargs) if ns else subprocess.Popen(cmd, **kwargs)
+    with open(log or os.devnull, "wb") as err:  # (the child has its own copy)
+        kwargs: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE,
+                                  "stderr": err, "env": env}
+        proc = popen_in(ns, cmd, **kwargs) if ns else subprocess.Popen(cmd, **kwargs)
     return Proc(proc, name)
 
 
@@ -340,8 +332,6 @@ def local_part(args: argparse.Namespace, workdir: Path) -> dict[str, list[float]
 
 
 def remote_parts(args: argparse.Namespace, parts: list[str]) -> dict[str, dict[str, list[float]]]:
-    from testbed import PASSWORD, USER, Testbed
-
     out: dict[str, dict[str, list[float]]] = {}
     with Testbed(prefix="nphb") as bed:
         ip = str(bed.hosts.server_ip)
@@ -378,30 +368,25 @@ def remote_parts(args: argparse.Namespace, parts: list[str]) -> dict[str, dict[s
 
 
 def _start_forward(bed: Any, env: dict[str, str], address: str) -> tuple[Proc, int]:
-    """``npipe forward`` in the client namespace; its port from its "listening on" line."""
+    """``npipe forward`` in the client namespace, its log in a file (one line per
+    connection); its port from the "listening on" line; stopped with SIGTERM."""
     from npipe.testing.netns import popen_in
 
     log = bed.workdir / "forward.log"
     npipe_cmd = [sys.executable, "-m", "npipe", "forward", address,
                  "--listen", "tcp:127.0.0.1:0"]
-    proc = popen_in(bed.hosts.client_ns, npipe_cmd, env=env, stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
+    with open(log, "wb") as err:
+        proc = popen_in(bed.hosts.client_ns, npipe_cmd, env=env, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=err)
+    fwd = Proc(proc, "forward", stop_signal=signal.SIGTERM)
     deadline = time.monotonic() + START_TIMEOUT_S
-    seen = b""
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen += line
-        match = re.search(rb"listening on tcp:127\.0\.0\.1:(\d+)", line)
+    while time.monotonic() < deadline and proc.poll() is None:
+        match = re.search(rb"listening on tcp:127\.0\.0\.1:(\d+)", log.read_bytes())
         if match:
-            # Keep draining its log (one line per connection) so it never blocks on stderr.
-            drain = subprocess.Popen(["cat"], stdin=proc.stderr, stdout=open(log, "wb"))  # noqa: SIM115
-            del drain
-            return Proc(proc, "forward"), int(match.group(1))
-    proc.kill()
-    raise RuntimeError(f"npipe forward did not start: {seen.decode(errors='replace')}")
+            return fwd, int(match.group(1))
+        time.sleep(0.05)
+    fwd.stop()
+    raise RuntimeError(f"npipe forward did not start: {log.read_text(errors='replace')}")
 
 
 def _client(args: argparse.Namespace, bed: Any, env: dict[str, str], measure: str,
@@ -490,8 +475,6 @@ def main(argv: list[str] | None = None) -> int:
             results["local"] = local_part(args, workdir)
         remote = [x for x in parts if x in ("remote", "forward")]
         if remote:
-            from testbed import check_prerequisites
-
             why = check_prerequisites()
             if why:
                 print(f"# remote parts skipped: {why}", file=sys.stderr)

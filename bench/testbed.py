@@ -49,6 +49,22 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+async def until_stdin_closes() -> None:
+    """A server's wait: the orchestrator stops it by closing its stdin."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def on_stdin() -> None:
+        if not os.read(sys.stdin.fileno(), 4096) and not done.done():
+            done.set_result(None)
+
+    loop.add_reader(sys.stdin.fileno(), on_stdin)
+    try:
+        await done
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
+
+
 def credentials() -> Any:
     from npipe.smb.credentials import Credentials
 
@@ -130,17 +146,9 @@ async def _serve_raw(kind: str, host: str) -> None:
         server = await npipe.start_server(echo, RAW_PIPE, smb=True,
                                           acl=npipe.Acl.allow(users=[USER]))
         ready = {"ready": True, "pipe": RAW_PIPE}
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def on_stdin() -> None:
-        if not os.read(sys.stdin.fileno(), 4096) and not done.done():
-            done.set_result(None)
-
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
     emit(ready)
     async with server:
-        await done
+        await until_stdin_closes()
     emit({"stats": {**stats, "callers": sorted(stats["callers"])}})
 
 
