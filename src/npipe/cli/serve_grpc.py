@@ -30,7 +30,6 @@ import grpc
 import grpc.aio
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import npipe.grpc
 from npipe.acl import Acl
@@ -220,6 +219,10 @@ def _health_names(names: list[str]) -> list[str]:
 
 
 def _add_reflection(server: grpc.Server | grpc.aio.Server, names: list[str]) -> None:
+    # Imported here: every npipe command loads this module for its parser, and
+    # reflection's descriptors cost ~15 ms of start-up (an ssh ProxyCommand pays it too).
+    from grpc_reflection.v1alpha import reflection
+
     if reflection.SERVICE_NAME in names:
         return  # FUNCTION did it
     pool = descriptor_pool.Default()
