@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -152,6 +153,13 @@ class ServerThread:
 
     def call(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_for_connections(self, n: int, timeout: float = 10.0) -> None:
+        """Until the server is serving ``n`` HTTP connections at once."""
+        deadline = time.monotonic() + timeout
+        while self.server.connections < n:
+            assert time.monotonic() < deadline, f"not {n} connections in {timeout} s"
+            time.sleep(0.01)
 
     def close(self, timeout: float = 30.0) -> None:
         if self.server is not None:

@@ -134,9 +134,7 @@ def test_close_lets_requests_in_flight_finish(pipe_dir: Path) -> None:
 
         worker = threading.Thread(target=slow)
         worker.start()
-        deadline = time.monotonic() + 10
-        while served.server.connections < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        served.wait_for_connections(2)
         start = time.monotonic()
         served.close()
         took = time.monotonic() - start
@@ -159,9 +157,7 @@ def test_graceful_timeout_bounds_the_close(pipe_dir: Path) -> None:
 
         worker = threading.Thread(target=slow)
         worker.start()
-        deadline = time.monotonic() + 10
-        while served.server.connections < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        served.wait_for_connections(1)
         start = time.monotonic()
         served.close()
         took = time.monotonic() - start
