@@ -15,6 +15,7 @@ import grpc
 
 from npipe.cli import commands, serve_grpc, service, winservice
 from npipe.cli.bridges import add_bridge_parsers
+from npipe.cli.dial import add_address, dial_options
 from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
 from npipe.errors import AddressError, ConfigError, NpipeError
@@ -39,29 +40,7 @@ def _common(top: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common(top=False)
-    dial = argparse.ArgumentParser(add_help=False)
-    dial.add_argument(
-        "address", help=r"NAME, \\.\pipe\NAME, //HOST/pipe/NAME (over SMB) or unix:/path"
-    )
-    dial.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-    dial.add_argument(
-        "--server-user", metavar="USER",
-        help="trust a local pipe served by USER (by default only by you or root)",
-    )
-    smb = dial.add_argument_group("remote pipes (SMB)")
-    smb.add_argument("--user", help=r"SMB user, DOMAIN\user or user@REALM (default $NPIPE_USER,"
-                     " else the Kerberos cache)")
-    smb.add_argument("--domain", help="SMB domain (default $NPIPE_DOMAIN)")
-    smb.add_argument("--auth", choices=["negotiate", "ntlm", "kerberos"], help="default negotiate")
-    smb.add_argument(
-        "--encrypt", action=argparse.BooleanOptionalAction, default=None,
-        help="require (or refuse) SMB encryption; by default encrypt where the server can",
-    )
-    smb.add_argument(
-        "--allow-smb2", action="store_true",
-        help="accept a server that speaks only SMB 2.x (no encryption; by default SMB 3 is "
-        "required, so that nobody on the path can force a downgrade)",
-    )
+    dial = dial_options()
 
     parser = argparse.ArgumentParser(
         prog="npipe", description="gRPC and byte streams over named pipes.",
@@ -94,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "health", parents=[common, dial], help="check a gRPC server's health over a pipe",
         description="Print the serving status (grpc.health.v1); exit 0 only when SERVING.",
     )
+    add_address(p)
     p.add_argument("--service", default="", help="service name (default: the whole server)")
     p.set_defaults(func=commands.health)
 
@@ -102,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call package.Service/Method with a JSON request, found through server "
         "reflection; print the response(s) as JSON.",
     )
+    add_address(p)
     p.add_argument("method", help="package.Service/Method")
     p.add_argument("-d", "--data", default="{}", help="request as JSON (a list for streams)")
     p.add_argument(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import logging
 from typing import Any
 
@@ -15,6 +14,7 @@ from npipe.bridges.forward import start_forward
 from npipe.bridges.sockets import DEFAULT_UNIX_MODE
 from npipe.bridges.stdio import relay_stdio
 from npipe.cli import service
+from npipe.cli.dial import add_address
 
 log = logging.getLogger("npipe.bridges")
 
@@ -37,17 +37,6 @@ def _mode(text: str) -> int:
     return mode
 
 
-def _optional_positional(parser: argparse.ArgumentParser, dest: str) -> None:
-    """Let --config give a positional that a shared parent parser declares as required:
-    this parser gets its own copy of the action (the parent's stays as it is)."""
-    for group in (parser._actions, parser._positionals._group_actions):
-        for i, action in enumerate(group):
-            if action.dest == dest and not action.option_strings:
-                optional = copy.copy(action)
-                optional.nargs, optional.default, optional.required = "?", None, False
-                group[i] = optional
-
-
 def add_bridge_parsers(
     sub: Any, common: argparse.ArgumentParser, dial: argparse.ArgumentParser
 ) -> None:
@@ -60,7 +49,7 @@ def add_bridge_parsers(
         "One log line per connection (peer, bytes each way, duration, how it ended). "
         + HALF_CLOSE,
     )
-    _optional_positional(p, "address")
+    add_address(p, optional=True)
     p.add_argument(
         "--listen", metavar="tcp:HOST:PORT|unix:PATH",
         help="where to listen: tcp:127.0.0.1:PORT, tcp:[::1]:PORT, tcp:localhost:PORT or "
@@ -100,6 +89,7 @@ def add_bridge_parsers(
         "then the pipe is read on until its server ends it. Example: ssh -o "
         "ProxyCommand='npipe relay //HOST/pipe/ssh' HOST.",
     )
+    add_address(p)
     p.set_defaults(func=relay)
 
 

@@ -14,6 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 from npipe.acl import Acl
 from npipe.address import parse_address
 from npipe.cli import service
+from npipe.cli.dial import add_address
 from npipe.cli.load import load_object
 from npipe.errors import ConfigError, NpipeError
 
@@ -40,9 +41,10 @@ def add_http_parsers(
         "as they are). Exit 0 for any response unless -f is given; with -f a status >= 400 "
         "prints no body and exits 22 (as curl does).",
     )
+    add_address(p)
     p.add_argument("path", metavar="PATH", help="the request target, e.g. /items?limit=3")
-    # With three positionals the first is the METHOD (dial's ADDRESS comes first in the
-    # parser: the command shifts them).
+    # With three positionals the first is the METHOD (ADDRESS comes first in the parser:
+    # the command shifts them).
     p.add_argument("extra", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("-d", "--data", metavar="DATA", help="request body (POST unless METHOD "
                    "is given); @FILE reads a file, @- standard input")
