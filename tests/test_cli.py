@@ -177,3 +177,48 @@ def test_readme_shows_what_the_demo_prints(pipe_dir: Path) -> None:
     expected = sample.splitlines()
     assert [line.split()[0] for line in printed] == [line.split()[0] for line in expected]
     assert printed[2] == expected[2]  # the request is the same every time
+
+
+# A server that stops with calls cancelled sends its clients a GOAWAY with an error
+# code, and gRPC's C core logs that at INFO straight to stderr (absl logs everything
+# there until a program initialises absl logging, which Python never does). In `npipe
+# demo` that raced the client channel's teardown, and a CI run got this line in front
+# of the one npipe prints. The CLI keeps gRPC's own log at ERROR unless the user asks.
+GOAWAY_TO_IDLE_CHANNELS = """
+import sys
+{setup}
+from concurrent import futures
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+import npipe.grpc
+
+for i in range(10):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    npipe.grpc.add_pipe_port(server, f"goaway{{i}}")
+    server.start()
+    with npipe.grpc.channel(f"goaway{{i}}") as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        server.stop(None).wait(5)  # cancel_all_calls: a GOAWAY with code 2
+        grpc.channel_ready_future(channel)  # keep the channel up a moment
+        import time; time.sleep(0.2)
+"""
+
+
+def _goaway_stderr(setup: str, **env: str) -> str:
+    r = subprocess.run(
+        [sys.executable, "-c", GOAWAY_TO_IDLE_CHANNELS.format(setup=setup)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stderr
+
+
+def test_cli_keeps_grpc_core_info_lines_off_stderr(pipe_dir: Path) -> None:
+    assert _goaway_stderr("import npipe.cli") == ""
+
+
+def test_cli_leaves_a_grpc_verbosity_the_user_set(pipe_dir: Path) -> None:
+    # The same program with GRPC_VERBOSITY=INFO shows the core's lines: proof that the
+    # test above would see them, and that the user can still ask for them.
+    assert "Got goaway" in _goaway_stderr("import npipe.cli", GRPC_VERBOSITY="INFO")

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+# gRPC's C core logs to stderr at INFO: absl writes everything there until a program
+# initialises absl logging, which Python never does. A server that stops with calls
+# cancelled, for one, makes every client print "Got goaway [2]". A command's stderr is
+# for npipe's own one-line errors, so the core logs errors only unless the user sets
+# GRPC_VERBOSITY (INFO or DEBUG bring the lines back). grpc reads it once, when it
+# loads, so this comes before the first import of grpc in the CLI.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 
