@@ -327,6 +327,12 @@ def test_bad_usage_is_one_line_and_exit_2(pipe_dir: Path, args: list[str],
     assert message in one_line_error(done)
 
 
+def test_forward_max_connections_must_be_positive(pipe_dir: Path) -> None:
+    done = npipe_run("forward", "p", "--listen", "tcp:127.0.0.1:0", "--max-connections", "0")
+    assert done.returncode == 2  # argparse's usage error
+    assert "argument --max-connections: '0': must be 1 or more" in done.stderr
+
+
 def test_remote_listen_refusal_says_why(pipe_dir: Path) -> None:
     line = one_line_error(npipe_run("forward", "p", "--listen", "tcp:0.0.0.0:0"))
     assert "anyone who can reach it" in line and "credentials" in line
@@ -372,6 +378,32 @@ def test_forward_fifty_concurrent_connections(pipe_dir: Path) -> None:
         assert replies == [digest_line(p) for p in payloads]
         lines = fwd.wait_for(r"-> pipe \S*fwd-many: (\d+) B to pipe", count=50)
     assert sorted(int(m.group(1)) for m in lines) == sorted(len(p) for p in payloads)
+
+
+def test_forward_max_connections_makes_callers_wait(pipe_dir: Path) -> None:
+    """At --max-connections the forwarder accepts no more: a third caller's connect()
+    succeeds (the listen backlog holds it), but nothing reaches the pipe until one of
+    the first two goes; then it is served. One warning says so."""
+    with app("pipe", "echo", "fwd-cap"), \
+            forward("fwd-cap", "tcp:127.0.0.1:0", "--max-connections", "2") as fwd:
+        port = listening_port(fwd)
+        first = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(2)]
+        for s in first:
+            s.sendall(b"ping")
+            assert s.recv(10) == b"ping"
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as third:
+            third.sendall(b"third")
+            third.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                third.recv(10)  # waiting: not accepted, no pipe instance
+            fwd.wait_for(r"has 2 connections, its max_connections: further callers wait")
+            first[0].close()
+            third.settimeout(WAIT)
+            assert third.recv(10) == b"third"
+        first[1].close()
+        lines = fwd.wait_for(r"-> pipe \S*fwd-cap: (\d+) B to pipe", count=3)
+    assert sorted(int(m.group(1)) for m in lines) == [4, 4, 5]
+    assert fwd.log.count("its max_connections") == 1
 
 
 def test_forward_backpressure_keeps_memory_bounded(pipe_dir: Path) -> None:

@@ -18,6 +18,7 @@ from npipe.bridges.endpoint import Endpoint
 from npipe.bridges.relay import RELAY_LIMIT, RelayStats, Side, relay
 from npipe.bridges.sockets import DEFAULT_UNIX_MODE, Connections, Listener, listen, peer_name
 from npipe.errors import ConfigError
+from npipe.frontdoor import ConnectionSlots, check_max_connections
 
 log = logging.getLogger("npipe.bridges")
 
@@ -25,10 +26,12 @@ log = logging.getLogger("npipe.bridges")
 class Forward:
     """A running forwarder; ``endpoint`` is where it listens (with the kernel's port)."""
 
-    def __init__(self, address: PipeAddress, dial: dict[str, Any], limit: int) -> None:
+    def __init__(self, address: PipeAddress, dial: dict[str, Any], limit: int,
+                 max_connections: int) -> None:
         self.address = address
         self._dial = dial
         self._limit = limit
+        self.slots = ConnectionSlots(max_connections, address, log)
         self._connections = Connections()
         self._listener: Listener | None = None
 
@@ -81,11 +84,16 @@ async def start_forward(
     allow_remote_listen: bool = False,
     mode: int = DEFAULT_UNIX_MODE,
     limit: int = RELAY_LIMIT,
+    max_connections: int | None = None,
     **dial: Any,
 ) -> Forward:
     """Listen on ``listen_on`` and relay each connection to a new instance of the pipe
     ``address``; ``dial`` is passed to :func:`npipe.open_connection` (credentials,
-    timeout, ...). Listening beyond loopback needs ``allow_remote_listen``."""
+    timeout, ...). Listening beyond loopback needs ``allow_remote_listen``.
+
+    At most ``max_connections`` connections are relayed at once (default as for a pipe
+    server: :func:`npipe.frontdoor.default_max_connections`); callers past it are not
+    accepted, and wait in the listen backlog until a connection ends."""
     addr = parse_address(address)
     if not listen_on.is_loopback and not allow_remote_listen:
         raise ConfigError(
@@ -93,8 +101,9 @@ async def start_forward(
             "pipe with this process's identity and credentials; pass --allow-remote-listen "
             "(allow_remote_listen=True) if that is intended"
         )
-    forward = Forward(addr, dial, limit)
-    forward._listener = await listen(listen_on, forward._serve, mode=mode, limit=limit)
+    forward = Forward(addr, dial, limit, check_max_connections(max_connections))
+    forward._listener = await listen(listen_on, forward._serve, slots=forward.slots,
+                                     mode=mode, limit=limit)
     return forward
 
 

@@ -6,33 +6,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from npipe.bridges.endpoint import Endpoint
 from npipe.errors import NpipeError
+from npipe.frontdoor import ConnectionSlots, StreamDoor
 from npipe.local.peercred import peer_credentials
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+log = logging.getLogger("npipe.bridges")
+
+
+class Door(Protocol):
+    """What accepts on one listening socket: a StreamDoor, or asyncio's server."""
+
+    def close(self) -> None: ...
 
 # Owner only: whoever reaches a forwarder's socket gets the pipe with its credentials.
 DEFAULT_UNIX_MODE = 0o600
+
+
+BACKLOG = 100  # as asyncio.start_server's
 
 
 class Listener:
     """A listening TCP or Unix socket (``endpoint`` is what was bound, the kernel's port
     included); closing it removes the Unix socket it made."""
 
-    def __init__(self, server: asyncio.Server, endpoint: Endpoint,
+    def __init__(self, doors: list[Door], socks: list[socket.socket], endpoint: Endpoint,
                  made: tuple[int, int] | None = None) -> None:
-        self.server = server
+        self._doors = doors
+        self._socks = socks
         self.endpoint = endpoint
         self._made = made  # (st_dev, st_ino) of the Unix socket file we bound
 
     def close(self) -> None:
-        self.server.close()
+        for door in self._doors:
+            door.close()
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
         if self._made is not None:
             with contextlib.suppress(OSError):
                 st = os.stat(self.endpoint.path)
@@ -42,27 +61,80 @@ class Listener:
 
 
 async def listen(
-    endpoint: Endpoint, handler: Handler, *, mode: int = DEFAULT_UNIX_MODE,
-    limit: int = 64 * 1024,
+    endpoint: Endpoint, handler: Handler, *, slots: ConnectionSlots,
+    mode: int = DEFAULT_UNIX_MODE, limit: int = 64 * 1024,
 ) -> Listener:
+    """Listen on ``endpoint`` and serve each connection with ``handler``, at most
+    ``slots.limit`` at once: past that, callers wait in the listen backlog (see
+    :class:`npipe.frontdoor.StreamDoor`) until a connection ends."""
+    made = None
     if endpoint.kind == "unix":
-        return await _listen_unix(endpoint, handler, mode, limit)
-    host, port = endpoint.host, endpoint.port
-    if port == 0:
-        # One address only: each address of a name would get a different free port.
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        if not infos:
-            raise NpipeError(f"{endpoint}: {host} has no address")
-        host = str(infos[0][4][0])
-    server = await asyncio.start_server(handler, host, port, limit=limit, reuse_address=True)
-    bound = server.sockets[0].getsockname()
-    return Listener(server, Endpoint("tcp", host=str(bound[0]), port=int(bound[1])))
+        socks = [_bind_unix(endpoint.path, mode)]
+        st = os.stat(endpoint.path)
+        made = (st.st_dev, st.st_ino)
+    else:
+        socks = await _bind_tcp(endpoint)
+        bound = socks[0].getsockname()
+        endpoint = Endpoint("tcp", host=str(bound[0]), port=int(bound[1]))
+    listener = Listener([], socks, endpoint, made)
+    try:
+        for sock in socks:
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            listener._doors.append(await _door(sock, handler, slots, limit, endpoint))
+    except BaseException:
+        listener.close()
+        raise
+    return listener
 
 
-async def _listen_unix(endpoint: Endpoint, handler: Handler, mode: int, limit: int) -> Listener:
-    path = endpoint.path
+async def _door(sock: socket.socket, handler: Handler, slots: ConnectionSlots, limit: int,
+                endpoint: Endpoint) -> Door:
+    if sys.platform == "win32":
+        # The proactor loop has no add_reader, which StreamDoor waits with: asyncio's
+        # server accepts, and a caller past the cap waits accepted, before its pipe opens.
+        async def in_slot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await slots.take_async()
+            try:
+                await handler(reader, writer)
+            finally:
+                slots.give_back()
+
+        return await asyncio.start_server(in_slot, sock=sock, limit=limit)
+    return StreamDoor(sock, handler, slots, limit=limit, pipe=endpoint, logger=log)
+
+
+async def _bind_tcp(endpoint: Endpoint) -> list[socket.socket]:
+    """Every address of the host (as asyncio.start_server binds them); with port 0 the
+    first only, since each address would get a different free port."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    if not infos:
+        raise NpipeError(f"{endpoint}: {endpoint.host} has no address")
+    if endpoint.port == 0:
+        infos = infos[:1]
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # the IPv4 address has its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise NpipeError(f"{endpoint}: cannot listen on {address[0]}: "
+                                 f"{e.strerror or e}") from e
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -74,12 +146,10 @@ async def _listen_unix(endpoint: Endpoint, handler: Handler, mode: int, limit: i
         finally:
             os.umask(old)
         os.chmod(path, mode)
-        st = os.stat(path)
-        server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
     except BaseException:
         sock.close()
         raise
-    return Listener(server, endpoint, (st.st_dev, st.st_ino))
+    return sock
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -165,4 +235,5 @@ class Connections:
             await asyncio.wait(pending, timeout=grace + 5.0)
 
 
-__all__ = ["DEFAULT_UNIX_MODE", "Connections", "Listener", "connect", "listen", "peer_name"]
+__all__ = ["BACKLOG", "DEFAULT_UNIX_MODE", "Connections", "Listener", "connect", "listen",
+           "peer_name"]

@@ -62,6 +62,9 @@ def add_bridge_parsers(
     )
     p.add_argument("--mode", type=_mode, default=DEFAULT_UNIX_MODE,
                    help="the unix: socket's mode in octal (default 600: owner only)")
+    p.add_argument("--max-connections", type=service.positive_int, metavar="N",
+                   help="connections relayed at once (more wait to be accepted); default "
+                   "from the fd limit")
     service.add_service_options(p, grace=DEFAULT_GRACE, what="open connections")
     p.set_defaults(func=forward)
 
@@ -134,7 +137,8 @@ def forward(args: argparse.Namespace) -> int:
     async def run() -> int:
         fwd = await start_forward(args.address, listen_on,
                                   allow_remote_listen=args.allow_remote_listen,
-                                  mode=args.mode, **dial)
+                                  mode=args.mode, max_connections=args.max_connections,
+                                  **dial)
         return await _serve_until_stopped(
             f"listening on {fwd.endpoint}, forwarding to {fwd.address}", fwd, args.grace)
 
