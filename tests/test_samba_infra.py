@@ -290,15 +290,32 @@ def test_np_dir_with_a_wrong_mode_is_refused_before_smbd_starts() -> None:
 # --- the command line --------------------------------------------------------------
 
 
+def _samba_run(d: Path, port: int, password: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "npipe", "samba", "run", "--dir", str(d), "--port",
+         str(port), "--user", f"{USER}:{password}", "--option", "server signing=mandatory"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # On a hang, SIGABRT makes it print every thread's stack (see _stopped).
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )
+
+
+def _stopped(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Its output once it exits; if it does not within ``timeout``, fail with where each
+    of its threads was."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=10)
+        raise AssertionError(f"no exit {timeout} s after SIGTERM:\n{out}\n{err}") from None
+
+
 def test_cli_run_serves_until_sigterm(password: str) -> None:
     require_root_and_samba()
     with temp_dir() as d:
         port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "npipe", "samba", "run", "--dir", str(d), "--port",
-             str(port), "--user", f"{USER}:{password}", "--option", "server signing=mandatory"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        proc = _samba_run(d, port, password)
         try:
             deadline = time.monotonic() + 20
             while not (_listening(port) and smb_login("127.0.0.1", port, USER, password) == 0):
@@ -307,7 +324,7 @@ def test_cli_run_serves_until_sigterm(password: str) -> None:
                 time.sleep(0.1)
             assert "server signing = mandatory" in (d / "smb.conf").read_text()
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=20)
+            out, err = _stopped(proc, 20)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -316,6 +333,31 @@ def test_cli_run_serves_until_sigterm(password: str) -> None:
         assert proc.returncode == 0, err
         assert f"np dir: {d}/ncalrpc/np" in out
         assert f"config: {d}/smb.conf" in out
+        assert smbd_processes(d / "smb.conf") == ""
+
+
+def test_cli_run_sigterm_while_smbd_starts(password: str) -> None:
+    """SIGTERM while smbd is still starting (its config is written, the command's
+    handlers are in place): the start finishes or fails, then everything stops, exit 0,
+    no smbd left behind."""
+    require_root_and_samba()
+    with temp_dir() as d:
+        proc = _samba_run(d, free_port(), password)
+        try:
+            deadline = time.monotonic() + 20
+            while not (d / "smb.conf").exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "npipe samba run wrote no smb.conf"
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            out, err = _stopped(proc, 30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            PrivateSmbd(d).stop()
+        assert proc.returncode == 0, err
+        assert "stopping smbd" in out
         assert smbd_processes(d / "smb.conf") == ""
 
 

@@ -15,7 +15,7 @@ import shutil
 import signal
 import stat
 import sys
-import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -32,6 +32,7 @@ from npipe.samba.config import (
 from npipe.samba.smbd import INSTALL_HINT, PrivateSmbd
 
 EXIT_OK, EXIT_FAILED = 0, 1
+STOP_POLL = 0.2  # seconds between looks at the stop signal and at smbd
 
 
 def add_samba_parser(
@@ -334,10 +335,13 @@ def run(args: argparse.Namespace) -> int:
     except (NpipeError, ValueError) as e:
         return _error(str(e))
 
-    stopping = threading.Event()
+    # The handler only appends to a list. Python runs it in the main thread, between
+    # any two bytecodes, so one that took a lock (threading.Event.set does) could find
+    # that lock held by the very code it interrupted, Event.wait's, and wait forever.
+    stopping: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
+        stopping.append(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -352,9 +356,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"np dir: {server.np_dir}")
         print(f"logs:   {server.log_dir}")
         print("press Ctrl-C to stop", flush=True)
-        while not stopping.wait(0.5):
+        while not stopping:
             if not server.running:
                 return _error(f"smbd exited on its own:\n{server.log_tail()}")
+            time.sleep(STOP_POLL)
         print("stopping smbd", flush=True)
         return EXIT_OK
     finally:
