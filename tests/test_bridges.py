@@ -59,13 +59,16 @@ def need(*tools: str) -> None:
 
 
 class Running:
-    """A process whose stderr is collected line by line (to wait for a log line)."""
+    """A process whose stderr (and with ``stdout_too`` its stdout) is collected line by
+    line (to wait for a log line)."""
 
     def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
-                 ns: str | None = None) -> None:
-        kw: dict[str, object] = {"env": env, "stdin": subprocess.DEVNULL,
-                                 "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE,
-                                 "text": True}
+                 ns: str | None = None, stdout_too: bool = False) -> None:
+        kw: dict[str, object] = {"env": env, "stdin": subprocess.DEVNULL, "text": True}
+        if stdout_too:
+            kw |= {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+        else:
+            kw |= {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
         self.proc = popen_in(ns, argv, **kw) if ns else subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -73,8 +76,9 @@ class Running:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        stream = self.proc.stderr or self.proc.stdout
+        assert stream is not None
+        for line in stream:
             with self._changed:
                 self.lines.append(line.rstrip("\n"))
                 self._changed.notify_all()
@@ -796,6 +800,48 @@ def test_curl_and_h2load_through_forward_to_serve_asgi_across_hosts(
         except AssertionError as e:
             raise AssertionError(f"{e}\nforward:\n{fwd.log}\nserve-asgi:\n{srv.log}") from None
         assert fwd.stop() == 0 and srv.stop() == 0
+    assert "Traceback" not in fwd.log + srv.log
+
+
+GRPC_CLIENT = """
+import sys
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from npipe.examples.buy import buy_pb2, buy_pb2_grpc
+with grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}") as channel:
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                       timeout=20)
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
+    stub = buy_pb2_grpc.MyServiceStub(channel)
+    for q in (1, 2, 3):
+        print(stub.Buy(buy_pb2.BuyRequest(id="pear", quantity=q, price=7), timeout=20).result)
+"""
+
+
+def test_grpcio_through_forward_to_serve_grpc_across_hosts(
+        site: SmbSite, backend: str) -> None:
+    """A plain grpcio client (insecure_channel to 127.0.0.1:PORT) in the client host ->
+    npipe forward -> SMB -> npipe serve-grpc --smb in the server host: health and the
+    Buy service answer on one HTTP/2 connection, and the servicer sees the SMB user."""
+    serve = [*NPIPE, "serve-grpc", "npipe.examples.buy.serve:add_services", "--pipe",
+             "shopfwd", "--smb", "--acl", f"user:{ALICE}"]
+    with running(serve, ns=site.hosts.server_ns, env=site.server_env(),
+                 stdout_too=True) as srv, \
+            forward(site.address("shopfwd"), ns=site.hosts.client_ns, env=client_env()) as fwd:
+        srv.wait_for("serving buy.MyService on")  # (on stdout)
+        try:
+            out = in_client(site, [sys.executable, "-c", GRPC_CLIENT,
+                                   str(listening_port(fwd))]).stdout.splitlines()
+            assert out[0] == "SERVING", out
+            assert [line.split(" (caller: ")[0] for line in out[1:]] == [
+                f"bought {q} x 'pear' for {7 * q}" for q in (1, 2, 3)], out
+            assert all(ALICE in line for line in out[1:]), out
+            # grpcio keeps one connection: one pipe instance carried all four calls.
+            fwd.wait_for(r"-> pipe \S*198\.18\.0\.1\S*shopfwd: [1-9]\d* B to pipe")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nforward:\n{fwd.log}\nserve-grpc:\n{srv.log}") from None
+        assert fwd.stop() == 0 and srv.stop() == 0
+    assert fwd.log.count(" B to pipe, ") == 1
     assert "Traceback" not in fwd.log + srv.log
 
 
