@@ -27,6 +27,7 @@ from http_apps import ServerThread, pattern
 import npipe
 import npipe.http
 from npipe.http.network import AsyncPipeBackend, PipeBackend
+from npipe.smb import BACKENDS, ENV_BACKEND
 
 TESTS = Path(__file__).resolve().parent
 MIB = 1024 * 1024
@@ -268,7 +269,7 @@ ALICE, BOB, PASSWORD = "npth-alice", "npth-bob", "Pipe-Passw0rd!"
 
 REMOTE_CLIENT = r"""
 import asyncio, hashlib, json, os, sys
-import httpx, npipe, npipe.http
+import httpx, npipe, npipe.http, npipe.smb
 
 address = sys.argv[1]
 out = {}
@@ -293,6 +294,7 @@ for version, flags in (("h1", {}), ("h2", {"http1": False, "http2": True})):
                     "echo_ok": echoed == b"y" * 2_000_000}
 
     out["async-" + version] = asyncio.run(run_async())
+out["backend"] = type(npipe.smb.get_client()).__module__
 print(json.dumps(out))
 """
 
@@ -359,8 +361,15 @@ def run_client(site: Any, script: str, address: str, user: str) -> dict[str, Any
     return result
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The client runs with each SMB client backend ($NPIPE_SMB_BACKEND, inherited)."""
+    monkeypatch.setenv(ENV_BACKEND, request.param)
+    return str(request.param)
+
+
 @pytest.mark.root
-def test_remote_pipe_through_samba(site: Any) -> None:
+def test_remote_pipe_through_samba(site: Any, backend: str) -> None:
     address = "\\\\" + site.hosts.server_ip + "\\pipe\\remoteapi"
     with remote_server(site, "remoteapi"):
         out = run_client(site, REMOTE_CLIENT, address, ALICE)
@@ -372,6 +381,7 @@ def test_remote_pipe_through_samba(site: Any) -> None:
                      env=env, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["account"] == ALICE
+    assert out["backend"].startswith(f"npipe.smb.{backend}"), out["backend"]
     for version in ("h1", "h2"):
         sync, asynchronous = out[f"sync-{version}"], out[f"async-{version}"]
         for who in (sync["who"], asynchronous["who"]):
