@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
 
@@ -84,10 +85,14 @@ def serve_grpc(name: str, users: list[str]) -> None:
     npipe.grpc.add_pipe_port(server, name, smb=True, acl=npipe.Acl.allow(users=users))
     server.start()
     print("ready", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    stop.wait()
+    # Not a threading.Event: a signal handler that takes its lock can deadlock with
+    # the Event.wait it interrupted (see npipe.cli.samba.run). A list takes no lock.
+    stop: list[str] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.append("stdin")),
+                     daemon=True).start()
+    while not stop:
+        time.sleep(0.1)
     server.stop(None).wait()
 
 
