@@ -290,14 +290,24 @@ def test_np_dir_with_a_wrong_mode_is_refused_before_smbd_starts() -> None:
 # --- the command line --------------------------------------------------------------
 
 
-def _samba_run(d: Path, port: int, password: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+@contextlib.contextmanager
+def _samba_run(d: Path, port: int, password: str) -> Iterator[subprocess.Popen[str]]:
+    """``npipe samba run`` on ``d``; afterwards nothing of it is left, should the test
+    fail (the process killed, the smbd it started stopped)."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "npipe", "samba", "run", "--dir", str(d), "--port",
          str(port), "--user", f"{USER}:{password}", "--option", "server signing=mandatory"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # On a hang, SIGABRT makes it print every thread's stack (see _stopped).
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        PrivateSmbd(d).stop()
 
 
 def _stopped(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
@@ -315,8 +325,7 @@ def test_cli_run_serves_until_sigterm(password: str) -> None:
     require_root_and_samba()
     with temp_dir() as d:
         port = free_port()
-        proc = _samba_run(d, port, password)
-        try:
+        with _samba_run(d, port, password) as proc:
             deadline = time.monotonic() + 20
             while not (_listening(port) and smb_login("127.0.0.1", port, USER, password) == 0):
                 assert proc.poll() is None, proc.communicate()
@@ -325,11 +334,6 @@ def test_cli_run_serves_until_sigterm(password: str) -> None:
             assert "server signing = mandatory" in (d / "smb.conf").read_text()
             proc.send_signal(signal.SIGTERM)
             out, err = _stopped(proc, 20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-            PrivateSmbd(d).stop()  # whatever it left, should the test fail
         assert proc.returncode == 0, err
         assert f"np dir: {d}/ncalrpc/np" in out
         assert f"config: {d}/smb.conf" in out
@@ -342,8 +346,7 @@ def test_cli_run_sigterm_while_smbd_starts(password: str) -> None:
     no smbd left behind."""
     require_root_and_samba()
     with temp_dir() as d:
-        proc = _samba_run(d, free_port(), password)
-        try:
+        with _samba_run(d, free_port(), password) as proc:
             deadline = time.monotonic() + 20
             while not (d / "smb.conf").exists():
                 assert proc.poll() is None, proc.communicate()
@@ -351,11 +354,6 @@ def test_cli_run_sigterm_while_smbd_starts(password: str) -> None:
                 time.sleep(0.005)
             proc.send_signal(signal.SIGTERM)
             out, err = _stopped(proc, 30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-            PrivateSmbd(d).stop()
         assert proc.returncode == 0, err
         assert "stopping smbd" in out
         assert smbd_processes(d / "smb.conf") == ""
