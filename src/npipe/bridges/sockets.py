@@ -22,17 +22,15 @@ from npipe.local.peercred import peer_credentials
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 log = logging.getLogger("npipe.bridges")
 
+# Owner only: whoever reaches a forwarder's socket gets the pipe with its credentials.
+DEFAULT_UNIX_MODE = 0o600
+BACKLOG = 100  # as asyncio.start_server's
+
 
 class Door(Protocol):
     """What accepts on one listening socket: a StreamDoor, or asyncio's server."""
 
     def close(self) -> None: ...
-
-# Owner only: whoever reaches a forwarder's socket gets the pipe with its credentials.
-DEFAULT_UNIX_MODE = 0o600
-
-
-BACKLOG = 100  # as asyncio.start_server's
 
 
 class Listener:
@@ -76,12 +74,13 @@ async def listen(
         socks = await _bind_tcp(endpoint)
         bound = socks[0].getsockname()
         endpoint = Endpoint("tcp", host=str(bound[0]), port=int(bound[1]))
-    listener = Listener([], socks, endpoint, made)
+    doors: list[Door] = []
+    listener = Listener(doors, socks, endpoint, made)
     try:
         for sock in socks:
             sock.listen(BACKLOG)
             sock.setblocking(False)
-            listener._doors.append(await _door(sock, handler, slots, limit, endpoint))
+            doors.append(await _door(sock, handler, slots, limit, endpoint))
     except BaseException:
         listener.close()
         raise
