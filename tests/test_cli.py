@@ -185,7 +185,7 @@ def test_readme_shows_what_the_demo_prints(pipe_dir: Path) -> None:
 # demo` that raced the client channel's teardown, and a CI run got this line in front
 # of the one npipe prints. The CLI keeps gRPC's own log at ERROR unless the user asks.
 GOAWAY_TO_IDLE_CHANNELS = """
-import sys
+import time
 {setup}
 from concurrent import futures
 import grpc
@@ -200,8 +200,7 @@ for i in range(10):
     with npipe.grpc.channel(f"goaway{{i}}") as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         server.stop(None).wait(5)  # cancel_all_calls: a GOAWAY with code 2
-        grpc.channel_ready_future(channel)  # keep the channel up a moment
-        import time; time.sleep(0.2)
+        time.sleep(0.2)  # the channel stays up to read it
 """
 
 
