@@ -239,10 +239,28 @@ def test_admit_refuses_a_session_mapped_to_root_unless_named() -> None:
     assert admitted(remote_root, npipe.Acl.allow(users=["VM\\npt"])) is not None
 
 
-def test_admit_takes_a_session_mapped_to_the_serving_user_as_the_owner() -> None:
-    me = os.getuid()
-    caller = admitted(as_uid(LEVEL8_NTLM, me, os.getgid()), npipe.Acl())
-    assert (caller is not None) is (me != 0)
+@pytest.mark.parametrize("serving_uid", [1002, 4242])
+def test_admit_takes_a_session_mapped_to_the_serving_user_as_the_owner(
+    monkeypatch: pytest.MonkeyPatch, serving_uid: int
+) -> None:
+    """admit() takes the serving process's uid as the owner's: a session Samba maps to it
+    gets through an owner-only ACL, one mapped to any other uid does not. (The process is
+    made to look like an ordinary user's, whoever runs the tests; tests/test_samba_owner.py
+    does it for real, through smbd.)"""
+    monkeypatch.setattr(os, "getuid", lambda: serving_uid)
+    caller = admitted(as_uid(LEVEL8_NTLM, serving_uid, 1000), npipe.Acl())
+    assert caller is not None and caller.uid == serving_uid and caller.account == "npt"
+    assert admitted(as_uid(LEVEL8_NTLM, serving_uid + 1, 1000), npipe.Acl()) is None
+    # the captured session as it came (uid 1000 on 4.22) is the owner only of uid 1000's pipe
+    assert admitted(LEVEL8_NTLM, npipe.Acl()) is None
+
+
+def test_admit_never_takes_a_session_mapped_to_root_as_roots_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: 0)
+    assert admitted(as_uid(LEVEL8_NTLM, 0, 0), npipe.Acl()) is None
+    assert admitted(as_uid(LEVEL8_NTLM, 1002, 1000), npipe.Acl()) is None
 
 
 def test_admit_still_refuses_guests() -> None:
