@@ -29,6 +29,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from npipe.testing.netns import popen_in, skip_or_fail, tool
@@ -139,6 +140,97 @@ def smb2_count(path: Path, ports: Sequence[int] = (SMB_PORT,)) -> int:
     return check(path, ports)[0]
 
 
+# What protection() reads of each frame (-T fields: a field's occurrences, one per SMB2
+# message of the frame for the header fields, comma-separated).
+_PROTECTION_FIELDS = ("frame.number", "smb2.header.transform.msg_size", "smb2.cmd",
+                      "smb2.flags.response", "smb2.flags.signature", "smb2.sesid",
+                      "smb2.nt_status", "smb2.dialect", "smb2.sec_mode.sign_required",
+                      "smb2.ses_flags.encrypt")
+_NEGOTIATE, _SESSION_SETUP = 0, 1
+_STATUS_PENDING = 0x00000103
+
+
+@dataclass(frozen=True)
+class Message:
+    """One plaintext SMB2 message of a session (see :func:`protection`)."""
+
+    frame: int
+    command: int
+    response: bool
+    status: int
+    signed: bool
+
+    def __str__(self) -> str:
+        kind = f"response status {self.status:#010x}" if self.response else "request"
+        return (f"frame {self.frame}: command {self.command} {kind} "
+                f"{'signed' if self.signed else 'unsigned'}")
+
+
+@dataclass
+class Protection:
+    """How the captured SMB2 traffic was protected (see :func:`protection`)."""
+
+    dialects: list[int] = field(default_factory=list)  # what NEGOTIATE responses chose
+    signing_required: bool = False  # a NEGOTIATE response set SIGNING_REQUIRED
+    encrypt_data: bool = False  # a SESSION_SETUP response set SESSION_FLAG_ENCRYPT_DATA
+    encrypted: int = 0  # frames that carry an SMB3 TRANSFORM header
+    plaintext: list[Message] = field(default_factory=list)  # of sessions, after SESSION_SETUP
+
+    @property
+    def signed(self) -> int:
+        return sum(m.signed for m in self.plaintext)
+
+    @property
+    def unsigned(self) -> list[Message]:
+        """The plaintext session messages that are not signed either, but for interim
+        responses (STATUS_PENDING: they carry nothing, and MS-SMB2 3.3.4.2 has them go
+        unsigned; the final response is signed)."""
+        return [m for m in self.plaintext
+                if not m.signed and not (m.response and m.status == _STATUS_PENDING)]
+
+
+def _flag(value: str) -> bool:
+    return value in ("1", "True", "true")
+
+
+def protection(path: Path, ports: Sequence[int] = (SMB_PORT,),
+               nt_password: str | None = None) -> Protection:
+    """Read the capture: the dialects negotiated, whether the server required signing
+    or encryption, how many frames went encrypted, and every message of a session
+    after its SESSION_SETUP that went in plaintext (signed or not). ``nt_password``
+    (see :func:`check`) lets tshark decrypt (not needed for any of that)."""
+    keys = ("-o", f"ntlmssp.nt_password:{nt_password}") if nt_password else ()
+    fields = [arg for name in _PROTECTION_FIELDS for arg in ("-e", name)]
+    out = _tshark(path, ports, *keys, "-Y", "smb2", "-T", "fields", "-E", "occurrence=a",
+                  "-E", "aggregator=,", *fields)
+    seen = Protection()
+    for line in out:
+        row = dict(zip(_PROTECTION_FIELDS, (v.split(",") if v else [] for v in
+                                            line.split("\t")), strict=False))
+        if row.get("smb2.header.transform.msg_size"):
+            seen.encrypted += 1
+            continue
+        cmds = [int(c, 0) for c in row.get("smb2.cmd", [])]
+        responses = [_flag(v) for v in row.get("smb2.flags.response", [])]
+        if cmds[:1] == [_NEGOTIATE] and responses[:1] == [True]:
+            seen.dialects += [int(d, 0) for d in row.get("smb2.dialect", [])]
+            seen.signing_required |= any(map(_flag, row.get("smb2.sec_mode.sign_required",
+                                                            [])))
+        if cmds[:1] == [_SESSION_SETUP] and responses[:1] == [True]:
+            seen.encrypt_data |= any(map(_flag, row.get("smb2.ses_flags.encrypt", [])))
+        frame = int(row["frame.number"][0])
+        # A frame goes one way: all requests (tshark shows them no status) or responses.
+        statuses = [int(v, 0) for v in row.get("smb2.nt_status", [])] or [0] * len(cmds)
+        columns = [cmds, responses, row.get("smb2.flags.signature", []),
+                   row.get("smb2.sesid", []), statuses]
+        if any(len(column) != len(cmds) for column in columns):
+            raise RuntimeError(f"tshark's fields of frame {frame} do not line up: {line!r}")
+        for cmd, response, signature, session, status in zip(*columns, strict=True):
+            if cmd not in (_NEGOTIATE, _SESSION_SETUP) and int(session, 0) != 0:
+                seen.plaintext.append(Message(frame, cmd, response, status, _flag(signature)))
+    return seen
+
+
 class Capture:
     """dumpcap on ``iface`` (in namespace ``ns``, or this one) writing ``path``."""
 
@@ -213,6 +305,11 @@ class Capture:
         """Stop, then :func:`check` the capture: (SMB2 packets, malformed lines)."""
         self.stop()
         return check(self.path, self.ports, self.nt_password)
+
+    def protection(self) -> Protection:
+        """Stop, then read how the captured traffic was protected (:func:`protection`)."""
+        self.stop()
+        return protection(self.path, self.ports, self.nt_password)
 
 
 @contextlib.contextmanager

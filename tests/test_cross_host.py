@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -211,25 +212,56 @@ def test_smbd_restart(site: Site) -> None:
         {"server signing": "mandatory"},
         {"smb encrypt": "required"},
         {"server max protocol": "SMB2_10"},
+        {"server max protocol": "SMB2_10", "server signing": "mandatory"},
         {"server max protocol": "SMB3_11", "smb encrypt": "required"},
     ],
-    ids=["signing-mandatory", "encrypt-required", "smb2_10", "smb3_11-encrypted"],
+    ids=["signing-mandatory", "encrypt-required", "smb2_10", "smb2_10-signing-mandatory",
+         "smb3_11-encrypted"],
 )
-def test_server_security_settings(site: Site, options: dict[str, str]) -> None:
+def test_server_security_settings(site: Site, options: dict[str, str],
+                                  request: pytest.FixtureRequest) -> None:
+    """With smbd set up so, the first call succeeds (smbd is ready once restart()
+    returns, the server app once serve() does: no retries), and the connection it went
+    through negotiated what it must, as the client reports it and as the wire shows it.
+    npipe's policy: SMB 3.1.1 where both sides speak it, every message of a session
+    encrypted on SMB 3 (encrypt=None: where the server can), signed on SMB 2."""
+    require_tshark()
+    smb2 = options.get("server max protocol", "").startswith("SMB2")
     saved = dict(site.smbd.extra)
     try:
         for key, value in options.items():
             site.smbd.set_option(key, value)
         site.smbd.restart()
-        smb2 = options.get("server max protocol", "").startswith("SMB2")
-        with serve(site, "secure"):
-            r = client(site, "until_ok", site.address("secure"), allow_smb2=smb2)
-        assert r["ok"] is True, r
+        name = re.sub(r"\W+", "-", request.node.name).strip("-")
+        with serve(site, "secure"), \
+                capture(site.hosts.server_ns, site.hosts.server_if,
+                        site.workdir / f"{name}.pcapng", nt_password=PASSWORD) as cap:
+            r = client(site, "security", site.address("secure"), allow_smb2=smb2)
+            wire = cap.protection()
     finally:
         site.smbd.extra.clear()
         site.smbd.extra.update(saved)
         site.smbd.write_config()
         site.smbd.restart()
+    assert r["ok"] is True, f"the call failed: {r['error']}; npipe said: {r['warnings']}"
+    assert len(r["connections"]) == 1, r
+    info = r["connections"][0]
+    dialect = "2.1" if smb2 else "3.1.1"
+    seen = {k: info[k] for k in ("dialect", "signing_required", "signed", "encrypted")}
+    assert seen == {"dialect": dialect, "signing_required": True, "signed": True,
+                    "encrypted": not smb2}, info
+    # The wire agrees, and shows that smbd applied the options.
+    assert wire.dialects == [0x0210 if smb2 else 0x0311], wire
+    if options.get("server signing") == "mandatory":
+        assert wire.signing_required, wire
+    if options.get("smb encrypt") == "required":
+        assert wire.encrypt_data, wire
+    if smb2:  # signing, seen: every message of the session after SESSION_SETUP is signed
+        assert wire.encrypted == 0 and wire.signed > 0, wire
+        assert wire.unsigned == [], "\n".join(map(str, wire.unsigned))
+    else:  # encrypted: not one of them in plaintext
+        assert wire.encrypted > 0, wire
+        assert wire.plaintext == [], "\n".join(map(str, wire.plaintext))
 
 
 def test_non_root_server_behind_a_link(site: Site, smb_backend: str) -> None:

@@ -8,7 +8,9 @@ Credentials come from NPIPE_USER / NPIPE_PASSWORD.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import os
 import sys
 import threading
@@ -125,20 +127,33 @@ def raw(address: str) -> dict[str, Any]:
     return asyncio.run(main())
 
 
-def until_ok(address: str, seconds: float = 30) -> dict[str, Any]:
-    """Keep calling on one channel until a call succeeds (recovery after a restart)."""
-    codes: list[str] = []
-    deadline = time.monotonic() + seconds
+def security(address: str) -> dict[str, Any]:
+    """One call, which must succeed at once (smbd and the server app are ready), then
+    what the SMB connection it went through negotiated (SmbConnectionInfo); npipe's
+    warnings come back too (the bridge's reason for a pipe it could not open)."""
+    from npipe.smb import get_client
+
+    warnings = _npipe_warnings()
     with channel(address) as ch:
-        echo = ch.unary_unary("/x.Svc/Echo")
-        while time.monotonic() < deadline:
-            try:
-                if echo(b"again", timeout=5) == b"again":
-                    return {"ok": True, "codes": codes}
-            except grpc.RpcError as e:
-                codes.append(e.code().name)
-            time.sleep(0.2)
-    return {"ok": False, "codes": codes}
+        try:
+            ok = ch.unary_unary("/x.Svc/Echo")(b"secure", timeout=30) == b"secure"
+            error = None
+        except grpc.RpcError as e:
+            ok, error = False, f"{e.code().name}: {e.details()}"
+        infos = [dataclasses.asdict(c) for c in get_client().connections() if c.alive]
+    return {"ok": ok, "error": error, "warnings": warnings, "connections": infos}
+
+
+def _npipe_warnings() -> list[str]:
+    """A list that collects what npipe's loggers say at WARNING and above from now on."""
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(f"{record.name}: {record.getMessage()}")
+
+    logging.getLogger("npipe").addHandler(Keep(logging.WARNING))
+    return said
 
 
 def held_call(address: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ class SmbConnectionInfo:
     user: str | None
     dialect: str
     signing_required: bool  # the connection requires signed messages
-    signed: bool  # the session has a signing key (signing or encryption protects it)
+    signed: bool  # the session's messages are signed (or encrypted, which covers it)
     encrypted: bool  # every message of the session is encrypted
     pipes: int  # pipes open through it now
     alive: bool

@@ -449,7 +449,8 @@ class _SmbConnection:
             user=self.credentials.principal,
             dialect=self.dialect,
             signing_required=bool(self.conn.require_signing),
-            signed=session is not None and session.signing_key is not None,
+            signed=session is not None and session.signing_key is not None
+            and bool(session.signing_required or session.encrypt_data),
             encrypted=session is not None and bool(session.encrypt_data),
             pipes=self.pipes,
             alive=self.alive,

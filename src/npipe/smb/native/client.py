@@ -238,7 +238,7 @@ def _info(connection: SmbConnection) -> SmbConnectionInfo:
         user=connection.user,
         dialect=neg.dialect_name if neg else "?",
         signing_required=bool(neg and neg.signing_required) or core.options.sign,
-        signed=core.signer is not None,
+        signed=core.signer is not None and (core.sign or core.encrypt),
         encrypted=core.encrypt,
         pipes=len(connection.pipes),
         alive=connection.alive,
