@@ -15,6 +15,34 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(scope="session", autouse=True)
+def created_accounts() -> Iterator[None]:
+    """The Unix accounts this session creates are removed when it ends, or by the last of
+    the sessions running at once (tests/suite_accounts.py): those that existed before are
+    kept. What creates one appends it to the registry named by $NPIPE_TEST_ACCOUNTS_FILE
+    (children inherit it). Being session-wide and autouse, it is set up before the tests'
+    own fixtures and torn down after them (after the servers that ran as the accounts)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        yield  # (only root creates accounts)
+        return
+    import suite_accounts
+
+    session = suite_accounts.begin()
+    old = os.environ.get(suite_accounts.ENV)
+    os.environ[suite_accounts.ENV] = str(session.registry)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(suite_accounts.ENV, None)
+        else:
+            os.environ[suite_accounts.ENV] = old
+        suite_accounts.end(session)
+    if session.problems:
+        raise RuntimeError("the test accounts were not all removed: "
+                           + "; ".join(session.problems))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def machine_dir() -> Iterator[Path]:
     """The machine-wide pipe directory for this test run (npipe.local.namespace): a fresh
     root-owned sticky one when the tests run as root, so that tests never publish names

@@ -50,6 +50,7 @@ import pytest
 import npipe
 import npipe.grpc
 from npipe.acl import OWNER_ONLY
+from npipe.samba.smbd import ensure_unix_user
 
 SERVICE = "t.Svc"
 MiB = 1024 * 1024
@@ -115,20 +116,12 @@ class TestUser:
 
 
 def ensure_test_users() -> dict[str, TestUser]:
-    """Create npipe-t1 and npipe-t2 (no home directory) if they do not exist yet."""
+    """Create npipe-t1, npipe-t2 and npipe-t3 (no home directory) if they do not exist
+    yet; the suite removes the ones it created when it ends (tests/suite_accounts.py)."""
     users = {}
     for name in TEST_USERS:
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            done = subprocess.run(
-                ["useradd", "-M", "-s", "/usr/sbin/nologin", name],
-                capture_output=True, text=True, timeout=30, check=False,
-            )
-            try:  # another session may have created it meanwhile (useradd exit 9)
-                pw = pwd.getpwnam(name)
-            except KeyError:
-                raise RuntimeError(f"useradd {name} failed: {done.stderr.strip()}") from None
+        ensure_unix_user(name)  # (records what it creates in $NPIPE_TEST_ACCOUNTS_FILE)
+        pw = pwd.getpwnam(name)
         users[name] = TestUser(name, pw.pw_uid, pw.pw_gid)
     return users
 

@@ -528,11 +528,21 @@ def ensure_unix_user(name: str) -> None:
             capture_output=True, text=True, timeout=_TOOL_TIMEOUT, stdin=subprocess.DEVNULL,
         )
         # 9: the name is taken (someone made it meanwhile); 10: /etc/passwd is locked.
+        if done.returncode == 0:
+            _note_created_account(name)
         if done.returncode in (0, 9):
             return
         if done.returncode != 10 or time.monotonic() > deadline:
             raise SmbdError(f"useradd {name} failed: {done.stderr.strip()}")
         time.sleep(0.1)
+
+
+def _note_created_account(name: str) -> None:
+    # npipe's test suite removes the accounts it created when it ends: it names a file in
+    # $NPIPE_TEST_ACCOUNTS_FILE, to which each account made here is appended.
+    if registry := os.environ.get("NPIPE_TEST_ACCOUNTS_FILE"):
+        with open(registry, "a") as f:
+            f.write(f"{name}\n")
 
 
 _LOG_HEADER = re.compile(r"\[\d{4}/\d\d/\d\d [\d:.]+,\s*(\d+)[^\]]*\]")
