@@ -141,12 +141,16 @@ def remove_account(name: str) -> str | None:
                               stdin=subprocess.DEVNULL, check=False)
         if done.returncode == 0 or (done.returncode == 6 and not _exists(name)):
             return None  # (6: no such user: someone else removed it meanwhile)
-        if done.returncode == 8 and not killed:  # in use by a process still running
+        # 8: in use by a process still running; 1 or 10: another useradd or userdel may
+        # hold /etc/passwd or /etc/group (retried for a while).
+        busy = done.returncode == 8
+        locked = done.returncode in (1, 10)
+        if busy and not killed:
             _kill_processes_of(uid)
             killed = True
-        elif done.returncode not in (8, 10) or time.monotonic() > deadline:
+        elif not (busy or locked) or time.monotonic() > deadline:
             return f"userdel {name} failed ({done.returncode}): {done.stderr.strip()}"
-        time.sleep(0.2)  # 10: /etc/passwd is locked (a useradd or userdel elsewhere)
+        time.sleep(0.2)
 
 
 def _exists(name: str) -> bool:

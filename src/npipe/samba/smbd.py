@@ -527,12 +527,14 @@ def ensure_unix_user(name: str) -> None:
             [useradd, "-M", "-s", "/usr/sbin/nologin", name],
             capture_output=True, text=True, timeout=_TOOL_TIMEOUT, stdin=subprocess.DEVNULL,
         )
-        # 9: the name is taken (someone made it meanwhile); 10: /etc/passwd is locked.
+        # 9: the name is taken (someone made it meanwhile); 1 or 10: another
+        # useradd or userdel may hold /etc/passwd or /etc/group (retried for a while).
         if done.returncode == 0:
             _note_created_account(name)
         if done.returncode in (0, 9):
             return
-        if done.returncode != 10 or time.monotonic() > deadline:
+        locked = done.returncode in (1, 10)
+        if not locked or time.monotonic() > deadline:
             raise SmbdError(f"useradd {name} failed: {done.stderr.strip()}")
         time.sleep(0.1)
 
