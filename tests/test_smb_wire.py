@@ -1,8 +1,9 @@
 """The native SMB client's sans-I/O core, with no server: bytes in, bytes out.
 
 Layouts and cryptography are checked against smbprotocol, an independent
-implementation: its message structures parse what ours build, and its key derivation,
-signatures and transform encryption agree with ours byte for byte. Garbage from a
+implementation: every request body ours build carries its own command's StructureSize
+(from MS-SMB2) and is the bytes smbprotocol packs from the same fields, and its key
+derivation, signatures and transform encryption agree with ours byte for byte. Garbage from a
 server must end in ProtocolError, never in another exception.
 """
 
@@ -16,7 +17,13 @@ from re import escape as re_escape
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from smbprotocol.connection import Connection, SMB2TransformHeader, SMB3NegotiateRequest
+from smbprotocol.connection import (
+    Connection,
+    SMB2CancelRequest,
+    SMB2Echo,
+    SMB2TransformHeader,
+    SMB3NegotiateRequest,
+)
 from smbprotocol.header import SMB2HeaderRequest
 from smbprotocol.ioctl import (
     SMB2IOCTLRequest,
@@ -24,8 +31,9 @@ from smbprotocol.ioctl import (
     SMB2ValidateNegotiateInfoResponse,
 )
 from smbprotocol.open import SMB2CloseRequest, SMB2CreateRequest, SMB2ReadRequest, SMB2WriteRequest
-from smbprotocol.session import Session, SMB2SessionSetupRequest
-from smbprotocol.tree import SMB2TreeConnectRequest
+from smbprotocol.session import Session, SMB2Logoff, SMB2SessionSetupRequest
+from smbprotocol.structure import Structure
+from smbprotocol.tree import SMB2TreeConnectRequest, SMB2TreeDisconnect
 
 from npipe.errors import NegotiationTampered
 from npipe.smb.native import crypto, wire
@@ -69,20 +77,103 @@ def _client(dialect: int = SMB_3_1_1, *, signing: int = crypto.AES_GMAC,
 # --- requests, as smbprotocol reads them -------------------------------------------
 
 
+# Each request's StructureSize as MS-SMB2 2.2 gives it (the size of the fixed part, plus
+# one when a variable buffer follows), written out here and not taken from the code under
+# test. These are every request the native client builds; it sends no FLUSH (24), LOCK
+# (48), QUERY_DIRECTORY (33), CHANGE_NOTIFY (32), QUERY_INFO (41), SET_INFO (33) or
+# OPLOCK_BREAK acknowledgment (24).
+SPEC_STRUCTURE_SIZE = {
+    wire.NEGOTIATE: 36,  # 2.2.3
+    wire.SESSION_SETUP: 25,  # 2.2.5
+    wire.LOGOFF: 4,  # 2.2.7
+    wire.TREE_CONNECT: 9,  # 2.2.9
+    wire.TREE_DISCONNECT: 4,  # 2.2.11
+    wire.CREATE: 57,  # 2.2.13
+    wire.CLOSE: 24,  # 2.2.15
+    wire.READ: 49,  # 2.2.19
+    wire.WRITE: 49,  # 2.2.21
+    wire.ECHO: 4,  # 2.2.28
+    wire.CANCEL: 4,  # 2.2.30
+    wire.IOCTL: 57,  # 2.2.31
+}
+
+
+def _theirs(structure: Structure, **fields: object) -> Structure:
+    for name, value in fields.items():
+        structure[name] = value
+    return structure
+
+
+def _request_twins() -> list[tuple[str, int, bytes, Structure]]:
+    """(name, command, our body, smbprotocol's structure with the same fields) for every
+    request body the native client builds."""
+    tree = "\\\\h\\IPC$"
+    pipe = wire.PIPE_ACCESS
+    return [
+        ("session_setup", wire.SESSION_SETUP,
+         wire.session_setup_request(b"tok", signing_required=True),
+         _theirs(SMB2SessionSetupRequest(), security_mode=2, buffer=b"tok")),
+        ("tree_connect", wire.TREE_CONNECT, wire.tree_connect_request(tree),
+         _theirs(SMB2TreeConnectRequest(), buffer=tree.encode("utf-16-le"))),
+        ("create", wire.CREATE, wire.create_request("shop"),
+         _theirs(SMB2CreateRequest(), impersonation_level=2, desired_access=pipe,
+                 share_access=3, create_disposition=1, create_options=0x40,
+                 buffer_path="shop".encode("utf-16-le"))),
+        ("read", wire.READ, wire.read_request(FILE_ID, 65536, 7),
+         _theirs(SMB2ReadRequest(), padding=0x50, length=65536, file_id=FILE_ID,
+                 minimum_count=7)),
+        ("write", wire.WRITE, wire.write_request_head(FILE_ID, 3) + b"abc",
+         _theirs(SMB2WriteRequest(), file_id=FILE_ID, buffer=b"abc")),
+        ("ioctl_transceive", wire.IOCTL,
+         wire.ioctl_request(wire.FSCTL_PIPE_TRANSCEIVE, FILE_ID, b"in", 4096),
+         # smbprotocol points OutputOffset at the buffer; we send 0 with OutputCount 0
+         _theirs(SMB2IOCTLRequest(), ctl_code=wire.FSCTL_PIPE_TRANSCEIVE, file_id=FILE_ID,
+                 buffer=b"in", max_output_response=4096, flags=1, output_offset=0)),
+        ("ioctl_peek", wire.IOCTL, wire.ioctl_request(wire.FSCTL_PIPE_PEEK, FILE_ID, b"", 24),
+         _theirs(SMB2IOCTLRequest(), ctl_code=wire.FSCTL_PIPE_PEEK, file_id=FILE_ID,
+                 max_output_response=24, flags=1)),
+        ("close", wire.CLOSE, wire.close_request(FILE_ID),
+         _theirs(SMB2CloseRequest(), file_id=FILE_ID)),
+        ("echo", wire.ECHO, wire.small_request(), SMB2Echo()),
+        ("logoff", wire.LOGOFF, wire.small_request(), SMB2Logoff()),
+        ("tree_disconnect", wire.TREE_DISCONNECT, wire.small_request(), SMB2TreeDisconnect()),
+    ]
+
+
+@pytest.mark.parametrize(("command", "ours", "theirs"),
+                         [pytest.param(*t[1:], id=t[0]) for t in _request_twins()])
+def test_request_bodies_match_smbprotocol_byte_for_byte(command: int, ours: bytes,
+                                                         theirs: Structure) -> None:
+    """Each body's StructureSize is its own command's (MS-SMB2), smbprotocol's structure
+    says the same, and smbprotocol packs the same fields into the same bytes."""
+    expected = SPEC_STRUCTURE_SIZE[command]
+    assert struct.unpack_from("<H", ours) == (expected,)
+    assert theirs["structure_size"].get_value() == expected
+    assert ours == theirs.pack()
+    # The fixed part is StructureSize rounded down to even; a variable buffer follows it.
+    fixed = expected & ~1
+    assert len(ours) >= fixed and (expected & 1 or len(ours) == fixed)
+
+
+def test_negotiate_and_cancel_structure_sizes() -> None:
+    negotiate = _unframe(Smb2Client(Options(client_guid=uuid.UUID(int=7).bytes))
+                         .negotiate().parts)[64:]
+    theirs = SMB3NegotiateRequest()
+    theirs.unpack(negotiate)
+    assert struct.unpack_from("<H", negotiate) == (SPEC_STRUCTURE_SIZE[wire.NEGOTIATE],)
+    assert theirs["structure_size"].get_value() == SMB3NegotiateRequest()[
+        "structure_size"].get_value() == 36
+    assert struct.unpack_from("<H", negotiate, 36) == (0x0202,)  # the dialects at 64 + 36
+    cancel = _unframe(_client(cipher=None).cancel(3, 99).parts)
+    assert cancel[12] == wire.CANCEL
+    assert cancel[64:] == SMB2CancelRequest().pack() == struct.pack(
+        "<HH", SPEC_STRUCTURE_SIZE[wire.CANCEL], 0)
+
+
 def test_requests_parse_as_smbprotocol_structures() -> None:
     core = _client()
     core.sign = False
-    cases = [
-        (wire.CREATE, wire.create_request("shop"), SMB2CreateRequest()),
-        (wire.READ, wire.read_request(FILE_ID, 65536), SMB2ReadRequest()),
-        (wire.IOCTL, wire.ioctl_request(wire.FSCTL_PIPE_TRANSCEIVE, FILE_ID, b"in", 4096),
-         SMB2IOCTLRequest()),
-        (wire.CLOSE, wire.close_request(FILE_ID), SMB2CloseRequest()),
-        (wire.TREE_CONNECT, wire.tree_connect_request("\\\\h\\IPC$"), SMB2TreeConnectRequest()),
-        (wire.SESSION_SETUP, wire.session_setup_request(b"tok", signing_required=True),
-         SMB2SessionSetupRequest()),
-    ]
-    for command, body, structure in cases:
+    for _name, command, body, _theirs_structure in _request_twins():
         message = _unframe(core.request(command, body).parts)
         header = SMB2HeaderRequest()
         header.unpack(message)
@@ -91,8 +182,7 @@ def test_requests_parse_as_smbprotocol_structures() -> None:
         assert header["session_id"].get_value() == core.session_id
         assert header["tree_id"].get_value() == core.tree_id
         assert rest == body
-        structure.unpack(rest)
-        assert structure["structure_size"].get_value() in (57, 49, 24, 9, 25)
+        assert struct.unpack_from("<H", rest) == (SPEC_STRUCTURE_SIZE[command],)
     create = SMB2CreateRequest()
     create.unpack(wire.create_request("shop") + b"\0" * 8)
     assert create["buffer_path"].get_value().decode("utf-16-le") == "shop"
