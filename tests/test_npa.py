@@ -1,8 +1,10 @@
 """The named_pipe_auth codec against requests captured from real smbd processes.
 
 The vectors at the bottom of this file are whole messages (length prefix included):
-three captured from smbd (Samba 4.17.12 on Debian 12 standalone and as an AD DC with a
-Kerberos user, Samba 4.22.11 on Debian 13), and one level-8 request with claims and
+five captured from smbd (Samba 4.17.12 on Debian 12 standalone and as an AD DC with a
+Kerberos user, both level 7 with ``uint8 authenticated``; Samba 4.19.5, Ubuntu 24.04's,
+in a debootstrapped root, level 7 with ``uint32 user_flags``, for an NTLM user and for a
+guest; Samba 4.22.11 on Debian 13, level 8), and one level-8 request with claims and
 device SIDs whose session info was encoded by Samba 4.22.11's own NDR code
 (python3-samba ``ndr_pack`` of an ``auth_session_info_transport``, spliced behind the
 captured level-8 header), because a smbd that sends claims needs a claims-issuing DC.
@@ -42,7 +44,10 @@ def vector(name: str) -> bytes:
     return value
 
 
-ALL_VECTORS = ("LEVEL7_NTLM", "LEVEL7_KERBEROS", "LEVEL8_NTLM", "LEVEL8_CLAIMS")
+ALL_VECTORS = (
+    "LEVEL7_NTLM", "LEVEL7_KERBEROS", "LEVEL7_NTLM_419", "LEVEL7_GUEST_419", "LEVEL8_NTLM",
+    "LEVEL8_CLAIMS",
+)  # fmt: skip
 
 
 def reframe(message: bytes | bytearray) -> bytes:
@@ -142,6 +147,69 @@ def test_level7_kerberos_samba_4_17_dc() -> None:
     assert r.npa_flags == 0
 
 
+# Offsets of auth_user_info's last field in the Samba 4.19.5 captures (checked below).
+L7_419_TAIL = 0x20C
+L7_419_GUEST_TAIL = 0x1F4
+
+
+def test_level7_ntlm_samba_4_19() -> None:
+    """Samba 4.19 keeps level 7 but ends auth_user_info with ``uint32 user_flags``."""
+    # acct_flags 0x10 (ACB_NORMAL), then user_flags 0x20 (NETLOGON_EXTRA_SIDS): as a
+    # uint8 "authenticated" 0x20 is no boolean, so only the 4.19 reading fits
+    assert LEVEL7_NTLM_419[L7_419_TAIL - 4 : L7_419_TAIL + 4] == bytes.fromhex("1000000020000000")
+    r = parse_request(LEVEL7_NTLM_419)
+    assert r.level == 7 and r.samba_releases == "Samba 4.19"
+    assert (r.remote_client_addr, r.remote_client_port) == ("127.0.0.1", 46374)
+    assert (r.local_server_addr, r.local_server_port) == ("127.0.0.1", 4451)
+    assert r.remote_client_name == r.local_server_name == "vm"
+    s = r.session
+    assert s.user_info_layout == "user_flags32"
+    assert s.user_flags == 0x20
+    assert s.authenticated and not s.is_guest
+    assert (s.account_name, s.domain_name, s.logon_server) == ("npt", "VM", "VM")
+    assert s.user_principal_name is None and s.full_name == ""
+    domain = "S-1-5-21-4280666346-2864502386-442839124"
+    assert s.sids == (
+        f"{domain}-1000", f"{domain}-513", "S-1-22-2-1002", "S-1-1-0", "S-1-5-2",
+        "S-1-5-11", "S-1-22-1-1002",
+        "S-1-22-1397571891-785-2-2",  # smbd's SMB3 marker (dialect 0x311)
+        "S-1-22-2041152804-0",
+    )  # fmt: skip
+    assert (s.uid, s.gid, s.unix_groups) == (1002, 1002, (1002,))
+    assert (s.unix_name, s.sanitized_username) == ("npt", "npt")
+    assert s.acct_flags == 0x10
+    assert s.unique_session_token == uuid.UUID("8ea799dc-5ac3-4df3-a1ad-26c426d3df24")
+    assert r.npa_flags == 0
+
+
+def test_level7_guest_samba_4_19() -> None:
+    """A guest on Samba 4.19: user_flags is NETLOGON_GUEST (1), whose bytes read as
+    4.18's ``authenticated = 1`` too; the token (no S-1-5-11) decides for the guest."""
+    assert LEVEL7_GUEST_419[L7_419_GUEST_TAIL - 4 : L7_419_GUEST_TAIL + 4] == bytes.fromhex(
+        "0000000001000000"
+    )
+    assert AUTHENTICATED_USERS not in LEVEL7_GUEST_419
+    r = parse_request(LEVEL7_GUEST_419)
+    assert r.level == 7
+    assert (r.remote_client_addr, r.remote_client_port) == ("127.0.0.1", 33626)
+    s = r.session
+    assert (s.user_info_layout, s.user_flags) == ("user_flags32", 1)
+    assert not s.authenticated and s.is_guest
+    assert s.account_name == "nobody" and s.domain_name == "VM"
+    assert s.full_name is None and s.logon_server is None
+    domain = "S-1-5-21-4280666346-2864502386-442839124"
+    assert s.sids == (
+        f"{domain}-501",  # Guest
+        f"{domain}-514",  # Domain Guests
+        "S-1-22-2-65534", "S-1-1-0", "S-1-5-2",
+        "S-1-5-32-546",  # BUILTIN\Guests, and no S-1-5-11
+        "S-1-22-1-65534", "S-1-22-2041152804-0",
+    )  # fmt: skip
+    assert (s.uid, s.gid, s.unix_groups) == (65534, 65534, (65534,))
+    assert (s.unix_name, s.sanitized_username) == ("nobody", "nosuchuser")
+    assert s.acct_flags == 0
+
+
 def test_level8_ntlm_samba_4_22() -> None:
     r = parse_request(LEVEL8_NTLM)
     assert r.level == 8 and r.samba_releases == "Samba 4.20+"
@@ -192,6 +260,14 @@ def test_claim_name_scan_is_linear() -> None:
 
 
 # --- the two level-7 layouts ---------------------------------------------------------
+#
+# Real captures back each layout: 4.17.12 (LEVEL7_NTLM, LEVEL7_KERBEROS) ends
+# auth_user_info with uint8 authenticated = 1; 4.19.5 (LEVEL7_NTLM_419, LEVEL7_GUEST_419)
+# with uint32 user_flags 0x20 and 0x1. Those values fit in the first byte, so the cases
+# below patch LEVEL7_NTLM's last four bytes (and S-1-5-11 in its token) to cover what the
+# captures don't: flags with bits past the first byte (0x120, as Samba 4.22.11 sends at
+# level 8), which a parser reading the field as a uint8 gets wrong, and each ambiguous
+# 0/1 value both with and without S-1-5-11.
 
 
 @pytest.mark.parametrize(
@@ -534,6 +610,49 @@ LEVEL7_KERBEROS = bytes.fromhex(
     "0100000000000000010000000000000001000000000000000100000000000000010000000000000001000000"
     "0000000001000000000000000100000000000000040000000000000004000000444331005000020054000200"
     "0c000000000000000c0000004e504950455c616c69636500060000000000000006000000616c69636500"
+)
+
+# npa-request-level7-samba-4.19.5.bin: user npt (NTLM, SMB 3.1.1 from smbprotocol) from
+# 127.0.0.1, standalone smbd 4.19.5+dfsg-4ubuntu9.9 (Ubuntu 24.04) in a debootstrapped root
+# sha256 5803f633a41ec6a1..., 720 bytes
+LEVEL7_NTLM_419 = bytes.fromhex(
+    "000002cc4e50414d070000000700000001000000000002000400020026b50000080002000c00020063110000"
+    "10000200030000000000000003000000766d00000a000000000000000a0000003132372e302e302e31000000"
+    "030000000000000003000000766d00000a000000000000000a0000003132372e302e302e3100000014000200"
+    "00000000180002001c00020020000200240002000000000010000000f8f3883439034c73c7047410c14b227b"
+    "00000000dc99a78ec35af34da1ad26c426d3df24000000000900000009000000010500000000000515000000"
+    "eac825ff72d6bcaa5430651ae8030000010500000000000515000000eac825ff72d6bcaa5430651a01020000"
+    "010200000000001602000000ea03000001010000000000010000000001010000000000050200000001010000"
+    "000000050b000000010200000000001601000000ea030000010400000000001633414d531103000002000000"
+    "0200000001020000000000162485a979000000000000000000000000000000000000000001000000ea030000"
+    "00000000ea030000000000000100000000000000ea030000000000002800020000000000000000002c000200"
+    "000000003000020034000200380002003c00020040000200440002000000000000000000ffffffffffffff7f"
+    "ffffffffffffff7f00181c122885dd0100181c122885dd01ffffffffffffff7f000000001000000020000000"
+    "0400000000000000040000006e707400030000000000000003000000564d0000010000000000000001000000"
+    "00000000010000000000000001000000000000001100000000000000110000005c5c564d5c6e70745c70726f"
+    "66696c65000000000900000000000000090000005c5c564d5c6e707400000000010000000000000001000000"
+    "00000000030000000000000003000000564d0000480002004c0002000400000000000000040000006e707400"
+    "0400000000000000040000006e707400"
+)
+
+# npa-request-level7-samba-4.19.5-guest.bin: the same smbd with "map to guest = Bad User"
+# and "guest account = nobody"; an unknown user "nosuchuser" (NTLM) mapped to guest
+# sha256 ad0696b43f4d6a5a..., 591 bytes
+LEVEL7_GUEST_419 = bytes.fromhex(
+    "0000024b4e50414d07000000070000000100000000000200040002005a830000080002000c00020063110000"
+    "10000200030000000000000003000000766d00000a000000000000000a0000003132372e302e302e31000000"
+    "030000000000000003000000766d00000a000000000000000a0000003132372e302e302e3100000014000200"
+    "00000000180002001c00020020000200240002000000000010000000b65141b63645fe0ff940875e8acfb959"
+    "00000000642d295b14c28144959036c0986d6e92000000000800000008000000010500000000000515000000"
+    "eac825ff72d6bcaa5430651af5010000010500000000000515000000eac825ff72d6bcaa5430651a02020000"
+    "010200000000001602000000feff000001010000000000010000000001010000000000050200000001020000"
+    "000000052000000022020000010200000000001601000000feff000001020000000000162485a97900000000"
+    "00000000000000000000000001000000feff000000000000feff0000000000000100000000000000feff0000"
+    "000000002800020000000000000000002c000200000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "00000000000000000000000000000000010000000700000000000000070000006e6f626f6479000003000000"
+    "0000000003000000564d000030000200340002000700000000000000070000006e6f626f647900000b000000"
+    "000000000b0000006e6f737563687573657200"
 )
 
 # npa-request-level8-samba-4.22.11.bin: user npt (NTLM) from 127.0.0.1, Samba 4.22.11
