@@ -10,7 +10,9 @@ import grp
 import json
 import logging
 import os
+import shutil
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from grpc_support import (
 
 import npipe
 import npipe.grpc
+from npipe.testing.netns import skip_or_fail
 
 pytestmark = pytest.mark.root
 
@@ -211,13 +214,28 @@ def test_client_trusts_another_users_pipe_only_when_named(
     assert not os.path.lexists(path)  # t2's server gave up its pipe on stop
 
 
+def _ensure_group(name: str) -> grp.struct_group:
+    """The group ``name``, made (groupadd, as root: the users fixture requires it) if
+    this system has none; a group that cannot be made skips, or fails under CI=true."""
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        pass
+    groupadd = shutil.which("groupadd")  # on root's PATH, as useradd for the users
+    if groupadd is None:
+        skip_or_fail(f"no {name!r} group, and no groupadd to make it")
+    done = subprocess.run([groupadd, name], capture_output=True, text=True, timeout=30,
+                          check=False)
+    try:  # another session may have made it meanwhile (groupadd exit 9)
+        return grp.getgrnam(name)
+    except KeyError:
+        skip_or_fail(f"no {name!r} group, and groupadd failed: {done.stderr.strip()}")
+
+
 def test_supplementary_group_in_acl(shared_dir: Path, t1: TestUser) -> None:
     """SO_PEERGROUPS: a caller allowed only through a supplementary group."""
-    try:
-        group = grp.getgrnam("users")
-    except KeyError:
-        pytest.skip("no 'users' group on this system")
-    assert group.gr_gid != t1.gid
+    group = _ensure_group("users")
+    assert group.gr_gid != t1.gid and t1.name not in group.gr_mem, group
     with serve(shared_dir, acl=npipe.Acl.allow(groups=[group.gr_name])) as s:
         body = whoami_client("svc", shared_dir, server_user=0)
         member = run_python(body, user=t1, groups=(group.gr_gid,))
