@@ -8,15 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npipe.identity import user_name
+from npipe.local.dirfd import GONE_PREFIX
 from npipe.local.listener import NOTE_PREFIX, TEMP_PREFIX, is_live, read_note
-from npipe.local.namespace import USER_DIR_PREFIX, usable_machine_dir
+from npipe.local.namespace import published_socket, usable_machine_dir, user_dir_owner
 from npipe.local.paths import DOTNET_PREFIX, pipe_dir
 
 
 @dataclass(frozen=True)
 class PipeEntry:
     name: str
-    state: str  # live | stale
+    state: str  # live | stale | invalid (a name that does not lead where npipe puts sockets)
     owner: str
     admits: str  # who the ACL admits, as its server noted it ("?" where unknown)
     path: Path  # the name as found (a machine-wide name shows "name -> socket")
@@ -32,11 +33,17 @@ def list_pipes(directory: str | os.PathLike[str] | None = None) -> list[PipeEntr
     machine = usable_machine_dir()
     if machine is not None:
         for name in _entries(machine):
-            if name.name.startswith(USER_DIR_PREFIX):
+            if user_dir_owner(name.name) is not None or name.name.startswith(GONE_PREFIX):
                 continue
             try:
+                st = os.lstat(name)
                 target = Path(os.readlink(name))
             except OSError:
+                continue
+            if published_socket(machine, name, st.st_uid) is None:
+                # Not where npipe puts sockets: never probed, never dialled by clients.
+                rows.append(PipeEntry(name.name, "invalid", _owner(name), "?",
+                                      Path(f"{name} -> {target}"), "machine"))
                 continue
             rows.append(_entry(name.name, name, target, "machine"))
     tmp = Path(DOTNET_PREFIX).parent
@@ -48,14 +55,21 @@ def list_pipes(directory: str | os.PathLike[str] | None = None) -> list[PipeEntr
 
 def _entry(name: str, path: Path, socket_path: Path, where: str) -> PipeEntry:
     try:
-        owner_uid = os.lstat(path).st_uid
-        owner = user_name(owner_uid) or str(owner_uid)
+        owner_uid: int | None = os.lstat(path).st_uid
     except OSError:
-        owner = "?"
+        owner_uid = None
     shown = path if socket_path == path else Path(f"{path} -> {socket_path}")
-    admits = read_note(socket_path) or ("?" if where != "dotnet" else "(.NET)")
-    return PipeEntry(name, "live" if is_live(socket_path) else "stale", owner, admits,
+    admits = read_note(socket_path, owner_uid) or ("?" if where != "dotnet" else "(.NET)")
+    return PipeEntry(name, "live" if is_live(socket_path) else "stale", _owner(path), admits,
                      shown, where)
+
+
+def _owner(path: Path) -> str:
+    try:
+        uid = os.lstat(path).st_uid
+    except OSError:
+        return "?"
+    return user_name(uid) or str(uid)
 
 
 def _entries(directory: Path) -> list[Path]:

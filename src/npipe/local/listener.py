@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import stat
 import tempfile
@@ -30,6 +29,14 @@ from typing import Any
 from npipe.address import MAX_UNIX_PATH_BYTES
 from npipe.errors import AccessDenied, PipeInUse
 from npipe.identity import user_name
+from npipe.local.dirfd import (
+    is_live_at,
+    lstat_at,
+    opened_child_dir,
+    opened_dir,
+    read_small,
+    remove_tree_at,
+)
 from npipe.local.namespace import remove_entry
 from npipe.local.paths import ensure_pipe_dir
 
@@ -46,6 +53,7 @@ class ClaimedPath:
     _ino: int
     published: Path | None = field(default=None, kw_only=True)
     note: Path | None = field(default=None, kw_only=True)
+    lock: Path | None = field(default=None, kw_only=True)
 
     def release(self) -> None:
         if self.published is not None:
@@ -58,6 +66,16 @@ class ClaimedPath:
                 os.unlink(self.path)
                 if self.note is not None:
                     os.unlink(self.note)
+        if self.lock is not None:
+            _remove_own_lock(self.lock)
+
+
+def _remove_own_lock(lock_file: Path) -> None:
+    """Remove the name's lock file (and record) if it is still this process's: lock files
+    do not pile up, one per name ever served (under its lock: see :func:`locked`)."""
+    with contextlib.suppress(OSError), locked(lock_file, create=False) as lock_fd:
+        if lock_fd is not None and read_record(lock_fd).get("pid") == os.getpid():
+            os.unlink(lock_file)
 
 
 @dataclass
@@ -85,6 +103,7 @@ def claim(
         _remove_if_stale(path, lock_fd)
         claimed = _bind(path, mode)
         write_record(lock_fd, path, private)
+        claimed.lock = lock_path(path, lock_dir)
         return claimed
 
 
@@ -100,7 +119,7 @@ def claim_existing(
         except FileExistsError:
             raise PipeInUse(f"pipe {path} was claimed by another server just now") from None
         write_record(lock_fd, path, private)
-        return ClaimedPath(path, os.lstat(path).st_ino)
+        return ClaimedPath(path, os.lstat(path).st_ino, lock=lock_path(path, lock_dir))
 
 
 @contextlib.contextmanager
@@ -165,11 +184,16 @@ def write_note(socket_path: Path, text: str, mode: int) -> Path:
     return note
 
 
-def read_note(socket_path: Path) -> str | None:
-    try:
-        return note_path(socket_path).read_text(errors="replace")[:1000]
-    except OSError:
-        return None
+# A note is a few words; whatever is there beyond this is not read.
+MAX_NOTE_BYTES = 1000
+
+
+def read_note(socket_path: Path, owner: int | None) -> str | None:
+    """The ACL note beside a socket, if it is a regular file of ``owner`` (the pipe's
+    holder): never a link, a FIFO (which would block ``npipe ls``) or a device, and never
+    more than a few words (``/dev/zero``)."""
+    raw = read_small(None, note_path(socket_path), owner, MAX_NOTE_BYTES)
+    return None if raw is None else raw.decode(errors="replace")
 
 
 def lock_path(path: Path, lock_dir: Path) -> Path:
@@ -192,7 +216,7 @@ def private_dir(parent: Path | None = None) -> Path:
         directory = Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[1], dir=parent))
     else:
         base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
-        directory = Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[0], dir=base))
+        directory = Path(tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIXES[1], dir=base))
     owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
     (directory / OWNER_FILE).write_text(json.dumps(owner))
     return directory
@@ -266,54 +290,66 @@ def _remove_dead_private_dir(lock_fd: int) -> None:
 
 
 def remove_private_dir(private: Path, uid: int) -> bool:
-    """Remove a dead server's private directory (one that npipe made, of ``uid``)."""
-    try:
-        st = os.lstat(private)
-    except OSError:
-        return False
-    if not (
-        stat.S_ISDIR(st.st_mode)
-        and st.st_uid == uid
-        and stat.S_IMODE(st.st_mode) == 0o700
-        and private.name.startswith(PRIVATE_DIR_PREFIXES)
-        and private.name != f"{PRIVATE_DIR_PREFIXES[0]}{uid}"  # a pipe directory, not this
-    ):
-        return False
-    try:
-        owner = json.loads((private / OWNER_FILE).read_text())
-    except FileNotFoundError:
-        owner = None
-    except (OSError, ValueError):
-        return False
-    if owner is None:
-        # Made by an older npipe (no record): only a directory holding nothing but what
-        # those made (the backend socket, a bridge's socket, relay names), and not new.
-        if time.time() - st.st_mtime < UNRECORDED_GRACE or not _only_npipe_sockets(private):
+    """Remove a dead server's private directory (one that npipe made, of ``uid``) that a
+    record names. Only a directory right inside a directory of ``uid``'s own, or inside a
+    root-owned sticky one (/tmp), reached without following any link, is looked at, and
+    only through descriptors (npipe.local.dirfd): never a path that its user could
+    redirect between the checks and the removal."""
+    parent = Path(os.path.abspath(private)).parent
+    with opened_dir(parent) as parent_fd:
+        if parent_fd is None:
             return False
-    elif not isinstance(owner, dict) or record_alive(owner):
-        return False
-    if any(is_live(p) for p in _sockets_in(private)):
-        return False
-    shutil.rmtree(private, ignore_errors=True)
+        pst = os.fstat(parent_fd)
+        shared = pst.st_uid == 0 and bool(pst.st_mode & stat.S_ISVTX)
+        if not (shared or pst.st_uid == uid):
+            return False
+        return remove_private_dir_at(parent_fd, private.name, uid)
+
+
+def remove_private_dir_at(parent_fd: int, name: str, uid: int) -> bool:
+    """Remove private directory ``name`` of ``parent_fd`` if npipe made it for a server
+    of ``uid`` that is dead and nothing listens in it."""
+    if not name.startswith(PRIVATE_DIR_PREFIXES) or _PIPE_DIR_NAME.match(name):
+        return False  # (npipe-<uid> is a user's pipe directory, not a private one)
+    with opened_child_dir(parent_fd, name) as fd:
+        if fd is None:
+            return False
+        st = os.fstat(fd)
+        if st.st_uid != uid or stat.S_IMODE(st.st_mode) != 0o700:
+            return False
+        if lstat_at(fd, OWNER_FILE) is None:
+            owner: object = None
+        else:
+            raw = read_small(fd, OWNER_FILE, uid, 4096)
+            try:
+                owner = json.loads(raw) if raw is not None else False
+            except ValueError:
+                owner = False
+        if owner is None:
+            # Made by an older npipe (no record): only a directory holding nothing but
+            # what those made (the backend socket, a bridge's socket, relay names), and
+            # not new.
+            if time.time() - st.st_mtime < UNRECORDED_GRACE or not _only_npipe_sockets(fd):
+                return False
+        elif not isinstance(owner, dict) or record_alive(owner):
+            return False
+        if any(is_live_at(fd, name) for name in os.listdir(fd)
+               if (est := lstat_at(fd, name)) is not None and stat.S_ISSOCK(est.st_mode)):
+            return False
+    remove_tree_at(parent_fd, name)
     return True
 
 
+# A user's pipe directory in /tmp (npipe-<uid>): never taken for a private directory.
+_PIPE_DIR_NAME = re.compile(r"npipe-[0-9]+\Z")
 _OLD_PRIVATE_ENTRY = re.compile(r"(?:g|b|c[0-9]+)\Z")
 
 
-def _only_npipe_sockets(directory: Path) -> bool:
+def _only_npipe_sockets(fd: int) -> bool:
     try:
-        return all(_OLD_PRIVATE_ENTRY.match(name) for name in os.listdir(directory))
+        return all(_OLD_PRIVATE_ENTRY.match(name) for name in os.listdir(fd))
     except OSError:
         return False
-
-
-def _sockets_in(directory: Path) -> list[Path]:
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return []
-    return [p for p in entries if p.is_socket()]
 
 
 def is_live(path: Path) -> bool:
