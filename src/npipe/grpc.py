@@ -37,10 +37,10 @@ from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address, validate_unix_path
 from npipe.errors import ConfigError, UnsupportedPlatform
 from npipe.identity import Caller
-from npipe.local.claim import claim_pipe
+from npipe.local.claim import claim_pipe, claim_pipe_existing, place_for
 from npipe.local.dial import check_server, connect_error, find_socket
-from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, claim_existing, private_dir
-from npipe.local.paths import ensure_pipe_dir, pipe_dir, socket_path, trusted_uids
+from npipe.local.listener import BACKEND_SOCKET, ClaimedPath, private_dir
+from npipe.local.paths import ensure_pipe_dir, pipe_dir, trusted_uids
 
 if TYPE_CHECKING:  # loaded when first needed: a plain import loads no SMB or Samba code
     from npipe.smb.credentials import Credentials
@@ -111,17 +111,18 @@ def add_pipe_port(
     if sys.platform == "win32":
         return _add_windows_pipe_port(server, addr, acl=acl, smb=smb, max_connections=cap)
     directory = _pipe_dir(pipe_dir)
+    place = None if caller_identity else place_for(addr, directory=pipe_dir, dotnet=dotnet)
     # Without the front door grpcio's socket is hard-linked to the pipe's name, so it
-    # must be on the same file system: in the pipe directory.
-    workdir = private_dir(directory)
+    # must be on the same file system: beside it (in the pipe directory, or this user's
+    # directory inside the machine-wide one).
+    workdir = private_dir(place.path.parent if place and place.machine else directory)
     backend = workdir / BACKEND_SOCKET
     try:
-        if not caller_identity:
+        if place is not None:
             validate_unix_path(str(backend))
             _listen(server, backend)
-            path = socket_path(addr, directory=pipe_dir, dotnet=dotnet)
-            linked = claim_existing(backend, path, directory, mode=0o600, private=workdir)
-            port = PipePort(addr, path, lambda: _release_direct(linked, workdir))
+            linked = claim_pipe_existing(backend, addr, place, dotnet=dotnet, private=workdir)
+            port = PipePort(addr, linked.path, lambda: _release_direct(linked, workdir))
         else:
             claimed = claim_pipe(
                 addr, acl=acl, directory=pipe_dir, dotnet=dotnet,

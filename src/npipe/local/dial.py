@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from npipe.address import PipeAddress
 from npipe.errors import AccessDenied, PipeBusy, PipeNotFound
 from npipe.identity import user_name
+from npipe.local.listener import is_live
 from npipe.local.namespace import resolve, usable_machine_dir
 from npipe.local.paths import candidate_paths, check_trusted_path, trusted_uids
 from npipe.local.peercred import peer_credentials
@@ -24,15 +26,19 @@ def find_socket(
 ) -> Path:
     """The trusted socket path of a local pipe; PipeNotFound / AccessDenied otherwise.
 
-    Looks in this user's pipe directory, then among the machine-wide names (resolved to
-    the socket in its holder's own directory: see npipe.local.namespace), then at .NET's
-    path. The path returned is what to dial, also for later re-dials (grpcio's).
+    Looks among the machine-wide names (resolved to the socket in its holder's own
+    directory: see npipe.local.namespace), then in this user's pipe directory, then at
+    .NET's path; a pipe directory named by ``directory`` comes first (a private namespace).
+    A default pipe directory that is not of a user the caller trusts (someone else made
+    /tmp/npipe-<uid> first) is passed over, and so is a dead socket while a live one is
+    found further on: neither may hide a live pipe. The path returned is what to dial,
+    also for later re-dials (grpcio's).
     """
     trusted = trusted_uids(server_user)
     unreachable: list[Path] = []
     paths = candidate_paths(addr, directory=directory)
     machine = usable_machine_dir() if addr.kind == "local" else None
-    looked = [*paths[:1], *([machine / addr.key] if machine else []), *paths[1:]]
+    looked = [*([machine / addr.key] if machine else []), *paths]
 
     def published() -> Path | None:
         if machine is None:
@@ -45,11 +51,19 @@ def find_socket(
             unreachable.append(machine / addr.key)
             return None
 
+    own: Callable[[], Path | None]
     own, *others = (functools.partial(_trusted_socket, p, trusted, unreachable) for p in paths)
-    lookups: list[Callable[[], Path | None]] = [own, published, *others]
-    for found in lookups:
-        if (path := found()) is not None:
-            return path
+    named = directory is not None or bool(os.environ.get("NPIPE_PIPE_DIR"))
+    if addr.kind == "local" and not named and not _trusted_dir(paths[0].parent, trusted):
+        own = _nothing  # (a directory named on purpose is checked, and refused, below)
+    lookups: list[Callable[[], Path | None]] = (
+        [own, published, *others] if directory is not None else [published, own, *others]
+    )
+    found = [path for lookup in lookups if (path := lookup()) is not None]
+    if len(found) > 1:  # (probed only then: a probe is a connection its server sees)
+        return next((path for path in found if is_live(path)), found[0])
+    if found:
+        return found[0]
     if unreachable:
         raise AccessDenied(
             f"no permission to reach pipe {addr} at {unreachable[0]}: a directory above it "
@@ -57,6 +71,19 @@ def find_socket(
         )
     where = " or ".join(str(p) for p in looked)
     raise PipeNotFound(f"no pipe {addr}: nothing at {where}; is its server running?")
+
+
+def _nothing() -> None:
+    return None
+
+
+def _trusted_dir(directory: Path, trusted: set[int]) -> bool:
+    """Whether a pipe directory is one of a trusted user's (not squatted by another)."""
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return True  # (missing or closed: the lookup in it says so)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid in trusted
 
 
 def _trusted_socket(path: Path, trusted: set[int], unreachable: list[Path]) -> Path | None:

@@ -31,12 +31,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from npipe.errors import AccessDenied, AddressError, PipeInUse
 from npipe.identity import user_name
+from npipe.local.dirfd import GONE_PREFIX, opened_dir, remove_if_same
 
 log = logging.getLogger("npipe.namespace")
 
@@ -102,14 +105,56 @@ def user_dir(machine: Path, uid: int) -> Path:
 
 
 def ensure_user_dir(machine: Path) -> Path:
-    """Create (or check) this user's directory of published sockets."""
+    """Create (or check) this user's directory of published sockets.
+
+    Anyone can create ``.u<uid>`` in the sticky machine-wide directory before that user's
+    first server (and again after every boot: /run is a tmpfs), and nobody but root can
+    then remove it. Such a squat must not stop the user: the server then uses a directory
+    of its own with a random suffix (``.u<uid>-XXXXXXXX``), which clients accept as that
+    user's as well, and says once who squats the usual one.
+    """
     uid = os.geteuid()
     directory = user_dir(machine, uid)
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, USER_DIR_MODE)
         os.chmod(directory, USER_DIR_MODE)  # mkdir's mode is cut by the umask
-    check_user_dir(directory, uid)
-    return directory
+    try:
+        check_user_dir(directory, uid)
+        return directory
+    except AccessDenied as e:
+        squatted = e
+    for other in sorted(own_user_dirs(machine, uid)):
+        if other != directory:
+            return other
+    fresh = Path(tempfile.mkdtemp(prefix=f"{directory.name}-", dir=machine))
+    os.chmod(fresh, USER_DIR_MODE)
+    log.warning("%s; serving from %s instead", squatted, fresh)
+    return fresh
+
+
+def own_user_dirs(machine: Path, uid: int) -> list[Path]:
+    """``uid``'s directories of published sockets that are really its own (the usual one
+    and those made beside a squatted one)."""
+    found: list[Path] = []
+    try:
+        names = os.listdir(machine)
+    except OSError:
+        return found
+    for name in names:
+        if user_dir_owner(name) == uid:
+            with contextlib.suppress(OSError, AccessDenied):
+                check_user_dir(machine / name, uid)
+                found.append(machine / name)
+    return found
+
+
+_USER_DIR_NAME = re.compile(rf"{re.escape(USER_DIR_PREFIX)}([0-9]+)(?:-[a-z0-9_]+)?\Z")
+
+
+def user_dir_owner(name: str) -> int | None:
+    """The uid whose directory of published sockets ``name`` is named as, or None."""
+    m = _USER_DIR_NAME.match(name)
+    return int(m.group(1)) if m else None
 
 
 def check_user_dir(directory: Path, uid: int) -> None:
@@ -118,13 +163,14 @@ def check_user_dir(directory: Path, uid: int) -> None:
         owner = user_name(st.st_uid) or st.st_uid
         raise AccessDenied(
             f"{directory} is not a directory of uid {uid}'s own (it belongs to {owner}, mode "
-            f"{stat.S_IMODE(st.st_mode):o}): someone may be squatting on it; root must remove it"
+            f"{stat.S_IMODE(st.st_mode):o}): {owner} may be squatting on it (root can "
+            "remove it)"
         )
 
 
 def published_name(machine: Path, key: str) -> Path:
-    if key.startswith(USER_DIR_PREFIX) and key[len(USER_DIR_PREFIX):].isdigit():
-        raise AddressError(f"pipe name {key!r} is reserved for npipe's per-user directories")
+    if user_dir_owner(key) is not None or key.startswith(GONE_PREFIX):
+        raise AddressError(f"pipe name {key!r} is reserved for npipe's own entries")
     return machine / key
 
 
@@ -169,12 +215,20 @@ def _remove_if_stale(name: Path, ours: Path, is_live: LiveCheck) -> None:
 
 
 def remove_entry(name: Path, ino: int) -> bool:
-    """Unlink ``name`` if it is still the entry we looked at (inode ``ino``)."""
-    with contextlib.suppress(OSError):
-        if os.lstat(name).st_ino == ino:
-            os.unlink(name)
-            return True
-    return False
+    """Unlink ``name`` if it is still the entry we looked at (inode ``ino``), through a
+    descriptor of its directory reached without following links (npipe.local.dirfd)."""
+    with opened_dir(name.parent) as dir_fd:
+        return dir_fd is not None and remove_if_same(dir_fd, name.name, ino)
+
+
+def published_socket(machine: Path, name: Path, holder: int) -> Path | None:
+    """Where published ``name`` (a link of ``holder``'s) points, if that is where npipe
+    puts sockets: ``<machine>/.u<holder>[-XXXX]/<the same name>``; None otherwise."""
+    target = _target(name)
+    if (target is None or target.name != name.name or target.parent.parent != machine
+            or user_dir_owner(target.parent.name) != holder):
+        return None
+    return target
 
 
 def _target(name: Path) -> Path | None:
@@ -207,8 +261,8 @@ def resolve(machine: Path, key: str, trusted: set[int]) -> Path | None:
         )
     if not stat.S_ISLNK(st.st_mode):
         raise AccessDenied(f"{name} is not a name npipe published (not a link): not trusted")
-    expected = user_dir(machine, holder) / key
-    if _target(name) != expected:
+    expected = published_socket(machine, name, holder)
+    if expected is None:
         raise AccessDenied(f"{name} (of {who}) points outside {who}'s pipe directory")
     check_user_dir(expected.parent, holder)
     try:

@@ -44,9 +44,10 @@ def ensure_pipe_dir(directory: Path, mode: int = 0o700) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"pipe directory {directory} exists and is not a directory")
     if st.st_uid != os.getuid():
+        who = user_name(st.st_uid) or st.st_uid
         raise AccessDenied(
-            f"pipe directory {directory} belongs to {user_name(st.st_uid) or st.st_uid}, "
-            "not to you: remove it or set NPIPE_PIPE_DIR"
+            f"pipe directory {directory} was made by {who}, not by you ({who} may be "
+            "squatting on it): ask root to remove it, or set XDG_RUNTIME_DIR or NPIPE_PIPE_DIR"
         )
     if st.st_mode & 0o022:
         raise AccessDenied(
