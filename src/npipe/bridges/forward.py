@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import npipe
@@ -17,7 +18,7 @@ from npipe.address import PipeAddress, parse_address
 from npipe.bridges.endpoint import Endpoint
 from npipe.bridges.relay import RELAY_LIMIT, RelayStats, Side, relay
 from npipe.bridges.sockets import DEFAULT_UNIX_MODE, Connections, Listener, listen, peer_name
-from npipe.errors import ConfigError
+from npipe.errors import ConfigError, NpipeError
 from npipe.frontdoor import ConnectionSlots, check_max_connections
 
 log = logging.getLogger("npipe.bridges")
@@ -101,10 +102,33 @@ async def start_forward(
             "pipe with this process's identity and credentials; pass --allow-remote-listen "
             "(allow_remote_listen=True) if that is intended"
         )
+    if listen_on.kind == "tcp" and _owner_only(addr, dial):
+        # A TCP port on loopback is open to every user of this host: each of them then
+        # reaches an owner-only pipe as this process's user. A unix: socket keeps its mode.
+        log.warning(
+            "pipe %s admits only its owner, but every user of this host can connect to %s "
+            "and reach it as you: prefer --listen unix:PATH (mode %o by default)",
+            addr, listen_on, DEFAULT_UNIX_MODE,
+        )
     forward = Forward(addr, dial, limit, check_max_connections(max_connections))
     forward._listener = await listen(listen_on, forward._serve, slots=forward.slots,
                                      mode=mode, limit=limit)
     return forward
+
+
+def _owner_only(addr: PipeAddress, dial: dict[str, Any]) -> bool:
+    """Whether local pipe ``addr`` is served owner-only (its socket is its owner's alone);
+    False for a remote pipe or one not served yet (nothing known)."""
+    if addr.kind != "local":
+        return False
+    from npipe.local.dial import find_socket
+
+    try:
+        path = find_socket(addr, server_user=dial.get("server_user"),
+                           directory=dial.get("pipe_dir"))
+        return not os.stat(path).st_mode & 0o077
+    except (NpipeError, OSError):
+        return False
 
 
 __all__ = ["Forward", "start_forward"]

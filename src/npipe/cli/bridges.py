@@ -52,8 +52,11 @@ def add_bridge_parsers(
     add_address(p, optional=True)
     p.add_argument(
         "--listen", metavar="tcp:HOST:PORT|unix:PATH",
-        help="where to listen: tcp:127.0.0.1:PORT, tcp:[::1]:PORT, tcp:localhost:PORT or "
-        "unix:PATH (PORT 0: the kernel picks one; the log says which)",
+        help="where to listen: unix:PATH (its mode is --mode: yours alone by default), "
+        "or tcp:127.0.0.1:PORT, tcp:[::1]:PORT, tcp:localhost:PORT (PORT 0: the kernel "
+        "picks one; the log says which). A loopback port is open to every user of this "
+        "host, who then reaches the pipe as you, with your SMB credentials: prefer unix: "
+        "for a pipe that admits only you",
     )
     p.add_argument(
         "--allow-remote-listen", action="store_true",

@@ -62,8 +62,8 @@ def add_http_parsers(
     p = sub.add_parser(
         "serve-asgi", parents=[common], help="serve an ASGI app on a pipe (hypercorn)",
         description="Import MODULE:APP (the current directory first on sys.path) and serve "
-        "it on a pipe with hypercorn (HTTP/1.1 and h2c), until SIGINT/SIGTERM; then requests "
-        "in flight get --grace seconds to finish. The app finds its caller in "
+        "it on a pipe with hypercorn (HTTP/1.1 and h2c), until SIGINT/SIGTERM/SIGHUP; then "
+        "requests in flight get --grace seconds to finish. The app finds its caller in "
         "scope['extensions']['npipe.caller'].",
     )
     p.add_argument("app", nargs="?", metavar="MODULE:APP",

@@ -55,7 +55,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         description="Import MODULE:FUNCTION (the current directory first on the path), call "
         "FUNCTION(server) to add servicers to a grpc.Server (a grpc.aio.Server if FUNCTION "
         "is async), add health checking and reflection for them, and serve it on --pipe "
-        "until SIGINT/SIGTERM; calls in flight then get --grace seconds to finish.",
+        "until SIGINT/SIGTERM/SIGHUP; calls in flight then get --grace seconds to finish.",
     )
     p.add_argument("function", nargs="?", metavar="MODULE:FUNCTION",
                    help="e.g. npipe.examples.buy.serve:add_services")

@@ -37,7 +37,11 @@ else:  # pragma: no cover - Python 3.10
 
 log = logging.getLogger("npipe.service")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+if sys.platform != "win32":
+    # A closed terminal sends SIGHUP: a graceful stop too, so that the pipe's name goes
+    # with its server (SIGHUP's default, dying at once, left the socket behind).
+    STOP_SIGNALS += (signal.SIGHUP,)
 ENV_PREFIX = "NPIPE_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
