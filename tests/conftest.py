@@ -67,6 +67,33 @@ def machine_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
+def fresh_machine_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A machine-wide pipe directory of this test's own (as machine_dir: root's and
+    sticky when root), that no user has a directory or a name in yet; children inherit
+    it through the environment."""
+    d = Path(tempfile.mkdtemp(prefix="npf", dir="/tmp"))
+    machine = d / "run"
+    monkeypatch.setenv("NPIPE_MACHINE_DIR", str(machine))
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        os.chmod(d, 0o755)
+        machine.mkdir()
+        os.chmod(machine, 0o1777)
+    yield machine
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def no_machine_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No usable machine-wide directory (one that is not sticky, so not even root's
+    servers use or make it): pipes are then served in their owner's pipe directory."""
+    d = Path(tempfile.mkdtemp(prefix="npn", dir="/tmp"))
+    os.chmod(d, 0o755)
+    monkeypatch.setenv("NPIPE_MACHINE_DIR", str(d))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def pipe_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private pipe directory (short: socket paths are limited to 107 bytes)."""
     d = Path(tempfile.mkdtemp(prefix="np", dir="/tmp"))

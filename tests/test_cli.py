@@ -7,11 +7,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from served import wait_for_pipe
 
 NPIPE = [sys.executable, "-m", "npipe"]
 
@@ -21,18 +21,17 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def served(pipe_dir: Path) -> Iterator[str]:
-    """`npipe demo --serve` in the background, on a pipe named shop."""
+def served(pipe_dir: Path, fresh_machine_dir: Path) -> Iterator[str]:
+    """`npipe demo --serve` in the background, on a pipe named shop (published in a
+    machine-wide directory of the test's own); stopped whatever happens."""
     proc = subprocess.Popen([*NPIPE, "demo", "--serve", "--pipe", "shop"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (pipe_dir / "shop").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "npipe demo --serve did not start"
-        time.sleep(0.05)
-    yield "shop"
-    proc.terminate()
-    proc.wait(10)
+    try:
+        wait_for_pipe("shop", proc)
+        yield "shop"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_demo_serves_and_calls_through_a_pipe(pipe_dir: Path) -> None:
@@ -104,14 +103,14 @@ def test_call_usage_errors(served: str, args: tuple[str, ...], message: str) -> 
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_ls_shows_live_pipes(served: str, pipe_dir: Path) -> None:
+def test_ls_shows_live_pipes(served: str, fresh_machine_dir: Path) -> None:
     r = run("ls")
     assert r.returncode == 0
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("shop"))
-    assert line.split()[1] == "live" and str(pipe_dir / "shop") in line
+    assert line.split()[1] == "live" and str(wait_for_pipe("shop")) in line
 
 
-def test_ls_empty(pipe_dir: Path) -> None:
+def test_ls_empty(pipe_dir: Path, fresh_machine_dir: Path) -> None:
     r = run("ls")
     assert r.returncode == 0 and "no pipes" in r.stdout
 

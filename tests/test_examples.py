@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from served import wait_for_pipe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "buy"
 
@@ -14,11 +15,7 @@ def test_example_server_and_client(pipe_dir: Path) -> None:
     server = subprocess.Popen([sys.executable, str(EXAMPLES / "server.py")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not (pipe_dir / "shop").exists():
-            assert server.poll() is None, server.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_pipe("shop", server)
         client = [sys.executable, str(EXAMPLES / "client.py")]
         ok = subprocess.run([*client, "--id", "fig", "--quantity", "5", "--price", "3"],
                             capture_output=True, text=True, timeout=60)

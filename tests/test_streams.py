@@ -12,6 +12,7 @@ import pytest
 
 import npipe
 from npipe import AccessDenied, PipeInUse, PipeNotFound
+from npipe.testing.netns import skip_or_fail
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -23,12 +24,24 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-def test_echo_and_caller_identity(pipe_dir: Path) -> None:
+@pytest.mark.parametrize("place", ["machine-wide", "pipe-dir"])
+def test_echo_and_caller_identity(
+    pipe_dir: Path, request: pytest.FixtureRequest, place: str
+) -> None:
+    if place == "pipe-dir":
+        request.getfixturevalue("no_machine_dir")
+        where, mode = pipe_dir, 0o700
+    else:
+        machine = request.getfixturevalue("fresh_machine_dir")
+        if not machine.exists():
+            skip_or_fail("only root's servers make the machine-wide directory: run as root")
+        where, mode = machine / f".u{os.geteuid()}", 0o711
+
     async def main() -> None:
         async with await npipe.start_server(_echo, "Echo") as server:
-            assert server.path == pipe_dir / "echo"  # names are case-insensitive
+            assert server.path == where / "echo"  # names are case-insensitive
             assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
-            assert stat.S_IMODE(os.stat(pipe_dir).st_mode) == 0o700
+            assert stat.S_IMODE(os.stat(where).st_mode) == mode
             reader, writer = await npipe.open_connection(r"\\.\pipe\echo")
             assert await reader.readline() == f"{os.getuid()} {os.getpid()}\n".encode()
             payload = os.urandom(1 << 20)
@@ -112,7 +125,7 @@ def test_stale_socket_is_replaced(pipe_dir: Path) -> None:
     asyncio.run(main())
 
 
-def test_non_socket_is_never_replaced(pipe_dir: Path) -> None:
+def test_non_socket_is_never_replaced(pipe_dir: Path, no_machine_dir: Path) -> None:
     pipe_dir.mkdir(mode=0o700)
     (pipe_dir / "file").write_text("keep me")
     with pytest.raises(PipeInUse, match="not a socket"):
