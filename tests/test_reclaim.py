@@ -4,7 +4,6 @@ reclaims it; nothing live and nothing of another user's is ever touched."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import signal
@@ -109,12 +108,14 @@ def test_a_new_server_reclaims_what_killed_servers_left(
         now = _everything(pipe_dir, machine_dir)
         dead = sorted(str(p) for p in now if "dead" in p.name)
         assert dead == [], dead
-        # What is left is the new server's alone: its socket, note, lock and private dir,
-        # and the (empty) directory of published sockets.
-        ours = {p for p in now if p.parent == pipe_dir}
-        assert port.path in ours
+        # What is left is the new server's alone: its socket and note in its directory
+        # of published sockets, its name, and its lock and private dir.
+        ours = {p for p in now if p.parent in (pipe_dir, port.path.parent)}
+        assert port.path in ours and port.path.parent == machine_dir / f".u{os.geteuid()}"
         assert len([p for p in ours if p.name.startswith(".np-")]) == 1
         assert len([p for p in ours if p.name.startswith(".lock-")]) == 1
+        names = {p.name for p in now if p.parent == machine_dir and not p.name.startswith(".u")}
+        assert names == {"alive"}
         assert all(not p.is_socket() or is_live(p) for p in now)
     finally:
         server.stop(None)
@@ -162,32 +163,127 @@ def test_a_live_servers_files_survive_prunes_by_others_and_by_root(
             proc.stdout.close()
 
 
-def test_a_stale_name_taken_by_a_new_server_meanwhile_is_not_lost(
-    pipe_dir: Path, machine_dir: Path
-) -> None:
-    """A prune and a new server on the stale name race: the new server always keeps its
-    socket (and its machine-wide name), however the two interleave."""
-    for round_ in range(8):
-        kind = ("grpc", "shared")[round_ % 2]
-        proc, _path = _start("contested", kind)
-        proc.kill()
-        proc.wait(10)
-        assert proc.stdout is not None
-        proc.stdout.close()
-        pruned: list[Path] = []
-        pruner = threading.Thread(target=functools.partial(_extend_with_reclaim, pruned))
+def _killed(name: str, kind: str, pipe_dir: Path) -> tuple[Path, set[Path]]:
+    """A server of ``kind`` on ``name``, killed: its socket and what it left in the pipe
+    directory (its lock file and private directory)."""
+    before = set(pipe_dir.iterdir()) if pipe_dir.exists() else set()
+    proc, path = _start(name, kind)
+    proc.kill()
+    proc.wait(10)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    left = set(pipe_dir.iterdir()) - before
+    assert sorted(p.name[:4] for p in left) == [".loc", ".np-"], left
+    return path, left
+
+
+class _Gate:
+    """Stops the first thread that reaches a patched function until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.go = threading.Event()
+        self._first = threading.Lock()
+
+    def wrap(self, fn):  # type: ignore[no-untyped-def]
+        def gated(*args, **kw):  # type: ignore[no-untyped-def]
+            if self._first.acquire(blocking=False):
+                self.reached.set()
+                assert self.go.wait(30), "the gate was never opened"
+            return fn(*args, **kw)
+        return gated
+
+
+def _serve_in_thread(name: str, kind: str) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+
+    def run() -> None:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
         acl = npipe.Acl.allow(everyone=True) if kind == "shared" else npipe.Acl()
-        pruner.start()
-        port = npipe.grpc.add_pipe_port(server, "contested", acl=acl)
-        server.start()
-        pruner.join(30)
         try:
-            assert is_live(port.path), (round_, pruned)
-            with npipe.grpc.channel("contested") as chan:
-                grpc.channel_ready_future(chan).result(timeout=10)
-        finally:
-            server.stop(None)
+            out.append(npipe.grpc.add_pipe_port(server, name, acl=acl))
+            server.start()
+            out.append(server)
+        except BaseException as e:
+            out.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize("kind", ["grpc", "shared"])
+def test_prune_first_then_a_new_server_on_the_stale_name(
+    pipe_dir: Path, machine_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The prune holds the stale name's lock (stopped inside it) while a new server
+    comes for the name: the server waits for the lock, the prune removes exactly what
+    the dead server left, and then the server takes the name."""
+    old, left = _killed("contested", kind, pipe_dir)
+    gate = _Gate()
+    monkeypatch.setattr(reclaim, "read_record", gate.wrap(reclaim.read_record))
+    pruned: list[Path] = []
+    pruner = threading.Thread(target=_extend_with_reclaim, args=(pruned,), daemon=True)
+    pruner.start()
+    assert gate.reached.wait(30)
+    server_thread, out = _serve_in_thread("contested", kind)
+    server_thread.join(0.5)
+    assert server_thread.is_alive() and not out, "the server waits for the name's lock"
+    gate.go.set()
+    pruner.join(30)
+    server_thread.join(30)
+    port, server = out
+    try:
+        assert isinstance(port, npipe.grpc.PipePort), port
+        assert port.path == old and is_live(port.path)
+        # What the prune removed: the dead server's lock file (it held that lock), and
+        # nothing but what the dead server left (its socket, private directory, ACL note
+        # and name: the new server's own start-up reclaim, which passes over the held
+        # lock, may take those first). All of it is gone, and the new server serves.
+        lock = next(p for p in left if p.name.startswith(".lock-"))
+        dead = {old, *left, machine_dir / "contested", old.with_name(f".acl-{old.name}")}
+        assert lock in pruned and set(pruned) <= dead, pruned
+        assert not [p for p in left if os.path.lexists(p) and p != lock], left
+        assert Path(os.readlink(machine_dir / "contested")) == port.path
+        with npipe.grpc.channel("contested") as chan:
+            grpc.channel_ready_future(chan).result(timeout=10)
+    finally:
+        server.stop(None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["grpc", "shared"])
+def test_a_new_server_first_then_a_prune_on_the_stale_name(
+    pipe_dir: Path, machine_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The new server holds the stale name's lock (stopped before it binds) while a
+    prune runs: the prune neither waits for that lock nor touches the name's files, and
+    the server then serves."""
+    from npipe.local import listener
+
+    old, _left = _killed("contested", kind, pipe_dir)
+    gate = _Gate()
+    monkeypatch.setattr(listener, "_bind", gate.wrap(listener._bind))
+    server_thread, out = _serve_in_thread("contested", kind)
+    assert gate.reached.wait(30)
+    pruned: list[Path] = []
+    pruner = threading.Thread(target=_extend_with_reclaim, args=(pruned,), daemon=True)
+    pruner.start()
+    pruner.join(15)
+    assert not pruner.is_alive(), "the prune waited for the lock the server holds"
+    # Nothing of the name's: its lock and socket are the server's now. (The name's old
+    # link, which leads to no live socket yet, may go: the server publishes it anew.)
+    assert set(pruned) <= {machine_dir / "contested"}, pruned
+    gate.go.set()
+    server_thread.join(30)
+    port, server = out
+    try:
+        assert isinstance(port, npipe.grpc.PipePort), port
+        assert port.path == old and is_live(port.path)
+        assert Path(os.readlink(machine_dir / "contested")) == port.path
+        with npipe.grpc.channel("contested") as chan:
+            grpc.channel_ready_future(chan).result(timeout=10)
+    finally:
+        server.stop(None)  # type: ignore[attr-defined]
 
 
 def _extend_with_reclaim(into: list[Path]) -> None:
