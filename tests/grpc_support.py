@@ -625,3 +625,48 @@ def whoami_client(
         name=name, pipe_dir=None if pipe_dir is None else str(pipe_dir),
         server_user=server_user, payload=payload,
     )
+
+
+# --- servers and clients of the machine-wide namespace, as real users --------------------
+
+# Serve t.Svc on NAME with ACL (a Python expression) until stdin closes; no pipe_dir:
+# the user's defaults, as a service would run. Prints READY and the pipe's path, or
+# FAILED and the error's type and message; at the end HANDLED and the methods it ran.
+NAMESPACE_SERVER = """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    probe = grpc_support.Probe()
+    server.add_generic_rpc_handlers((grpc_support.sync_handler(probe),))
+    try:
+        port = npipe.grpc.add_pipe_port(server, {name!r}, acl={acl})
+    except npipe.NpipeError as e:
+        print("SERVER FAILED", type(e).__name__, str(e), flush=True)
+        sys.stdin.read()
+        raise SystemExit(0)
+    server.start()
+    print("SERVER READY", port.path, flush=True)
+    sys.stdin.read()
+    server.stop(0).wait(5)
+    print("HANDLED", json.dumps(probe.handled), flush=True)
+"""
+
+
+def serve_as(
+    user: TestUser, name: str, acl: str = "npipe.Acl()"
+) -> contextlib.AbstractContextManager[Background]:
+    """A server as ``user``; its ready_line says READY (and the path) or FAILED."""
+    return background_python(NAMESPACE_SERVER.format(name=name, acl=acl), user=user,
+                             ready="SERVER ")
+
+
+def ready_path(server: Background) -> Path:
+    """The socket path a :func:`serve_as` server listens on (it must have started)."""
+    words = server.ready_line.split(" ", 2)
+    assert words[1] == "READY", server.ready_line
+    return Path(words[2])
+
+
+def call_by_name(user: TestUser, name: str, server_user: str | None) -> dict[str, object]:
+    """Call Whoami on NAME by name alone (no pipe_dir) as ``user``: the outcome."""
+    outcome = run_python(whoami_client(name, None, server_user), user=user).check()
+    assert isinstance(outcome, dict)
+    return outcome

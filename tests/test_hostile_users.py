@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 from grpc_support import (
-    Background,
     TestUser,
     background_python,
+    call_by_name,
     ensure_test_users,
+    ready_path,
     require_root,
     run_python,
-    whoami_client,
+    serve_as,
 )
 
 from npipe.local import reclaim
@@ -64,38 +65,8 @@ def default_pipe_dir(user: TestUser) -> Path:
     return Path(f"/tmp/npipe-{user.uid}")
 
 
-# Serve t.Svc on NAME with ACL until stdin closes, as a user with its defaults.
-SERVER = """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    probe = grpc_support.Probe()
-    server.add_generic_rpc_handlers((grpc_support.sync_handler(probe),))
-    try:
-        port = npipe.grpc.add_pipe_port(server, {name!r}, acl={acl})
-    except npipe.NpipeError as e:
-        print("SERVER FAILED", type(e).__name__, str(e), flush=True)
-        sys.stdin.read()
-        raise SystemExit(0)
-    server.start()
-    print("SERVER READY", port.path, flush=True)
-    sys.stdin.read()
-    server.stop(0).wait(5)
-"""
-
-
-def serve(user: TestUser, name: str, acl: str = "npipe.Acl()"):  # type: ignore[no-untyped-def]
-    return background_python(SERVER.format(name=name, acl=acl), user=user, ready="SERVER ")
-
-
-def ready_path(server: Background) -> Path:
-    words = server.ready_line.split(" ", 2)
-    assert words[1] == "READY", server.ready_line
-    return Path(words[2])
-
-
-def call(user: TestUser, name: str, server_user: str | None) -> dict[str, object]:
-    outcome = run_python(whoami_client(name, None, server_user), user=user).check()
-    assert isinstance(outcome, dict)
-    return outcome
+serve = serve_as
+call = call_by_name
 
 
 # --- 1. root's prune never follows a path that a user wrote ----------------------------

@@ -12,20 +12,20 @@ import stat
 import subprocess
 import sys
 from concurrent import futures
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_support import (
     WAIT,
-    Background,
     TestUser,
     background_python,
+    call_by_name,
     ensure_test_users,
+    ready_path,
     require_root,
     run_python,
-    whoami_client,
+    serve_as,
 )
 
 import npipe
@@ -55,47 +55,14 @@ def c(users: dict[str, TestUser]) -> TestUser:
     return users["npipe-t3"]
 
 
-# Serve t.Svc on NAME with ACL (a Python expression) until stdin closes; no pipe_dir:
-# the user's defaults, as a service would run. Prints READY and the pipe's path, or
-# FAILED and the error's type and message.
-SERVER = """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    probe = grpc_support.Probe()
-    server.add_generic_rpc_handlers((grpc_support.sync_handler(probe),))
-    try:
-        port = npipe.grpc.add_pipe_port(server, {name!r}, acl={acl})
-    except npipe.NpipeError as e:
-        print("SERVER FAILED", type(e).__name__, str(e), flush=True)
-        sys.stdin.read()
-        raise SystemExit(0)
-    server.start()
-    print("SERVER READY", port.path, flush=True)
-    sys.stdin.read()
-    server.stop(0).wait(5)
-    print("HANDLED", json.dumps(probe.handled), flush=True)
-"""
-
 def _acl_for(user: TestUser) -> str:
     return f"npipe.Acl.allow(users=[{user.name!r}])"
 
 
 
-def _serve(user: TestUser, name: str, acl: str) -> AbstractContextManager[Background]:
-    """A server as ``user``; its ready_line says READY (and the path) or FAILED."""
-    return background_python(SERVER.format(name=name, acl=acl), user=user, ready="SERVER ")
-
-
-def _call(user: TestUser, name: str, server_user: str | None) -> dict[str, object]:
-    """Call Whoami on NAME by name alone (no pipe_dir) as ``user``: the outcome."""
-    outcome = run_python(whoami_client(name, None, server_user), user=user).check()
-    assert isinstance(outcome, dict)
-    return outcome
-
-
-def _ready(server: Background) -> Path:
-    words = server.ready_line.split(" ", 2)
-    assert words[1] == "READY", server.ready_line
-    return Path(words[2])
+_serve = serve_as
+_call = call_by_name
+_ready = ready_path
 
 
 def test_another_user_calls_a_shared_pipe_by_name_alone(

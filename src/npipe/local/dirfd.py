@@ -116,19 +116,31 @@ def fd_path(dir_fd: int, name: str) -> str:
 
 
 def is_live_at(dir_fd: int, name: str) -> bool:
-    """True if something accepts connections on socket ``name`` of ``dir_fd`` (a full
-    backlog counts as live; the probe never blocks)."""
+    """:func:`is_live` for socket ``name`` of ``dir_fd`` (True where it cannot be told:
+    nothing is removed then)."""
+    try:
+        path = fd_path(dir_fd, name)
+    except OSError:
+        return True
+    return is_live(path)
+
+
+def is_live(path: str | os.PathLike[str]) -> bool:
+    """True if something accepts connections on the socket at ``path``.
+
+    The probe does not block: a listener with a full backlog (EAGAIN) is live and busy,
+    and cannot hang whoever asks (claiming a name, ``npipe ls``)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
-        probe.connect(fd_path(dir_fd, name))
+        probe.connect(os.fspath(path))
         return True
     except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
         return False
     except BlockingIOError:
         return True
     except OSError as e:
-        return e.errno in (errno.EAGAIN, errno.EINPROGRESS, errno.EACCES, errno.ENOSYS)
+        return e.errno in (errno.EAGAIN, errno.EINPROGRESS, errno.EACCES)
     finally:
         probe.close()
 
