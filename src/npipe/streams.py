@@ -23,7 +23,7 @@ from npipe.frontdoor import (
 )
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
-from npipe.local.dial import check_server, connect_error, find_socket
+from npipe.local.dial import check_admitted, check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket
 from npipe.pipe_server import DEFAULT_LIMIT, PipeServer
 
@@ -59,7 +59,10 @@ async def open_connection(
     """Connect to a pipe and return asyncio streams.
 
     A local pipe must be served by this user, root, or ``server_user``: anything else
-    is refused with AccessDenied before a byte is sent.
+    is refused with AccessDenied before a byte is sent. So is a live local pipe whose
+    ACL does not admit this user (as its server noted beside its socket: see
+    npipe.local.aclnote), instead of a connection its server closes at once; a pipe
+    whose server is gone is PipeNotFound, never AccessDenied.
 
     A remote pipe (``\\\\HOST\\pipe\\NAME``) is opened over SMB with ``credentials``
     (default: NPIPE_USER / NPIPE_PASSWORD / NPIPE_DOMAIN, else the Kerberos cache),
@@ -88,6 +91,7 @@ async def open_connection(
         raise connect_error(e, path) from e
     try:
         check_server(writer.get_extra_info("socket"), path, server_user)
+        check_admitted(writer.get_extra_info("socket"), path, addr)
     except BaseException:
         writer.close()
         raise
