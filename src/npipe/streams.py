@@ -19,6 +19,7 @@ from npipe.frontdoor import (
     ConnectionSlots,
     StreamDoor,
     check_max_connections,
+    left_silently,
     local_identify,
 )
 from npipe.identity import Caller
@@ -223,8 +224,11 @@ def _connection_handler(
         _callers[writer] = who
         try:
             await handler(reader, writer)
-        except Exception:
-            log.exception("handler failed for %s on pipe %s", who, addr)
+        except Exception as e:
+            if left_silently(reader, e):  # (a probe: connected and closed at once)
+                log.debug("%s left pipe %s before sending anything (%s)", who, addr, e)
+            else:
+                log.exception("handler failed for %s on pipe %s", who, addr)
         finally:
             writer.close()
 
