@@ -258,8 +258,11 @@ def test_acl_admits_one_local_user_and_refuses_another(pipe_dir: Path) -> None:
         refused = run_python(REQUEST_AS_USER, t1).check()
         served_requests = served.server.accepted
     assert admitted["ok"]["uid"] == t2.uid and admitted["ok"]["user"] == t2.name
-    # The front door closes a refused caller before HTTP starts: no response at all.
-    assert refused.get("error") in ("RemoteProtocolError", "ReadError"), refused
+    # The client sees the refusal itself (the server's ACL note), before HTTP starts
+    # (issue 22: no longer a connection closed without a word).
+    assert refused.get("error") == "ConnectError", refused
+    assert "its ACL does not admit you" in refused["message"], refused
+    assert t1.name in refused["message"] and r"\\.\pipe\shared" in refused["message"]
     assert served_requests == 1  # only t2's connection reached hypercorn
 
 

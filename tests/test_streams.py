@@ -190,6 +190,55 @@ def test_peer_vanishing_mid_stream_is_seen_by_handler(pipe_dir: Path) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("sends", [False, True])
+def test_a_caller_that_leaves_before_sending_anything_is_no_handler_failure(
+    pipe_dir: Path, caplog: pytest.LogCaptureFixture, sends: bool
+) -> None:
+    """A liveness probe (is_live: a connect and a close; servers probe each other's
+    sockets when they claim a name) meets a handler that talks first: its broken pipe
+    is logged at debug level only. A caller that did send something and then vanished
+    while the handler wrote is still logged as the handler's failure."""
+    import logging
+
+    from npipe.local.listener import is_live
+
+    async def main() -> None:
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def talker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                for _ in range(200):
+                    writer.write(b"x" * 65536)
+                    await writer.drain()
+            finally:
+                ended.set_result(None)
+
+        async with await npipe.start_server(talker, "talker") as server:
+            if sends:
+                _r, w = await npipe.open_connection("talker")
+                w.write(b"hello")
+                await w.drain()
+                await asyncio.sleep(0.1)
+                w.transport.abort()
+            else:
+                live = await asyncio.get_running_loop().run_in_executor(
+                    None, is_live, server.path)
+                assert live
+            await asyncio.wait_for(ended, 5)
+            await asyncio.sleep(0.05)
+
+    with caplog.at_level(logging.DEBUG, logger="npipe"):
+        asyncio.run(main())
+    failed = [r for r in caplog.records if "handler failed" in r.getMessage()]
+    if sends:
+        assert len(failed) == 1 and failed[0].levelno == logging.ERROR, caplog.records
+    else:
+        assert not failed, [r.getMessage() for r in failed]
+        left = [r for r in caplog.records if "before sending anything" in r.getMessage()]
+        assert len(left) == 1 and left[0].levelno == logging.DEBUG, caplog.records
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
 def test_caller_outside_a_server_is_none(pipe_dir: Path) -> None:
     """As npipe.grpc.caller(context) for a call that did not come through a pipe."""
     async def main() -> None:

@@ -33,8 +33,9 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import SupportsIndex
 
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.errors import ConfigError
@@ -516,7 +517,7 @@ class StreamDoor:
     async def _serve(self, conn: socket.socket) -> None:
         try:
             try:
-                reader = asyncio.StreamReader(limit=self._limit)
+                reader = CallerReader(limit=self._limit)
                 protocol = asyncio.StreamReaderProtocol(reader)
                 transport, _ = await self._loop.connect_accepted_socket(lambda: protocol, conn)
             except BaseException:
@@ -533,6 +534,26 @@ class StreamDoor:
             self._log.exception("a connection on pipe %s failed", self._pipe)
         finally:
             self._slots.give_back()
+
+
+class CallerReader(asyncio.StreamReader):
+    """A caller's stream, which knows whether the caller ever sent a byte: one that left
+    before it did (a liveness probe, npipe.local.listener.is_live: a connect and a
+    close) is no handler's failure, whatever the handler was writing then."""
+
+    sent_anything = False
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        if data:
+            self.sent_anything = True
+        super().feed_data(data)
+
+
+def left_silently(reader: asyncio.StreamReader, exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a handler, only says that its caller hung up without
+    ever sending anything (see :class:`CallerReader`)."""
+    return (isinstance(exc, (BrokenPipeError, ConnectionResetError))
+            and isinstance(reader, CallerReader) and not reader.sent_anything)
 
 
 def _check_backend_owner(backend: socket.socket, path: str) -> None:

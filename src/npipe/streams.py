@@ -19,11 +19,12 @@ from npipe.frontdoor import (
     ConnectionSlots,
     StreamDoor,
     check_max_connections,
+    left_silently,
     local_identify,
 )
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
-from npipe.local.dial import check_server, connect_error, find_socket
+from npipe.local.dial import check_admitted, check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket
 from npipe.pipe_server import DEFAULT_LIMIT, PipeServer
 
@@ -59,7 +60,10 @@ async def open_connection(
     """Connect to a pipe and return asyncio streams.
 
     A local pipe must be served by this user, root, or ``server_user``: anything else
-    is refused with AccessDenied before a byte is sent.
+    is refused with AccessDenied before a byte is sent. So is a live local pipe whose
+    ACL does not admit this user (as its server noted beside its socket: see
+    npipe.local.aclnote), instead of a connection its server closes at once; a pipe
+    whose server is gone is PipeNotFound, never AccessDenied.
 
     A remote pipe (``\\\\HOST\\pipe\\NAME``) is opened over SMB with ``credentials``
     (default: NPIPE_USER / NPIPE_PASSWORD / NPIPE_DOMAIN, else the Kerberos cache),
@@ -88,6 +92,7 @@ async def open_connection(
         raise connect_error(e, path) from e
     try:
         check_server(writer.get_extra_info("socket"), path, server_user)
+        check_admitted(writer.get_extra_info("socket"), path, addr)
     except BaseException:
         writer.close()
         raise
@@ -219,8 +224,11 @@ def _connection_handler(
         _callers[writer] = who
         try:
             await handler(reader, writer)
-        except Exception:
-            log.exception("handler failed for %s on pipe %s", who, addr)
+        except Exception as e:
+            if left_silently(reader, e):  # (a probe: connected and closed at once)
+                log.debug("%s left pipe %s before sending anything (%s)", who, addr, e)
+            else:
+                log.exception("handler failed for %s on pipe %s", who, addr)
         finally:
             writer.close()
 

@@ -7,7 +7,7 @@ ConnectTimeout carrying npipe's message, npipe's exception chained (httpx maps t
 httpx.ConnectError / ConnectTimeout, chaining the httpcore one).
 
 - sync, local pipe: a plain Unix socket, found and checked exactly as open_connection
-  does (find_socket, check_server).
+  does (find_socket, check_server, check_admitted).
 - sync, remote pipe: a socketpair whose other end the SMB client relays to the pipe on
   npipe's I/O thread (the backend's ``attach``, as unix_bridge does); no second loop.
 - async: asyncio streams from npipe.open_connection (local or remote).
@@ -170,7 +170,12 @@ class PipeBackend(httpcore.NetworkBackend):
             return SocketStream(self._open_local(deadline))
 
     def _open_local(self, timeout: float) -> socket.socket:
-        from npipe.local.dial import check_server, connect_error, find_socket
+        from npipe.local.dial import (
+            check_admitted,
+            check_server,
+            connect_error,
+            find_socket,
+        )
 
         opts = self.options
         path = find_socket(opts.address, server_user=opts.server_user, directory=opts.pipe_dir)
@@ -184,6 +189,7 @@ class PipeBackend(httpcore.NetworkBackend):
             except OSError as e:
                 raise connect_error(e, path) from e
             check_server(sock, path, opts.server_user)
+            check_admitted(sock, path, opts.address)
         except BaseException:
             sock.close()
             raise

@@ -16,6 +16,7 @@ from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress
 from npipe.identity import group_name, user_name
 from npipe.local import reclaim
+from npipe.local.aclnote import build_note
 from npipe.local.listener import (
     ClaimedPath,
     ClaimedSocket,
@@ -106,10 +107,10 @@ def _finish(claimed: ClaimedPath, place: Place, acl: Acl, addr: PipeAddress, *,
     owner_only = acl == OWNER_ONLY
     try:
         if place.machine is not None:
-            claimed.note = write_note(place.path, describe_acl(acl), 0o644)
+            claimed.note = write_note(place.path, _note(acl, claimed), 0o644)
             claimed.published = publish(place.machine, addr.key, place.path, is_live=is_live)
         elif not dotnet:
-            claimed.note = write_note(place.path, describe_acl(acl),
+            claimed.note = write_note(place.path, _note(acl, claimed),
                                       0o600 if owner_only else 0o644)
             if not owner_only and place.path.parent == place.lock_dir:
                 os.chmod(place.lock_dir, 0o711)  # others may reach this socket, not list
@@ -132,6 +133,12 @@ def _warn_no_machine_dir(lock_dir: Path) -> None:
         "same names and find these pipes only by naming that directory", machine_dir(),
         lock_dir,
     )
+
+
+def _note(acl: Acl, claimed: ClaimedPath) -> bytes:
+    """The ACL note of a socket this process listens on (npipe.local.aclnote)."""
+    return build_note(acl, describe_acl(acl), owner=os.getuid(), pid=os.getpid(),
+                      socket=claimed.inode)
 
 
 def describe_acl(acl: Acl) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 from npipe.address import PipeAddress
 from npipe.errors import AccessDenied, PipeBusy, PipeNotFound
 from npipe.identity import user_name
-from npipe.local.listener import is_live
+from npipe.local.aclnote import admits
+from npipe.local.listener import is_live, read_acl_note
 from npipe.local.namespace import resolve, usable_machine_dir
 from npipe.local.paths import candidate_paths, check_trusted_path, trusted_uids
 from npipe.local.peercred import peer_credentials
@@ -105,6 +106,37 @@ def check_server(sock: socket.socket, path: Path, server_user: str | int | None)
         raise AccessDenied(
             f"pipe {path} is served by {user_name(uid) or uid}, not by you or root: "
             "name the server user you expect (server_user=...) if you trust it"
+        )
+
+
+def check_admitted(sock: socket.socket, path: Path, pipe: object) -> None:
+    """Refuse, before a byte is sent, a pipe whose ACL does not admit this process: the
+    front door would close the connection without a word (what a crash looks like), so
+    the ACL note that the connected server wrote beside its socket is asked first.
+
+    Only a note that is surely the live server's own is believed (npipe.local.aclnote:
+    owned by the listener's uid, naming the listener's pid and this socket's inode), and
+    only once connect() succeeded: a dead server's socket fails to connect before any
+    note is read, so a crash is never reported as a refusal. No such note: no prediction
+    (the server decides, as before).
+    """
+    pid, uid, _gid = peer_credentials(sock)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    note = read_acl_note(path, uid)
+    if note is None:
+        return
+    me, my_gid = os.geteuid(), os.getegid()
+    verdict = admits(note, uid=me, gid=my_gid, groups=os.getgroups(), listener=(pid, uid),
+                     socket=(st.st_ino, st.st_uid))
+    if verdict is False:
+        name = user_name(me)
+        raise AccessDenied(
+            f"access to pipe {pipe} is denied to {f'{name} (uid {me})' if name else f'uid {me}'}"
+            f": its ACL does not admit you (it admits {note.text}; served by "
+            f"{user_name(uid) or uid})"
         )
 
 

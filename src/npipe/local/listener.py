@@ -29,6 +29,7 @@ from typing import Any
 from npipe.address import MAX_UNIX_PATH_BYTES
 from npipe.errors import AccessDenied, PipeInUse
 from npipe.identity import user_name
+from npipe.local.aclnote import MAX_NOTE_BYTES, AclNote, parse_note
 from npipe.local.dirfd import (
     is_live as is_live,  # (where npipe's other modules and tests look for it)
 )
@@ -57,6 +58,11 @@ class ClaimedPath:
     published: Path | None = field(default=None, kw_only=True)
     note: Path | None = field(default=None, kw_only=True)
     lock: Path | None = field(default=None, kw_only=True)
+
+    @property
+    def inode(self) -> int:
+        """The inode number of the socket at ``path`` (what the ACL note names)."""
+        return self._ino
 
     def release(self) -> None:
         if self.published is not None:
@@ -166,7 +172,8 @@ def locked(lock_file: Path, *, create: bool) -> Iterator[int | None]:
 
 
 LOCK_PREFIX = ".lock-"
-# Beside a pipe's socket: who its ACL admits, in words (for npipe ls).
+# Beside a pipe's socket: who its ACL admits, in words (npipe ls) and in numbers (a
+# client telling a refusal from a crash): npipe.local.aclnote.
 NOTE_PREFIX = ".acl-"
 
 
@@ -174,29 +181,32 @@ def note_path(socket_path: Path) -> Path:
     return socket_path.with_name(f"{NOTE_PREFIX}{socket_path.name}")
 
 
-def write_note(socket_path: Path, text: str, mode: int) -> Path:
+def write_note(socket_path: Path, content: bytes, mode: int) -> Path:
     note = note_path(socket_path)
     temp = note.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.fchmod(fd, mode)
-        os.write(fd, text.encode())
+        os.write(fd, content)
     finally:
         os.close(fd)
     os.replace(temp, note)
     return note
 
 
-# A note is a few words; whatever is there beyond this is not read.
-MAX_NOTE_BYTES = 1000
+def read_acl_note(socket_path: Path, owner: int | None) -> AclNote | None:
+    """The ACL note beside a socket, if it is a regular file of ``owner`` (the pipe's
+    holder): never a link, a FIFO (which would block ``npipe ls``) or a device, and never
+    more than MAX_NOTE_BYTES (``/dev/zero``)."""
+    raw = read_small(None, note_path(socket_path), owner, MAX_NOTE_BYTES)
+    return None if raw is None else parse_note(raw)
 
 
 def read_note(socket_path: Path, owner: int | None) -> str | None:
-    """The ACL note beside a socket, if it is a regular file of ``owner`` (the pipe's
-    holder): never a link, a FIFO (which would block ``npipe ls``) or a device, and never
-    more than a few words (``/dev/zero``)."""
-    raw = read_small(None, note_path(socket_path), owner, MAX_NOTE_BYTES)
-    return None if raw is None else raw.decode(errors="replace")
+    """Who the ACL note beside a socket says its pipe admits, in words (see
+    :func:`read_acl_note`)."""
+    note = read_acl_note(socket_path, owner)
+    return None if note is None else note.text
 
 
 def lock_path(path: Path, lock_dir: Path) -> Path:
