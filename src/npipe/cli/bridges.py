@@ -14,7 +14,7 @@ from npipe.bridges.expose import start_expose
 from npipe.bridges.forward import start_forward
 from npipe.bridges.sockets import DEFAULT_UNIX_MODE
 from npipe.cli import service
-from npipe.cli.dial import add_address, dial_options
+from npipe.cli.dial import add_address, closed_before_answering, dial_options
 from npipe.errors import NpipeError
 
 log = logging.getLogger("npipe.bridges")
@@ -183,8 +183,7 @@ def relay(args: argparse.Namespace) -> int:
         # A local pipe whose ACL does not admit us closes the connection at once (unread
         # input makes that a reset); a normal session that ends without a word from the
         # pipe still ends with everything we sent taken.
-        raise NpipeError(f"pipe {address} closed the connection before sending anything "
-                         f"(refused by its ACL? its server's log says why): {stats.ended}")
+        raise NpipeError(f"{closed_before_answering(address)}: {stats.ended}")
     return 0
 
 

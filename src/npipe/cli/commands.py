@@ -22,6 +22,7 @@ import npipe
 import npipe.grpc
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
+from npipe.cli.dial import closed_before_answering
 from npipe.errors import NpipeError
 from npipe.local.paths import pipe_dir
 
@@ -158,9 +159,10 @@ def _not_grpc(address: object, e: grpc.RpcError) -> str | None:
         return f"pipe {address} answered like an HTTP/1.1 server, not gRPC: use npipe http"
     if "Expected SETTINGS frame" in details:
         return f"pipe {address} does not answer like a gRPC server (its reply is not HTTP/2)"
-    if "failed to connect" in details and "Connection reset by peer" in details:
-        return (f"pipe {address} closed the connection at once (its ACL does not admit "
-                "you? its server's log says)")
+    if "failed to connect" in details and any(
+        closed in details for closed in ("Connection reset", "Broken pipe", "Socket closed")
+    ):  # after the probe opened it: the server closed the connection at once
+        return closed_before_answering(address)
     return None
 
 

@@ -76,6 +76,13 @@ def add_address(parser: argparse.ArgumentParser, *, optional: bool = False) -> N
     parser.add_argument("address", nargs="?" if optional else None, help=ADDRESS_HELP)
 
 
+def closed_before_answering(address: object) -> str:
+    """The one line for a pipe that closed the connection before any answer: what a
+    local pipe does to a caller its ACL does not admit."""
+    return (f"pipe {address} closed the connection before answering (refused by its ACL? "
+            "its server's log says why)")
+
+
 def credentials(
     args: argparse.Namespace, address: PipeAddress, *, tty_prompt: bool = False
 ) -> Credentials | None:

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 from npipe.acl import Acl
 from npipe.address import parse_address
 from npipe.cli import service
-from npipe.cli.dial import add_address, dial_options
+from npipe.cli.dial import add_address, closed_before_answering, dial_options
 from npipe.cli.dial import credentials as dial_credentials
 from npipe.cli.load import load_object
 from npipe.errors import ConfigError, NpipeError
@@ -113,12 +113,17 @@ def http_command(args: argparse.Namespace) -> int:
         with _whole_request(args.timeout + ALARM_GRACE), httpx.Client(
             transport=transport(args.http2), timeout=timeout, base_url="http://localhost"
         ) as client:
+            answered = False
             try:
                 with client.stream(method, target, headers=headers, content=body) as response:
+                    answered = True
                     return _print_response(args, response)
-            except httpx.ProtocolError as e:
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+                if not answered and _closed_at_once(e):
+                    raise NpipeError(closed_before_answering(addr)) from e
                 # Not HTTP as expected: a gRPC server (HTTP/2 only, and only for gRPC)?
-                if _speaks_grpc(transport(True), args.timeout):
+                if (not answered and isinstance(e, httpx.RemoteProtocolError)
+                        and _speaks_grpc(transport(True), args.timeout)):
                     raise NpipeError(
                         f"pipe {addr} answered like a gRPC server, not HTTP: use npipe call "
                         "or npipe health"
@@ -240,6 +245,18 @@ def _print_response(args: argparse.Namespace, response: httpx.Response) -> int:
 def _copy(response: httpx.Response, out: IO[bytes]) -> None:
     for chunk in response.iter_bytes():
         out.write(chunk)
+
+
+def _closed_at_once(e: Exception) -> bool:
+    """The pipe closed the connection before any answer: reset, or an end of stream."""
+    import httpx
+
+    if isinstance(e, httpx.RemoteProtocolError):
+        return "without sending" in str(e)  # h11: "Server disconnected without sending..."
+    cause = e.__cause__ or e.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(cause, (ConnectionResetError, BrokenPipeError))
 
 
 def _http_error(e: Exception, addr: Any) -> str:
