@@ -49,7 +49,6 @@ def _common(top: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common(top=False)
-    dial = dial_options()
 
     parser = argparse.ArgumentParser(
         prog="npipe", description="gRPC and byte streams over named pipes.",
@@ -79,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.demo)
 
     p = sub.add_parser(
-        "health", parents=[common, dial], help="check a gRPC server's health over a pipe",
+        "health", parents=[common, dial_options("health")],
+        help="check a gRPC server's health over a pipe",
         description="Print the serving status (grpc.health.v1); exit 0 only when SERVING.",
     )
     add_address(p)
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.health)
 
     p = sub.add_parser(
-        "call", parents=[common, dial], help="call a gRPC method with JSON (via reflection)",
+        "call", parents=[common, dial_options("call")],
+        help="call a gRPC method with JSON (via reflection)",
         description="Call package.Service/Method with a JSON request, found through server "
         "reflection; print the response(s) as JSON.",
     )
@@ -101,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.call)
 
     add_samba_parser(sub, [common])
-    add_http_parsers(sub, common, dial)
+    add_http_parsers(sub, common)
     serve_grpc.add_parser(sub, [common])
-    add_bridge_parsers(sub, common, dial)
+    add_bridge_parsers(sub, common)
     winservice.add_parser(sub, [common], parse=lambda argv: build_parser().parse_args(argv),
                           main=lambda argv: main(argv))
 
@@ -126,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run once and end with one line when they fail: their log lines wait
+# until the end, so that a warning the library logged about the very error the command
+# then reports (a refused logon, a lost connection) is not printed twice.
+ONE_SHOT = frozenset({"health", "call", "http", "relay"})
+
+
+class _HeldLog(logging.Handler):
+    """Holds log records (a few hundred at most) until ``hand_over``."""
+
+    MOST = 200
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.MOST:
+            self.records.append(record)
+
+    def hand_over(self, to: logging.Handler, error: str = "") -> None:
+        for record in self.records:
+            if not error or record.getMessage() not in error:
+                to.handle(record)
+        self.records.clear()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if argv is None:
@@ -135,13 +162,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="npipe: %(levelname)s: %(message)s",
     )
+    root = logging.getLogger()
+    held = None
+    if args.command in ONE_SHOT and not args.debug and root.handlers:
+        held = _HeldLog()
+        out = root.handlers[0]
+        root.removeHandler(out)
+        root.addHandler(held)
+    error = ""
+    try:
+        code, error = _run(args, argv)
+    finally:
+        if held is not None:
+            root.removeHandler(held)
+            root.addHandler(out)
+            held.hand_over(out, error)
+    if error:
+        print(error, file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, str]:
+    """The command's exit status and its one-line error (empty when there is none)."""
     try:
         config_parser = getattr(args, "config_parser", None)
         if config_parser is not None:  # a long-running command: --config and NPIPE_*
             service.apply_config(config_parser, args, argv)
-        return int(args.func(args))
+        return int(args.func(args)), ""
     except KeyboardInterrupt:
-        return 130
+        return 130, ""
     except (AddressError, ConfigError, ValueError) as e:
         return _fail(args, f"npipe: {e}", EXIT_USAGE)
     except grpc.RpcError as e:
@@ -153,11 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, f"npipe: {e}", EXIT_FAILED)
 
 
-def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+def _fail(args: argparse.Namespace, message: str, code: int) -> tuple[int, str]:
     if args.debug:
         logging.exception("failed")
-    print(message, file=sys.stderr)
-    return code
+    # One line, whatever the message holds (a server's text, an OS error's).
+    return code, " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -12,9 +13,9 @@ from npipe.bridges.endpoint import parse_endpoint
 from npipe.bridges.expose import start_expose
 from npipe.bridges.forward import start_forward
 from npipe.bridges.sockets import DEFAULT_UNIX_MODE
-from npipe.bridges.stdio import relay_stdio
 from npipe.cli import service
-from npipe.cli.dial import add_address
+from npipe.cli.dial import add_address, closed_before_answering, dial_options
+from npipe.errors import NpipeError
 
 log = logging.getLogger("npipe.bridges")
 
@@ -37,12 +38,10 @@ def _mode(text: str) -> int:
     return mode
 
 
-def add_bridge_parsers(
-    sub: Any, common: argparse.ArgumentParser, dial: argparse.ArgumentParser
-) -> None:
+def add_bridge_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add forward, expose and relay to the ``npipe`` subcommands."""
     p = sub.add_parser(
-        "forward", parents=[common, dial],
+        "forward", parents=[common, dial_options("forward")],
         help="listen on TCP or a Unix socket and relay each connection to the pipe",
         description="Listen on --listen; each accepted connection opens its own instance "
         "of the pipe ADDRESS (local, or remote over SMB) and bytes are copied both ways. "
@@ -87,12 +86,13 @@ def add_bridge_parsers(
     p.set_defaults(func=expose)
 
     p = sub.add_parser(
-        "relay", parents=[common, dial],
+        "relay", parents=[common, dial_options("relay")],
         help="relay stdin/stdout to a pipe (ssh ProxyCommand, socat EXEC)",
         description="Copy stdin to the pipe ADDRESS and the pipe to stdout, binary-safe; "
-        "logs go to stderr only. Exit 0 when the pipe's side ends, 1 if it cannot be "
-        "opened. End of stdin half-closes a local pipe; an SMB pipe has no half-close, so "
-        "then the pipe is read on until its server ends it. Example: ssh -o "
+        "logs go to stderr only. Exit 0 when the pipe's side ends, 1 (one line) if it cannot "
+        "be opened or closes before sending anything while input waited for it (refused). "
+        "End of stdin half-closes a local pipe; an SMB pipe has no half-close, so then the "
+        "pipe is read on until its server ends it. Example: ssh -o "
         "ProxyCommand='npipe relay //HOST/pipe/ssh' HOST.",
     )
     add_address(p)
@@ -105,13 +105,13 @@ def _show_connection_log(args: argparse.Namespace) -> None:
         log.setLevel(logging.INFO)
 
 
-def _dial(args: argparse.Namespace) -> dict[str, Any]:
-    from npipe.smb.credentials import Credentials
+def _dial(args: argparse.Namespace, *, tty_prompt: bool = False) -> dict[str, Any]:
+    from npipe.address import parse_address
+    from npipe.cli.dial import credentials
 
     return {
         "server_user": args.server_user, "pipe_dir": args.pipe_dir,
-        # The password only from $NPIPE_PASSWORD: a command line is visible to every user.
-        "credentials": Credentials.resolve(args.user, None, args.domain, args.auth),
+        "credentials": credentials(args, parse_address(args.address), tty_prompt=tty_prompt),
         "timeout": args.timeout, "encrypt": args.encrypt, "allow_smb2": args.allow_smb2,
     }
 
@@ -169,8 +169,60 @@ def expose(args: argparse.Namespace) -> int:
 
 
 def relay(args: argparse.Namespace) -> int:
-    asyncio.run(relay_stdio(args.address, **_dial(args)))
+    """Exit 0 when the pipe's side ends, 1 (one line) when the pipe cannot be opened or
+    closes on us before it has said anything while we had something for it."""
+    from npipe.address import parse_address
+
+    address = parse_address(args.address)
+    # stdin is the data: the password is asked for on the terminal, if there is one.
+    dial = _dial(args, tty_prompt=True)
+    stdin = _Counted()
+    stats = asyncio.run(_relay(address, stdin, dial))
+    if stats.b_to_a == 0 and (stats.ended.startswith("pipe lost")
+                              or stdin.count > stats.a_to_b):
+        # A local pipe whose ACL does not admit us closes the connection at once (unread
+        # input makes that a reset); a normal session that ends without a word from the
+        # pipe still ends with everything we sent taken.
+        raise NpipeError(f"{closed_before_answering(address)}: {stats.ended}")
     return 0
+
+
+class _Counted:
+    """How many bytes stdin gave the relay (set by _relay's wrapped reader)."""
+
+    count = 0
+
+
+async def _relay(address: Any, counted: _Counted, dial: dict[str, Any]) -> Any:
+    import npipe
+    from npipe.bridges.relay import RELAY_LIMIT, Side
+    from npipe.bridges.relay import relay as copy_both_ways
+    from npipe.bridges.stdio import open_stdio
+
+    pipe_reader, pipe_writer = await npipe.open_connection(address, limit=RELAY_LIMIT, **dial)
+    try:
+        reader, writer, transports = await open_stdio(RELAY_LIMIT)
+    except BaseException:
+        pipe_writer.close()
+        raise
+
+    class CountingReader:
+        async def read(self, n: int = -1) -> bytes:
+            data = await reader.read(n)
+            counted.count += len(data)
+            return data
+
+    try:
+        return await copy_both_ways(
+            Side("stdin/stdout", CountingReader(), writer),
+            # An SMB pipe has no half-close, whatever the backend says.
+            Side("pipe", pipe_reader, pipe_writer, final=True,
+                 half_close=not address.is_remote),
+            keep_reading=True)
+    finally:
+        for transport in transports:
+            with contextlib.suppress(Exception):
+                transport.close()
 
 
 __all__ = ["add_bridge_parsers"]

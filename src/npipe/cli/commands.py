@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
 import threading
+import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ import npipe
 import npipe.grpc
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
+from npipe.cli.dial import closed_before_answering
 from npipe.errors import NpipeError
 from npipe.local.paths import pipe_dir
 
@@ -92,11 +97,12 @@ def _demo(
 
 
 def health(args: argparse.Namespace) -> int:
-    with _channel(args) as channel:
+    deadline = _Deadline(args.timeout)
+    with _grpc_errors(args), _channel(args, deadline) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service), timeout=deadline.left()
             )
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.NOT_FOUND:  # the health protocol's "unknown"
@@ -117,18 +123,65 @@ def call(args: argparse.Namespace) -> int:
         if not sep or not key.strip():
             raise ValueError(f"bad header {header!r}: use KEY:VALUE")
         metadata.append((key.strip().lower(), value.strip()))
-    with _channel(args) as channel:
+    deadline = _Deadline(args.timeout)
+    with _grpc_errors(args), _channel(args, deadline) as channel:
         responses = call_json(
-            channel, args.method, args.data, timeout=args.timeout, metadata=metadata
+            channel, args.method, args.data, timeout=deadline.left(), metadata=metadata
         )
     for response in responses:
         print(json.dumps(response, indent=2))
     return 0
 
 
-async def _probe(address: PipeAddress, credentials: Any, args: argparse.Namespace) -> None:
+class _Deadline:
+    """--timeout for the whole command: what is left of it (never quite nothing, so
+    that a step that comes too late fails with its own timeout, not a usage error)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(self._end - time.monotonic(), 0.001)
+
+
+# grpc's words when the pipe answered, but not as a gRPC server does.
+_HTTP_STATUS = re.compile(r"Received http2 header with status: (\d+)")
+
+
+def _not_grpc(address: object, e: grpc.RpcError) -> str | None:
+    """One line that says what the pipe seems to speak, when it is not gRPC."""
+    details = (e.details() if hasattr(e, "details") else None) or ""
+    found = _HTTP_STATUS.search(details)
+    if found is not None:  # an HTTP/2 answer without grpc-status: an HTTP server's
+        return (f"pipe {address} answered like an HTTP server, not gRPC (HTTP status "
+                f"{found.group(1)}): use npipe http")
+    if "http1.x server" in details:
+        return f"pipe {address} answered like an HTTP/1.1 server, not gRPC: use npipe http"
+    if "Expected SETTINGS frame" in details:
+        return f"pipe {address} does not answer like a gRPC server (its reply is not HTTP/2)"
+    if "failed to connect" in details and any(
+        closed in details for closed in ("Connection reset", "Broken pipe", "Socket closed")
+    ):  # after the probe opened it: the server closed the connection at once
+        return closed_before_answering(address)
+    return None
+
+
+@contextlib.contextmanager
+def _grpc_errors(args: argparse.Namespace) -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as e:
+        message = _not_grpc(parse_address(args.address), e)
+        if message is None:
+            raise
+        raise NpipeError(message) from e
+
+
+async def _probe(address: PipeAddress, credentials: Any, args: argparse.Namespace,
+                 timeout: float) -> None:
     _reader, writer = await npipe.open_connection(
-        address, credentials=credentials, timeout=args.timeout, encrypt=args.encrypt,
+        address, server_user=args.server_user, pipe_dir=args.pipe_dir,
+        credentials=credentials, timeout=timeout, encrypt=args.encrypt,
         allow_smb2=args.allow_smb2,
     )
     writer.close()
@@ -165,25 +218,23 @@ def setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    from npipe.smb.credentials import Credentials
+def _channel(args: argparse.Namespace, deadline: _Deadline) -> grpc.Channel:
+    from npipe.cli.dial import credentials as dial_credentials
 
-    # The password only from $NPIPE_PASSWORD: a command line is visible to every user.
-    credentials = Credentials.resolve(args.user, None, args.domain, args.auth)
     address = parse_address(args.address)
-    if address.is_remote:
-        # grpcio reports any failure to reach the pipe as UNAVAILABLE; open it once first
-        # so that the user hears why (host, credentials, pipe name, ACL). On the shared
-        # I/O loop, so that the channel's bridge then uses the same SMB connection.
-        from npipe import ioloop
+    credentials = dial_credentials(args, address)
+    # grpcio reports any failure to reach the pipe as UNAVAILABLE; open it once first
+    # so that the user hears why (no pipe, host, credentials, ACL). On the shared I/O
+    # loop, so that a remote channel's bridge then uses the same SMB connection.
+    from npipe import ioloop
 
-        ioloop.run(_probe(address, credentials, args))
+    ioloop.run(_probe(address, credentials, args, args.timeout))  # the first step
     return npipe.grpc.channel(
         args.address,
         server_user=args.server_user,
         pipe_dir=args.pipe_dir,
         credentials=credentials,
-        timeout=args.timeout,
+        timeout=deadline.left(),
         encrypt=args.encrypt,
         allow_smb2=args.allow_smb2,
         # grpcurl's limit: responses up to 4 MiB are grpcio's default, allow more here.

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from npipe.acl import Acl
 from npipe.address import parse_address
 from npipe.cli import service
-from npipe.cli.dial import add_address
+from npipe.cli.dial import add_address, closed_before_answering, dial_options
+from npipe.cli.dial import credentials as dial_credentials
 from npipe.cli.load import load_object
 from npipe.errors import ConfigError, NpipeError
 
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
     import httpx
 
 EXIT_HTTP_ERROR = 22  # curl -f's exit code for a response >= 400
+ALARM_GRACE = 1.0  # past the library's own grace on opening (npipe.http.network)
 # RFC 9110 token: what a header name may be made of.
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD_VALUE = re.compile(r"[\r\n\0]")
@@ -30,11 +36,11 @@ _BAD_VALUE = re.compile(r"[\r\n\0]")
 def add_http_parsers(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
-    dial: argparse.ArgumentParser,
 ) -> None:
     """Register ``http`` and ``serve-asgi``."""
     p = sub.add_parser(
-        "http", parents=[common, dial], help="make an HTTP request over a pipe (like curl)",
+        "http", parents=[common, dial_options("http")],
+        help="make an HTTP request over a pipe (like curl)",
         usage="npipe http [METHOD] ADDRESS PATH [-d DATA|@FILE] [-H 'Name: value'] "
               "[--http2] [-i] [-f] [-o FILE] [options]",
         description="Send one HTTP request over a pipe and print the response body (bytes "
@@ -90,25 +96,87 @@ def http_command(args: argparse.Namespace) -> int:
         method = "POST" if body is not None else "GET"
     if body is not None and not any(k.lower() == "content-type" for k, _ in headers):
         headers.append(("Content-Type", "application/x-www-form-urlencoded"))  # curl's
-    credentials = None
-    if addr.is_remote:
-        from npipe.smb.credentials import Credentials
+    credentials = dial_credentials(args, addr)
 
-        # The password only from $NPIPE_PASSWORD: a command line is visible to every user.
-        credentials = Credentials.resolve(args.user, None, args.domain, args.auth)
-    transport = Transport(
-        addr, http1=not args.http2, http2=args.http2, server_user=args.server_user,
-        pipe_dir=args.pipe_dir, credentials=credentials, timeout=args.timeout,
-        encrypt=args.encrypt, allow_smb2=args.allow_smb2,
-    )
-    # --timeout bounds opening the pipe; the response may take as long as it takes.
-    timeout = httpx.Timeout(None, connect=args.timeout)
-    with httpx.Client(transport=transport, timeout=timeout, base_url="http://localhost") as client:
-        try:
-            with client.stream(method, target, headers=headers, content=body) as response:
-                return _print_response(args, response)
-        except httpx.HTTPError as e:
-            raise NpipeError(_http_error(e, addr)) from e
+    def transport(http2: bool) -> Transport:
+        return Transport(
+            addr, http1=not http2, http2=http2, server_user=args.server_user,
+            pipe_dir=args.pipe_dir, credentials=credentials, timeout=args.timeout,
+            encrypt=args.encrypt, allow_smb2=args.allow_smb2,
+        )
+
+    # --timeout bounds the whole request: each step on its own (httpx), and all of them
+    # together (an alarm, where there are signals: a body that trickles in), a second
+    # later, so that a step that times out on its own says why (no pipe, ...).
+    timeout = httpx.Timeout(args.timeout)
+    try:
+        with _whole_request(args.timeout + ALARM_GRACE), httpx.Client(
+            transport=transport(args.http2), timeout=timeout, base_url="http://localhost"
+        ) as client:
+            answered = False
+            try:
+                with client.stream(method, target, headers=headers, content=body) as response:
+                    answered = True
+                    return _print_response(args, response)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+                if not answered and _closed_at_once(e):
+                    raise NpipeError(closed_before_answering(addr)) from e
+                # Not HTTP as expected: a gRPC server (HTTP/2 only, and only for gRPC)?
+                if (not answered and isinstance(e, httpx.RemoteProtocolError)
+                        and _speaks_grpc(transport(True), args.timeout)):
+                    raise NpipeError(
+                        f"pipe {addr} answered like a gRPC server, not HTTP: use npipe call "
+                        "or npipe health"
+                    ) from e
+                raise NpipeError(_http_error(e, addr)) from e
+            except httpx.HTTPError as e:
+                raise NpipeError(_http_error(e, addr)) from e
+    except _RequestTimeout:
+        raise NpipeError(
+            f"timed out: pipe {addr} did not complete the request in {args.timeout:g} s"
+        ) from None
+
+
+class _RequestTimeout(Exception):
+    """The alarm of _whole_request went off."""
+
+
+@contextlib.contextmanager
+def _whole_request(seconds: float) -> Iterator[None]:
+    """Raise _RequestTimeout in this (the main) thread after ``seconds``, whatever it is
+    waiting for; without SIGALRM (Windows) httpx's own per-step timeouts remain."""
+    setitimer = getattr(signal, "setitimer", None)
+    if setitimer is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum: int, frame: object) -> None:
+        raise _RequestTimeout()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _speaks_grpc(transport: httpx.BaseTransport, timeout: float) -> bool:
+    """Whether the pipe answers a gRPC request (HTTP/2, to a method no server has) as a
+    gRPC server does: content-type application/grpc or a grpc-status header."""
+    import httpx
+
+    probe = {"content-type": "application/grpc", "te": "trailers"}
+    try:
+        with httpx.Client(transport=transport, timeout=min(timeout, 5.0),
+                          base_url="http://localhost") as client:
+            reply = client.post("/npipe.Probe/NoSuchMethod", headers=probe,
+                                content=b"\0\0\0\0\0")  # one empty message
+    except (httpx.HTTPError, NpipeError, OSError):
+        return False
+    return (reply.headers.get("content-type", "").startswith("application/grpc")
+            or "grpc-status" in reply.headers)
 
 
 def _positionals(args: argparse.Namespace) -> tuple[str | None, str, str]:
@@ -177,6 +245,18 @@ def _print_response(args: argparse.Namespace, response: httpx.Response) -> int:
 def _copy(response: httpx.Response, out: IO[bytes]) -> None:
     for chunk in response.iter_bytes():
         out.write(chunk)
+
+
+def _closed_at_once(e: Exception) -> bool:
+    """The pipe closed the connection before any answer: reset, or an end of stream."""
+    import httpx
+
+    if isinstance(e, httpx.RemoteProtocolError):
+        return "without sending" in str(e)  # h11: "Server disconnected without sending..."
+    cause = e.__cause__ or e.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(cause, (ConnectionResetError, BrokenPipeError))
 
 
 def _http_error(e: Exception, addr: Any) -> str:
