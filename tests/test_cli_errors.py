@@ -335,7 +335,9 @@ def test_relay_refused_pipe_is_exit_1_one_line(refusing: str) -> None:
         assert outcome["rc"] == 1, outcome
         assert outcome["stdout"] == ""
         line = one_line(outcome["stderr"])
-        assert "pipe \\\\.\\pipe\\guarded closed the connection before answering" in line
+        # The server's ACL note tells the client before any byte (npipe.local.aclnote).
+        assert "access to pipe \\\\.\\pipe\\guarded is denied to npipe-t1" in line
+        assert "its ACL does not admit you" in line
 
 
 def test_relay_short_session_is_exit_0() -> None:
@@ -453,5 +455,6 @@ def test_refused_local_pipe_is_one_line_naming_it(refusing: str) -> None:
     for argv, rc, stderr in outcomes:
         assert rc == 1, (argv, stderr)
         line = one_line(stderr)
-        assert f"pipe \\\\.\\pipe\\{refusing} closed the connection before answering" \
-            in line, (argv, line)
+        assert f"access to pipe \\\\.\\pipe\\{refusing} is denied to npipe-t1" in line, \
+            (argv, line)
+        assert "its ACL does not admit you" in line, (argv, line)
