@@ -201,7 +201,8 @@ def test_unknown_pipe(site: Site) -> None:
 class FakeDoor:
     """A stand-in for npipe's front door at np/NAME (this process is root, as smbd
     requires), answering smbd's named_pipe_auth request as ``mode`` says: ``refuse``
-    (close without a reply, as npipe refuses a caller), ``dead`` (a socket nobody
+    (read it, close without a reply, as npipe refuses a caller), ``slam`` (close
+    without reading it: a server dying with the connection), ``dead`` (a socket nobody
     listens on: a killed server's), ``status`` (a reply with STATUS_ACCESS_DENIED, then
     serve), ``reply-close`` (a reply, then close at once), ``fields`` (a reply with
     unusual device_state and allocation_size, then serve), ``ok`` (a reply,
@@ -228,6 +229,9 @@ class FakeDoor:
             except OSError:
                 return
             self.accepted += 1
+            if self.mode == "slam":
+                conn.close()
+                continue
             npa, request = NpaRequestReader(), None
             while request is None and (chunk := conn.recv(npa.bytes_needed)):
                 request = npa.feed(chunk)
@@ -256,7 +260,7 @@ def test_what_smbd_answers_a_create_with(site: Site, smb_backend: str) -> None:
     otherwise must be looked at). Seen with smbd 4.17.12, through smbprotocol."""
     if smb_backend != BACKENDS[0]:
         pytest.skip("smbd's answers do not depend on the client backend: checked once")
-    modes = ["refuse", "dead", "status", "reply-close", "fields", "ok"]
+    modes = ["refuse", "slam", "dead", "status", "reply-close", "fields", "ok"]
     doors = {m: FakeDoor(site.smbd.np_dir / f"door-{m}", m) for m in modes}
     try:
         done = run_in(site.hosts.client_ns,
@@ -273,6 +277,8 @@ def test_what_smbd_answers_a_create_with(site: Site, smb_backend: str) -> None:
     assert seen == {
         # smbd connects again once, then: STATUS_CONNECTION_DISCONNECTED
         "refuse": {"status": 0xC000020C},
+        # (its request unread) STATUS_CONNECTION_RESET
+        "slam": {"status": 0xC000020D},
         "dead": {"status": 0xC0000236},  # ECONNREFUSED: STATUS_CONNECTION_REFUSED
         "none": {"status": 0xC0000034},  # STATUS_OBJECT_NAME_NOT_FOUND
         # the reply's NTSTATUS is ignored: the pipe opens

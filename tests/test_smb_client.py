@@ -41,6 +41,7 @@ from npipe.errors import (
     PipeNotFound,
 )
 from npipe.local.paths import pipe_dir
+from npipe.samba.npa import NpaRequestReader
 from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.smb import BACKENDS, ENV_BACKEND, get_client, open_pipe
 from npipe.smb.credentials import Credentials
@@ -218,6 +219,15 @@ def answer_after(total: int) -> Handler:
 
 
 def refuse(conn: socket.socket, data: bytes) -> None:
+    """As npipe's front door refuses: read smbd's whole request, close without a reply."""
+    reader = NpaRequestReader()
+    while (chunk := conn.recv(reader.bytes_needed)) and reader.feed(chunk) is None:
+        pass
+    conn.close()
+
+
+def slam(conn: socket.socket, data: bytes) -> None:
+    """Close before reading anything (as a server dying with the connection does)."""
     conn.close()
 
 
@@ -414,6 +424,15 @@ def test_a_server_that_closes_without_answering_refuses(
     with pytest.raises(AccessDenied, match="refused"):
         run(open_pipe(smbd.address("closed"), credentials=CREDS, timeout=3))
     assert server.accepted >= 1
+
+
+def test_a_server_that_closes_without_reading_is_not_called_a_refusal(
+    smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    """smbd answers STATUS_CONNECTION_RESET: a refusal or a failure, nobody can tell."""
+    serve("slammed", slam, handshake=False)
+    with pytest.raises(ConnectionLost, match="refused you, or it failed"):
+        run(open_pipe(smbd.address("slammed"), credentials=CREDS, timeout=3))
 
 
 def test_wrong_password_is_an_authentication_error(smbd: Smbd) -> None:
