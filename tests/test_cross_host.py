@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import stat
 import subprocess
@@ -202,7 +203,7 @@ class FakeDoor:
     """A stand-in for npipe's front door at np/NAME (this process is root, as smbd
     requires), answering smbd's named_pipe_auth request as ``mode`` says: ``refuse``
     (read it, close without a reply, as npipe refuses a caller), ``slam`` (close
-    without reading it: a server dying with the connection), ``dead`` (a socket nobody
+    once it has come, unread: a server dying with the connection), ``dead`` (a socket nobody
     listens on: a killed server's), ``status`` (a reply with STATUS_ACCESS_DENIED, then
     serve), ``reply-close`` (a reply, then close at once), ``fields`` (a reply with
     unusual device_state and allocation_size, then serve), ``ok`` (a reply,
@@ -230,6 +231,7 @@ class FakeDoor:
                 return
             self.accepted += 1
             if self.mode == "slam":
+                select.select([conn], [], [], 10)  # smbd's request has come: unread
                 conn.close()
                 continue
             npa, request = NpaRequestReader(), None

@@ -8,8 +8,8 @@ What smbd answers a CREATE of ``\\\\HOST\\pipe\\NAME`` with, by what it finds at
 - a front door that closes without a named_pipe_auth reply (how npipe refuses a caller:
   its ACL, a guest, a handshake it cannot read): STATUS_CONNECTION_DISCONNECTED, after
   smbd connected and sent its request twice;
-- one that closes without reading the request (a server dying with the connection, or
-  one refusing before it reads): STATUS_CONNECTION_RESET;
+- one that closes with the request come but unread (a server dying with the
+  connection): STATUS_CONNECTION_RESET (closed before smbd sent it: DISCONNECTED);
 - a socket nobody listens on (a killed server's, left behind): STATUS_CONNECTION_REFUSED;
 - no socket at all: STATUS_OBJECT_NAME_NOT_FOUND;
 - a reply with a non-zero NTSTATUS: ignored, the pipe opens;
@@ -21,8 +21,9 @@ The reply's file_type, device_state and allocation_size do not reach the CREATE
 response (AllocationSize and EndofFile are 0, FileAttributes NORMAL whatever they are),
 so a refusal has no other way to the client than the close. npipe's front door reads
 the whole request before it refuses, so DISCONNECTED is reported as a refusal
-(AccessDenied), REFUSED as a server not running (PipeNotFound), and RESET as neither
-(ConnectionLost: a refusal or a failure, nobody can tell).
+(AccessDenied; a server that dies in the middle of the handshake, a window of
+microseconds, gives it too, and the message says so), REFUSED as a server not running
+(PipeNotFound: a killed server's case), RESET as neither (ConnectionLost).
 """
 
 from __future__ import annotations
@@ -157,12 +158,12 @@ def create_error(
         return AccessDenied(
             f"the server of pipe {address} refused the connection of "
             f"{credentials.describe()}: it closed it without opening the pipe (its ACL "
-            "does not allow you, or it could not read Samba's handshake: its log says which)"
+            "does not allow you, or it failed in Samba's handshake: its log says which)"
         )
     if status == STATUS_CONNECTION_RESET:  # closed with smbd's request unread
         return ConnectionLost(
             f"the server of pipe {address} reset the connection before opening the pipe "
-            "(it refused you, or it failed)"
+            "(it failed, or refused you, before reading Samba's handshake)"
         )
     if status == STATUS_ACCESS_DENIED:
         return AccessDenied(f"access to pipe {address} is denied to {credentials.describe()}")
