@@ -12,10 +12,12 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,16 +72,36 @@ def serve(site: Site, name: str, kind: str = "grpc", users: str = ALICE,
                       **env_extra)
 
 
-def client(site: Site, scenario: str, address: str, *, user: str = ALICE,
-           password: str = PASSWORD, allow_smb2: bool = False) -> dict[str, Any]:
+def client(site: Site, scenario: str, address: str, *args: str, user: str | None = ALICE,
+           password: str | None = PASSWORD, allow_smb2: bool = False) -> dict[str, Any]:
     """Run a client scenario in the client namespace; its JSON result."""
-    env = {**os.environ, "NPIPE_USER": user, "NPIPE_PASSWORD": password,
-           "NPIPE_TEST_ALLOW_SMB2": "1" if allow_smb2 else ""}
+    return client_run(site, scenario, address, *args, user=user, password=password,
+                      allow_smb2=allow_smb2)[0]
+
+
+def client_run(site: Site, scenario: str, address: str, *args: str, user: str | None = ALICE,
+               password: str | None = PASSWORD,
+               allow_smb2: bool = False) -> tuple[dict[str, Any], str]:
+    """The same, and what the client process wrote on stderr. ``user`` None: no
+    credentials at all (no NPIPE_USER, NPIPE_PASSWORD, nor a Kerberos ticket)."""
+    env = {**clean_env(site), "NPIPE_TEST_ALLOW_SMB2": "1" if allow_smb2 else ""}
+    if user is not None:
+        env["NPIPE_USER"] = user
+    if password is not None:
+        env["NPIPE_PASSWORD"] = password
     done = run_in(site.hosts.client_ns, [sys.executable, str(APPS / "client_app.py"), scenario,
-                                         address],
+                                         address, *args],
                   env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def clean_env(site: Site) -> dict[str, str]:
+    """This environment without SMB credentials, and a Kerberos cache that does not exist."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NPIPE_USER", "NPIPE_PASSWORD", "NPIPE_DOMAIN")}
+    env["KRB5CCNAME"] = f"FILE:{site.workdir}/no-such-ccache"
+    return env
 
 
 def test_grpc_calls_across_hosts(site: Site) -> None:
@@ -111,6 +133,30 @@ def test_user_the_acl_refuses(site: Site) -> None:
     assert r["error"] == "AccessDenied" and "refused" in r["message"]
 
 
+def test_user_the_acl_refuses_a_raw_pipe(site: Site) -> None:
+    """The asyncio front door (a stream server) refuses as the gRPC one does."""
+    with serve(site, "rawprivate", kind="raw"):
+        r = client(site, "error", site.address("rawprivate"), user=BOB)
+    assert r["error"] == "AccessDenied" and "refused" in r["message"], r
+    assert BOB in r["message"]
+
+
+def test_killed_server_is_not_a_refusal(site: Site) -> None:
+    """A server killed (its socket left in np/, nothing listening) is reported as a pipe
+    without a server, soon, not as a refusal."""
+    with serve(site, "doomed", kind="raw") as proc:
+        proc.kill()
+        proc.wait(10)
+        assert stat.S_ISSOCK(os.lstat(site.smbd.np_dir / "doomed").st_mode)  # left behind
+        r = client(site, "error", site.address("doomed"), "10")
+    try:
+        assert r["error"] == "PipeNotFound", r
+        assert "not running" in r["message"] and "refused" not in r["message"], r
+        assert r["seconds"] < 3, r  # not the whole timeout (10 s)
+    finally:
+        os.unlink(site.smbd.np_dir / "doomed")
+
+
 def test_wrong_password(site: Site) -> None:
     with serve(site, "pw"):
         r = client(site, "error", site.address("pw"), password="Not-Her-Secret-7")
@@ -118,9 +164,135 @@ def test_wrong_password(site: Site) -> None:
     assert "Not-Her-Secret-7" not in r["message"]  # never the password
 
 
+@pytest.mark.parametrize("who", ["wrong-password", "unknown-user", "no-credentials"])
+def test_authentication_failure_says_why_once(site: Site, who: str) -> None:
+    """AuthenticationError with a one-line reason, from the API and once from the CLI;
+    the process says nothing else at exit (no task left with an unretrieved error)."""
+    user, password = {"wrong-password": (ALICE, "Not-Her-Secret-7"),
+                      "unknown-user": ("npt-nobody", PASSWORD),
+                      "no-credentials": (None, None)}[who]
+    with serve(site, "authfail"):
+        r, stderr = client_run(site, "auth_failures", site.address("authfail"), user=user,
+                               password=password)
+        env = clean_env(site)
+        if user is not None and password is not None:
+            env.update(NPIPE_USER=user, NPIPE_PASSWORD=password)
+        cli = run_in(site.hosts.client_ns, [sys.executable, "-m", "npipe", "health",
+                                            site.address("authfail")],
+                     env=env, capture_output=True, text=True, timeout=WAIT)
+    [(kind, message)] = r["errors"]
+    assert kind == "AuthenticationError" and "\n" not in message, message
+    assert "SpnegoError" not in message and len(message) < 300, message
+    assert r["grpc"] == "UNAVAILABLE"
+    for bad in ("Task exception was never retrieved", "unhandled exception", "Traceback",
+                "cannot schedule new futures"):
+        assert bad not in stderr, stderr[-3000:]
+    assert cli.returncode == 1
+    assert cli.stderr.strip().count("\n") == 0, cli.stderr  # one line, said once
+    assert site.hosts.server_ip in cli.stderr and "SpnegoError" not in cli.stderr, cli.stderr
+
+
 def test_unknown_pipe(site: Site) -> None:
-    r = client(site, "error", site.address("nosuchpipe"))
-    assert r["error"] == "PipeNotFound"
+    """A pipe that does not exist fails fast (about 1 s), whatever the timeout."""
+    r = client(site, "error", site.address("nosuchpipe"), "10")
+    assert r["error"] == "PipeNotFound", r
+    assert r["seconds"] < 2.5, r
+
+
+class FakeDoor:
+    """A stand-in for npipe's front door at np/NAME (this process is root, as smbd
+    requires), answering smbd's named_pipe_auth request as ``mode`` says: ``refuse``
+    (read it, close without a reply, as npipe refuses a caller), ``slam`` (close
+    once it has come, unread: a server dying with the connection), ``dead`` (a socket nobody
+    listens on: a killed server's), ``status`` (a reply with STATUS_ACCESS_DENIED, then
+    serve), ``reply-close`` (a reply, then close at once), ``fields`` (a reply with
+    unusual device_state and allocation_size, then serve), ``ok`` (a reply,
+    then serve)."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        import socket
+
+        self.mode, self.accepted, self.conns = mode, 0, []
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        if mode == "dead":
+            self.sock.close()
+            return
+        self.sock.listen(8)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        from npipe.samba.npa import NpaRequestReader, build_reply
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.mode == "slam":
+                select.select([conn], [], [], 10)  # smbd's request has come: unread
+                conn.close()
+                continue
+            npa, request = NpaRequestReader(), None
+            while request is None and (chunk := conn.recv(npa.bytes_needed)):
+                request = npa.feed(chunk)
+            if request is None or self.mode == "refuse":
+                conn.close()
+                continue
+            reply = {"status": build_reply(request.level, status=0xC0000022),
+                     "fields": build_reply(request.level, device_state=0x1234,
+                                           allocation_size=777)}.get(self.mode)
+            if self.mode == "reply-close":
+                conn.sendall(build_reply(request.level))
+                conn.close()
+                continue
+            conn.sendall((reply or build_reply(request.level)) + b"hi")
+            self.conns.append(conn)  # open until the test ends
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_what_smbd_answers_a_create_with(site: Site, smb_backend: str) -> None:
+    """Pins what this Samba answers a CREATE of //HOST/pipe/NAME with, for each way
+    the socket at np/NAME can behave (npipe.smb.status maps these; a Samba that answers
+    otherwise must be looked at). Seen with smbd 4.17.12, through smbprotocol."""
+    if smb_backend != BACKENDS[0]:
+        pytest.skip("smbd's answers do not depend on the client backend: checked once")
+    modes = ["refuse", "slam", "dead", "status", "reply-close", "fields", "ok"]
+    doors = {m: FakeDoor(site.smbd.np_dir / f"door-{m}", m) for m in modes}
+    try:
+        done = run_in(site.hosts.client_ns,
+                      [sys.executable, str(APPS / "create_probe.py"), site.hosts.server_ip,
+                       ALICE, PASSWORD, *(f"door-{m}" for m in modes), "door-none"],
+                      capture_output=True, text=True, timeout=WAIT)
+    finally:
+        for m, door in doors.items():
+            door.close()
+            os.unlink(site.smbd.np_dir / f"door-{m}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = {r.pop("name")[len("door-"):]: r for r in map(json.loads, done.stdout.splitlines())}
+    opened = {"status": 0, "allocation_size": 0, "end_of_file": 0, "file_attributes": 0x80}
+    assert seen == {
+        # smbd connects again once, then: STATUS_CONNECTION_DISCONNECTED
+        "refuse": {"status": 0xC000020C},
+        # (its request unread) STATUS_CONNECTION_RESET
+        "slam": {"status": 0xC000020D},
+        "dead": {"status": 0xC0000236},  # ECONNREFUSED: STATUS_CONNECTION_REFUSED
+        "none": {"status": 0xC0000034},  # STATUS_OBJECT_NAME_NOT_FOUND
+        # the reply's NTSTATUS is ignored: the pipe opens
+        "status": {**opened, "read": "6869"},
+        # opens; its first READ fails with STATUS_PIPE_DISCONNECTED, as any pipe's
+        # whose server closed it (what npipe's clients see as the end of the stream)
+        "reply-close": {**opened, "read": 0xC00000B0},
+        # the reply's fields do not reach the CREATE response
+        "fields": {**opened, "read": "6869"},
+        "ok": {**opened, "read": "6869"},
+    }, seen
+    assert doors["refuse"].accepted == 2 and doors["ok"].accepted == 1
 
 
 def test_unreachable_host(site: Site) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -41,6 +42,7 @@ from npipe.errors import (
     PipeNotFound,
 )
 from npipe.local.paths import pipe_dir
+from npipe.samba.npa import NpaRequestReader
 from npipe.samba.smbd import PrivateSmbd, ensure_unix_user
 from npipe.smb import BACKENDS, ENV_BACKEND, get_client, open_pipe
 from npipe.smb.credentials import Credentials
@@ -218,6 +220,16 @@ def answer_after(total: int) -> Handler:
 
 
 def refuse(conn: socket.socket, data: bytes) -> None:
+    """As npipe's front door refuses: read smbd's whole request, close without a reply."""
+    reader = NpaRequestReader()
+    while (chunk := conn.recv(reader.bytes_needed)) and reader.feed(chunk) is None:
+        pass
+    conn.close()
+
+
+def slam(conn: socket.socket, data: bytes) -> None:
+    """Close once smbd's request has come, unread (as a server dying with it does)."""
+    select.select([conn], [], [], 10)
     conn.close()
 
 
@@ -377,16 +389,17 @@ def test_lost_connection_ends_the_stream(
 # --- opening: retries and errors ------------------------------------------------------
 
 
-def test_unknown_pipe_retries_until_the_timeout(smbd: Smbd) -> None:
+def test_unknown_pipe_is_retried_for_a_short_grace_only(smbd: Smbd) -> None:
+    """About 1 s (npipe.smb.retry.MISSING_GRACE), not the whole timeout."""
     async def main() -> list[SmbConnectionInfo]:
         with pytest.raises(PipeNotFound, match="nowhere"):
-            await open_pipe(smbd.address("nowhere"), credentials=CREDS, timeout=2.0)
+            await open_pipe(smbd.address("nowhere"), credentials=CREDS, timeout=10.0)
         return get_client().connections()  # while this loop (and its connections) lives
 
     start = time.monotonic()
     links = run(main())
     elapsed = time.monotonic() - start
-    assert 1.9 <= elapsed < 4.5
+    assert 0.9 <= elapsed < 2.5
     # Samba has no FSCTL_PIPE_WAIT: asked once, remembered for the connection.
     assert any(link.port == smbd.port and not link.pipe_wait for link in links), links
 
@@ -413,6 +426,15 @@ def test_a_server_that_closes_without_answering_refuses(
     with pytest.raises(AccessDenied, match="refused"):
         run(open_pipe(smbd.address("closed"), credentials=CREDS, timeout=3))
     assert server.accepted >= 1
+
+
+def test_a_server_that_closes_without_reading_is_not_called_a_refusal(
+    smbd: Smbd, serve: Callable[..., PipeServer]
+) -> None:
+    """smbd answers STATUS_CONNECTION_RESET: a refusal or a failure, nobody can tell."""
+    serve("slammed", slam, handshake=False)
+    with pytest.raises(ConnectionLost, match="failed, or refused you"):
+        run(open_pipe(smbd.address("slammed"), credentials=CREDS, timeout=3))
 
 
 def test_wrong_password_is_an_authentication_error(smbd: Smbd) -> None:

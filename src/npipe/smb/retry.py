@@ -1,9 +1,13 @@
 """How opening a remote pipe retries, the same for every backend.
 
-A missing or busy pipe is tried again (after FSCTL_PIPE_WAIT where the server has it,
-else after a doubling pause) until the deadline; a session that went away is replaced
-at most twice; a CREATE not answered in time retires its connection and ends the open
-with PipeBusy; anything else ends the open with the npipe error for its status.
+A busy pipe is tried again (after FSCTL_PIPE_WAIT where the server has it, else after a
+doubling pause) until the deadline; a missing one, or one whose socket nobody listens
+on (a dead server's), only for ``MISSING_GRACE`` (1 s, as npipe.windows waits for a
+missing local pipe: its server may be between instances or restarting), then
+PipeNotFound, rather than the whole timeout for a name nobody serves; a session that
+went away is replaced at most twice; a CREATE not answered in time retires its
+connection and ends the open with PipeBusy; anything else ends the open with the npipe
+error for its status.
 :func:`open_with_retries` drives that loop over a backend's connections and CREATEs.
 """
 
@@ -14,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol, TypeVar
 
 from npipe.address import PipeAddress
-from npipe.errors import ConnectionLost, NpipeError, PipeBusy, PipeNotFound
+from npipe.errors import ConnectionLost, NpipeError, PipeBusy
 from npipe.smb import status as st
 from npipe.smb.credentials import Credentials
 
@@ -24,6 +28,8 @@ RETRY_MAX = 1.0
 # after the deadline rather than be cut short.
 CREATE_MIN_TIMEOUT = 2.0
 MAX_RECONNECTS = 2
+# How long a missing pipe, or one without a server, is tried again (at most the timeout).
+MISSING_GRACE = 1.0
 
 PipeWait = Callable[[float], Awaitable[int | None]]
 
@@ -31,12 +37,22 @@ PipeWait = Callable[[float], Awaitable[int | None]]
 class OpenRetry:
     """The retry state of one open of ``address`` that must end within ``timeout``."""
 
-    def __init__(self, address: PipeAddress, credentials: Credentials, timeout: float) -> None:
+    def __init__(
+        self,
+        address: PipeAddress,
+        credentials: Credentials,
+        timeout: float,
+        missing_grace: float | None = None,
+    ) -> None:
         self.address = address
         self.credentials = credentials
         self.timeout = timeout
         self._loop = asyncio.get_running_loop()
-        self.deadline = self._loop.time() + timeout
+        start = self._loop.time()
+        self.deadline = start + timeout
+        grace = MISSING_GRACE if missing_grace is None else missing_grace
+        self.grace = min(grace, timeout)
+        self.missing_deadline = start + self.grace
         self._delay = RETRY_FIRST
         self._reconnects = 0
         self._last_status = st.STATUS_OBJECT_NAME_NOT_FOUND
@@ -67,28 +83,33 @@ class OpenRetry:
 
     async def wait(self, status: int | None, detail: str, pipe_wait: PipeWait | None) -> None:
         """After a CREATE refused with ``status``: raise its error if waiting cannot
-        help, or the final PipeNotFound / PipeBusy once the deadline has passed; else
+        help, or the final PipeNotFound / PipeBusy once the deadline (for a missing pipe
+        or one without a server: the grace) has passed; else
         wait (FSCTL_PIPE_WAIT with ``pipe_wait``, then a pause) and return to try again."""
-        if status not in st.RETRY_STATUSES:
+        if status is None or status not in st.RETRY_STATUSES:
             raise st.create_error(status, self.address, self.credentials, detail)
         self._last_status = status
-        remaining = self.deadline - self._loop.time()
+        # Busy: until the deadline. Missing or without a server: only for the grace.
+        until = self.deadline if self._kind == st.BUSY else self.missing_deadline
+        remaining = until - self._loop.time()
         if remaining <= 0:
             raise self._gave_up()
         if pipe_wait is not None and await pipe_wait(remaining) == st.STATUS_SUCCESS:
             return
-        remaining = self.deadline - self._loop.time()
+        remaining = until - self._loop.time()
         if remaining <= 0:
             raise self._gave_up()
         await asyncio.sleep(min(self._delay, remaining))
         self._delay = min(self._delay * 2, RETRY_MAX)
 
+    @property
+    def _kind(self) -> str:
+        return st.RETRY_STATUSES[self._last_status]
+
     def _gave_up(self) -> NpipeError:
-        if st.RETRY_STATUSES[self._last_status] == "busy":
-            return PipeBusy(f"pipe {self.address} stayed busy for {self.timeout:g} s")
-        return PipeNotFound(
-            f"no pipe {self.address}: nothing listened on it for {self.timeout:g} s"
-        )
+        kind = self._kind
+        tried = self.timeout if kind == st.BUSY else self.grace
+        return st.gave_up_error(kind, self.address, tried)
 
 
 class Refused(NamedTuple):

@@ -126,6 +126,7 @@ from npipe.smb.status import (
     STATUS_PENDING,
     STATUS_SUCCESS,
     auth_error,
+    auth_failure_reason,
 )
 
 log = logging.getLogger("npipe.smb")
@@ -584,7 +585,8 @@ def _cancel(request: Any) -> None:
 def _spnego_reason(exc: BaseException) -> str:
     text = str(exc)
     prefix = "Failed to authenticate with server: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    text = text[len(prefix):] if text.startswith(prefix) else text
+    return auth_failure_reason(Exception(text))
 
 
 # --- the registry of shared connections --------------------------------------------
@@ -920,6 +922,14 @@ def _close_unused(link: _SmbConnection, op: Any) -> None:
 _background: set[asyncio.Future[Any]] = set()
 
 
+def _settled(future: asyncio.Future[Any]) -> None:
+    """A background future is done: let it go, its error seen (a caller that gave up
+    has nobody to tell it to; a late result goes to its cleanup)."""
+    _background.discard(future)
+    if not future.cancelled():
+        future.exception()
+
+
 async def _in_thread(
     fn: Callable[..., T], *args: Any, cleanup: Callable[[T], None] | None = None
 ) -> T:
@@ -927,7 +937,7 @@ async def _in_thread(
     hand a late result to ``cleanup`` instead of leaking it."""
     future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     _background.add(future)  # asyncio keeps tasks weakly: held until done, even if abandoned
-    future.add_done_callback(_background.discard)
+    future.add_done_callback(_settled)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

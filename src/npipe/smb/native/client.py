@@ -156,9 +156,13 @@ class NativeClient:
         loop = asyncio.get_running_loop()
 
         def start(remaining: float) -> asyncio.Task[SmbConnection]:
-            return loop.create_task(
+            task = loop.create_task(
                 self._establish(address, credentials, encrypt, allow_smb2, remaining)
             )
+            # Every open waiting for it may have given up (cancelled) before it fails:
+            # its error is theirs to report, never "Task exception was never retrieved".
+            task.add_done_callback(_retrieve)
+            return task
 
         async def create(connection: SmbConnection, timeout: float) -> RemotePipe | Refused | None:
             response, first_read = await _create(connection, address.name, timeout)
@@ -181,7 +185,15 @@ class NativeClient:
         allow_smb2: bool, timeout: float,
     ) -> SmbConnection:
         connection = SmbConnection(address.host, address.port, self.options)
-        await connection.establish(credentials, encrypt, timeout, allow_smb2=allow_smb2)
+        try:
+            await connection.establish(credentials, encrypt, timeout, allow_smb2=allow_smb2)
+        except Exception:
+            # Cancelled (asyncio.run() ending, say) just as it failed: end cancelled, as
+            # asked, rather than with an error nobody waits for any more.
+            task = asyncio.current_task()
+            if task is not None and getattr(task, "cancelling", lambda: 0)():
+                raise asyncio.CancelledError() from None
+            raise
         return connection
 
     @staticmethod
@@ -201,6 +213,12 @@ class NativeClient:
                     loop.call_soon_threadsafe(connection.abort, closed)
                 except RuntimeError:  # its loop closed meanwhile
                     connection.drop()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background task's outcome as seen (its waiters report its error)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _options_key(options: Options | None) -> tuple[Any, ...]:

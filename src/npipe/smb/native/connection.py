@@ -345,11 +345,13 @@ class SmbConnection(asyncio.Protocol):
 
     # --- ending ----------------------------------------------------------------------
 
-    def abort(self, error: BaseException) -> None:
-        """The connection cannot go on: fail everything on it with ``error``."""
+    def abort(self, error: BaseException, *, quiet: bool = False) -> None:
+        """The connection cannot go on: fail everything on it with ``error`` (logged
+        unless ``quiet``: its caller raises it)."""
         if self.error is None:
             self.error = error
-            log.warning("%s", error)
+            if not quiet:
+                log.warning("%s", error)
         if self.transport is not None:
             self.transport.abort()
         self._fail_all()
@@ -467,24 +469,27 @@ class SmbConnection(asyncio.Protocol):
         try:
             await asyncio.wait_for(self._setup(credentials, encrypt, allow_smb2),
                                    max(deadline - loop.time(), 0))
+        # The caller hears of a failure here (the exception): not logged as well.
         except asyncio.TimeoutError:
-            self.abort(HostUnreachable(f"{self.where} did not complete SMB setup in {timeout:g} s"))
-            raise HostUnreachable(
+            unreachable = HostUnreachable(
                 f"{self.where} did not complete SMB setup within {timeout:g} s"
-            ) from None
+            )
+            self.abort(unreachable, quiet=True)
+            raise unreachable from None
         except NegotiationTampered as exc:
             tampered = NegotiationTampered(
                 f"the SMB negotiation with {self.where} was tampered with (downgrade "
                 f"attack?): {exc}; the connection is closed"
             )
-            self.abort(tampered)
+            self.abort(tampered, quiet=True)
             raise tampered from None
         except wire.ProtocolError as exc:
             error = ConnectionLost(f"the SMB server {self.where} sent a bad message: {exc}")
-            self.abort(error)
+            self.abort(error, quiet=True)
             raise error from None
         except BaseException as exc:
-            self.abort(exc if isinstance(exc, Exception) else ConnectionLost("cancelled"))
+            self.abort(exc if isinstance(exc, Exception) else ConnectionLost("cancelled"),
+                       quiet=True)
             raise
         self._watch()
 
@@ -599,7 +604,8 @@ class SmbConnection(asyncio.Protocol):
             token = await asyncio.to_thread(ctx.step, None)
         except Exception as exc:
             raise AuthenticationError(
-                f"cannot authenticate {credentials.describe()} to {self.where}: {exc}"
+                f"cannot authenticate {credentials.describe()} to {self.where}: "
+                f"{st.auth_failure_reason(exc)}"
             ) from None
         while True:
             future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
@@ -612,7 +618,8 @@ class SmbConnection(asyncio.Protocol):
                     token = await asyncio.to_thread(ctx.step, in_token)
                 except Exception as exc:
                     raise AuthenticationError(
-                        f"{self.where} did not accept {credentials.describe()}: {exc}"
+                        f"{self.where} did not accept {credentials.describe()}: "
+                        f"{st.auth_failure_reason(exc)}"
                     ) from None
                 continue
             if status != wire.STATUS_SUCCESS:
@@ -628,7 +635,8 @@ class SmbConnection(asyncio.Protocol):
                 key = ctx.session_key
             except Exception as exc:
                 raise AuthenticationError(
-                    f"no session key from {credentials.describe()}: {exc}"
+                    f"no session key from {credentials.describe()}: "
+                    f"{st.auth_failure_reason(exc)}"
                 ) from None
             flags = core.session_established(response, key)
             if flags & (wire.SESSION_FLAG_IS_GUEST | wire.SESSION_FLAG_IS_NULL):
