@@ -124,7 +124,12 @@ def test_a_user_the_acl_does_not_name_is_refused(a: TestUser, b: TestUser, c: Te
     with _serve(a, "shop", _acl_for(b)) as server:
         _ready(server)
         outcome = _call(c, "shop", server_user=a.name)
-        assert outcome.get("code") == "UNAVAILABLE", outcome  # closed by the front door
+        # The front door answers C's call itself: the reason, not a closed socket.
+        assert outcome.get("code") == "PERMISSION_DENIED", outcome
+        assert outcome["details"] == (
+            f"the ACL of pipe \\\\.\\pipe\\shop does not admit {c.name} uid={c.uid} "
+            f"pid={outcome['pid']}"
+        ), outcome
 
 
 def test_a_client_refuses_a_server_it_did_not_name(a: TestUser, b: TestUser) -> None:

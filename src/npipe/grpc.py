@@ -134,9 +134,10 @@ def add_pipe_port(
                 claimed.release()
                 raise
             slots = frontdoor.ConnectionSlots(cap, claimed.path)
-            doors = [frontdoor.FrontDoor(
-                claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path), slots
-            )]
+            # A caller the ACL refuses is answered PERMISSION_DENIED for each call
+            # (frontdoor.Refusal), not cut off: grpcio then reports why.
+            identify = frontdoor.local_identify(acl, claimed.path, answer_as=addr)
+            doors = [frontdoor.FrontDoor(claimed, backend, workdir, identify, slots)]
             if smb:
                 from npipe.samba import np_listener as samba
 
@@ -145,7 +146,7 @@ def add_pipe_port(
                 except BaseException:
                     claimed.release()
                     raise
-                identify = samba.samba_identify(acl, smb_claimed.path)
+                identify = samba.samba_identify(acl, smb_claimed.path, answer_as=addr.name)
                 doors.append(
                     frontdoor.FrontDoor(smb_claimed, backend, workdir, identify, slots)
                 )
