@@ -85,8 +85,7 @@ def test_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
         assert not os.path.lexists(path)
         assert _leftovers(pipe_dir) == []
         assert s.leftovers() == []  # grpcio's backend socket and its private dir went too
-        with pytest.raises(npipe.PipeNotFound):
-            npipe.grpc.channel("svc", pipe_dir=pipe_dir)
+        _assert_missing(pipe_dir)
 
 
 def test_aio_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
@@ -131,8 +130,7 @@ def test_stop_with_grace_lets_live_calls_finish_but_frees_the_name(pipe_dir: Pat
         stopped = s.server.stop(5)
         # The name is given up at once: no new client can find it ...
         assert not os.path.lexists(s.path)
-        with pytest.raises(npipe.PipeNotFound):
-            npipe.grpc.channel("svc", pipe_dir=pipe_dir)
+        _assert_missing(pipe_dir)
         # ... while the call in flight finishes within the grace period.
         assert slow.result(timeout=WAIT) == b"slept"
         assert stopped.wait(WAIT)
@@ -190,13 +188,55 @@ def test_collected_server_gives_up_the_pipe(pipe_dir: Path) -> None:
 # --- finding a pipe ----------------------------------------------------------------------------
 
 
-def test_missing_pipe_is_pipe_not_found(pipe_dir: Path) -> None:
-    with pytest.raises(npipe.PipeNotFound):
-        npipe.grpc.channel("nobody", pipe_dir=pipe_dir)
-    with pytest.raises(npipe.PipeNotFound):
-        npipe.grpc.aio_channel("nobody", pipe_dir=pipe_dir)
-    with pytest.raises(FileNotFoundError):  # PipeNotFound is one
-        npipe.grpc.channel("nobody", pipe_dir=pipe_dir)
+def _assert_missing(pipe_dir: Path, name: str = "svc") -> None:
+    """A new channel to ``name`` is made (lazily), and its call fails UNAVAILABLE with
+    npipe's reason (after the dial timeout it was given to wait for the pipe)."""
+    with npipe.grpc.channel(name, pipe_dir=pipe_dir, timeout=0.2) as chan:
+        with pytest.raises(grpc.RpcError) as info:
+            chan.unary_unary(method("Echo"))(b"x", timeout=WAIT)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+    assert info.value.details().startswith(f"no pipe \\\\.\\pipe\\{name}: nothing at ")
+
+
+def test_a_channel_to_a_missing_pipe_is_lazy(pipe_dir: Path) -> None:
+    """grpcio channels never touch their target at creation, and neither do npipe's:
+    a call fails UNAVAILABLE, with npipe's reason, once it has waited the dial
+    timeout for the pipe; none is raised before."""
+    _assert_missing(pipe_dir, "nobody")
+
+    async def aio() -> None:
+        async with npipe.grpc.aio_channel("nobody", pipe_dir=pipe_dir, timeout=0.2) as chan:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await chan.unary_unary(method("Echo"))(b"x", timeout=WAIT)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no pipe" in (info.value.details() or "")
+
+    run_async(aio)
+
+
+def test_a_call_made_before_its_server_starts_waits_for_it(pipe_dir: Path) -> None:
+    """A client started before its server (systemd ordering, a restart): its call
+    goes through once the server serves, through a bridge that checks who serves."""
+    with npipe.grpc.channel("late", pipe_dir=pipe_dir) as chan:
+        call = chan.unary_unary(method("Whoami")).future(b"", timeout=WAIT,
+                                                           wait_for_ready=True)
+        time.sleep(0.5)
+        assert not call.done()
+        with serve(pipe_dir, name="late") as s:
+            who = json.loads(call.result(timeout=WAIT))
+            assert (who["uid"], who["pid"]) == (os.getuid(), os.getpid())
+            assert s.probe.handled == ["Whoami"]
+            # The channel stays on its checking bridge: later calls work the same.
+            assert chan.unary_unary(method("Echo"))(b"again", timeout=WAIT) == b"again"
+
+    async def aio() -> None:
+        async with npipe.grpc.aio_channel("late2", pipe_dir=pipe_dir) as chan:
+            call = chan.unary_unary(method("Echo"))(b"aio", timeout=WAIT, wait_for_ready=True)
+            await asyncio.sleep(0.3)
+            with serve(pipe_dir, name="late2"):
+                assert await call == b"aio"
+
+    run_async(aio)
 
 
 def test_pipe_names_are_case_insensitive(pipe_dir: Path) -> None:

@@ -263,9 +263,10 @@ class Refusal:
     message: str
 
 
-# Who is at the door: a Caller to let in, None to close, or a Refusal to answer (the
-# identifier logs why).
-Identify = Callable[[socket.socket], "Caller | Refusal | None"]
+# Who is at the door: a Caller to let in, or None to close (the identifier logs why).
+Identify = Callable[[socket.socket], "Caller | None"]
+# The gRPC front door's: a Refusal too, to answer the caller's calls with (logged too).
+DoorIdentify = Callable[[socket.socket], "Caller | Refusal | None"]
 
 
 def acl_refusal(caller: Caller, name: object) -> Refusal:
@@ -274,22 +275,31 @@ def acl_refusal(caller: Caller, name: object) -> Refusal:
                    f"the ACL of pipe {name} does not admit {caller}")
 
 
-def local_identify(
-    acl: Acl = OWNER_ONLY, pipe: object = "", *, answer_as: object = None
-) -> Identify:
-    """Identify local callers by SO_PEERCRED and admit those the ACL allows.
+def local_identify(acl: Acl = OWNER_ONLY, pipe: object = "") -> Identify:
+    """Identify local callers by SO_PEERCRED and admit those the ACL allows."""
 
-    A refused caller is closed, or with ``answer_as`` (the pipe's name, for the gRPC
-    front door) answered with a :class:`Refusal` naming that pipe."""
-
-    def identify(conn: socket.socket) -> Caller | Refusal | None:
+    def identify(conn: socket.socket) -> Caller | None:
         caller = peer_caller(conn)
         if acl.allows(caller):
             return caller
         log.warning("refused %s on pipe %s: not allowed by its ACL", caller, pipe)
-        return None if answer_as is None else acl_refusal(caller, answer_as)
+        return None
 
     return identify
+
+
+def local_identify_answering(acl: Acl, pipe: object, name: object) -> DoorIdentify:
+    """:func:`local_identify` for the gRPC front door: a refused caller is answered
+    with a :class:`Refusal` naming pipe ``name`` rather than closed."""
+    identify = local_identify(acl, pipe)
+
+    def identify_or_refuse(conn: socket.socket) -> Caller | Refusal | None:
+        caller = identify(conn)
+        if caller is not None:
+            return caller
+        return acl_refusal(peer_caller(conn), name)
+
+    return identify_or_refuse
 
 
 # A refused gRPC caller is answered (see Refusal) within these bounds, on its relay
@@ -349,7 +359,7 @@ class FrontDoor:
         claimed: ClaimedSocket,
         backend: Path,
         workdir: Path,
-        identify: Identify,
+        identify: DoorIdentify,
         slots: ConnectionSlots | None = None,
     ) -> None:
         self._claimed = claimed

@@ -35,7 +35,7 @@ import grpc.aio
 from npipe import frontdoor
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address, validate_unix_path
-from npipe.errors import ConfigError, UnsupportedPlatform
+from npipe.errors import ConfigError, PipeNotFound, UnsupportedPlatform
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe, claim_pipe_existing, place_for
 from npipe.local.dial import check_server, connect_error, find_socket
@@ -136,7 +136,7 @@ def add_pipe_port(
             slots = frontdoor.ConnectionSlots(cap, claimed.path)
             # A caller the ACL refuses is answered PERMISSION_DENIED for each call
             # (frontdoor.Refusal), not cut off: grpcio then reports why.
-            identify = frontdoor.local_identify(acl, claimed.path, answer_as=addr)
+            identify = frontdoor.local_identify_answering(acl, claimed.path, addr)
             doors = [frontdoor.FrontDoor(claimed, backend, workdir, identify, slots)]
             if smb:
                 from npipe.samba import np_listener as samba
@@ -262,6 +262,9 @@ def target(
 ) -> str:
     """The grpcio target (``unix:/...``) for a pipe, after checking who serves it.
 
+    A local pipe that is not served yet raises nothing: the target is then a private
+    bridge that finds and checks the pipe on every connection (waiting up to
+    ``timeout`` for it), and answers UNAVAILABLE with the reason while it is missing.
     A remote pipe is reached through an in-process bridge: a private Unix socket
     (0700 directory, only this user admitted) whose connections each open the pipe
     over SMB (see :func:`npipe.open_connection` for the SMB options).
@@ -299,7 +302,13 @@ def _dial(
             allow_smb2=allow_smb2, pin=pin,
         )
         return bridge.target, bridge
-    path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+    try:
+        path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+    except PipeNotFound:
+        # Not served yet: grpcio channels are lazy, and so is this one. Its connections
+        # find and check the pipe each time (see _resolving_bridge).
+        bridge = _resolving_bridge(addr, server_user, pipe_dir, timeout, pin)
+        return bridge.target, bridge
     if not _others_can_name(path):
         return _grpc_unix_target(path), None
     return _checked_bridge(path, server_user).target, None
@@ -331,7 +340,65 @@ def _checked_bridge(path: Path, server_user: str | int | None) -> PipeBridge:
         return bridge
 
 
-async def relay_checked(path: Path, server_user: str | int | None, sock: socket.socket) -> None:
+# A channel made before its pipe is served dials a private bridge instead, whose every
+# connection finds the pipe (find_socket: the same lookup and trust walk as at once)
+# and checks its listener (relay_checked), waiting for a missing one up to the dial
+# timeout as a remote bridge does; then the bridge answers UNAVAILABLE with the reason.
+# Such a channel keeps its bridge (one relay hop, in this process's I/O thread) for its
+# lifetime: re-dials never reach a socket nobody checked.
+_resolving_bridges: dict[tuple[object, ...], PipeBridge] = {}
+
+# How often a resolving bridge looks again for a pipe that is not there yet.
+FIRST_LOOK_AGAIN, MOST_LOOK_AGAIN = 0.05, 0.5
+
+
+def _resolving_bridge(
+    addr: PipeAddress, server_user: str | int | None,
+    pipe_dir: str | os.PathLike[str] | None, timeout: float, pin: bool,
+) -> PipeBridge:
+    from npipe.unix_bridge import PipeBridge
+
+    key = (addr.key, frozenset(trusted_uids(server_user)),
+           None if pipe_dir is None else os.fspath(pipe_dir), timeout)
+    with _checked_lock:
+        bridge = _resolving_bridges.get(key)
+        if bridge is None or bridge.closed:
+            attach = functools.partial(relay_resolved, addr, server_user, pipe_dir, timeout)
+            bridge = _resolving_bridges[key] = PipeBridge(
+                attach, description=str(addr), pinned=pin)
+        else:
+            bridge.touch()
+            if pin:
+                bridge.pin()
+        return bridge
+
+
+async def relay_resolved(
+    addr: PipeAddress, server_user: str | int | None,
+    pipe_dir: str | os.PathLike[str] | None, timeout: float, sock: socket.socket,
+) -> None:
+    """Find pipe ``addr`` (waiting up to ``timeout`` for it to be served), check who
+    listens, and relay ``sock`` to it; a failure leaves ``sock`` open (the bridge
+    answers grpcio on it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = FIRST_LOOK_AGAIN
+    while True:
+        try:
+            path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+            await relay_checked(path, server_user, sock, close_on_failure=False)
+            return
+        except PipeNotFound:
+            if loop.time() + pause > deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, MOST_LOOK_AGAIN)
+
+
+async def relay_checked(
+    path: Path, server_user: str | int | None, sock: socket.socket, *,
+    close_on_failure: bool = True,
+) -> None:
     """Connect to ``path``, check who listens there, and relay ``sock`` to it."""
     loop = asyncio.get_running_loop()
     out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -346,7 +413,8 @@ async def relay_checked(path: Path, server_user: str | int | None, sock: socket.
         from npipe.local.sockets import close_gently
 
         out.close()
-        close_gently(sock)
+        if close_on_failure:
+            close_gently(sock)
         raise
     sock.setblocking(False)
     try:

@@ -8,23 +8,19 @@ module answers the connection's HTTP/2 itself, the way h11 and h2 keep protocols
 from I/O: feed it what the client sent (:meth:`StatusResponder.receive_data`), send
 what it returns.
 
-Two ways to answer (see :class:`StatusResponder`):
-
-- ``answer`` (final statuses such as PERMISSION_DENIED, UNAUTHENTICATED): every call
-  that arrives gets a *trailers-only* response (``:status 200``, ``content-type:
-  application/grpc``, ``grpc-status``, ``grpc-message``; gRPC's PROTOCOL-HTTP2.md), and
-  once the calls of a read are answered a GOAWAY says that this connection takes no more
-  (grpcio opens a new one for later calls, which the same door answers again).
-- ``goaway`` (transient: the pipe is missing or unreachable now): the server's SETTINGS
-  then at once a GOAWAY that admits no stream (last stream id 0) and carries the reason
-  as its debug data. grpcio retries calls it had sent on another connection, and counts
-  the connection as failed: a call with ``wait_for_ready=True`` waits for the pipe to
-  appear, one without it fails UNAVAILABLE.
+Every call that arrives gets a *trailers-only* response (``:status 200``,
+``content-type: application/grpc``, ``grpc-status``, ``grpc-message``; gRPC's
+PROTOCOL-HTTP2.md), and once the calls of a read are answered a GOAWAY says that this
+connection takes no more: grpcio opens a new one for later calls, which is answered the
+same way. The GOAWAY waits for a call: sent before one (or closing before the server's
+SETTINGS), grpcio 1.85 reports "Socket closed" or re-dials at once without backoff
+(seen here), and the reason is lost. A status so received is final for the call, also
+for one made with ``wait_for_ready=True`` (which waits only for a connection).
 """
 
 from __future__ import annotations
 
-import enum
+import contextlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # h2 is imported when a responder is first made (the front door
@@ -55,11 +51,6 @@ MAX_READ = 64 * 1024
 MAX_MESSAGE = 1024
 
 
-class Mode(enum.Enum):
-    ANSWER = "answer"  # trailers-only for each call, then GOAWAY
-    GOAWAY = "goaway"  # GOAWAY at once: no call is taken (the client retries elsewhere)
-
-
 def percent_encode(message: str) -> str:
     """``grpc-message``'s encoding: UTF-8, then every byte outside printable ASCII
     (0x20-0x7E) and ``%`` itself as ``%XX`` (gRPC's PROTOCOL-HTTP2.md)."""
@@ -87,13 +78,12 @@ class StatusResponder:
     Send :meth:`data_to_send` at once (the server's preface), then for everything the
     client sends, send what :meth:`receive_data` returns; stop reading once
     :attr:`finished` (the GOAWAY is out: close the connection gently) or after
-    MAX_READ bytes. ``mode``: ``"answer"`` or ``"goaway"`` (see the module).
+    MAX_READ bytes.
     """
 
-    def __init__(self, code: int, message: str, *, mode: str = "answer") -> None:
+    def __init__(self, code: int, message: str) -> None:
         self.code = int(code)
         self.message = one_line(message)
-        self.mode = Mode(mode)
         self.answered = 0  # calls answered with the status
         self.bytes_received = 0
         self.finished = False
@@ -104,8 +94,6 @@ class StatusResponder:
             client_side=False, header_encoding="utf-8", validate_inbound_headers=False,
         ))
         self._conn.initiate_connection()
-        if self.mode is Mode.GOAWAY:
-            self._goaway(0, self.message.encode("utf-8"))
 
     def data_to_send(self) -> bytes:
         return self._conn.data_to_send()
@@ -150,15 +138,14 @@ class StatusResponder:
         self._conn.send_headers(stream_id, headers, end_stream=True)
         # The request's rest is not wanted (RFC 9113 section 8.1: a complete response
         # before the request is, then RST_STREAM NO_ERROR).
-        try:
+        # (The client may have ended its side too: the stream is closed already.)
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass  # the client had ended its side too: the stream is closed already
         self.answered += 1
 
     def _goaway(self, last: int, debug: bytes, error: h2.errors.ErrorCodes | None = None) -> None:
         import h2.errors
 
-        self._conn.close_connection(error_code=error or h2.errors.ErrorCodes.NO_ERROR, additional_data=debug or None,
-                                    last_stream_id=last)
+        self._conn.close_connection(error_code=error or h2.errors.ErrorCodes.NO_ERROR,
+                                    additional_data=debug or None, last_stream_id=last)
         self.finished = True

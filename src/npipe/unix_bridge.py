@@ -35,9 +35,9 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from npipe import ioloop
+from npipe import grpc_refusal, ioloop
 from npipe.address import PipeAddress
-from npipe.errors import NpipeError
+from npipe.errors import AccessDenied, AuthenticationError, NpipeError
 from npipe.local.listener import private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
@@ -58,7 +58,11 @@ class PipeBridge:
     """Listens on a private Unix socket; each connection is relayed to the remote pipe.
 
     ``attach(sock)`` opens the remote pipe for one accepted connection and relays it,
-    taking ownership of ``sock`` (closing it if the open fails). ``description`` names
+    taking ownership of ``sock``. If the open fails (an :class:`NpipeError`) and
+    ``sock`` is still open, the bridge speaks for the pipe: it answers each gRPC call
+    on the connection with the status npipe knows (UNAUTHENTICATED, PERMISSION_DENIED,
+    else UNAVAILABLE; see :func:`grpc_status`) and npipe's message, then closes it.
+    A failure is logged once, not again while it repeats. ``description`` names
     the pipe in logs. Close the bridge to stop listening, end the relayed connections
     and remove the directory. ``pinned=False``: see the module's docstring.
     """
@@ -75,6 +79,7 @@ class PipeBridge:
         self._pinned = pinned
         self._holders = 0
         self._last_used = time.monotonic()
+        self._last_failure: tuple[str, float] | None = None  # what was logged, when
         self._on_close: list[Callable[[PipeBridge], None]] = []
         self._pid = os.getpid()
         self.directory = os.fspath(private_dir(ensure_pipe_dir(pipe_dir())))  # mode 0700
@@ -212,16 +217,45 @@ class PipeBridge:
         try:
             await self._attach(conn)
         except NpipeError as exc:
-            # The local connection is closed already: grpcio reports UNAVAILABLE.
-            log.warning("bridge %s: could not open the remote pipe: %s", self.description, exc)
+            self._failed(exc)
+            await self._speak_for_the_pipe(conn, exc)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("bridge %s: opening the remote pipe failed", self.description)
+            await self._speak_for_the_pipe(conn, exc)
+        else:
+            self._last_failure = None  # the next failure is news again
         finally:
             if conn.fileno() >= 0 and self._closed:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+
+    # A failure that repeats (every re-dial of grpcio's) is logged again only after this.
+    REPEAT_LOG_AFTER = 60.0
+
+    def _failed(self, exc: NpipeError) -> None:
+        said = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        last = self._last_failure
+        if last is not None and last[0] == said and now - last[1] < self.REPEAT_LOG_AFTER:
+            log.debug("bridge %s: could not open the pipe (again): %s", self.description, exc)
+            return
+        self._last_failure = (said, now)
+        log.warning("bridge %s: could not open the pipe: %s", self.description, exc)
+
+    async def _speak_for_the_pipe(self, conn: socket.socket, exc: Exception) -> None:
+        """Answer grpcio on ``conn`` (if the attach left it open) with the status for
+        ``exc``, within the responder's bounds; then close it."""
+        if conn.fileno() < 0:
+            return
+        try:
+            if not self._closed:
+                message = str(exc) if isinstance(exc, NpipeError) else (
+                    f"could not open {self.description}: {type(exc).__name__}: {exc}")
+                await answer_async(conn, grpc_status(exc), message)
+        finally:
+            conn.close()
 
     def _stop_serving(self, done: threading.Event | None) -> None:
         """Stop accepting; close the listener once the accept is no longer pending."""
@@ -294,6 +328,50 @@ class PipeBridge:
 
 
 
+# --- speaking for a pipe that cannot be opened -----------------------------------------
+
+# How long, and how many bytes, a bridge gives grpcio's connection to send its calls.
+ANSWER_TIMEOUT = 5.0
+
+
+def grpc_status(exc: BaseException) -> int:
+    """The gRPC status a bridge answers with when ``exc`` kept it from opening the pipe."""
+    if isinstance(exc, AuthenticationError):
+        return grpc_refusal.UNAUTHENTICATED
+    if isinstance(exc, AccessDenied):
+        return grpc_refusal.PERMISSION_DENIED
+    return grpc_refusal.UNAVAILABLE  # missing, busy, unreachable, lost, anything else
+
+
+async def answer_async(
+    sock: socket.socket, code: int, message: str, *, timeout: float = ANSWER_TIMEOUT,
+    limit: int = grpc_refusal.MAX_READ,
+) -> None:
+    """Answer every gRPC call on ``sock`` with ``code`` and ``message`` (a trailers-only
+    response each, then GOAWAY), within ``timeout`` seconds and ``limit`` bytes read;
+    the caller closes ``sock``."""
+    loop = asyncio.get_running_loop()
+    responder = grpc_refusal.StatusResponder(code, message)
+    sock.setblocking(False)
+
+    async def converse() -> None:
+        await loop.sock_sendall(sock, responder.data_to_send())
+        read = 0
+        while read < limit:
+            data = await loop.sock_recv(sock, min(65536, limit - read))
+            if not data:
+                return
+            read += len(data)
+            if not responder.finished:
+                if out := responder.receive_data(data):
+                    await loop.sock_sendall(sock, out)
+                if responder.finished:  # the GOAWAY is out: read on until grpcio closes
+                    sock.shutdown(socket.SHUT_WR)
+
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(converse(), timeout)
+
+
 # --- bridges to remote pipes, one per address, identity and options -------------------
 
 BridgeKey = tuple[
@@ -318,7 +396,8 @@ def bridge_for(
 
     Repeated calls with the same address, credentials and options return the same
     bridge while it is open. Each connection to the bridge opens its own pipe
-    instance; a failed open closes that connection (grpcio: UNAVAILABLE) and is logged.
+    instance; a failed open is logged and answered with its gRPC status and reason
+    (see :class:`PipeBridge`).
     Every bridge runs on the one I/O thread (:mod:`npipe.ioloop`), and the pipes of
     all bridges to a host share one SMB connection per identity and options.
 
@@ -345,8 +424,9 @@ def bridge_for(
             return bridge
 
         async def attach(sock: socket.socket) -> None:
+            # (a failed open leaves sock open: the bridge answers grpcio's calls on it)
             await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
-                                allow_smb2=allow_smb2)
+                                allow_smb2=allow_smb2, close_on_failure=False)
 
         bridge = PipeBridge(attach, description=addr.posix(), pinned=pin)
         _bridges[key] = bridge
@@ -378,4 +458,5 @@ def close_bridges() -> None:
 atexit.register(close_bridges)
 
 
-__all__ = ["Attach", "PipeBridge", "bridge_for", "bridges", "close_bridges"]
+__all__ = ["Attach", "PipeBridge", "answer_async", "bridge_for", "bridges", "close_bridges",
+           "grpc_status"]

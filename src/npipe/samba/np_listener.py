@@ -20,11 +20,11 @@ import socket
 import time
 from pathlib import Path
 
+from npipe import grpc_refusal
 from npipe.acl import Acl
 from npipe.address import PipeAddress
 from npipe.errors import AccessDenied, ConfigError
-from npipe import grpc_refusal
-from npipe.frontdoor import Identify, Refusal, acl_refusal
+from npipe.frontdoor import DoorIdentify, Refusal, acl_refusal
 from npipe.identity import Caller, user_name
 from npipe.local.listener import ClaimedSocket, claim
 from npipe.local.namespace import check_root_made_user_dir, root_made_user_dir
@@ -177,7 +177,7 @@ def admit(
     return caller, build_reply(request.level)
 
 
-def samba_identify(acl: Acl, pipe: object, *, answer_as: object = None) -> Identify:
+def samba_identify(acl: Acl, pipe: object, *, answer_as: object = None) -> DoorIdentify:
     """The front door's identify step for a socket in np/ (blocking, bounded in time).
 
     ``answer_as``: answer refused callers rather than close them (see :func:`admit`)."""

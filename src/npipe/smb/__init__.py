@@ -71,8 +71,10 @@ class PipeClient(Protocol):
         timeout: float = ...,
         encrypt: bool | None = ...,
         allow_smb2: bool = ...,
+        close_on_failure: bool = ...,
     ) -> None:
-        """Open the pipe and relay it to ``sock``, which it then owns (closed on failure)."""
+        """Open the pipe and relay it to ``sock``, which it then owns (closed on failure,
+        unless ``close_on_failure=False``: then it is the caller's to answer or close)."""
         ...
 
     def connections(self) -> list[SmbConnectionInfo]:

@@ -837,16 +837,18 @@ class SmbprotocolClient:
         timeout: float = 10.0,
         encrypt: bool | None = None,
         allow_smb2: bool = False,
+        close_on_failure: bool = True,
     ) -> None:
         """Open the remote pipe and relay it to ``sock`` (a connected stream socket).
 
         Takes ownership of ``sock``: it is closed when the pipe ends, or at once if
-        the open fails.
+        the open fails (unless ``close_on_failure=False``: then the caller closes it).
         """
         try:
             link, op = await self._open(address, credentials, timeout, encrypt, allow_smb2)
         except BaseException:
-            close_gently(sock)
+            if close_on_failure:
+                close_gently(sock)
             raise
         _Relay(link, op, sock, address.posix()).start()
 

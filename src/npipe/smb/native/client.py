@@ -119,13 +119,16 @@ class NativeClient:
         timeout: float = 10.0,
         encrypt: bool | None = None,
         allow_smb2: bool = False,
+        close_on_failure: bool = True,
     ) -> None:
-        """Open the remote pipe and relay it to ``sock``, which it then owns."""
+        """Open the remote pipe and relay it to ``sock``, which it then owns (a failed
+        open closes it, or leaves it to the caller with ``close_on_failure=False``)."""
         try:
             pipe = await self.open(address, credentials=credentials, timeout=timeout,
                                    encrypt=encrypt, allow_smb2=allow_smb2)
         except BaseException:
-            close_gently(sock)
+            if close_on_failure:
+                close_gently(sock)
             raise
         relay = _SocketSide(pipe)
         pipe.set_protocol(_PipeSide(relay))
