@@ -191,9 +191,9 @@ def test_collected_server_gives_up_the_pipe(pipe_dir: Path) -> None:
 def _assert_missing(pipe_dir: Path, name: str = "svc") -> None:
     """A new channel to ``name`` is made (lazily), and its call fails UNAVAILABLE with
     npipe's reason (after the dial timeout it was given to wait for the pipe)."""
-    with npipe.grpc.channel(name, pipe_dir=pipe_dir, timeout=0.2) as chan:
-        with pytest.raises(grpc.RpcError) as info:
-            chan.unary_unary(method("Echo"))(b"x", timeout=WAIT)
+    with npipe.grpc.channel(name, pipe_dir=pipe_dir, timeout=0.2) as chan, \
+            pytest.raises(grpc.RpcError) as info:
+        chan.unary_unary(method("Echo"))(b"x", timeout=WAIT)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
     assert info.value.details().startswith(f"no pipe \\\\.\\pipe\\{name}: nothing at ")
 

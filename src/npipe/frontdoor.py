@@ -330,9 +330,10 @@ def answer_refused(
                 return
             if out := responder.receive_data(data):
                 conn.sendall(out)
-        # The GOAWAY is out: end our side, and let the client close its own (reading
-        # what it still sends, within the same bounds, so that it sees no reset).
-        conn.shutdown(socket.SHUT_WR)
+        # The GOAWAY is out: grpcio closes the connection once its calls are answered.
+        # Wait for that (reading what it still sends, within the same bounds) rather
+        # than close first: our end of stream would reach grpcio through Samba and an
+        # SMB bridge as a closed pipe, which can cut it off before it reads the answer.
         read = responder.bytes_received
         while read < limit and (left := deadline - time.monotonic()) > 0:
             conn.settimeout(left)

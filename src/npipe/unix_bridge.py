@@ -362,11 +362,9 @@ async def answer_async(
             if not data:
                 return
             read += len(data)
-            if not responder.finished:
-                if out := responder.receive_data(data):
-                    await loop.sock_sendall(sock, out)
-                if responder.finished:  # the GOAWAY is out: read on until grpcio closes
-                    sock.shutdown(socket.SHUT_WR)
+            # (after the GOAWAY the responder returns nothing: read on until grpcio closes)
+            if out := responder.receive_data(data):
+                await loop.sock_sendall(sock, out)
 
     with contextlib.suppress(OSError, asyncio.TimeoutError):
         await asyncio.wait_for(converse(), timeout)

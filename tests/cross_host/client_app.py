@@ -114,6 +114,30 @@ def error(address: str) -> dict[str, Any]:
     return asyncio.run(main())
 
 
+def grpc_error(address: str) -> dict[str, Any]:
+    """What a gRPC call gives when the bridge cannot open the pipe: the status and
+    details, and what npipe logged about it (once)."""
+    warnings = _npipe_warnings()
+    with channel(address, open_timeout=2) as ch:
+        try:
+            ch.unary_unary("/x.Svc/Echo")(b"x", timeout=30)
+            return {"code": "OK"}
+        except grpc.RpcError as e:
+            return {"code": e.code().name, "details": e.details(), "warnings": warnings}
+
+
+def late_server(address: str) -> dict[str, Any]:
+    """A wait_for_ready call made before the server serves: started, then says
+    STARTED on stdout, then waits for the call's outcome."""
+    with channel(address, open_timeout=30) as ch:
+        call = ch.unary_unary("/x.Svc/Echo").future(b"late", timeout=60, wait_for_ready=True)
+        print(json.dumps({"started": True}), flush=True)
+        try:
+            return {"reply": call.result().decode()}
+        except grpc.RpcError as e:
+            return {"code": e.code().name, "details": e.details()}
+
+
 def raw(address: str) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         reader, writer = await npipe.open_connection(address)
