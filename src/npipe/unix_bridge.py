@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from npipe import grpc_refusal, ioloop
 from npipe.address import PipeAddress
-from npipe.errors import AccessDenied, AuthenticationError, NpipeError
+from npipe.errors import AccessDenied, AuthenticationError, NpipeError, PipeNotFound
 from npipe.local.listener import private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
@@ -48,7 +48,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("npipe.unix_bridge")
 
-Attach = Callable[[socket.socket], Awaitable[None]]
+# attach(sock, initial): open the pipe and relay ``sock`` to it, sending it ``initial``
+# first; PipeNotFound at once (not after waiting) if it is missing, ``sock`` left open.
+Attach = Callable[[socket.socket, bytes], Awaitable[None]]
+
+# How long a connection whose pipe is missing is held before its calls are answered
+# UNAVAILABLE (unless made with wait_for_ready), and how often the pipe is looked for.
+MISSING_GRACE = 1.0
+FIRST_LOOK_AGAIN, MOST_LOOK_AGAIN = 0.05, 1.0
 
 SOCKET_NAME = "b"
 BACKLOG = 128
@@ -215,7 +222,9 @@ class PipeBridge:
             self._sockets.add(conn)
         conn.setblocking(True)
         try:
-            await self._attach(conn)
+            await self._attach(conn, b"")
+        except PipeNotFound as exc:
+            await self._wait_for_the_pipe(conn, exc)
         except NpipeError as exc:
             self._failed(exc)
             await self._speak_for_the_pipe(conn, exc)
@@ -231,6 +240,74 @@ class PipeBridge:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
 
+    async def _wait_for_the_pipe(self, conn: socket.socket, missing: PipeNotFound) -> None:
+        """The pipe is not there: hold grpcio's connection (a :class:`CallGate`) and
+        look for the pipe again while its calls may wait.
+
+        A call made with wait_for_ready=True (marked by npipe's channels: see
+        grpc_refusal.WAIT_FOR_READY_KEY) waits for the pipe until its own deadline
+        (``grpc-timeout``), without one until grpcio gives it up; other calls, or
+        none, are answered UNAVAILABLE with the reason once MISSING_GRACE has passed.
+        The pipe found, it gets what grpcio sent meanwhile, then the live connection.
+        A failure other than a missing pipe is answered at once. grpcio multiplexes
+        its calls on one connection: they all wait (as long as a marked one lives),
+        or none does (CallGate.hold_until).
+        """
+        loop = asyncio.get_running_loop()
+        gate = grpc_refusal.CallGate()
+        conn.setblocking(False)
+        exc: Exception = missing
+        grace_until = loop.time() + MISSING_GRACE
+        pause = FIRST_LOOK_AGAIN
+        next_look = loop.time() + pause
+        try:
+            await loop.sock_sendall(conn, gate.data_to_send())
+            while not self._closed:
+                now = loop.time()
+                deadline = gate.hold_until(grace_until)
+                if deadline is not None and now >= deadline:
+                    break
+                until = next_look if deadline is None else min(next_look, deadline)
+                if await _readable(loop, conn, max(0.0, until - now)):
+                    try:
+                        data = conn.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:  # grpcio gave up the connection
+                        if isinstance(exc, NpipeError):
+                            self._failed(exc)
+                        conn.close()
+                        return
+                    if out := gate.receive_data(data, loop.time()):
+                        await loop.sock_sendall(conn, out)
+                    if gate.overflow:
+                        exc = BufferFull(f"{exc} (and the calls waiting for it sent more "
+                                         f"than {grpc_refusal.MAX_BUFFER} bytes)")
+                        break
+                    if gate.malformed:
+                        break
+                    continue
+                if loop.time() < next_look or not gate.at_boundary:
+                    continue
+                try:
+                    await self._attach(conn, gate.held())
+                except PipeNotFound as again:
+                    exc = again
+                except NpipeError as failed:
+                    exc = failed
+                    break  # refused, unreachable...: never waited out
+                else:
+                    self._last_failure = None
+                    return
+                pause = min(pause * 2, MOST_LOOK_AGAIN)
+                next_look = loop.time() + pause
+        except OSError:  # grpcio's end went away
+            conn.close()
+            return
+        if isinstance(exc, NpipeError):
+            self._failed(exc)
+        await self._speak_for_the_pipe(conn, exc, gate.held())
+
     # A failure that repeats (every re-dial of grpcio's) is logged again only after this.
     REPEAT_LOG_AFTER = 60.0
 
@@ -244,16 +321,19 @@ class PipeBridge:
         self._last_failure = (said, now)
         log.warning("bridge %s: could not open the pipe: %s", self.description, exc)
 
-    async def _speak_for_the_pipe(self, conn: socket.socket, exc: Exception) -> None:
+    async def _speak_for_the_pipe(
+        self, conn: socket.socket, exc: Exception, received: bytes = b""
+    ) -> None:
         """Answer grpcio on ``conn`` (if the attach left it open) with the status for
-        ``exc``, within the responder's bounds; then close it."""
+        ``exc``, within the responder's bounds (``received``: what grpcio sent before,
+        which it answers first); then close it."""
         if conn.fileno() < 0:
             return
         try:
             if not self._closed:
                 message = str(exc) if isinstance(exc, NpipeError) else (
                     f"could not open {self.description}: {type(exc).__name__}: {exc}")
-                await answer_async(conn, grpc_status(exc), message)
+                await answer_async(conn, grpc_status(exc), message, received=received)
         finally:
             conn.close()
 
@@ -334,8 +414,31 @@ class PipeBridge:
 ANSWER_TIMEOUT = 5.0
 
 
+class BufferFull(NpipeError):
+    """Calls waiting for a pipe sent more than a bridge holds for them."""
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read (or its end) within ``timeout``; nothing
+    is read (a pending read cancelled could lose its bytes: this one has none)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        done, _ = await asyncio.wait({ready}, timeout=timeout)
+        return bool(done)
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
 def grpc_status(exc: BaseException) -> int:
     """The gRPC status a bridge answers with when ``exc`` kept it from opening the pipe."""
+    if isinstance(exc, BufferFull):
+        return grpc_refusal.RESOURCE_EXHAUSTED
     if isinstance(exc, AuthenticationError):
         return grpc_refusal.UNAUTHENTICATED
     if isinstance(exc, AccessDenied):
@@ -345,17 +448,19 @@ def grpc_status(exc: BaseException) -> int:
 
 async def answer_async(
     sock: socket.socket, code: int, message: str, *, timeout: float = ANSWER_TIMEOUT,
-    limit: int = grpc_refusal.MAX_READ,
+    limit: int = grpc_refusal.MAX_READ, received: bytes = b"",
 ) -> None:
     """Answer every gRPC call on ``sock`` with ``code`` and ``message`` (a trailers-only
     response each, then GOAWAY), within ``timeout`` seconds and ``limit`` bytes read;
-    the caller closes ``sock``."""
+    ``received``: what the client sent already (from its preface on: a gate's
+    :meth:`~npipe.grpc_refusal.CallGate.held`). The caller closes ``sock``."""
     loop = asyncio.get_running_loop()
     responder = grpc_refusal.StatusResponder(code, message)
     sock.setblocking(False)
 
     async def converse() -> None:
-        await loop.sock_sendall(sock, responder.data_to_send())
+        # (after a GOAWAY: read on until grpcio closes, lest it miss the answer)
+        await loop.sock_sendall(sock, responder.data_to_send() + responder.receive_data(received))
         read = 0
         while read < limit:
             data = await loop.sock_recv(sock, min(65536, limit - read))
@@ -421,10 +526,12 @@ def bridge_for(
                 bridge.pin()
             return bridge
 
-        async def attach(sock: socket.socket) -> None:
-            # (a failed open leaves sock open: the bridge answers grpcio's calls on it)
+        async def attach(sock: socket.socket, initial: bytes) -> None:
+            # (a failed open leaves sock open: the bridge answers grpcio's calls on it,
+            # or waits for a missing pipe: missing_grace=0, it looks once)
             await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
-                                allow_smb2=allow_smb2, close_on_failure=False)
+                                allow_smb2=allow_smb2, close_on_failure=False,
+                                initial=initial, missing_grace=0)
 
         bridge = PipeBridge(attach, description=addr.posix(), pinned=pin)
         _bridges[key] = bridge

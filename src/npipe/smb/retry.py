@@ -31,12 +31,18 @@ PipeWait = Callable[[float], Awaitable[int | None]]
 class OpenRetry:
     """The retry state of one open of ``address`` that must end within ``timeout``."""
 
-    def __init__(self, address: PipeAddress, credentials: Credentials, timeout: float) -> None:
+    def __init__(
+        self, address: PipeAddress, credentials: Credentials, timeout: float,
+        missing_grace: float | None = None,
+    ) -> None:
         self.address = address
         self.credentials = credentials
         self.timeout = timeout
         self._loop = asyncio.get_running_loop()
         self.deadline = self._loop.time() + timeout
+        # A missing pipe is looked for again only this long (None: until the deadline).
+        self.missing_deadline = (None if missing_grace is None
+                                 else self._loop.time() + missing_grace)
         self._delay = RETRY_FIRST
         self._reconnects = 0
         self._last_status = st.STATUS_OBJECT_NAME_NOT_FOUND
@@ -72,6 +78,9 @@ class OpenRetry:
         if status not in st.RETRY_STATUSES:
             raise st.create_error(status, self.address, self.credentials, detail)
         self._last_status = status
+        if (self.missing_deadline is not None and st.RETRY_STATUSES[status] == "not found"
+                and self._loop.time() >= self.missing_deadline):
+            raise PipeNotFound(f"no pipe {self.address}: the server has none by that name")
         remaining = self.deadline - self._loop.time()
         if remaining <= 0:
             raise self._gave_up()
@@ -131,14 +140,16 @@ async def open_with_retries(
     connect: Callable[[float], Awaitable[C]],
     create: Callable[[C, float], Awaitable[T | Refused | None]],
     pipe_wait: Callable[[C], PipeWait],
+    missing_grace: float | None = None,
 ) -> T:
-    """Open the pipe, retrying a missing or busy one until ``timeout``.
+    """Open the pipe, retrying a missing or busy one until ``timeout`` (a missing one
+    only for ``missing_grace`` seconds, if given: 0 looks once).
 
     ``connect(deadline)``: the shared connection to use, by the loop's time ``deadline``;
     ``create(connection, timeout)``: one CREATE, whose result is the open pipe, a
     :class:`Refused`, or None if it was not answered in time; ``pipe_wait(connection)``:
     FSCTL_PIPE_WAIT for the pipe there (asked while ``connection.pipe_wait``)."""
-    retry = OpenRetry(address, credentials, timeout)
+    retry = OpenRetry(address, credentials, timeout, missing_grace)
     while True:
         connection = await connect(retry.deadline)
         create_timeout = retry.create_timeout()
