@@ -149,14 +149,22 @@ def test_grpc_wrong_password_is_unauthenticated(site: Site) -> None:
 
 
 def test_grpc_missing_pipe_is_unavailable_with_the_reason(site: Site) -> None:
+    """Fast (not after the 10 s dial timeout), UNAVAILABLE with npipe's reason."""
     r = client(site, "grpc_error", site.address("nosuchpipe"))
     assert r["code"] == "UNAVAILABLE", r
     assert "nosuchpipe" in r["details"] and "Socket closed" not in r["details"], r
+    assert r["took"] < 3, r
+
+
+def test_grpc_wait_for_ready_on_a_missing_pipe_waits_for_its_deadline(site: Site) -> None:
+    r = client(site, "wait_for_ready_deadline", site.address("nosuchpipe"))
+    assert r["code"] == "DEADLINE_EXCEEDED", r
+    assert 1.8 < r["took"] < 4, r
 
 
 def test_grpc_call_made_before_the_server_starts(site: Site) -> None:
-    """wait_for_ready=True across hosts: the bridge waits for the pipe (its dial
-    timeout) and relays once the server serves."""
+    """wait_for_ready=True across hosts: the bridge waits for the pipe (longer than
+    its dial timeout, 2 s) and relays once the server serves."""
     env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
     proc = popen_in(site.hosts.client_ns, [sys.executable, str(APPS / "client_app.py"),
                                            "late_server", site.address("latecomer")],
@@ -166,7 +174,7 @@ def test_grpc_call_made_before_the_server_starts(site: Site) -> None:
         assert json.loads(proc.stdout.readline()) == {"started": True}
         import time
 
-        time.sleep(1)
+        time.sleep(4)
         with serve(site, "latecomer"):
             out = proc.stdout.readline()
             proc.wait(WAIT)

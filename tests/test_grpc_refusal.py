@@ -162,3 +162,60 @@ def test_a_silent_caller_is_let_go_in_time(sock_path: Path) -> None:
         pass
     assert sent < 100  # the door stopped reading (and closed) long before
     flood.close()
+
+
+# --- the gate: holding a connection for a pipe not there yet -------------------------
+
+
+def test_the_gate_reads_the_calls_and_keeps_what_the_pipe_gets() -> None:
+    """The first HEADERS (and every later call) decoded; the gate's own SETTINGS ACK
+    and the PINGs it answers are kept from the pipe; the rest is held as sent, byte
+    for byte, a half frame included."""
+    from npipe.grpc_refusal import CallGate
+
+    client = _client()
+    gate = CallGate()
+    client.receive_data(gate.data_to_send())  # an empty SETTINGS: grpcio sends its calls
+    preface = client.data_to_send()  # the preface, its SETTINGS and the ACK of the gate's
+    client.send_headers(1, [*REQUEST, ("grpc-timeout", "1500m"),
+                            (grpc_refusal.WAIT_FOR_READY_KEY, "1")])
+    client.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+    client.ping(b"12345678")
+    client.send_headers(3, REQUEST, end_stream=True)  # HPACK: indexed from the first
+    sent = preface + client.data_to_send()
+    back = gate.receive_data(sent[:-3], now=100.0)
+    assert not gate.at_boundary
+    back += gate.receive_data(sent[-3:], now=100.0)
+    assert gate.at_boundary and not gate.failed
+    assert back == b"\x00\x00\x08\x06\x01\x00\x00\x00\x0012345678"  # the PING's ACK
+    assert gate.headers is not None and (":path", "/t.Svc/Echo") in gate.headers
+    assert gate.wait_for_ready and gate.timeout == 1.5
+    assert gate.calls == {1: (True, 101.5), 3: (False, None)}
+    assert gate.hold_until(grace_until=100.5) == 101.5 + grpc_refusal.DEADLINE_SLACK
+    # What the pipe's server gets: a client stream a server accepts as it is.
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    events = server.receive_data(gate.held())
+    calls = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert [c.stream_id for c in calls] == [1, 3]
+    assert not [e for e in events if isinstance(e, (h2.events.PingReceived,
+                                                    h2.events.SettingsAcknowledged))]
+    # grpcio gives the marked call up: the rest must fail fast.
+    client.reset_stream(1)
+    gate.receive_data(client.data_to_send(), now=101.0)
+    assert gate.hold_until(grace_until=100.5) == 100.5
+
+
+def test_the_gate_is_bounded() -> None:
+    from npipe.grpc_refusal import CallGate
+
+    gate = CallGate(limit=100)
+    client = _client()
+    client.receive_data(gate.data_to_send())
+    gate.receive_data(client.data_to_send())
+    assert not gate.failed
+    gate.receive_data(b"\x00" * 100)
+    assert gate.overflow
+    garbage = CallGate()
+    garbage.receive_data(b"GET / HTTP/1.1\r\n")
+    assert garbage.malformed
