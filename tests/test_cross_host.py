@@ -128,7 +128,9 @@ def test_a_thousand_concurrent_calls_over_fifty_pipes(site: Site) -> None:
 
 
 def test_user_the_acl_refuses(site: Site) -> None:
-    with serve(site, "private"):
+    """A stream pipe closes a refused caller without a named_pipe_auth reply: the
+    CREATE fails. (A gRPC pipe answers its calls instead: see the test below.)"""
+    with serve(site, "private", kind="raw"):
         r = client(site, "error", site.address("private"), user=BOB)
     assert r["error"] == "AccessDenied" and "refused" in r["message"]
 
@@ -183,7 +185,7 @@ def test_authentication_failure_says_why_once(site: Site, who: str) -> None:
     [(kind, message)] = r["errors"]
     assert kind == "AuthenticationError" and "\n" not in message, message
     assert "SpnegoError" not in message and len(message) < 300, message
-    assert r["grpc"] == "UNAVAILABLE"
+    assert r["grpc"] == "UNAUTHENTICATED"  # the bridge answers with what npipe knows
     for bad in ("Task exception was never retrieved", "unhandled exception", "Traceback",
                 "cannot schedule new futures"):
         assert bad not in stderr, stderr[-3000:]
@@ -298,6 +300,60 @@ def test_what_smbd_answers_a_create_with(site: Site, smb_backend: str) -> None:
 def test_unreachable_host(site: Site) -> None:
     r = client(site, "error", "//198.18.0.3/pipe/x")  # nobody on the link has it
     assert r["error"] == "HostUnreachable"
+
+
+def test_grpc_user_the_acl_refuses_is_permission_denied(site: Site) -> None:
+    """Samba hands the open over; the gRPC pipe's front door sends the named_pipe_auth
+    reply and answers the call itself: PERMISSION_DENIED, with who and which pipe."""
+    with serve(site, "private"):
+        r = client(site, "grpc_error", site.address("private"), user=BOB)
+    assert r["code"] == "PERMISSION_DENIED", r
+    assert r["details"].startswith("the ACL of pipe private does not admit "), r
+    assert BOB in r["details"] and site.hosts.client_ip in r["details"], r
+
+
+def test_grpc_wrong_password_is_unauthenticated(site: Site) -> None:
+    with serve(site, "pw"):
+        r = client(site, "grpc_error", site.address("pw"), password="Not-Her-Secret-7")
+    assert r["code"] == "UNAUTHENTICATED", r
+    assert ALICE in r["details"] and "Not-Her-Secret-7" not in r["details"], r
+    assert len([w for w in r["warnings"] if "could not open" in w]) == 1, r
+
+
+def test_grpc_missing_pipe_is_unavailable_with_the_reason(site: Site) -> None:
+    """Fast (not after the 10 s dial timeout), UNAVAILABLE with npipe's reason."""
+    r = client(site, "grpc_error", site.address("nosuchpipe"))
+    assert r["code"] == "UNAVAILABLE", r
+    assert "nosuchpipe" in r["details"] and "Socket closed" not in r["details"], r
+    assert r["took"] < 3, r
+
+
+def test_grpc_wait_for_ready_on_a_missing_pipe_waits_for_its_deadline(site: Site) -> None:
+    r = client(site, "wait_for_ready_deadline", site.address("nosuchpipe"))
+    assert r["code"] == "DEADLINE_EXCEEDED", r
+    assert 1.8 < r["took"] < 4, r
+
+
+def test_grpc_call_made_before_the_server_starts(site: Site) -> None:
+    """wait_for_ready=True across hosts: the bridge waits for the pipe (longer than
+    its dial timeout, 2 s) and relays once the server serves."""
+    env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
+    proc = popen_in(site.hosts.client_ns, [sys.executable, str(APPS / "client_app.py"),
+                                           "late_server", site.address("latecomer")],
+                    env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"started": True}
+        import time
+
+        time.sleep(4)
+        with serve(site, "latecomer"):
+            out = proc.stdout.readline()
+            proc.wait(WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads(out) == {"reply": "late"}, out
 
 
 def test_raw_stream_server_across_hosts(site: Site) -> None:

@@ -111,7 +111,10 @@ def test_user_not_in_acl_is_refused_and_logged(
         refused = run_python(whoami_client("svc", shared_dir, server_user="root"), user=t2)
         outcome = refused.check()
         assert outcome["uid"] == t2.uid
-        assert outcome.get("code") == "UNAVAILABLE", outcome
+        # Answered by the front door (never relayed to grpcio), with the reason.
+        assert outcome.get("code") == "PERMISSION_DENIED", outcome
+        assert "ACL of pipe" in outcome["details"] and t2.name in outcome["details"], outcome
+        assert f"pid={refused.pid}" in outcome["details"], outcome
         assert s.probe.handled == []  # never reached grpcio's handlers
 
         # The user the ACL names still gets through the same pipe.
@@ -244,7 +247,7 @@ def test_supplementary_group_in_acl(shared_dir: Path, t1: TestUser) -> None:
     caller = member.check()["caller"]
     assert (caller["uid"], caller["pid"]) == (t1.uid, member.pid)
     assert group.gr_gid in caller["groups"]
-    assert outsider.check().get("code") == "UNAVAILABLE"
+    assert outsider.check().get("code") == "PERMISSION_DENIED"
 
 
 def test_unreachable_pipe_dir_is_access_denied_not_pipe_not_found(t1: TestUser) -> None:

@@ -85,8 +85,7 @@ def test_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
         assert not os.path.lexists(path)
         assert _leftovers(pipe_dir) == []
         assert s.leftovers() == []  # grpcio's backend socket and its private dir went too
-        with pytest.raises(npipe.PipeNotFound):
-            npipe.grpc.channel("svc", pipe_dir=pipe_dir)
+        _assert_missing(pipe_dir)
 
 
 def test_aio_server_stop_mid_stream_is_unavailable(pipe_dir: Path) -> None:
@@ -131,8 +130,7 @@ def test_stop_with_grace_lets_live_calls_finish_but_frees_the_name(pipe_dir: Pat
         stopped = s.server.stop(5)
         # The name is given up at once: no new client can find it ...
         assert not os.path.lexists(s.path)
-        with pytest.raises(npipe.PipeNotFound):
-            npipe.grpc.channel("svc", pipe_dir=pipe_dir)
+        _assert_missing(pipe_dir)
         # ... while the call in flight finishes within the grace period.
         assert slow.result(timeout=WAIT) == b"slept"
         assert stopped.wait(WAIT)
@@ -190,13 +188,110 @@ def test_collected_server_gives_up_the_pipe(pipe_dir: Path) -> None:
 # --- finding a pipe ----------------------------------------------------------------------------
 
 
-def test_missing_pipe_is_pipe_not_found(pipe_dir: Path) -> None:
-    with pytest.raises(npipe.PipeNotFound):
-        npipe.grpc.channel("nobody", pipe_dir=pipe_dir)
-    with pytest.raises(npipe.PipeNotFound):
-        npipe.grpc.aio_channel("nobody", pipe_dir=pipe_dir)
-    with pytest.raises(FileNotFoundError):  # PipeNotFound is one
-        npipe.grpc.channel("nobody", pipe_dir=pipe_dir)
+def _assert_missing(pipe_dir: Path, name: str = "svc") -> None:
+    """A new channel to ``name`` is made (lazily), and a plain call (no wait_for_ready)
+    fails fast, UNAVAILABLE with npipe's reason: the bridge does not wait out the dial
+    timeout (10 s) for a pipe nobody serves."""
+    start = time.monotonic()
+    with npipe.grpc.channel(name, pipe_dir=pipe_dir) as chan, \
+            pytest.raises(grpc.RpcError) as info:
+        chan.unary_unary(method("Echo"))(b"x", timeout=WAIT)
+    assert time.monotonic() - start < 3
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+    assert info.value.details().startswith(f"no pipe \\\\.\\pipe\\{name}: nothing at ")
+
+
+def test_a_channel_to_a_missing_pipe_is_lazy_and_fails_fast(pipe_dir: Path) -> None:
+    """grpcio channels never touch their target at creation, and neither do npipe's:
+    a plain call fails UNAVAILABLE with npipe's reason within about a second (as a
+    missing pipe did when the channel raised PipeNotFound); none is raised before.
+    Every kind of call, sync and aio."""
+    _assert_missing(pipe_dir, "nobody")
+    with npipe.grpc.channel("nobody", pipe_dir=pipe_dir) as chan:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(chan.unary_stream(method("Count"))(b"3", timeout=WAIT))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as info:
+            chan.stream_unary(method("Concat"))(iter([b"a"]), timeout=WAIT)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 6
+
+    async def aio() -> None:
+        start = time.monotonic()
+        async with npipe.grpc.aio_channel("nobody", pipe_dir=pipe_dir) as chan:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await chan.unary_unary(method("Echo"))(b"x", timeout=WAIT)
+        assert time.monotonic() - start < 3
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no pipe" in (info.value.details() or "")
+
+    run_async(aio)
+
+
+def test_a_call_made_before_its_server_starts_waits_for_it(pipe_dir: Path) -> None:
+    """A client started before its server (systemd ordering, a restart): a
+    wait_for_ready call goes through once the server serves, seconds later, through a
+    bridge that checks who serves."""
+    with npipe.grpc.channel("late", pipe_dir=pipe_dir) as chan:
+        call = chan.unary_unary(method("Whoami")).future(b"", timeout=30,
+                                                           wait_for_ready=True)
+        time.sleep(3)
+        assert not call.done()
+        with serve(pipe_dir, name="late") as s:
+            who = json.loads(call.result(timeout=WAIT))
+            assert (who["uid"], who["pid"]) == (os.getuid(), os.getpid())
+            assert s.probe.handled == ["Whoami"]
+            # The channel stays on its checking bridge: later calls work the same.
+            assert chan.unary_unary(method("Echo"))(b"again", timeout=WAIT) == b"again"
+
+    async def aio() -> None:
+        async with npipe.grpc.aio_channel("late2", pipe_dir=pipe_dir) as chan:
+            call = chan.stream_stream(method("Bidi"))(iter([b"a", b"b"]), timeout=30,
+                                                      wait_for_ready=True)
+            await asyncio.sleep(3)
+            assert not call.done()
+            with serve(pipe_dir, name="late2"):
+                assert [m async for m in call] == [b"re:a", b"re:b"]
+
+    run_async(aio)
+
+
+def test_wait_for_ready_is_bounded_by_the_call_alone(pipe_dir: Path) -> None:
+    """The dial timeout does not bound a wait_for_ready call: its server may start
+    later than that (channel(timeout=2), server after 4 s); a streaming call too."""
+    with npipe.grpc.channel("later", pipe_dir=pipe_dir, timeout=2) as chan:
+        call = chan.unary_unary(method("Echo")).future(b"later", timeout=30,
+                                                         wait_for_ready=True)
+        streamed = chan.unary_stream(method("Count"))(b"3", timeout=30, wait_for_ready=True)
+        time.sleep(4)
+        assert not call.done()
+        with serve(pipe_dir, name="later"):
+            assert call.result(timeout=WAIT) == b"later"
+            assert list(streamed) == [b"0", b"1", b"2"]
+
+
+def test_wait_for_ready_on_a_pipe_never_served_ends_at_its_deadline(pipe_dir: Path) -> None:
+    """A wait_for_ready call on a pipe nobody serves waits for its own deadline (2 s),
+    then is DEADLINE_EXCEEDED: neither UNAVAILABLE at once nor cut at the dial timeout."""
+    with npipe.grpc.channel("never", pipe_dir=pipe_dir, timeout=1) as chan:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            chan.unary_unary(method("Echo"))(b"x", timeout=2, wait_for_ready=True)
+        took = time.monotonic() - start
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+    assert 1.8 < took < 4, took
+
+    async def aio() -> None:
+        async with npipe.grpc.aio_channel("never", pipe_dir=pipe_dir, timeout=1) as chan:
+            start = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await chan.unary_unary(method("Echo"))(b"x", timeout=2, wait_for_ready=True)
+            took = time.monotonic() - start
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 1.8 < took < 4, took
+
+    run_async(aio)
 
 
 def test_pipe_names_are_case_insensitive(pipe_dir: Path) -> None:

@@ -91,7 +91,12 @@ def test_a_user_the_acl_does_not_name_is_refused(a: TestUser, b: TestUser, c: Te
     with _serve(a, "shop", _acl_for(b)) as server:
         _ready(server)
         outcome = _call(c, "shop", server_user=a.name)
-        assert outcome.get("code") == "UNAVAILABLE", outcome  # closed by the front door
+        # The front door answers C's call itself: the reason, not a closed socket.
+        assert outcome.get("code") == "PERMISSION_DENIED", outcome
+        assert outcome["details"] == (
+            f"the ACL of pipe \\\\.\\pipe\\shop does not admit {c.name} uid={c.uid} "
+            f"pid={outcome['pid']}"
+        ), outcome
 
 
 def test_a_client_refuses_a_server_it_did_not_name(a: TestUser, b: TestUser) -> None:
@@ -166,7 +171,8 @@ def test_grpc_redials_never_reach_a_squatter(
     """B's channel keeps dialling the socket path it resolved (in A's own directory):
     after A's server goes and C takes the name, B's re-dials reach nothing of C's.
     .NET's names (/tmp/CoreFxPipe_NAME) sit where anyone can create a name: there the
-    channel dials through a relay that checks the listener on every connection."""
+    channel dials through a relay that checks the listener on every connection (and
+    answers PERMISSION_DENIED for one it does not trust)."""
     name = "shop-dotnet" if dotnet else "shop"
     extra = ", dotnet=True" if dotnet else ""
     client = f"""
@@ -197,7 +203,9 @@ def test_grpc_redials_never_reach_a_squatter(
                 caller.proc.stdin.write("\n")
                 caller.proc.stdin.flush()
                 again = caller.proc.stdout.readline().strip()
-                assert again == "AGAIN UNAVAILABLE", again
+                # (the relay answers for the pipe: its listener is not A's, the reason)
+                assert again == ("AGAIN PERMISSION_DENIED" if dotnet
+                                 else "AGAIN UNAVAILABLE"), again
                 assert squatter.proc.stdin is not None and squatter.proc.stdout is not None
                 squatter.proc.stdin.close()
                 squatter.proc.wait(WAIT)

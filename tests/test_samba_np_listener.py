@@ -77,16 +77,59 @@ def test_a_real_request_opens_the_pipe(served: Path, vector: bytes) -> None:
     s.close()
 
 
-def test_a_caller_the_acl_refuses_gets_no_reply(np_dir: Path) -> None:
+def test_a_grpc_caller_the_acl_refuses_is_answered_permission_denied(np_dir: Path) -> None:
+    """A gRPC pipe sends the named_pipe_auth reply (the open succeeds), then answers the
+    caller's calls itself: PERMISSION_DENIED, with the reason; grpcio never sees them."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     npipe.grpc.add_pipe_port(server, "strict", smb=True)  # owner-only: root; npt is not
     server.start()
     try:
         s = smbd_connect(np_dir / "strict")
         s.sendall(LEVEL7_NTLM)
-        assert recv_all(s) == b""  # closed without a reply: smbd fails the CREATE
+        reply = s.recv(REPLY_SIZE)
+        assert len(reply) == REPLY_SIZE and reply[4:8] == b"NPAM"
+        client = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding="utf-8"))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "POST"), (":scheme", "http"),
+                                (":path", "/t.Svc/Echo"), (":authority", "x"),
+                                ("content-type", "application/grpc"), ("te", "trailers")],
+                            end_stream=True)
+        s.sendall(client.data_to_send())
+        s.settimeout(10)
+        headers: dict[str, str] = {}
+        while not headers and (data := s.recv(65536)):
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = dict(event.headers)
+        s.close()
+        assert headers["grpc-status"] == "7", headers
+        assert headers["grpc-message"].startswith("the ACL of pipe strict does not admit "), headers
     finally:
         server.stop(None)
+
+
+def test_a_stream_caller_the_acl_refuses_gets_no_reply(np_dir: Path) -> None:
+    import asyncio
+
+    async def main() -> bytes:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await npipe.start_server(handler, "strict2", smb=True)  # owner-only
+        try:
+            s = smbd_connect(np_dir / "strict2")
+            s.setblocking(True)
+            s.sendall(LEVEL7_NTLM)
+            return await asyncio.to_thread(recv_all, s)
+        finally:
+            server.close()
+
+    assert asyncio.run(main()) == b""  # closed without a reply: smbd fails the CREATE
 
 
 @pytest.mark.parametrize(

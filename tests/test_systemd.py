@@ -466,20 +466,19 @@ def test_pipe_and_acl_from_the_config_file(pipe_dir: Path, machine_dir: Path) ->
             outcome = refused.check()
             code, _out, err = served.stop()
         assert code == 0, err
-        # The front door closes a caller the ACL refuses, before grpcio sees a byte: the
-        # client's call fails UNAVAILABLE at connecting (the rest of the details, reset
-        # or closed, depends on whether its preface was sent before the close), and the
-        # server says whom it refused, once.
+        # The front door answers a caller the ACL refuses itself, before grpcio sees a
+        # byte: the client's call fails PERMISSION_DENIED with the reason, and the server
+        # says whom it refused, once.
         refusals = [line for line in err.splitlines() if "refused" in line]
         assert len(refusals) == 1, err
         match = re.fullmatch(rf"npipe: WARNING: refused npipe-t2 uid={t2.uid} "
                             rf"pid={refused.pid} on pipe (\S+/cfgshop): not allowed by its ACL",
                             refusals[0])
         assert match, refusals[0]
-        assert isinstance(outcome, dict) and outcome["code"] == "UNAVAILABLE", outcome
-        assert outcome["details"].startswith(
-            "failed to connect to all addresses; last error: UNAVAILABLE: "
-            f"unix:{match.group(1)}: "), outcome
+        assert isinstance(outcome, dict) and outcome["code"] == "PERMISSION_DENIED", outcome
+        assert outcome["details"] == (
+            rf"the ACL of pipe \\.\pipe\cfgshop does not admit npipe-t2 uid={t2.uid} "
+            f"pid={refused.pid}"), outcome
 
 
 def test_smb_serves_into_sambas_np_directory(np_dir: Path) -> None:

@@ -34,9 +34,11 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import SupportsIndex
 
+from npipe import grpc_refusal
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.errors import ConfigError
 from npipe.identity import Caller
@@ -251,8 +253,27 @@ class AcceptBackoff:
             self._failures = 0
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A caller turned away with a gRPC status (``code``: grpc_refusal's numbers) and a
+    one-line ``message``, rather than a closed socket: the gRPC front door answers
+    each of its calls so (see :mod:`npipe.grpc_refusal`); it never reaches grpcio."""
+
+    caller: Caller | None
+    code: int
+    message: str
+
+
 # Who is at the door: a Caller to let in, or None to close (the identifier logs why).
 Identify = Callable[[socket.socket], "Caller | None"]
+# The gRPC front door's: a Refusal too, to answer the caller's calls with (logged too).
+DoorIdentify = Callable[[socket.socket], "Caller | Refusal | None"]
+
+
+def acl_refusal(caller: Caller, name: object) -> Refusal:
+    """PERMISSION_DENIED for a caller that pipe ``name``'s ACL does not admit."""
+    return Refusal(caller, grpc_refusal.PERMISSION_DENIED,
+                   f"the ACL of pipe {name} does not admit {caller}")
 
 
 def local_identify(acl: Acl = OWNER_ONLY, pipe: object = "") -> Identify:
@@ -266,6 +287,63 @@ def local_identify(acl: Acl = OWNER_ONLY, pipe: object = "") -> Identify:
         return None
 
     return identify
+
+
+def local_identify_answering(acl: Acl, pipe: object, name: object) -> DoorIdentify:
+    """:func:`local_identify` for the gRPC front door: a refused caller is answered
+    with a :class:`Refusal` naming pipe ``name`` rather than closed."""
+    identify = local_identify(acl, pipe)
+
+    def identify_or_refuse(conn: socket.socket) -> Caller | Refusal | None:
+        caller = identify(conn)
+        if caller is not None:
+            return caller
+        return acl_refusal(peer_caller(conn), name)
+
+    return identify_or_refuse
+
+
+# A refused gRPC caller is answered (see Refusal) within these bounds, on its relay
+# thread but without its connection slot (given back at once: a refused caller must
+# not keep an admitted one waiting). The most bytes read from it: grpc_refusal.MAX_READ.
+REFUSAL_TIMEOUT = 2.0  # a gRPC client sends its preface and first call at once
+REFUSALS_AT_ONCE = 16  # refused callers answered at once per door; more are just closed
+
+
+def answer_refused(
+    conn: socket.socket, refusal: Refusal, *, timeout: float = REFUSAL_TIMEOUT,
+    limit: int = grpc_refusal.MAX_READ,
+) -> None:
+    """Answer every call on a blocking connection with ``refusal``'s status, within
+    ``timeout`` seconds in all and ``limit`` bytes read; the caller closes ``conn``."""
+    responder = grpc_refusal.StatusResponder(refusal.code, refusal.message)
+    deadline = time.monotonic() + timeout
+    try:
+        conn.settimeout(timeout)
+        conn.sendall(responder.data_to_send())
+        while not responder.finished and responder.bytes_received < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            conn.settimeout(left)
+            data = conn.recv(min(RELAY_CHUNK, limit - responder.bytes_received))
+            if not data:
+                return
+            if out := responder.receive_data(data):
+                conn.sendall(out)
+        # The GOAWAY is out: grpcio closes the connection once its calls are answered.
+        # Wait for that (reading what it still sends, within the same bounds) rather
+        # than close first: our end of stream would reach grpcio through Samba and an
+        # SMB bridge as a closed pipe, which can cut it off before it reads the answer.
+        read = responder.bytes_received
+        while read < limit and (left := deadline - time.monotonic()) > 0:
+            conn.settimeout(left)
+            data = conn.recv(min(RELAY_CHUNK, limit - read))
+            if not data:
+                return
+            read += len(data)
+    except OSError:
+        return
 
 
 class FrontDoor:
@@ -283,7 +361,7 @@ class FrontDoor:
         claimed: ClaimedSocket,
         backend: Path,
         workdir: Path,
-        identify: Identify,
+        identify: DoorIdentify,
         slots: ConnectionSlots | None = None,
     ) -> None:
         self._claimed = claimed
@@ -292,6 +370,7 @@ class FrontDoor:
         self._identify = identify
         self._slots = slots or ConnectionSlots(default_max_connections(), claimed.path)
         self._closed = threading.Event()
+        self._refusing = threading.BoundedSemaphore(REFUSALS_AT_ONCE)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(
@@ -372,9 +451,12 @@ class FrontDoor:
         except Exception:
             log.exception("could not identify a caller on %s", self.path)
             caller = None
-        if caller is None:
+        if caller is None or isinstance(caller, Refusal):
             backend.close()
-            self._drop(conn)
+            if caller is None:
+                self._drop(conn)
+            else:
+                self._refuse(conn, caller)
             return
         bound = os.fspath(self._workdir / f"c{next(_counter)}")
         try:
@@ -403,6 +485,23 @@ class FrontDoor:
             self._finish(peer, conn, backend)
             return
         _pump(conn, backend, done)  # this thread relays the way in
+
+    def _refuse(self, conn: socket.socket, refusal: Refusal) -> None:
+        """Answer a refused caller's calls with its status, then close it. Its slot is
+        given back first; at most REFUSALS_AT_ONCE are answered at once (the others
+        are closed), each for REFUSAL_TIMEOUT seconds at most. None of its bytes goes
+        anywhere but into the responder."""
+        self._slots.give_back()
+        try:
+            if self._refusing.acquire(blocking=False):
+                try:
+                    answer_refused(conn, refusal)
+                finally:
+                    self._refusing.release()
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
 
     def _finish(self, peer: str, conn: socket.socket, backend: socket.socket) -> None:
         _callers.pop(peer, None)

@@ -16,6 +16,7 @@ client that dials ``unix:`` sockets reaches it too.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -32,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from npipe import frontdoor
+from npipe import frontdoor, grpc_refusal
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address, validate_unix_path
-from npipe.errors import ConfigError, UnsupportedPlatform
+from npipe.errors import ConfigError, PipeNotFound, UnsupportedPlatform
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe, claim_pipe_existing, place_for
 from npipe.local.dial import check_server, connect_error, find_socket
@@ -134,9 +135,10 @@ def add_pipe_port(
                 claimed.release()
                 raise
             slots = frontdoor.ConnectionSlots(cap, claimed.path)
-            doors = [frontdoor.FrontDoor(
-                claimed, backend, workdir, frontdoor.local_identify(acl, claimed.path), slots
-            )]
+            # A caller the ACL refuses is answered PERMISSION_DENIED for each call
+            # (frontdoor.Refusal), not cut off: grpcio then reports why.
+            identify = frontdoor.local_identify_answering(acl, claimed.path, addr)
+            doors = [frontdoor.FrontDoor(claimed, backend, workdir, identify, slots)]
             if smb:
                 from npipe.samba import np_listener as samba
 
@@ -145,7 +147,7 @@ def add_pipe_port(
                 except BaseException:
                     claimed.release()
                     raise
-                identify = samba.samba_identify(acl, smb_claimed.path)
+                identify = samba.samba_identify(acl, smb_claimed.path, answer_as=addr.name)
                 doors.append(
                     frontdoor.FrontDoor(smb_claimed, backend, workdir, identify, slots)
                 )
@@ -261,6 +263,12 @@ def target(
 ) -> str:
     """The grpcio target (``unix:/...``) for a pipe, after checking who serves it.
 
+    A local pipe that is not served yet raises nothing: the target is then a private
+    bridge that finds and checks the pipe on every connection, and answers
+    UNAVAILABLE with the reason while it is missing (after a second). A call made
+    with wait_for_ready=True waits for the pipe instead, until its deadline, but only
+    through a channel of :func:`channel` or :func:`aio_channel`: they mark such calls
+    for the bridge (metadata ``npipe-wait-for-ready``); grpcio itself does not say.
     A remote pipe is reached through an in-process bridge: a private Unix socket
     (0700 directory, only this user admitted) whose connections each open the pipe
     over SMB (see :func:`npipe.open_connection` for the SMB options).
@@ -269,6 +277,95 @@ def target(
         address, server_user=server_user, pipe_dir=pipe_dir, credentials=credentials,
         timeout=timeout, encrypt=encrypt, smb_backend=smb_backend, allow_smb2=allow_smb2,
     )[0]
+
+
+# --- wait_for_ready on the wire --------------------------------------------------------
+# A bridge in front of a pipe that is not there yet must tell a call that may wait for
+# it (wait_for_ready=True: grpcio waits for a connection, and a status the bridge sends
+# would be final) from one that must fail fast. grpcio does not put wait_for_ready on
+# the wire, so npipe's channels add a metadata entry to such calls (the bridge reads
+# the connection's first HEADERS: grpc_refusal.CallGate); the pipe's server sees it too.
+_WAIT_FOR_READY = (grpc_refusal.WAIT_FOR_READY_KEY, "1")
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,  # type: ignore[misc]
+):  # (grpc has no types: hence the ignores)
+    pass
+
+
+def _marked(details: Any) -> Any:
+    if not details.wait_for_ready:
+        return details
+    return _CallDetails(details.method, details.timeout,
+                        (*(details.metadata or ()), _WAIT_FOR_READY), details.credentials,
+                        details.wait_for_ready, getattr(details, "compression", None))
+
+
+class _MarkWaitForReady(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Marks the calls made with wait_for_ready=True (sync channels)."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_marked(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_marked(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_marked(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_marked(details), requests)
+
+
+def _aio_marked(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    if not details.wait_for_ready:
+        return details
+    metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
+    metadata.add(*_WAIT_FOR_READY)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
+                                      details.credentials, details.wait_for_ready)
+
+
+# (one object per kind: grpc.aio files an interceptor under the first kind it is)
+class _AioMarkUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_aio_marked(details), request)
+
+
+class _AioMarkUnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_aio_marked(details), request)
+
+
+class _AioMarkStreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(_aio_marked(details), requests)
+
+
+class _AioMarkStreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, requests: Any
+    ) -> Any:
+        return await continuation(_aio_marked(details), requests)
+
+
+def _aio_mark_wait_for_ready() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that mark the calls made with wait_for_ready=True (grpc.aio)."""
+    return [_AioMarkUnaryUnary(), _AioMarkUnaryStream(), _AioMarkStreamUnary(),
+            _AioMarkStreamStream()]
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, requests: Any
+    ) -> Any:
+        return await continuation(_aio_marked(details), requests)
 
 
 def _dial(
@@ -282,14 +379,16 @@ def _dial(
     smb_backend: str | None = None,
     allow_smb2: bool = False,
     pin: bool = True,
-) -> tuple[str, PipeBridge | None]:
-    """:func:`target`, and the SMB bridge behind it if any (unpinned: ``pin=False``)."""
+) -> tuple[str, PipeBridge | None, bool]:
+    """:func:`target`, the bridge to hold with the channel if any (unpinned:
+    ``pin=False``), and whether a bridge that waits for a missing pipe stands in front
+    of it (its channels then mark their wait_for_ready calls)."""
     addr = parse_address(address)
     if sys.platform == "win32":
         where = _windows_dialer(
             addr, server_user, credentials, timeout, encrypt, smb_backend, allow_smb2
         )
-        return where, None
+        return where, None, False
     if addr.is_remote:
         from npipe.unix_bridge import bridge_for
 
@@ -297,11 +396,17 @@ def _dial(
             addr, credentials=credentials, timeout=timeout, encrypt=encrypt, backend=smb_backend,
             allow_smb2=allow_smb2, pin=pin,
         )
-        return bridge.target, bridge
-    path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+        return bridge.target, bridge, True
+    try:
+        path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+    except PipeNotFound:
+        # Not served yet: grpcio channels are lazy, and so is this one. Its connections
+        # find and check the pipe each time (see _resolving_bridge).
+        bridge = _resolving_bridge(addr, server_user, pipe_dir, pin)
+        return bridge.target, bridge, True
     if not _others_can_name(path):
-        return _grpc_unix_target(path), None
-    return _checked_bridge(path, server_user).target, None
+        return _grpc_unix_target(path), None, False  # dialled directly: no bridge, no mark
+    return _checked_bridge(path, server_user).target, None, True
 
 
 # grpcio re-dials a target by path on its own, after a server restart, with no check of
@@ -325,13 +430,60 @@ def _checked_bridge(path: Path, server_user: str | int | None) -> PipeBridge:
     with _checked_lock:
         bridge = _checked_bridges.get(key)
         if bridge is None or bridge.closed:
-            attach = functools.partial(relay_checked, path, server_user)
+            attach = functools.partial(relay_checked, path, server_user,
+                                       close_on_failure=False)
             bridge = _checked_bridges[key] = PipeBridge(attach, description=str(path))
         return bridge
 
 
-async def relay_checked(path: Path, server_user: str | int | None, sock: socket.socket) -> None:
-    """Connect to ``path``, check who listens there, and relay ``sock`` to it."""
+# A channel made before its pipe is served dials a private bridge instead, whose every
+# connection finds the pipe (find_socket: the same lookup and trust walk as at once)
+# and checks its listener (relay_checked). A missing pipe is waited for by the bridge
+# (PipeBridge._wait_for_the_pipe): a call made with wait_for_ready=True until its
+# deadline, any other for a second, then answered UNAVAILABLE with the reason.
+# Such a channel keeps its bridge (one relay hop, in this process's I/O thread) for its
+# lifetime: re-dials never reach a socket nobody checked.
+_resolving_bridges: dict[tuple[object, ...], PipeBridge] = {}
+
+
+def _resolving_bridge(
+    addr: PipeAddress, server_user: str | int | None,
+    pipe_dir: str | os.PathLike[str] | None, pin: bool,
+) -> PipeBridge:
+    from npipe.unix_bridge import PipeBridge
+
+    key = (addr.key, frozenset(trusted_uids(server_user)),
+           None if pipe_dir is None else os.fspath(pipe_dir))
+    with _checked_lock:
+        bridge = _resolving_bridges.get(key)
+        if bridge is None or bridge.closed:
+            attach = functools.partial(relay_resolved, addr, server_user, pipe_dir)
+            bridge = _resolving_bridges[key] = PipeBridge(
+                attach, description=str(addr), pinned=pin)
+        else:
+            bridge.touch()
+            if pin:
+                bridge.pin()
+        return bridge
+
+
+async def relay_resolved(
+    addr: PipeAddress, server_user: str | int | None,
+    pipe_dir: str | os.PathLike[str] | None, sock: socket.socket, initial: bytes = b"",
+) -> None:
+    """Find pipe ``addr``, check who listens, and relay ``sock`` to it (``initial``
+    first); a failure (PipeNotFound at once for a missing pipe) leaves ``sock`` open:
+    the bridge answers grpcio on it, or waits for the pipe."""
+    path = find_socket(addr, server_user=server_user, directory=pipe_dir)
+    await relay_checked(path, server_user, sock, initial, close_on_failure=False)
+
+
+async def relay_checked(
+    path: Path, server_user: str | int | None, sock: socket.socket, initial: bytes = b"", *,
+    close_on_failure: bool = True,
+) -> None:
+    """Connect to ``path``, check who listens there, and relay ``sock`` to it
+    (``initial`` first: what was read from ``sock`` already)."""
     loop = asyncio.get_running_loop()
     out = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     out.setblocking(False)
@@ -345,10 +497,13 @@ async def relay_checked(path: Path, server_user: str | int | None, sock: socket.
         from npipe.local.sockets import close_gently
 
         out.close()
-        close_gently(sock)
+        if close_on_failure:
+            close_gently(sock)
         raise
     sock.setblocking(False)
     try:
+        if initial:
+            await loop.sock_sendall(out, initial)
         await asyncio.gather(_pump(loop, sock, out), _pump(loop, out, sock))
     finally:
         out.close()
@@ -380,8 +535,10 @@ def channel(
     A remote pipe's bridge stays open while the channel lives (then closes once unused
     for ``npipe.ioloop.idle_timeout()``).
     """
-    where, bridge = _dial(address, pin=False, **dial)
+    where, bridge, gated = _dial(address, pin=False, **dial)
     ch = grpc.insecure_channel(where, options=_options(options), compression=compression)
+    if gated:  # (still a grpc.Channel, a context manager as ever)
+        ch = grpc.intercept_channel(ch, _MarkWaitForReady())
     if bridge is not None:
         bridge.hold(ch)
     return ch
@@ -395,8 +552,10 @@ def aio_channel(
     **dial: Any,
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to a pipe (a remote pipe's bridge: as :func:`channel`)."""
-    where, bridge = _dial(address, pin=False, **dial)
-    ch = grpc.aio.insecure_channel(where, options=_options(options), compression=compression)
+    where, bridge, gated = _dial(address, pin=False, **dial)
+    interceptors = _aio_mark_wait_for_ready() if gated else None
+    ch = grpc.aio.insecure_channel(where, options=_options(options), compression=compression,
+                                   interceptors=interceptors)
     if bridge is not None:
         bridge.hold(ch)
     return ch

@@ -35,9 +35,9 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from npipe import ioloop
+from npipe import grpc_refusal, ioloop
 from npipe.address import PipeAddress
-from npipe.errors import NpipeError
+from npipe.errors import AccessDenied, AuthenticationError, NpipeError, PipeNotFound
 from npipe.local.listener import private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
@@ -48,7 +48,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("npipe.unix_bridge")
 
-Attach = Callable[[socket.socket], Awaitable[None]]
+# attach(sock, initial): open the pipe and relay ``sock`` to it, sending it ``initial``
+# first; PipeNotFound at once (not after waiting) if it is missing, ``sock`` left open.
+Attach = Callable[[socket.socket, bytes], Awaitable[None]]
+
+# How long a connection whose pipe is missing is held before its calls are answered
+# UNAVAILABLE (unless made with wait_for_ready), and how often the pipe is looked for.
+MISSING_GRACE = 1.0
+FIRST_LOOK_AGAIN, MOST_LOOK_AGAIN = 0.05, 1.0
 
 SOCKET_NAME = "b"
 BACKLOG = 128
@@ -58,7 +65,11 @@ class PipeBridge:
     """Listens on a private Unix socket; each connection is relayed to the remote pipe.
 
     ``attach(sock)`` opens the remote pipe for one accepted connection and relays it,
-    taking ownership of ``sock`` (closing it if the open fails). ``description`` names
+    taking ownership of ``sock``. If the open fails (an :class:`NpipeError`) and
+    ``sock`` is still open, the bridge speaks for the pipe: it answers each gRPC call
+    on the connection with the status npipe knows (UNAUTHENTICATED, PERMISSION_DENIED,
+    else UNAVAILABLE; see :func:`grpc_status`) and npipe's message, then closes it.
+    A failure is logged once, not again while it repeats. ``description`` names
     the pipe in logs. Close the bridge to stop listening, end the relayed connections
     and remove the directory. ``pinned=False``: see the module's docstring.
     """
@@ -75,6 +86,7 @@ class PipeBridge:
         self._pinned = pinned
         self._holders = 0
         self._last_used = time.monotonic()
+        self._last_failure: tuple[str, float] | None = None  # what was logged, when
         self._on_close: list[Callable[[PipeBridge], None]] = []
         self._pid = os.getpid()
         self.directory = os.fspath(private_dir(ensure_pipe_dir(pipe_dir())))  # mode 0700
@@ -210,18 +222,120 @@ class PipeBridge:
             self._sockets.add(conn)
         conn.setblocking(True)
         try:
-            await self._attach(conn)
+            await self._attach(conn, b"")
+        except PipeNotFound as exc:
+            await self._wait_for_the_pipe(conn, exc)
         except NpipeError as exc:
-            # The local connection is closed already: grpcio reports UNAVAILABLE.
-            log.warning("bridge %s: could not open the remote pipe: %s", self.description, exc)
+            self._failed(exc)
+            await self._speak_for_the_pipe(conn, exc)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("bridge %s: opening the remote pipe failed", self.description)
+            await self._speak_for_the_pipe(conn, exc)
+        else:
+            self._last_failure = None  # the next failure is news again
         finally:
             if conn.fileno() >= 0 and self._closed:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+
+    async def _wait_for_the_pipe(self, conn: socket.socket, missing: PipeNotFound) -> None:
+        """The pipe is not there: hold grpcio's connection (a :class:`CallGate`) and
+        look for the pipe again while its calls may wait.
+
+        A call made with wait_for_ready=True (marked by npipe's channels: see
+        grpc_refusal.WAIT_FOR_READY_KEY) waits for the pipe until its own deadline
+        (``grpc-timeout``), without one until grpcio gives it up; other calls, or
+        none, are answered UNAVAILABLE with the reason once MISSING_GRACE has passed.
+        The pipe found, it gets what grpcio sent meanwhile, then the live connection.
+        A failure other than a missing pipe is answered at once. grpcio multiplexes
+        its calls on one connection: they all wait (as long as a marked one lives),
+        or none does (CallGate.hold_until).
+        """
+        loop = asyncio.get_running_loop()
+        gate = grpc_refusal.CallGate()
+        conn.setblocking(False)
+        exc: Exception = missing
+        grace_until = loop.time() + MISSING_GRACE
+        pause = FIRST_LOOK_AGAIN
+        next_look = loop.time() + pause
+        try:
+            await loop.sock_sendall(conn, gate.data_to_send())
+            while not self._closed:
+                now = loop.time()
+                deadline = gate.hold_until(grace_until)
+                if deadline is not None and now >= deadline:
+                    break
+                until = next_look if deadline is None else min(next_look, deadline)
+                if await _readable(loop, conn, max(0.0, until - now)):
+                    try:
+                        data = conn.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:  # grpcio gave up the connection
+                        if isinstance(exc, NpipeError):
+                            self._failed(exc)
+                        conn.close()
+                        return
+                    if out := gate.receive_data(data, loop.time()):
+                        await loop.sock_sendall(conn, out)
+                    if gate.overflow:
+                        exc = BufferFull(f"{exc} (and the calls waiting for it sent more "
+                                         f"than {grpc_refusal.MAX_BUFFER} bytes)")
+                        break
+                    if gate.malformed:
+                        break
+                    continue
+                if loop.time() < next_look or not gate.at_boundary:
+                    continue
+                try:
+                    await self._attach(conn, gate.held())
+                except PipeNotFound as again:
+                    exc = again
+                except NpipeError as failed:
+                    exc = failed
+                    break  # refused, unreachable...: never waited out
+                else:
+                    self._last_failure = None
+                    return
+                pause = min(pause * 2, MOST_LOOK_AGAIN)
+                next_look = loop.time() + pause
+        except OSError:  # grpcio's end went away
+            conn.close()
+            return
+        if isinstance(exc, NpipeError):
+            self._failed(exc)
+        await self._speak_for_the_pipe(conn, exc, gate.held())
+
+    # A failure that repeats (every re-dial of grpcio's) is logged again only after this.
+    REPEAT_LOG_AFTER = 60.0
+
+    def _failed(self, exc: NpipeError) -> None:
+        said = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        last = self._last_failure
+        if last is not None and last[0] == said and now - last[1] < self.REPEAT_LOG_AFTER:
+            log.debug("bridge %s: could not open the pipe (again): %s", self.description, exc)
+            return
+        self._last_failure = (said, now)
+        log.warning("bridge %s: could not open the pipe: %s", self.description, exc)
+
+    async def _speak_for_the_pipe(
+        self, conn: socket.socket, exc: Exception, received: bytes = b""
+    ) -> None:
+        """Answer grpcio on ``conn`` (if the attach left it open) with the status for
+        ``exc``, within the responder's bounds (``received``: what grpcio sent before,
+        which it answers first); then close it."""
+        if conn.fileno() < 0:
+            return
+        try:
+            if not self._closed:
+                message = str(exc) if isinstance(exc, NpipeError) else (
+                    f"could not open {self.description}: {type(exc).__name__}: {exc}")
+                await answer_async(conn, grpc_status(exc), message, received=received)
+        finally:
+            conn.close()
 
     def _stop_serving(self, done: threading.Event | None) -> None:
         """Stop accepting; close the listener once the accept is no longer pending."""
@@ -294,6 +408,73 @@ class PipeBridge:
 
 
 
+# --- speaking for a pipe that cannot be opened -----------------------------------------
+
+# How long, and how many bytes, a bridge gives grpcio's connection to send its calls.
+ANSWER_TIMEOUT = 5.0
+
+
+class BufferFull(NpipeError):
+    """Calls waiting for a pipe sent more than a bridge holds for them."""
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read (or its end) within ``timeout``; nothing
+    is read (a pending read cancelled could lose its bytes: this one has none)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        done, _ = await asyncio.wait({ready}, timeout=timeout)
+        return bool(done)
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def grpc_status(exc: BaseException) -> int:
+    """The gRPC status a bridge answers with when ``exc`` kept it from opening the pipe."""
+    if isinstance(exc, BufferFull):
+        return grpc_refusal.RESOURCE_EXHAUSTED
+    if isinstance(exc, AuthenticationError):
+        return grpc_refusal.UNAUTHENTICATED
+    if isinstance(exc, AccessDenied):
+        return grpc_refusal.PERMISSION_DENIED
+    return grpc_refusal.UNAVAILABLE  # missing, busy, unreachable, lost, anything else
+
+
+async def answer_async(
+    sock: socket.socket, code: int, message: str, *, timeout: float = ANSWER_TIMEOUT,
+    limit: int = grpc_refusal.MAX_READ, received: bytes = b"",
+) -> None:
+    """Answer every gRPC call on ``sock`` with ``code`` and ``message`` (a trailers-only
+    response each, then GOAWAY), within ``timeout`` seconds and ``limit`` bytes read;
+    ``received``: what the client sent already (from its preface on: a gate's
+    :meth:`~npipe.grpc_refusal.CallGate.held`). The caller closes ``sock``."""
+    loop = asyncio.get_running_loop()
+    responder = grpc_refusal.StatusResponder(code, message)
+    sock.setblocking(False)
+
+    async def converse() -> None:
+        # (after a GOAWAY: read on until grpcio closes, lest it miss the answer)
+        await loop.sock_sendall(sock, responder.data_to_send() + responder.receive_data(received))
+        read = 0
+        while read < limit:
+            data = await loop.sock_recv(sock, min(65536, limit - read))
+            if not data:
+                return
+            read += len(data)
+            # (after the GOAWAY the responder returns nothing: read on until grpcio closes)
+            if out := responder.receive_data(data):
+                await loop.sock_sendall(sock, out)
+
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(converse(), timeout)
+
+
 # --- bridges to remote pipes, one per address, identity and options -------------------
 
 BridgeKey = tuple[
@@ -318,7 +499,8 @@ def bridge_for(
 
     Repeated calls with the same address, credentials and options return the same
     bridge while it is open. Each connection to the bridge opens its own pipe
-    instance; a failed open closes that connection (grpcio: UNAVAILABLE) and is logged.
+    instance; a failed open is logged and answered with its gRPC status and reason
+    (see :class:`PipeBridge`).
     Every bridge runs on the one I/O thread (:mod:`npipe.ioloop`), and the pipes of
     all bridges to a host share one SMB connection per identity and options.
 
@@ -344,9 +526,12 @@ def bridge_for(
                 bridge.pin()
             return bridge
 
-        async def attach(sock: socket.socket) -> None:
+        async def attach(sock: socket.socket, initial: bytes) -> None:
+            # (a failed open leaves sock open: the bridge answers grpcio's calls on it,
+            # or waits for a missing pipe: missing_grace=0, it looks once)
             await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
-                                allow_smb2=allow_smb2)
+                                allow_smb2=allow_smb2, close_on_failure=False,
+                                initial=initial, missing_grace=0)
 
         bridge = PipeBridge(attach, description=addr.posix(), pinned=pin)
         _bridges[key] = bridge
@@ -378,4 +563,5 @@ def close_bridges() -> None:
 atexit.register(close_bridges)
 
 
-__all__ = ["Attach", "PipeBridge", "bridge_for", "bridges", "close_bridges"]
+__all__ = ["Attach", "PipeBridge", "answer_async", "bridge_for", "bridges", "close_bridges",
+           "grpc_status"]

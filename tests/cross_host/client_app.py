@@ -148,6 +148,46 @@ def auth_failures(address: str) -> dict[str, Any]:
     return result
 
 
+def grpc_error(address: str) -> dict[str, Any]:
+    """What a gRPC call gives when the bridge cannot open the pipe: the status and
+    details, what npipe logged about it (once), and how long it took (the default dial
+    timeout, 10 s: a missing pipe must not be waited for)."""
+    warnings = _npipe_warnings()
+    with channel(address) as ch:
+        start = time.monotonic()
+        try:
+            ch.unary_unary("/x.Svc/Echo")(b"x", timeout=30)
+            return {"code": "OK"}
+        except grpc.RpcError as e:
+            return {"code": e.code().name, "details": e.details(), "warnings": warnings,
+                    "took": time.monotonic() - start}
+
+
+def wait_for_ready_deadline(address: str) -> dict[str, Any]:
+    """A wait_for_ready call with a 2 s deadline on a pipe nobody serves: its status
+    and how long it took."""
+    with channel(address, open_timeout=1) as ch:
+        start = time.monotonic()
+        try:
+            ch.unary_unary("/x.Svc/Echo")(b"x", timeout=2, wait_for_ready=True)
+            return {"code": "OK"}
+        except grpc.RpcError as e:
+            return {"code": e.code().name, "took": time.monotonic() - start}
+
+
+def late_server(address: str) -> dict[str, Any]:
+    """A wait_for_ready call made before the server serves: started, then says
+    STARTED on stdout, then waits for the call's outcome. The dial timeout (2 s) does
+    not bound it: the server may come later."""
+    with channel(address, open_timeout=2) as ch:
+        call = ch.unary_unary("/x.Svc/Echo").future(b"late", timeout=60, wait_for_ready=True)
+        print(json.dumps({"started": True}), flush=True)
+        try:
+            return {"reply": call.result().decode()}
+        except grpc.RpcError as e:
+            return {"code": e.code().name, "details": e.details()}
+
+
 def raw(address: str) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         reader, writer = await npipe.open_connection(address)

@@ -5,7 +5,10 @@ introduces the caller in a named_pipe_auth request; we answer with the reply, an
 then on the connection carries the pipe's bytes. The request is the only word on who
 called, so it is believed only from root (smbd): a local user who can reach the socket
 could otherwise claim to be anyone. smbd ignores the reply's status, so a caller the
-ACL refuses is closed without a reply (the client's CREATE then fails).
+ACL refuses is closed without a reply (the client's CREATE then fails), unless the pipe
+carries gRPC (``answer_as``): then the open succeeds and every call on it is answered
+with PERMISSION_DENIED (or UNAUTHENTICATED for a guest session) and npipe's reason
+(npipe.frontdoor.Refusal), which tells a gRPC client more than a failed CREATE.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import socket
 import time
 from pathlib import Path
 
+from npipe import grpc_refusal
 from npipe.acl import Acl
 from npipe.address import PipeAddress
 from npipe.errors import AccessDenied, ConfigError
-from npipe.frontdoor import Identify
+from npipe.frontdoor import DoorIdentify, Refusal, acl_refusal
 from npipe.identity import Caller, user_name
 from npipe.local.listener import ClaimedSocket, claim
 from npipe.local.namespace import check_root_made_user_dir, root_made_user_dir
@@ -147,29 +151,43 @@ def caller_from_request(request: NpaRequest) -> Caller:
     )
 
 
-def admit(request: NpaRequest, acl: Acl, pipe: object) -> tuple[Caller | None, bytes]:
-    """Decide on a request: the caller and the reply to send, or (None, b"") to refuse."""
+def admit(
+    request: NpaRequest, acl: Acl, pipe: object, *, answer_as: object = None
+) -> tuple[Caller | Refusal | None, bytes]:
+    """Decide on a request: the caller and the reply to send, or (None, b"") to refuse.
+
+    With ``answer_as`` (the pipe's name; gRPC pipes) a refused caller gets the reply
+    all the same, and a :class:`Refusal` (PERMISSION_DENIED; UNAUTHENTICATED for a
+    guest) for the front door to answer its calls with: nothing of it is relayed."""
     caller = caller_from_request(request)
     if request.probe_only:  # smbd only checks that the pipe exists (Samba master)
         return None, build_reply(request.level)
     if not request.session.authenticated:
         log.warning("refused an unauthenticated (guest) SMB session %s on pipe %s", caller, pipe)
-        return None, b""
+        if answer_as is None:
+            return None, b""
+        return Refusal(caller, grpc_refusal.UNAUTHENTICATED,
+                       f"pipe {answer_as} admits no unauthenticated (guest) SMB session: "
+                       "connect with an account its ACL names"), build_reply(request.level)
     if not acl.allows(caller):
         log.warning("refused %s on pipe %s: not allowed by its ACL", caller, pipe)
-        return None, b""
+        if answer_as is None:
+            return None, b""
+        return acl_refusal(caller, answer_as), build_reply(request.level)
     return caller, build_reply(request.level)
 
 
-def samba_identify(acl: Acl, pipe: object) -> Identify:
-    """The front door's identify step for a socket in np/ (blocking, bounded in time)."""
+def samba_identify(acl: Acl, pipe: object, *, answer_as: object = None) -> DoorIdentify:
+    """The front door's identify step for a socket in np/ (blocking, bounded in time).
 
-    def identify(conn: socket.socket) -> Caller | None:
+    ``answer_as``: answer refused callers rather than close them (see :func:`admit`)."""
+
+    def identify(conn: socket.socket) -> Caller | Refusal | None:
         if not _from_smbd(conn, pipe):
             return None
         try:
             request = _recv_request(conn)
-            caller, reply = admit(request, acl, pipe)
+            caller, reply = admit(request, acl, pipe, answer_as=answer_as)
             if reply:
                 conn.sendall(reply)
             conn.settimeout(None)
@@ -190,6 +208,7 @@ async def handshake(
     try:
         request = await asyncio.wait_for(_read_request(reader), HANDSHAKE_TIMEOUT)
         caller, reply = admit(request, acl, pipe)
+        assert not isinstance(caller, Refusal)  # (only with answer_as)
         if reply:
             writer.write(reply)
             await writer.drain()

@@ -71,8 +71,15 @@ class PipeClient(Protocol):
         timeout: float = ...,
         encrypt: bool | None = ...,
         allow_smb2: bool = ...,
+        close_on_failure: bool = ...,
+        initial: bytes = ...,
+        missing_grace: float | None = ...,
     ) -> None:
-        """Open the pipe and relay it to ``sock``, which it then owns (closed on failure)."""
+        """Open the pipe and relay it to ``sock``, which it then owns (closed on failure,
+        unless ``close_on_failure=False``: then it is the caller's to answer or close).
+        The pipe is sent ``initial`` first (what was read from ``sock`` already); a
+        missing pipe is looked for again only for ``missing_grace`` seconds if given
+        (0: once), a busy one until ``timeout``."""
         ...
 
     def connections(self) -> list[SmbConnectionInfo]:

@@ -132,6 +132,7 @@ class ConnectionRegistry(Generic[C]):
         start: Callable[[float], Setup[C]],
         create: Callable[[C, float], Awaitable[T | Refused | None]],
         pipe_wait: Callable[[C], PipeWait],
+        missing_grace: float | None = None,
     ) -> T:
         """Open ``address`` on ``key``'s shared connection with
         :func:`~npipe.smb.retry.open_with_retries` (``start(timeout)`` sets up a new
@@ -142,7 +143,8 @@ class ConnectionRegistry(Generic[C]):
 
         with self.opening(key):  # not idle while this opens
             return await open_with_retries(address, credentials, timeout, connect=connect,
-                                           create=create, pipe_wait=pipe_wait)
+                                           create=create, pipe_wait=pipe_wait,
+                                           missing_grace=missing_grace)
 
     @contextlib.contextmanager
     def opening(self, key: Hashable) -> Iterator[None]:

@@ -152,14 +152,16 @@ async def open_with_retries(
     connect: Callable[[float], Awaitable[C]],
     create: Callable[[C, float], Awaitable[T | Refused | None]],
     pipe_wait: Callable[[C], PipeWait],
+    missing_grace: float | None = None,
 ) -> T:
-    """Open the pipe, retrying a missing or busy one until ``timeout``.
+    """Open the pipe, retrying a busy one until ``timeout``, a missing one (or one
+    without a server) for ``missing_grace`` seconds (default MISSING_GRACE; 0 looks once).
 
     ``connect(deadline)``: the shared connection to use, by the loop's time ``deadline``;
     ``create(connection, timeout)``: one CREATE, whose result is the open pipe, a
     :class:`Refused`, or None if it was not answered in time; ``pipe_wait(connection)``:
     FSCTL_PIPE_WAIT for the pipe there (asked while ``connection.pipe_wait``)."""
-    retry = OpenRetry(address, credentials, timeout)
+    retry = OpenRetry(address, credentials, timeout, missing_grace)
     while True:
         connection = await connect(retry.deadline)
         create_timeout = retry.create_timeout()

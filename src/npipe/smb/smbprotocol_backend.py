@@ -663,7 +663,11 @@ def close_connections() -> None:
 class _Relay:
     """Two daemon threads copying between an open pipe and a connected socket."""
 
-    def __init__(self, link: _SmbConnection, op: Any, sock: socket.socket, label: str) -> None:
+    def __init__(
+        self, link: _SmbConnection, op: Any, sock: socket.socket, label: str,
+        initial: bytes = b"",
+    ) -> None:
+        self.initial = initial  # written to the pipe before what the socket sends
         self.link = link
         self.op = op
         self.sock = sock
@@ -720,7 +724,7 @@ class _Relay:
         try:
             while True:
                 try:
-                    data = self.sock.recv(SOCKET_CHUNK)
+                    data, self.initial = self.initial or self.sock.recv(SOCKET_CHUNK), b""
                 except OSError as exc:
                     log.debug("pipe %s: the local side went away: %s", self.label, exc)
                     return
@@ -839,18 +843,25 @@ class SmbprotocolClient:
         timeout: float = 10.0,
         encrypt: bool | None = None,
         allow_smb2: bool = False,
+        close_on_failure: bool = True,
+        initial: bytes = b"",
+        missing_grace: float | None = None,
     ) -> None:
-        """Open the remote pipe and relay it to ``sock`` (a connected stream socket).
+        """Open the remote pipe and relay it to ``sock`` (a connected stream socket),
+        ``initial`` first (a missing pipe is retried only for ``missing_grace`` s if
+        given: 0 looks once).
 
         Takes ownership of ``sock``: it is closed when the pipe ends, or at once if
-        the open fails.
+        the open fails (unless ``close_on_failure=False``: then the caller closes it).
         """
         try:
-            link, op = await self._open(address, credentials, timeout, encrypt, allow_smb2)
+            link, op = await self._open(address, credentials, timeout, encrypt, allow_smb2,
+                                        missing_grace)
         except BaseException:
-            close_gently(sock)
+            if close_on_failure:
+                close_gently(sock)
             raise
-        _Relay(link, op, sock, address.posix()).start()
+        _Relay(link, op, sock, address.posix(), initial).start()
 
     async def _open(
         self,
@@ -859,6 +870,7 @@ class SmbprotocolClient:
         timeout: float,
         encrypt: bool | None,
         allow_smb2: bool = False,
+        missing_grace: float | None = None,
     ) -> tuple[_SmbConnection, Any]:
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
@@ -891,7 +903,8 @@ class SmbprotocolClient:
             return functools.partial(_in_thread, connection.wait_for_pipe, address.name)
 
         return await _registry.open(key, address, credentials, timeout, start=start,
-                                    create=create, pipe_wait=pipe_wait)
+                                    create=create, pipe_wait=pipe_wait,
+                                    missing_grace=missing_grace)
 
     @staticmethod
     def connections() -> list[SmbConnectionInfo]:

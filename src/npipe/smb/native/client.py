@@ -119,15 +119,22 @@ class NativeClient:
         timeout: float = 10.0,
         encrypt: bool | None = None,
         allow_smb2: bool = False,
+        close_on_failure: bool = True,
+        initial: bytes = b"",
+        missing_grace: float | None = None,
     ) -> None:
-        """Open the remote pipe and relay it to ``sock``, which it then owns."""
+        """Open the remote pipe and relay it to ``sock``, which it then owns (a failed
+        open closes it, or leaves it to the caller with ``close_on_failure=False``);
+        ``initial`` goes to the pipe first (``missing_grace``: see :meth:`open`)."""
         try:
             pipe = await self.open(address, credentials=credentials, timeout=timeout,
-                                   encrypt=encrypt, allow_smb2=allow_smb2)
+                                   encrypt=encrypt, allow_smb2=allow_smb2,
+                                   missing_grace=missing_grace)
         except BaseException:
-            close_gently(sock)
+            if close_on_failure:
+                close_gently(sock)
             raise
-        relay = _SocketSide(pipe)
+        relay = _SocketSide(pipe, initial)
         pipe.set_protocol(_PipeSide(relay))
         loop = asyncio.get_running_loop()
         try:
@@ -146,8 +153,10 @@ class NativeClient:
         timeout: float = 10.0,
         encrypt: bool | None = None,
         allow_smb2: bool = False,
+        missing_grace: float | None = None,
     ) -> RemotePipe:
-        """Open the pipe, retrying a missing or busy one until ``timeout``."""
+        """Open the pipe, retrying a missing or busy one until ``timeout`` (a missing
+        one only for ``missing_grace`` seconds if given: 0 looks once)."""
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
         key: ConnectionKey = (address.host.lower(), address.port, credentials.identity(),
@@ -178,7 +187,8 @@ class NativeClient:
             return functools.partial(_pipe_wait, connection, address.name)
 
         return await registry.open(key, address, credentials, timeout, start=start,
-                                   create=create, pipe_wait=pipe_wait)
+                                   create=create, pipe_wait=pipe_wait,
+                                   missing_grace=missing_grace)
 
     async def _establish(
         self, address: PipeAddress, credentials: Credentials, encrypt: bool | None,
@@ -327,13 +337,17 @@ async def _pipe_wait(connection: SmbConnection, name: str, timeout: float) -> in
 class _SocketSide(asyncio.Protocol):
     """The accepted socket's protocol: its bytes go to the pipe; backpressure both ways."""
 
-    def __init__(self, pipe: RemotePipe) -> None:
+    def __init__(self, pipe: RemotePipe, initial: bytes = b"") -> None:
         self.pipe = pipe
         self.transport: asyncio.Transport | None = None
+        self._initial = initial
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self._initial:  # (before the socket is read: it goes first)
+            self.pipe.write(self._initial)
+            self._initial = b""
 
     def data_received(self, data: bytes) -> None:
         self.pipe.write(data)
