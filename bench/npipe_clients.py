@@ -97,9 +97,10 @@ class GrpcClient(BenchClient):
             client = NativeClient(unsigned_options())
             address, creds = parse_address(target), credentials()
 
-            async def attach(sock: Any) -> None:
+            async def attach(sock: Any, initial: bytes) -> None:
                 await client.attach(address, sock, credentials=creds, encrypt=False,
-                                    allow_smb2=True)
+                                    allow_smb2=True, close_on_failure=False, initial=initial,
+                                    missing_grace=0)
 
             self.bridge = PipeBridge(attach, description=address.posix())
             self.channel = grpc.insecure_channel(

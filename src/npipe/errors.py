@@ -53,3 +53,11 @@ class HostUnreachable(NpipeError, ConnectionError):
 class NegotiationTampered(ConnectionLost):
     """Someone on the path changed the SMB negotiation (a downgrade attack?): what the
     server says it negotiated is not what the client saw. The connection is closed."""
+
+
+def says_exiting(exc: BaseException) -> bool:
+    """Whether ``exc`` says only that the interpreter is exiting: its thread pools refuse
+    new work ("cannot schedule new futures after [interpreter] shutdown"), which a
+    background re-dial can meet at exit. Not a failure worth reporting."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "schedule new futures" in text and "shutdown" in text

@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING
 
 from npipe import grpc_refusal, ioloop
 from npipe.address import PipeAddress
-from npipe.errors import AccessDenied, AuthenticationError, NpipeError, PipeNotFound
+from npipe.errors import (
+    AccessDenied,
+    AuthenticationError,
+    NpipeError,
+    PipeNotFound,
+    says_exiting,
+)
 from npipe.local.listener import private_dir
 from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
@@ -231,6 +237,10 @@ class PipeBridge:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if says_exiting(exc):  # grpcio re-dialled while the interpreter shuts down
+                log.debug("bridge %s: not opening the pipe while exiting", self.description)
+                close_gently(conn)
+                return
             log.exception("bridge %s: opening the remote pipe failed", self.description)
             await self._speak_for_the_pipe(conn, exc)
         else:

@@ -24,7 +24,7 @@ import weakref
 from typing import Any
 
 from npipe.address import PipeAddress
-from npipe.errors import AddressError, ConnectionLost
+from npipe.errors import AddressError, ConnectionLost, says_exiting
 from npipe.local.sockets import close_gently
 from npipe.smb import status as st
 from npipe.smb.credentials import Credentials
@@ -197,11 +197,13 @@ class NativeClient:
         connection = SmbConnection(address.host, address.port, self.options)
         try:
             await connection.establish(credentials, encrypt, timeout, allow_smb2=allow_smb2)
-        except Exception:
-            # Cancelled (asyncio.run() ending, say) just as it failed: end cancelled, as
-            # asked, rather than with an error nobody waits for any more.
+        except Exception as exc:
+            # Cancelled (asyncio.run() ending, say) just as it failed, or failed only
+            # because the interpreter is exiting (its loop may stop before any done
+            # callback runs): end cancelled, rather than with an error nobody waits for.
             task = asyncio.current_task()
-            if task is not None and getattr(task, "cancelling", lambda: 0)():
+            if says_exiting(exc) or (task is not None
+                                     and getattr(task, "cancelling", lambda: 0)()):
                 raise asyncio.CancelledError() from None
             raise
         return connection

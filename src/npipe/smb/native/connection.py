@@ -21,6 +21,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import logging
 import socket
 import time
@@ -36,6 +37,7 @@ from npipe.errors import (
     ConnectionLost,
     HostUnreachable,
     NegotiationTampered,
+    says_exiting,
 )
 from npipe.smb import status as st
 from npipe.smb.credentials import Credentials
@@ -496,7 +498,8 @@ class SmbConnection(asyncio.Protocol):
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
         # The socket is ours (not made inside create_connection) so that drop() can close
         # it after its event loop is gone: asyncio.run() leaves transports open.
-        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        infos = _literal_address(self.host, self.port) or await loop.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM)
         error: OSError | None = None
         for family, kind, proto, _name, address in infos:
             sock = socket.socket(family, kind, proto)
@@ -603,6 +606,8 @@ class SmbConnection(asyncio.Protocol):
             )
             token = await asyncio.to_thread(ctx.step, None)
         except Exception as exc:
+            if says_exiting(exc):
+                raise  # not an authentication failure (see npipe.errors.says_exiting)
             raise AuthenticationError(
                 f"cannot authenticate {credentials.describe()} to {self.where}: "
                 f"{st.auth_failure_reason(exc)}"
@@ -707,3 +712,15 @@ class _Many:
     def __call__(self, result: Response | BaseException) -> None:
         for callback in self.callbacks:
             callback(result)
+
+
+def _literal_address(host: str, port: int) -> list[tuple[Any, Any, int, str, Any]] | None:
+    """getaddrinfo's answer for an IP literal, without its thread pool (which is gone
+    while the interpreter exits, when grpcio may still re-dial through a bridge)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (host, port, 0, 0))]
+    return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (host, port))]
