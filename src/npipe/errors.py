@@ -53,3 +53,8 @@ class HostUnreachable(NpipeError, ConnectionError):
 class NegotiationTampered(ConnectionLost):
     """Someone on the path changed the SMB negotiation (a downgrade attack?): what the
     server says it negotiated is not what the client saw. The connection is closed."""
+
+
+class MessageTooLarge(NpipeError, OSError):
+    """A message longer than the receiver's limit arrived on a message pipe and was
+    dropped (the stdlib's ``OSError("bad message length")``); the connection goes on."""
