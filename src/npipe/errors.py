@@ -55,6 +55,11 @@ class NegotiationTampered(ConnectionLost):
     server says it negotiated is not what the client saw. The connection is closed."""
 
 
+class MessageTooLarge(NpipeError, OSError):
+    """A message longer than the receiver's limit arrived on a message pipe and was
+    dropped (the stdlib's ``OSError("bad message length")``); the connection goes on."""
+
+
 def says_exiting(exc: BaseException) -> bool:
     """Whether ``exc`` says only that the interpreter is exiting: its thread pools refuse
     new work ("cannot schedule new futures after [interpreter] shutdown"), which a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +79,15 @@ def claim_pipe(
     dotnet: bool = False,
     private: Path | None = None,
     place: Place | None = None,
+    sock_type: int = socket.SOCK_STREAM,
 ) -> ClaimedSocket:
     """Bind the public socket of a local pipe (at ``place``: see :func:`place_for`), open
     to others only if ``acl`` admits more than the owner (the ACL itself is checked per
-    connection)."""
+    connection). ``sock_type``: SOCK_SEQPACKET for a message-mode pipe."""
     place = place or place_for(addr, directory=directory, dotnet=dotnet)
     mode = 0o600 if acl == OWNER_ONLY else 0o666
-    claimed = claim(place.path, place.lock_dir, mode=mode, private=private)
+    claimed = claim(place.path, place.lock_dir, mode=mode, private=private,
+                    sock_type=sock_type)
     _finish(claimed, place, acl, addr, dotnet=dotnet)
     return claimed
 

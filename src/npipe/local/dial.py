@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npipe.address import PipeAddress
-from npipe.errors import AccessDenied, PipeBusy, PipeNotFound
+from npipe.errors import AccessDenied, ConfigError, PipeBusy, PipeNotFound
 from npipe.identity import user_name
 from npipe.local.aclnote import admits
 from npipe.local.listener import is_live, read_acl_note
@@ -140,8 +141,15 @@ def check_admitted(sock: socket.socket, path: Path, pipe: object) -> None:
         )
 
 
-def connect_error(exc: OSError, path: Path) -> Exception:
-    """Turn a failed connect() into npipe's error for it."""
+def connect_error(exc: OSError, path: Path, *, message: bool = False) -> Exception:
+    """Turn a failed connect() into npipe's error for it (``message``: the caller
+    dialled a message-mode pipe)."""
+    if exc.errno == errno.EPROTOTYPE:  # a SOCK_STREAM dial of a SOCK_SEQPACKET one, or back
+        if message:
+            return ConfigError(f"pipe {path} is a byte-mode pipe, not a message-mode one: "
+                               "open it with npipe.open_connection")
+        return ConfigError(f"pipe {path} is a message-mode pipe: open it with "
+                           "npipe.connection.Client")
     if isinstance(exc, ConnectionRefusedError):
         return PipeNotFound(f"pipe {path} has no server (a stale socket); is it running?")
     if isinstance(exc, FileNotFoundError):

@@ -135,12 +135,13 @@ def is_live(path: str | os.PathLike[str]) -> bool:
     try:
         probe.connect(os.fspath(path))
         return True
-    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
-        return False
-    except BlockingIOError:
-        return True
     except OSError as e:
-        return e.errno in (errno.EAGAIN, errno.EINPROGRESS, errno.EACCES)
+        if e.errno == errno.EPROTOTYPE:  # a listener of another type (a message pipe's
+            return True  # SOCK_SEQPACKET): live all the same
+        if isinstance(e, (ConnectionRefusedError, FileNotFoundError, NotADirectoryError)):
+            return False
+        return isinstance(e, BlockingIOError) or e.errno in (
+            errno.EAGAIN, errno.EINPROGRESS, errno.EACCES)
     finally:
         probe.close()
 

@@ -99,18 +99,20 @@ class ClaimedSocket(ClaimedPath):
 
 
 def claim(
-    path: Path, lock_dir: Path, *, mode: int = 0o600, private: Path | None = None
+    path: Path, lock_dir: Path, *, mode: int = 0o600, private: Path | None = None,
+    sock_type: int = socket.SOCK_STREAM,
 ) -> ClaimedSocket:
     """Bind and listen on ``path``; raise PipeInUse if a live server has it.
 
     ``lock_dir`` is the (private) pipe directory; the lock is per socket path.
     ``private`` is a directory the server keeps beside the pipe (the backend socket):
     it is recorded so that whoever replaces this server's socket once it is dead
-    removes that directory too.
+    removes that directory too. ``sock_type`` is SOCK_STREAM for a byte-mode pipe,
+    SOCK_SEQPACKET for a message-mode one (npipe.local.messages).
     """
     with _name_lock(path, lock_dir) as lock_fd:
         _remove_if_stale(path, lock_fd)
-        claimed = _bind(path, mode)
+        claimed = _bind(path, mode, sock_type)
         write_record(lock_fd, path, private)
         claimed.lock = lock_path(path, lock_dir)
         return claimed
@@ -384,7 +386,7 @@ def _remove_if_stale(path: Path, lock_fd: int) -> None:
     _remove_dead_private_dir(lock_fd)
 
 
-def _bind(path: Path, mode: int) -> ClaimedSocket:
+def _bind(path: Path, mode: int, sock_type: int = socket.SOCK_STREAM) -> ClaimedSocket:
     """Listen at ``path``: bound under a temporary name, given its mode, listening, and
     only then hard-linked into place, so the name never appears more open than ``mode``
     nor before a server accepts on it (whoever reclaims stale sockets would take a bound
@@ -392,7 +394,7 @@ def _bind(path: Path, mode: int) -> ClaimedSocket:
     temp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}")
     if len(os.fsencode(temp)) > MAX_UNIX_PATH_BYTES:
         temp = path  # no room for a longer name: bind in place
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, sock_type)
     try:
         # bind() creates the file with the socket inode's mode less the umask: set it
         # first, then put back what the umask took (0666 for ACL'd pipes).
