@@ -1,4 +1,5 @@
-r"""``npipe http`` (a curl for pipes) and ``npipe serve-asgi`` (an ASGI app on a pipe).
+r"""``npipe http`` (a curl for pipes), ``npipe serve-asgi`` and ``npipe serve-wsgi`` (an ASGI
+or WSGI app on a pipe).
 
 httpx and hypercorn are imported only when one of these commands runs.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -37,7 +39,7 @@ def add_http_parsers(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
 ) -> None:
-    """Register ``http`` and ``serve-asgi``."""
+    """Register ``http``, ``serve-asgi`` and ``serve-wsgi``."""
     p = sub.add_parser(
         "http", parents=[common, dial_options("http")],
         help="make an HTTP request over a pipe (like curl)",
@@ -78,6 +80,25 @@ def add_http_parsers(
     service.add_pipe_server_options(p)
     service.add_service_options(p, grace=5.0, what="requests in flight")
     p.set_defaults(func=serve_asgi_command)
+
+    p = sub.add_parser(
+        "serve-wsgi", parents=[common],
+        help="serve a WSGI app (Flask, Django) on a pipe (hypercorn)",
+        description="Import MODULE:APP (the current directory first on sys.path) and serve "
+        "the WSGI app (Flask, Django's get_wsgi_application(), ...) on a pipe with "
+        "hypercorn (HTTP/1.1 and h2c), its requests on --workers threads, until "
+        "SIGINT/SIGTERM/SIGHUP; then requests in flight get --grace seconds to finish "
+        "(exit 1 if one was still running, and was abandoned). The app finds its caller in "
+        "environ['npipe.caller'].",
+    )
+    p.add_argument("app", nargs="?", metavar="MODULE:APP",
+                   help="the WSGI app, e.g. myapp:app (APP defaults to 'app')")
+    p.add_argument("--pipe", metavar="NAME", help="pipe name to serve (required)")
+    service.add_pipe_server_options(p)
+    p.add_argument("--workers", type=service.positive_int, metavar="N",
+                   help="threads running requests at once; more wait for one (default 10)")
+    service.add_service_options(p, grace=5.0, what="requests in flight")
+    p.set_defaults(func=serve_wsgi_command)
 
 
 # --- npipe http ---------------------------------------------------------------------------
@@ -271,30 +292,45 @@ def _http_error(e: Exception, addr: Any) -> str:
     return f"HTTP over pipe {addr} failed: {e or type(e).__name__}"
 
 
-# --- npipe serve-asgi ---------------------------------------------------------------------
+# --- npipe serve-asgi, serve-wsgi -------------------------------------------------------
 
 
 def serve_asgi_command(args: argparse.Namespace) -> int:
+    return _serve_command(args, "asgi")
+
+
+def serve_wsgi_command(args: argparse.Namespace) -> int:
+    return _serve_command(args, "wsgi")
+
+
+def _serve_command(args: argparse.Namespace, kind: str) -> int:
     service.require(args, "app", "pipe")
     service.served_pipe(args.pipe, "--pipe")
     acl = service.pipe_acl(args)
-    app = load_app(args.app)
-    return asyncio.run(_serve(args, app, acl))
+    app = load_app(args.app, kind)
+    return asyncio.run(_serve(args, app, acl, kind))
 
 
-async def _serve(args: argparse.Namespace, app: Any, acl: Acl) -> int:
+async def _serve(args: argparse.Namespace, app: Any, acl: Acl, kind: str) -> int:
     from hypercorn.config import Config
 
-    from npipe.http import serve_asgi
+    from npipe.http import serve_asgi, serve_wsgi
+    from npipe.http.server import DEFAULT_WSGI_WORKERS, AsgiServer, WsgiServer
 
     config = Config()
     config.graceful_timeout = args.grace
+    options: dict[str, Any] = {
+        "acl": acl, "pipe_dir": args.pipe_dir, "dotnet": args.dotnet, "smb": args.smb,
+        "max_connections": args.max_connections, "config": config,
+    }
     stop = await service.watch_stop_signals()
+    server: AsgiServer
     try:
-        server = await serve_asgi(
-            app, args.pipe, acl=acl, pipe_dir=args.pipe_dir, dotnet=args.dotnet, smb=args.smb,
-            max_connections=args.max_connections, config=config,
-        )
+        if kind == "wsgi":
+            workers = args.workers if args.workers is not None else DEFAULT_WSGI_WORKERS
+            server = await serve_wsgi(app, args.pipe, max_workers=workers, **options)
+        else:
+            server = await serve_asgi(app, args.pipe, **options)
     except BaseException:
         stop.cancel()
         raise
@@ -306,15 +342,33 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl) -> int:
         service.stopping(f"stopping on {sig.name}")
     finally:
         await server.aclose()  # bounded: graceful timeout, then cancelled
+    if isinstance(server, WsgiServer) and server.busy_workers:
+        # A request's thread cannot be stopped, and the pool's threads are joined at
+        # exit: one stuck would hold the process past systemd's TimeoutStopSec.
+        print(f"npipe: requests still running {args.grace:g}s after {sig.name}: abandoned",
+              file=sys.stderr, flush=True)
+        os._exit(1)
     return 0
 
 
-def load_app(spec: str) -> Any:
+_OTHER = {"asgi": ("a WSGI", "serve-wsgi", "a sync callable taking (environ, start_response),"
+                   " as Flask and Django apps are"),
+          "wsgi": ("an ASGI", "serve-asgi", "an async callable taking (scope, receive, send)")}
+
+
+def load_app(spec: str, kind: str = "asgi") -> Any:
     """MODULE:APP (APP may be dotted; MODULE alone means MODULE:app), imported as uvicorn
-    and hypercorn do (npipe.cli.load)."""
+    and hypercorn do (npipe.cli.load); an app of the other kind is a usage error that
+    names the command that serves it."""
+    from npipe.http.server import app_kind
+
     app = load_object(spec if ":" in spec else f"{spec}:app", "MODULE:APP")
     if not callable(app):
-        raise ConfigError(f"{spec} is not an ASGI app (not callable)")
+        raise ConfigError(f"{spec} is not an {kind.upper()} app (not callable)")
+    found = app_kind(app)
+    if found is not None and found != kind:
+        other, command, what = _OTHER[kind]
+        raise ConfigError(f"{spec} is {other} app ({what}): serve it with npipe {command}")
     return app
 
 

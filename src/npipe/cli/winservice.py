@@ -24,7 +24,7 @@ def add_parser(
 
     p = sub.add_parser(
         "service", parents=list(parents),
-        help="run serve-grpc, serve-asgi, forward or expose as a Windows service",
+        help="run serve-grpc, serve-asgi, serve-wsgi, forward or expose as a Windows service",
         description="Install, remove or (for the service manager) run a Windows service "
         "that runs one serve command from its --config file, the counterpart of "
         "contrib/systemd/. Needs pywin32: pip install 'npipe[windows-service]'.",

@@ -1,5 +1,5 @@
-"""``npipe service``: a serve command (serve-grpc, serve-asgi, forward, expose) as a Windows
-service, the counterpart of contrib/systemd/.
+"""``npipe service``: a serve command (serve-grpc, serve-asgi, serve-wsgi, forward, expose)
+as a Windows service, the counterpart of contrib/systemd/.
 
 The platform-neutral part (tested on Linux): which serve command a config file is for,
 checking the file as that command will read it, the command line the service control
@@ -36,8 +36,8 @@ from npipe.errors import ConfigError, UnsupportedPlatform
 ParseArgv = Callable[[list[str]], Any]
 
 # The serve commands, and the positional their config file names (contrib/README.md).
-SERVE_COMMANDS = {"serve-grpc": "function", "serve-asgi": "app", "forward": "address",
-                  "expose": "name"}
+SERVE_COMMANDS = {"serve-grpc": "function", "serve-asgi": "app", "serve-wsgi": "app",
+                  "forward": "address", "expose": "name"}
 START_TYPES = ("auto", "delayed", "manual", "disabled")
 # A service name: at most 256 characters, no '/' or '\\' (CreateServiceW, lpServiceName).
 MAX_SERVICE_NAME = 256
@@ -109,8 +109,8 @@ def check_config(command: str, config: Path, parse: ParseArgv) -> None:
     argv = serve_argv(command, config)
     args = parse(argv)
     cli_service.apply_config(args.config_parser, args, argv)
-    required = {"serve-grpc": ("pipe",), "serve-asgi": ("pipe",), "forward": ("listen",),
-                "expose": ("to",)}[command]
+    required = {"serve-grpc": ("pipe",), "serve-asgi": ("pipe",), "serve-wsgi": ("pipe",),
+                "forward": ("listen",), "expose": ("to",)}[command]
     cli_service.require(args, SERVE_COMMANDS[command], *required)
 
 

@@ -10,8 +10,10 @@ Server (asyncio)::
 
     server = await npipe.http.serve_asgi(app, "api", acl=npipe.Acl.parse("group:ops"))
     await server.serve_forever()
+    # a WSGI app (Flask, Django): serve_wsgi(app, "api", max_workers=10)
 
-The app sees its caller as ``scope["extensions"]["npipe.caller"]``. httpx and hypercorn
+The app sees its caller as ``scope["extensions"]["npipe.caller"]`` (WSGI:
+``environ["npipe.caller"]``). httpx and hypercorn
 are imported when a name here is first used, not by ``import npipe`` (or npipe.http).
 """
 
@@ -21,7 +23,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from npipe.http.server import CALLER_EXTENSION, AsgiServer, serve_asgi
+    from npipe.http.server import (
+        CALLER_EXTENSION,
+        AsgiServer,
+        WrongAppKind,
+        WsgiServer,
+        serve_asgi,
+        serve_wsgi,
+    )
     from npipe.http.transport import AsyncTransport, Transport
 
 _WHERE = {
@@ -29,6 +38,9 @@ _WHERE = {
     "AsyncTransport": "npipe.http.transport",
     "serve_asgi": "npipe.http.server",
     "AsgiServer": "npipe.http.server",
+    "serve_wsgi": "npipe.http.server",
+    "WsgiServer": "npipe.http.server",
+    "WrongAppKind": "npipe.http.server",
     "CALLER_EXTENSION": "npipe.http.server",
 }
 
@@ -46,4 +58,7 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
 
 
-__all__ = ["CALLER_EXTENSION", "AsgiServer", "AsyncTransport", "Transport", "serve_asgi"]
+__all__ = [
+    "CALLER_EXTENSION", "AsgiServer", "AsyncTransport", "Transport", "WrongAppKind",
+    "WsgiServer", "serve_asgi", "serve_wsgi",
+]

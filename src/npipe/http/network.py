@@ -10,6 +10,9 @@ httpx.ConnectError / ConnectTimeout, chaining the httpcore one).
   does (find_socket, check_server, check_admitted).
 - sync, remote pipe: a socketpair whose other end the SMB client relays to the pipe on
   npipe's I/O thread (the backend's ``attach``, as unix_bridge does); no second loop.
+- sync, Windows (a local pipe, or a remote one through Windows' own SMB client, as
+  open_connection would open it there): the same socketpair, its other end relayed to
+  the pipe that npipe.windows.pipes opened on the I/O thread's proactor loop.
 - async: asyncio streams from npipe.open_connection (local or remote).
 """
 
@@ -21,6 +24,7 @@ import contextlib
 import os
 import select
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,6 +94,9 @@ def _socket_readable(sock: socket.socket) -> bool:
     """Readable while idle means the server closed it (or sent what nobody asked for)."""
     if sock.fileno() < 0:
         return True
+    if sys.platform == "win32":  # (no poll(); a socketpair's end is a small fd there)
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
@@ -138,6 +145,14 @@ class SocketStream(httpcore.NetworkStream):
         return None
 
 
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    """Two connected stream sockets: AF_UNIX where there is one, else (Windows) what
+    socket.socketpair makes there (TCP on loopback)."""
+    if sys.platform == "win32":
+        return socket.socketpair()
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
 class PipeBackend(httpcore.NetworkBackend):
     """Every connection httpcore makes opens the pipe in ``options``."""
 
@@ -165,11 +180,41 @@ class PipeBackend(httpcore.NetworkBackend):
     def _connect(self, timeout: float | None) -> httpcore.NetworkStream:
         deadline = self.options.open_timeout(timeout)
         with _connect_errors():
+            if sys.platform == "win32" and self._windows_native():
+                return SocketStream(self._open_windows(deadline))
             if self.options.address.is_remote:
                 return SocketStream(self._open_remote(deadline))
             return SocketStream(self._open_local(deadline))
 
+    def _windows_native(self) -> bool:
+        from npipe.streams import windows_native
+
+        opts = self.options
+        return windows_native(opts.address, opts.credentials, opts.smb_backend, opts.encrypt)
+
+    def _open_windows(self, timeout: float) -> socket.socket:
+        if sys.platform != "win32":  # (and mypy checks the rest as Windows code only)
+            raise NotImplementedError("Windows only")
+        from npipe import ioloop
+        from npipe.windows import pipes
+
+        opts = self.options
+        ours, theirs = _socketpair()
+        try:
+            # attach_client() owns ``theirs`` from here: it closes it if the open fails.
+            ioloop.run(
+                pipes.attach_client(opts.address, theirs, server_user=opts.server_user,
+                                    timeout=timeout),
+                timeout + _DEADLINE_GRACE,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        return ours
+
     def _open_local(self, timeout: float) -> socket.socket:
+        if sys.platform == "win32":  # (_open_windows serves local pipes there)
+            raise NotImplementedError("POSIX only")
         from npipe.local.dial import (
             check_admitted,
             check_server,
@@ -202,7 +247,7 @@ class PipeBackend(httpcore.NetworkBackend):
         opts = self.options
         client = smb.get_client(opts.smb_backend)
         creds = opts.credentials if opts.credentials is not None else Credentials.resolve()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = _socketpair()
         try:
             # attach() owns ``theirs`` from here: it closes it if the open fails.
             ioloop.run(

@@ -188,6 +188,68 @@ async def open_pipe_client(
         raise
 
 
+_client_relays: set[asyncio.Task[None]] = set()
+
+
+async def attach_client(
+    address: PipeAddress,
+    sock: socket.socket,
+    *,
+    server_user: str | int | None = None,
+    timeout: float = 10.0,
+) -> None:
+    """Open the pipe as :func:`open_pipe_client` does and relay it to ``sock`` (one end
+    of a socketpair whose other end blocking code holds: npipe.http's sync transport)
+    in a task on this loop, which then owns ``sock``; if the open fails, ``sock`` is
+    closed and the error raised. The relay ends when either side does."""
+    loop = _proactor_loop()
+    try:
+        reader, writer = await open_pipe_client(address, server_user=server_user,
+                                                timeout=timeout)
+    except BaseException:
+        sock.close()
+        raise
+    task = loop.create_task(_relay_client(loop, reader, writer, sock))
+    _client_relays.add(task)
+    task.add_done_callback(_client_relays.discard)
+
+
+async def _relay_client(
+    loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter, sock: socket.socket,
+) -> None:
+    """Bytes both ways between a client's pipe and its socketpair end. The socket's
+    owner closing it closes the pipe at once (a pipe cannot half-close); the pipe's end
+    is passed on as the socket's (SHUT_WR), and the relay ends when the owner closes."""
+    sock.setblocking(False)
+
+    async def pipe_to_socket() -> None:
+        while data := await reader.read(RELAY_CHUNK):
+            await loop.sock_sendall(sock, data)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    async def socket_to_pipe() -> None:
+        while data := await loop.sock_recv(sock, RELAY_CHUNK):
+            writer.write(data)
+            await writer.drain()
+
+    from_pipe = asyncio.ensure_future(pipe_to_socket())
+    from_socket = asyncio.ensure_future(socket_to_pipe())
+    try:
+        await asyncio.wait([from_pipe, from_socket], return_when=asyncio.FIRST_COMPLETED)
+        if from_pipe.done() and from_pipe.exception() is None:
+            await from_socket  # the pipe ended: until the socket's owner closes it
+    except (OSError, ConnectionError):
+        pass
+    finally:
+        for t in (from_pipe, from_socket):
+            t.cancel()
+        await asyncio.gather(from_pipe, from_socket, return_exceptions=True)
+        sock.close()
+        writer.close()
+
+
 # --- server ---------------------------------------------------------------------------
 
 
