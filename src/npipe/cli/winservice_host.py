@@ -79,7 +79,8 @@ def check_service_name(name: str) -> str:
 
 def command_for_config(config: Path, command: str | None = None) -> str:
     """The serve command ``config`` is for: ``command`` if given, else the one whose
-    positional the file names (function, app, address or name)."""
+    positional the file names (function, app, address or name; an app is serve-asgi's
+    unless ``command`` says serve-wsgi)."""
     if command is not None:
         if command not in SERVE_COMMANDS:
             raise ConfigError(
@@ -88,6 +89,10 @@ def command_for_config(config: Path, command: str | None = None) -> str:
         return command
     keys = set(cli_service.read_config(str(config)))
     found = [cmd for cmd, key in SERVE_COMMANDS.items() if key in keys]
+    if found == ["serve-asgi", "serve-wsgi"]:
+        # Both take an app: ASGI unless told (serve-asgi refuses a WSGI app at start-up,
+        # in one line that names serve-wsgi, so the service fails once and says why).
+        found = ["serve-asgi"]
     if len(found) != 1:
         named = " and ".join(f"{SERVE_COMMANDS[c]!r}" for c in found) or "none of them"
         raise ConfigError(
