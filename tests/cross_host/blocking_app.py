@@ -64,7 +64,7 @@ def echo(address: str) -> dict[str, Any]:
         try:
             conn.recv(10)
             out["timeout"] = "none"
-        except socket.timeout:
+        except TimeoutError:
             out["timeout"] = "raised" if time.monotonic() - t0 < 5 else "late"
         conn.settimeout(30)
         big = os.urandom(1 << 20)
@@ -104,7 +104,7 @@ def vanish(address: str) -> dict[str, Any]:
             end = "eof" if conn.recv(100) == b"" else "data"
         except ConnectionError as e:
             end = type(e).__name__
-        except socket.timeout:
+        except TimeoutError:
             end = "hung"
         return {"greeting": greeting, "end": end, "seconds": time.monotonic() - t0}
 
