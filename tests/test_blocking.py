@@ -66,7 +66,7 @@ def test_blocking_client_and_asyncio_server(name: str) -> None:
 
     def client() -> tuple[str, bytes, int]:
         with npipe.connect(name, timeout=WAIT) as conn:
-            greeting = conn.recv(100) if False else _readline(conn)
+            greeting = _readline(conn)
             conn.sendall(b"x" * 300_000)
             got = b""
             while len(got) < 300_000:
