@@ -68,13 +68,18 @@ def echo(address: str) -> dict[str, Any]:
             out["timeout"] = "raised" if time.monotonic() - t0 < 5 else "late"
         conn.settimeout(30)
         big = os.urandom(1 << 20)
-        conn.sendall(big)
+        # Sent from a thread while this one reads: the echo comes back as it goes, and
+        # every buffer on the way is bounded (sending 1 MiB before reading would wait for
+        # ever once they are full, as with any socket).
+        sender = threading.Thread(target=conn.sendall, args=(big,), daemon=True)
+        sender.start()
         got = bytearray()
         buf = bytearray(65536)
         while len(got) < len(big):
             n = conn.recv_into(buf)
             assert n, len(got)
             got += buf[:n]
+        sender.join(30)
         out["echo"] = bytes(got) == big
         try:
             conn.shutdown(socket.SHUT_WR)
