@@ -2,6 +2,7 @@
 
 from npipe.acl import Acl
 from npipe.address import PipeAddress, parse_address
+from npipe.blocking import PipeSocket, PipeSocketServer, connect, create_server
 from npipe.errors import (
     AccessDenied,
     AddressError,
@@ -37,8 +38,12 @@ __all__ = [
     "PipeInUse",
     "PipeNotFound",
     "PipeServer",
+    "PipeSocket",
+    "PipeSocketServer",
     "UnsupportedPlatform",
     "caller",
+    "connect",
+    "create_server",
     "open_connection",
     "parse_address",
     "start_server",
