@@ -9,6 +9,7 @@ read by a thread and written directly (a file or a terminal does not block for l
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import socket
@@ -42,12 +43,36 @@ class _ThreadReader:
                 item: bytes | BaseException = os.read(fd, CHUNK)
             except OSError as e:
                 item = e
-            try:
-                asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop).result()
-            except (RuntimeError, asyncio.CancelledError):  # the loop is gone
+            if not self._hand_over(item):
                 return
             if not isinstance(item, bytes) or not item:
                 return
+
+    def _hand_over(self, item: bytes | BaseException) -> bool:
+        """Put ``item`` in the queue from this thread, waiting while it is full; False
+        once the loop is gone. The queue's put() coroutine is made on the loop itself: one
+        made here and never run (the loop closing first) would be reported at exit as
+        "coroutine 'Queue.put' was never awaited"."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def put() -> None:
+            task = self._loop.create_task(self._queue.put(item))
+            task.add_done_callback(lambda t: done.cancel() if t.cancelled()
+                                   else done.set_result(None))
+
+        try:
+            self._loop.call_soon_threadsafe(put)
+        except RuntimeError:  # the loop is closed
+            return False
+        while True:
+            try:
+                done.result(timeout=0.5)
+                return True
+            except concurrent.futures.TimeoutError:
+                if self._loop.is_closed():
+                    return False
+            except concurrent.futures.CancelledError:
+                return False
 
     async def read(self, n: int = -1) -> bytes:
         if not self._rest and not self._eof:
