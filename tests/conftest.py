@@ -8,6 +8,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +116,30 @@ def np_dir(pipe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     np.mkdir(mode=0o700)
     monkeypatch.setenv("NPIPE_SAMBA_NP_DIR", str(np))
     return np
+
+
+# --- three real users (npipe-t1..t3, made if missing: root only) for the tests that run
+# servers and clients as other users; A serves, B is admitted, C is not (or attacks).
+
+
+@pytest.fixture(scope="session")
+def users() -> Any:
+    from grpc_support import ensure_test_users, require_root  # (grpc: loaded when used)
+
+    require_root()
+    return ensure_test_users()
+
+
+@pytest.fixture
+def a(users: Any) -> Any:
+    return users["npipe-t1"]
+
+
+@pytest.fixture
+def b(users: Any) -> Any:
+    return users["npipe-t2"]
+
+
+@pytest.fixture
+def c(users: Any) -> Any:
+    return users["npipe-t3"]

@@ -21,9 +21,7 @@ from grpc_support import (
     TestUser,
     background_python,
     call_by_name,
-    ensure_test_users,
     ready_path,
-    require_root,
     run_python,
     serve_as,
 )
@@ -32,27 +30,6 @@ import npipe
 from npipe.local.listener import is_live
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module")
-def users() -> dict[str, TestUser]:
-    require_root()
-    return ensure_test_users()
-
-
-@pytest.fixture
-def a(users: dict[str, TestUser]) -> TestUser:
-    return users["npipe-t1"]
-
-
-@pytest.fixture
-def b(users: dict[str, TestUser]) -> TestUser:
-    return users["npipe-t2"]
-
-
-@pytest.fixture
-def c(users: dict[str, TestUser]) -> TestUser:
-    return users["npipe-t3"]
 
 
 def _acl_for(user: TestUser) -> str:

@@ -24,8 +24,6 @@ from grpc_support import (
     Background,
     TestUser,
     background_python,
-    ensure_test_users,
-    require_root,
     run_python,
     wait_until,
 )
@@ -33,27 +31,6 @@ from grpc_support import (
 from npipe.local.listener import note_path
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module")
-def users() -> dict[str, TestUser]:
-    require_root()
-    return ensure_test_users()
-
-
-@pytest.fixture
-def a(users: dict[str, TestUser]) -> TestUser:
-    return users["npipe-t1"]
-
-
-@pytest.fixture
-def b(users: dict[str, TestUser]) -> TestUser:
-    return users["npipe-t2"]
-
-
-@pytest.fixture
-def c(users: dict[str, TestUser]) -> TestUser:
-    return users["npipe-t3"]
 
 
 # Serve NAME (a stream echo, or http_apps over npipe.http) with ACL (a Python expression)
