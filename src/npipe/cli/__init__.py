@@ -27,6 +27,7 @@ from npipe.cli.bridges import add_bridge_parsers
 from npipe.cli.dial import add_address, dial_options
 from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
+from npipe.cli.usage import add_subcommands
 from npipe.errors import AddressError, ConfigError, NpipeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common(top=False)
 
     parser = argparse.ArgumentParser(
-        prog="npipe", description="gRPC and byte streams over named pipes.",
+        prog="npipe", description="gRPC, HTTP and byte streams over named pipes.",
         parents=[_common(top=True)],
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = add_subcommands(parser, dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
         "demo", parents=[common], help="serve the Buy example on a pipe and call it through it",
@@ -89,12 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "call", parents=[common, dial_options("call")],
         help="call a gRPC method with JSON (via reflection)",
+        usage="npipe call ADDRESS package.Service/Method [-d JSON|@FILE|@-] [-H KEY:VALUE] "
+              "[options]\n       npipe call ADDRESS list [SERVICE]\n"
+              "       npipe call ADDRESS describe SYMBOL",
         description="Call package.Service/Method with a JSON request, found through server "
-        "reflection; print the response(s) as JSON.",
+        "reflection; print the response(s) as JSON. 'list' prints the services (or a "
+        "service's methods), 'describe' a service, method or message, as grpcurl does.",
     )
     add_address(p)
-    p.add_argument("method", help="package.Service/Method")
-    p.add_argument("-d", "--data", default="{}", help="request as JSON (a list for streams)")
+    p.add_argument("method", help="package.Service/Method, list or describe")
+    p.add_argument("symbol", nargs="?", help="after list: a SERVICE; after describe: a SYMBOL")
+    p.add_argument("-d", "--data", default="{}", help="request as JSON (a list for streams); "
+                   "@FILE reads a file, @- (or @) standard input")
     p.add_argument(
         "-H", "--header", action="append", default=[], metavar="KEY:VALUE",
         help="request metadata (repeatable)",

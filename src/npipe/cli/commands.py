@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import npipe.grpc
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
 from npipe.cli.dial import closed_before_answering
-from npipe.errors import NpipeError
+from npipe.errors import ConfigError, NpipeError
 from npipe.local.paths import pipe_dir
 
 
@@ -115,7 +116,7 @@ def health(args: argparse.Namespace) -> int:
 
 
 def call(args: argparse.Namespace) -> int:
-    from npipe.cli.reflection_call import call_json
+    from npipe.cli import reflection_call as rc
 
     metadata = []
     for header in args.header:
@@ -123,14 +124,46 @@ def call(args: argparse.Namespace) -> int:
         if not sep or not key.strip():
             raise ValueError(f"bad header {header!r}: use KEY:VALUE")
         metadata.append((key.strip().lower(), value.strip()))
+    verb = args.method
+    if verb == "describe" and not args.symbol:
+        raise ValueError("describe needs a SYMBOL: a service, method, message or enum")
+    if verb not in ("list", "describe") and args.symbol is not None:
+        raise ValueError(f"unexpected {args.symbol!r} after the method (the request goes in -d)")
+    data = "" if verb in ("list", "describe") else _call_data(args.data)
     deadline = _Deadline(args.timeout)
     with _grpc_errors(args), _channel(args, deadline) as channel:
-        responses = call_json(
-            channel, args.method, args.data, timeout=deadline.left(), metadata=metadata
-        )
+        try:
+            if verb == "list":
+                names = (rc.list_methods(channel, args.symbol, deadline.left(), metadata=metadata)
+                         if args.symbol else
+                         rc.list_services(channel, deadline.left(), metadata=metadata))
+                print("\n".join(names))
+                return 0
+            if verb == "describe":
+                print(rc.describe(channel, args.symbol, deadline.left(), metadata=metadata))
+                return 0
+            responses = rc.call_json(
+                channel, args.method, data, timeout=deadline.left(), metadata=metadata
+            )
+        except rc.NoReflection as e:
+            raise NpipeError(f"pipe {args.address}: {e}") from None
     for response in responses:
         print(json.dumps(response, indent=2))
     return 0
+
+
+def _call_data(data: str) -> str:
+    """-d: JSON as given, or read from @FILE, or from standard input (@- or grpcurl's @)."""
+    if not data.startswith("@"):
+        return data
+    source = data[1:]
+    if source in ("", "-"):
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ConfigError(f"cannot read {source}: {reason}") from None
 
 
 class _Deadline:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     import httpx
 
 EXIT_HTTP_ERROR = 22  # curl -f's exit code for a response >= 400
+EXIT_FAILED, EXIT_USAGE = 1, 2  # as every npipe command
+# A shell's status for a program killed by SIGPIPE (128 + 13): what curl or cat give when
+# their reader goes away in a pipeline.
+EXIT_STDOUT_CLOSED = 141
 ALARM_GRACE = 1.0  # past the library's own grace on opening (npipe.http.network)
 # RFC 9110 token: what a header name may be made of.
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -43,25 +48,39 @@ def add_http_parsers(
     p = sub.add_parser(
         "http", parents=[common, dial_options("http")],
         help="make an HTTP request over a pipe (like curl)",
-        usage="npipe http [METHOD] ADDRESS PATH [-d DATA|@FILE] [-H 'Name: value'] "
-              "[--http2] [-i] [-f] [-o FILE] [options]",
+        usage="npipe http [METHOD] ADDRESS [PATH] [-X METHOD] [-d DATA|@FILE] [--json DATA] "
+              "[-H 'Name: value'] [--http2] [-i] [-s] [-v] [-f] [-o FILE] [options]",
         description="Send one HTTP request over a pipe and print the response body (bytes "
-        "as they are). Exit 0 for any response unless -f is given; with -f a status >= 400 "
-        "prints no body and exits 22 (as curl does).",
+        "as they are). PATH defaults to /. Exit 0 for any response unless -f is given; with "
+        "-f a status >= 400 prints no body and exits 22 (as curl does).",
     )
     add_address(p)
-    p.add_argument("path", metavar="PATH", help="the request target, e.g. /items?limit=3")
+    p.add_argument("path", metavar="PATH", nargs="?",
+                   help="the request target, e.g. /items?limit=3 (default /)")
     # With three positionals the first is the METHOD (ADDRESS comes first in the parser:
     # the command shifts them).
     p.add_argument("extra", nargs="?", help=argparse.SUPPRESS)
-    p.add_argument("-d", "--data", metavar="DATA", help="request body (POST unless METHOD "
-                   "is given); @FILE reads a file, @- standard input")
+    p.add_argument("-X", "--request", metavar="METHOD", dest="method",
+                   help="the request method (default GET, or POST with a body)")
+    body = p.add_mutually_exclusive_group()
+    body.add_argument("-d", "--data", metavar="DATA", help="request body (POST unless METHOD "
+                      "is given); @FILE reads a file, @- standard input, and drops their CR "
+                      "and LF characters, as curl -d does")
+    body.add_argument("--data-binary", metavar="DATA",
+                      help="as -d, but @FILE and @- are sent exactly as they are")
+    body.add_argument("--json", metavar="DATA",
+                      help="a JSON body (as --data-binary), with Content-Type and Accept "
+                      "application/json unless -H gives them (as curl --json)")
     p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
                    help="add a request header (repeatable)")
     p.add_argument("--http2", action="store_true",
                    help="HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1")
     p.add_argument("-i", "--include", action="store_true",
                    help="print the status line and headers before the body")
+    p.add_argument("-s", "--silent", action="store_true",
+                   help="print no error messages on stderr (the exit status still tells)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print the request and response headers on stderr (> and <)")
     p.add_argument("-f", "--fail", action="store_true",
                    help="exit 22 without printing the body when the status is >= 400")
     p.add_argument("-o", "--output", metavar="FILE", help="write the body to FILE")
@@ -105,6 +124,19 @@ def add_http_parsers(
 
 
 def http_command(args: argparse.Namespace) -> int:
+    if not args.silent:
+        return _http_command(args)
+    # curl -s: no error message, the exit status alone tells (the codes npipe.cli's own).
+    logging.disable(logging.CRITICAL)
+    try:
+        return _http_command(args)
+    except (ConfigError, ValueError):
+        return EXIT_USAGE
+    except (NpipeError, OSError):
+        return EXIT_FAILED
+
+
+def _http_command(args: argparse.Namespace) -> int:
     import httpx
 
     from npipe.http import Transport
@@ -112,11 +144,9 @@ def http_command(args: argparse.Namespace) -> int:
     method, address, target = _positionals(args)
     addr = parse_address(address)  # AddressError: exit 2
     headers = _headers(args.header)
-    body = _body(args.data) if args.data is not None else None
+    body = _request_body(args, headers)
     if method is None:
         method = "POST" if body is not None else "GET"
-    if body is not None and not any(k.lower() == "content-type" for k, _ in headers):
-        headers.append(("Content-Type", "application/x-www-form-urlencoded"))  # curl's
     credentials = dial_credentials(args, addr)
 
     def transport(http2: bool) -> Transport:
@@ -126,13 +156,17 @@ def http_command(args: argparse.Namespace) -> int:
             encrypt=args.encrypt, allow_smb2=args.allow_smb2,
         )
 
+    hooks: dict[str, list[Any]] = {}
+    if args.verbose:
+        hooks = {"request": [_show_request(args.http2)], "response": [_show_response]}
     # --timeout bounds the whole request: each step on its own (httpx), and all of them
     # together (an alarm, where there are signals: a body that trickles in), a second
     # later, so that a step that times out on its own says why (no pipe, ...).
     timeout = httpx.Timeout(args.timeout)
     try:
         with _whole_request(args.timeout + ALARM_GRACE), httpx.Client(
-            transport=transport(args.http2), timeout=timeout, base_url="http://localhost"
+            transport=transport(args.http2), timeout=timeout, base_url="http://localhost",
+            event_hooks=hooks,
         ) as client:
             answered = False
             try:
@@ -156,6 +190,46 @@ def http_command(args: argparse.Namespace) -> int:
         raise NpipeError(
             f"timed out: pipe {addr} did not complete the request in {args.timeout:g} s"
         ) from None
+    except _StdoutClosed:
+        return EXIT_STDOUT_CLOSED
+
+
+def _request_body(args: argparse.Namespace, headers: list[tuple[str, str]]) -> bytes | None:
+    """The body of -d, --data-binary or --json (None without one), and the headers that go
+    with it when -H does not give them: curl's, form data for -d, JSON for --json."""
+    given = {name.lower() for name, _ in headers}
+    if args.json is not None:
+        for name in ("Content-Type", "Accept"):
+            if name.lower() not in given:
+                headers.append((name, "application/json"))
+        return _body(args.json, strip_newlines=False)
+    if args.data is None and args.data_binary is None:
+        return None
+    if "content-type" not in given:
+        headers.append(("Content-Type", "application/x-www-form-urlencoded"))  # curl's
+    if args.data is not None:
+        return _body(args.data, strip_newlines=True)
+    return _body(args.data_binary, strip_newlines=False)
+
+
+def _show_request(http2: bool) -> Any:
+    version = "HTTP/2" if http2 else "HTTP/1.1"
+
+    def show(request: httpx.Request) -> None:
+        target = request.url.raw_path.decode("ascii", "replace")
+        lines = [f"> {request.method} {target} {version}"]
+        lines += [f"> {k.decode('latin-1')}: {v.decode('latin-1')}"
+                  for k, v in request.headers.raw]
+        print("\n".join([*lines, ">"]), file=sys.stderr, flush=True)
+
+    return show
+
+
+def _show_response(response: httpx.Response) -> None:
+    reason = f" {response.reason_phrase}" if response.http_version.startswith("HTTP/1") else ""
+    lines = [f"< {response.http_version} {response.status_code}{reason}"]
+    lines += [f"< {k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in response.headers.raw]
+    print("\n".join([*lines, "<"]), file=sys.stderr, flush=True)
 
 
 class _RequestTimeout(Exception):
@@ -200,14 +274,29 @@ def _speaks_grpc(transport: httpx.BaseTransport, timeout: float) -> bool:
             or "grpc-status" in reply.headers)
 
 
+# Two words are METHOD ADDRESS (PATH /) when the first is one of these, in capitals, and
+# the second is no path: ADDRESS PATH otherwise.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
+
+
 def _positionals(args: argparse.Namespace) -> tuple[str | None, str, str]:
-    if args.extra is None:
-        method, address, target = None, args.address, args.path
-    else:
-        method, address, target = args.address, args.path, args.extra
+    words = [w for w in (args.address, args.path, args.extra) if w is not None]
+    if len(words) == 2 and words[0] in _METHODS and not words[1].startswith("/"):
+        words.append("/")
+    method: str | None = None
+    if len(words) == 3:
+        method, address, target = words
         if not _TOKEN.match(method):
             raise ConfigError(f"bad METHOD {method!r}")
         method = method.upper()
+    else:
+        address, target = words[0], (words[1] if len(words) > 1 else "/")
+    if args.method is not None:
+        if not _TOKEN.match(args.method):
+            raise ConfigError(f"bad METHOD {args.method!r}")
+        if method is not None and method != args.method.upper():
+            raise ConfigError(f"two methods: {method} and -X {args.method}")
+        method = args.method.upper()
     if "://" in target:
         raise ConfigError(f"PATH {target!r} is a URL: give only the path (the pipe is the host)")
     if not target.startswith("/"):
@@ -227,40 +316,67 @@ def _headers(given: list[str]) -> list[tuple[str, str]]:
     return headers
 
 
-def _body(data: str) -> bytes:
+def _body(data: str, *, strip_newlines: bool) -> bytes:
+    """DATA as it is, or the bytes of @FILE (@- standard input); ``strip_newlines``: without
+    their CR and LF characters, as curl -d sends a file (curl --data-binary keeps them)."""
     if not data.startswith("@"):
         return data.encode()
     source = data[1:]
     if source == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(source, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read {source}: {e.strerror or e}") from e
+        content = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(source, "rb") as f:
+                content = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read {source}: {e.strerror or e}") from e
+    return content.replace(b"\r", b"").replace(b"\n", b"") if strip_newlines else content
+
+
+class _StdoutClosed(Exception):
+    """Whoever read standard output has gone (``npipe http ... | head -c1``)."""
 
 
 def _print_response(args: argparse.Namespace, response: httpx.Response) -> int:
     if args.fail and response.status_code >= 400:
         reason = f" {response.reason_phrase}" if response.reason_phrase else ""
-        print(f"npipe: the server answered {response.status_code}{reason}", file=sys.stderr)
+        if not args.silent:
+            print(f"npipe: the server answered {response.status_code}{reason}",
+                  file=sys.stderr)
         return EXIT_HTTP_ERROR
-    out: IO[bytes]
-    if args.include:
-        # HTTP/2 has no reason phrase (httpx makes one up): print what came on the wire.
-        phrase = response.reason_phrase if response.http_version.startswith("HTTP/1") else ""
-        reason = f" {phrase}" if phrase else ""
-        head = [f"{response.http_version} {response.status_code}{reason}"]
-        head += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in response.headers.raw]
-        sys.stdout.buffer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-    if args.output:
+    with _quiet_when_stdout_closes():
+        if args.include:
+            # HTTP/2 has no reason phrase (httpx makes one up): print what came on the wire.
+            phrase = response.reason_phrase if response.http_version.startswith("HTTP/1") else ""
+            reason = f" {phrase}" if phrase else ""
+            head = [f"{response.http_version} {response.status_code}{reason}"]
+            head += [f"{k.decode('latin-1')}: {v.decode('latin-1')}"
+                     for k, v in response.headers.raw]
+            sys.stdout.buffer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        if args.output:
+            sys.stdout.buffer.flush()
+            with open(args.output, "wb") as out:
+                _copy(response, out)
+        else:
+            _copy(response, sys.stdout.buffer)
         sys.stdout.buffer.flush()
-        with open(args.output, "wb") as out:
-            _copy(response, out)
-    else:
-        _copy(response, sys.stdout.buffer)
-    sys.stdout.buffer.flush()
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_when_stdout_closes() -> Iterator[None]:
+    """A reader of stdout that went away ends the command quietly, as SIGPIPE ends curl or
+    cat in a shell pipeline (Python ignores SIGPIPE, so a write raises instead)."""
+    try:
+        yield
+    except BrokenPipeError:
+        # What is still buffered for stdout would fail again at exit ("Exception ignored
+        # ... BrokenPipeError"): point the descriptor at /dev/null first.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise _StdoutClosed() from None
 
 
 def _copy(response: httpx.Response, out: IO[bytes]) -> None:

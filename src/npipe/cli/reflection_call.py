@@ -30,7 +30,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-__all__ = ["call_json", "list_services", "split_method"]
+__all__ = ["NoReflection", "call_json", "describe", "list_methods", "list_services", "split_method"]
 
 Metadata: TypeAlias = Sequence[tuple[str, str]]
 JsonObject: TypeAlias = dict[str, Any]
@@ -45,6 +45,14 @@ _DOT_FORM = re.compile(rf"/?(?P<service>{_SERVICE})\.(?P<method>{_IDENT})")
 # Reflection's ErrorResponse carries bare status numbers; these name them.
 _STATUS_NAMES: dict[int, str] = {status.value[0]: status.name for status in grpc.StatusCode}
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+class _UnknownSymbol(ValueError):
+    """Reflection found no file defining the symbol."""
+
+
+class NoReflection(Exception):
+    """The server does not serve reflection (its ServerReflectionInfo is UNIMPLEMENTED)."""
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -68,6 +76,42 @@ def list_services(
     """Names of the services the server lists via reflection, sorted."""
     client = _ReflectionClient(channel, _Deadline(timeout), metadata)
     return client.list_services()
+
+
+def list_methods(
+    channel: grpc.Channel, service: str, timeout: float | None = None, *,
+    metadata: Metadata = (),
+) -> list[str]:
+    """The full names of ``service``'s methods (``pkg.Service.Method``), in the order the
+    proto declares them, as ``grpcurl list SERVICE`` prints them."""
+    client = _ReflectionClient(channel, _Deadline(timeout), metadata)
+    found = client.pool_for_service(service).FindServiceByName(service)
+    return [method.full_name for method in found.methods]
+
+
+def describe(
+    channel: grpc.Channel, symbol: str, timeout: float | None = None, *,
+    metadata: Metadata = (),
+) -> str:
+    """``symbol`` (a service, method, message or enum) as proto text, after a line that
+    says what it is, as ``grpcurl describe SYMBOL`` prints it."""
+    name = symbol.strip().lstrip(".").replace("/", ".")
+    client = _ReflectionClient(channel, _Deadline(timeout), metadata)
+    try:
+        pool = client.pool_for_symbol(name)
+    except _UnknownSymbol:
+        parent = name.rpartition(".")[0]
+        if not parent:
+            raise
+        # grpcio's reflection finds no method by name (Go's does): ask for its service.
+        try:
+            pool = client.pool_for_symbol(parent)
+        except _UnknownSymbol:
+            pass
+        else:
+            return _render_symbol(pool, name)
+        raise
+    return _render_symbol(pool, name)
 
 
 def call_json(
@@ -165,7 +209,15 @@ class _ReflectionClient:
             timeout=self._deadline.remaining(),
             metadata=self._metadata or None,
         )
-        answers = list(responses)
+        try:
+            answers = list(responses)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise NoReflection(
+                    "the server does not serve reflection (grpc.reflection.v1alpha), which "
+                    "npipe call needs to find methods and their types"
+                ) from None
+            raise
         if len(answers) != len(requests):
             raise ValueError(
                 f"server reflection answered {len(answers)} of {len(requests)} requests"
@@ -180,14 +232,29 @@ class _ReflectionClient:
 
     def pool_for_service(self, service_name: str) -> descriptor_pool.DescriptorPool:
         """A pool holding the file that defines ``service_name`` and all it imports."""
+        pool = self.pool_for_symbol(service_name, what="service")
+        try:
+            pool.FindServiceByName(service_name)
+        except KeyError:
+            # The symbol exists but is not a service (e.g. a message type).
+            raise self._unknown_service(service_name) from None
+        return pool
+
+    def pool_for_symbol(
+        self, symbol: str, what: str = "symbol"
+    ) -> descriptor_pool.DescriptorPool:
+        """A pool holding the file that defines ``symbol`` and all it imports."""
         (answer,) = self._ask(
-            [reflection_pb2.ServerReflectionRequest(file_containing_symbol=service_name)]
+            [reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)]
         )
         if answer.HasField("error_response"):
             if answer.error_response.error_code == _NOT_FOUND:
-                raise self._unknown_service(service_name)
+                if what == "service":
+                    raise self._unknown_service(symbol)
+                raise _UnknownSymbol(f"the server knows no symbol {symbol!r}; its services: "
+                                     f"{', '.join(self.list_services()) or '(none)'}")
             raise ValueError(
-                f"server reflection cannot describe {service_name!r}: {_describe(answer)}"
+                f"server reflection cannot describe {symbol!r}: {_describe(answer)}"
             )
         files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
         _collect(answer, files)
@@ -205,7 +272,7 @@ class _ReflectionClient:
                     if local is None:
                         raise ValueError(
                             f"server reflection cannot provide {name!r}, which "
-                            f"{service_name!r} depends on: {_describe(answer)}"
+                            f"{symbol!r} depends on: {_describe(answer)}"
                         )
                     files[name] = local
                 else:
@@ -216,11 +283,6 @@ class _ReflectionClient:
         added: set[str] = set()
         for name in sorted(files):
             _add_with_dependencies(pool, files, name, added)
-        try:
-            pool.FindServiceByName(service_name)
-        except KeyError:
-            # The symbol exists but is not a service (e.g. a message type).
-            raise self._unknown_service(service_name) from None
         return pool
 
     def _unknown_service(self, service_name: str) -> ValueError:
@@ -340,3 +402,83 @@ def _json_kind(value: Any) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+# --- describe: descriptors back to proto text, as grpcurl prints them ----------------------
+
+# FieldDescriptor.TYPE_* -> the proto keyword (message and enum fields name their type).
+_SCALARS = {
+    1: "double", 2: "float", 3: "int64", 4: "uint64", 5: "int32", 6: "fixed64",
+    7: "fixed32", 8: "bool", 9: "string", 12: "bytes", 13: "uint32", 15: "sfixed32",
+    16: "sfixed64", 17: "sint32", 18: "sint64",
+}
+
+
+def _render_symbol(pool: descriptor_pool.DescriptorPool, name: str) -> str:
+    finders: list[tuple[str, Callable[[str], Any], Callable[[Any], list[str]]]] = [
+        ("a service", pool.FindServiceByName, _service_lines),
+        ("a message", pool.FindMessageTypeByName, _message_lines),
+        ("an enum", pool.FindEnumTypeByName, _enum_lines),
+        ("a method", pool.FindMethodByName, lambda m: [_rpc_line(m)]),
+    ]
+    for kind, find, lines in finders:
+        try:
+            found = find(name)
+        except KeyError:
+            continue
+        return "\n".join([f"{found.full_name} is {kind}:", *lines(found)])
+    raise ValueError(f"{name!r} is not a service, method, message or enum")
+
+
+def _rpc_line(method: Any) -> str:
+    def stream(flag: bool) -> str:
+        return "stream " if flag else ""
+
+    return (f"rpc {method.name} ( {stream(method.client_streaming)}.{method.input_type.full_name}"
+            f" ) returns ( {stream(method.server_streaming)}.{method.output_type.full_name} );")
+
+
+def _service_lines(service: Any) -> list[str]:
+    return [f"service {service.name} {{", *(f"  {_rpc_line(m)}" for m in service.methods), "}"]
+
+
+def _enum_lines(enum: Any) -> list[str]:
+    return [f"enum {enum.name} {{", *(f"  {v.name} = {v.number};" for v in enum.values), "}"]
+
+
+def _type_name(field: Any) -> str:
+    if field.message_type is not None:
+        return f".{field.message_type.full_name}"
+    if field.enum_type is not None:
+        return f".{field.enum_type.full_name}"
+    return _SCALARS.get(field.type, str(field.type))
+
+
+def _is_map(field: Any) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _repeated(field: Any) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf 7; older ones have label
+    return bool(flag) if flag is not None else getattr(field, "label", 0) == 3
+
+
+def _field_line(field: Any) -> str:
+    if _is_map(field):
+        key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name[
+            "value"]
+        return f"map<{_type_name(key)}, {_type_name(value)}> {field.name} = {field.number};"
+    label = "repeated " if _repeated(field) else ""
+    return f"{label}{_type_name(field)} {field.name} = {field.number};"
+
+
+def _message_lines(message: Any) -> list[str]:
+    body: list[str] = []
+    for nested in message.nested_types:
+        if not nested.GetOptions().map_entry:
+            body += _message_lines(nested)
+    for enum in message.enum_types:
+        body += _enum_lines(enum)
+    for field in message.fields:
+        body.append(_field_line(field))
+    return [f"message {message.name} {{", *(f"  {line}" for line in body), "}"]
