@@ -837,7 +837,7 @@ def test_grpcio_through_forward_to_serve_grpc_across_hosts(
     with running(serve, ns=site.hosts.server_ns, env=site.server_env(),
                  stdout_too=True) as srv, \
             forward(site.address("shopfwd"), ns=site.hosts.client_ns, env=client_env()) as fwd:
-        srv.wait_for("serving buy.MyService on")  # (on stdout)
+        srv.wait_for("serving buy.MyService on")  # (on stderr)
         try:
             out = in_client(site, [sys.executable, "-c", GRPC_CLIENT,
                                    str(listening_port(fwd))]).stdout.splitlines()

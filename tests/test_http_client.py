@@ -340,7 +340,7 @@ def remote_server(site: Any, name: str) -> Iterator[subprocess.Popen[str]]:
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
-        assert line.startswith("serving http_apps:app on"), line + proc.stderr.read()
+        assert line.startswith("npipe: serving http_apps:app on"), line + proc.stderr.read()
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)

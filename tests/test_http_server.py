@@ -336,7 +336,7 @@ def test_serve_asgi_exit_is_bounded_by_the_graceful_timeout(pipe_dir: Path) -> N
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        assert proc.stderr.readline().startswith("serving http_apps:app")
+        assert proc.stderr.readline().startswith("npipe: serving http_apps:app")
         failed: list[object] = []
 
         def slow() -> None:

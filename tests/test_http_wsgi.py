@@ -302,7 +302,7 @@ def test_serve_wsgi_abandons_a_request_past_the_grace(pipe_dir: Path) -> None:
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        assert proc.stderr.readline().startswith("serving wsgi_apps:app")
+        assert proc.stderr.readline().startswith("npipe: serving wsgi_apps:app")
         worker = threading.Thread(target=lambda: _ignore(client("web"), "/slow?s=60"))
         worker.start()
         time.sleep(0.5)
@@ -386,7 +386,7 @@ def test_flask_across_hosts_through_samba(site: Any, backend: str) -> None:
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
-        assert line.startswith("serving wsgi_apps:app on"), line + proc.stderr.read()
+        assert line.startswith("npipe: serving wsgi_apps:app on"), line + proc.stderr.read()
         env = {**os.environ, "NPIPE_USER": ALICE, "NPIPE_PASSWORD": PASSWORD}
         done = run_in(site.hosts.client_ns,
                       [sys.executable, "-c", REMOTE_CLIENT, site.address("remoteweb")],

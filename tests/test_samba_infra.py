@@ -376,12 +376,18 @@ def test_cli_setup_checks_the_np_dir(
     with temp_dir() as d:
         ncalrpc = d / "run" / "ncalrpc"
         conf = _write_conf(d / "smb.conf", ncalrpc)
-        assert main(["samba", "setup", "--conf", str(conf)]) == 0
+        before = sorted((p, p.stat().st_mode) for p in d.rglob("*"))
+        # A plain run shows, and changes nothing on disk (the parent is missing: exit 1).
+        assert main(["samba", "setup", "--conf", str(conf)]) == 1
+        out, err = capsys.readouterr()
+        assert f"np dir:   {ncalrpc}/np" in out and "map to guest" in out
+        assert "samba setup --apply" in err
+        assert sorted((p, p.stat().st_mode) for p in d.rglob("*")) == before
+        assert not ncalrpc.exists()
+        assert main(["samba", "setup", "--apply", "--conf", str(conf)]) == 0
         out = capsys.readouterr().out
-        assert f"np dir:   {ncalrpc}/np" in out
         assert "smbd creates it" in out
-        assert "map to guest" in out
-        assert ncalrpc.is_dir()  # setup made the parent; np/ is smbd's to make
+        assert ncalrpc.is_dir()  # --apply made the parent; np/ is smbd's to make
         (ncalrpc / "np").mkdir(mode=0o700)
         assert main(["samba", "setup", "--conf", str(conf)]) == 0
         assert "root-owned, mode 0700: ok" in capsys.readouterr().out

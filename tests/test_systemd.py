@@ -344,7 +344,7 @@ def test_sigterm_lets_the_call_in_flight_finish(pipe_dir: Path) -> None:
         assert outcome.get("result") == "bought 2 x 'pear' for 14 (caller: slow)", outcome
         assert took < 6, f"exit {took:.1f}s after SIGTERM, past the grace"
         assert float(outcome["seconds"]) >= 2  # type: ignore[arg-type]
-        assert "SIGTERM: stopping, calls in flight get 6s" in out
+        assert "npipe: SIGTERM: stopping, calls in flight get 6s" in err
         assert not (pipe_dir / "shop").exists()
 
 

@@ -122,7 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prune", action="store_true",
                    help="first remove what dead servers left (as root: of every user)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object a pipe: "
+                   "name, state, owner, admits, kind, path (the name) and socket")
     p.set_defaults(func=commands.ls)
+
+    p = sub.add_parser(
+        "path", parents=[common], help="print the socket of a local pipe",
+        description="Print the Unix socket that local pipe NAME is served on, checked as "
+        "npipe's clients check it, for curl --unix-socket, socat, grpc-go or .NET. Exit 1 "
+        "if there is no such pipe (or it is served by someone you did not name).",
+    )
+    p.add_argument("name", metavar="NAME", help=r"NAME or \\.\pipe\NAME")
+    p.add_argument("--server-user", metavar="USER",
+                   help="trust a pipe served by USER (by default only by you or root)")
+    p.set_defaults(func=commands.path)
 
     p = sub.add_parser(
         "setup", parents=[common], help="make the machine-wide pipe directory (root)",

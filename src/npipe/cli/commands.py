@@ -47,18 +47,52 @@ def _demo_over_smb(args: argparse.Namespace, address: PipeAddress, acl: Acl) -> 
     if os.geteuid() != 0:
         raise NpipeError("npipe demo --smb starts a private smbd and needs root")
     user, password = "npipe-demo", secrets.token_urlsafe(12)
+    made_user = not _account_exists(user)  # PrivateSmbd makes the Unix account if missing
     workdir = tempfile.mkdtemp(prefix="npipe-demo-", dir="/tmp")
     try:
         smbd = PrivateSmbd(Path(workdir), port=args.smb_port, users={user: password})
         with smbd:
             os.environ["NPIPE_SAMBA_NP_DIR"] = str(smbd.np_dir)
-            print(f"private smbd on 127.0.0.1:{args.smb_port} (user {user}, {workdir})")
+            made = " (a Unix account made for the demo, removed at its end)" if made_user else ""
+            print(f"private smbd on 127.0.0.1:{args.smb_port} (user {user}{made}, {workdir})")
             remote = parse_address(f"//127.0.0.1:{args.smb_port}/pipe/{address.name}")
             dial = {"credentials": Credentials(user, password)}
             return _demo(args, address, Acl.allow(users=[user]) if acl == OWNER_ONLY else acl,
                          remote, dial)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)  # smbd's passdb with the SMB user
+        if made_user and _account_exists(user):
+            _remove_account(user)
+
+
+def _account_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _remove_account(name: str) -> None:
+    """userdel the account the demo made; if that fails, say how to remove it."""
+    import subprocess
+
+    userdel = shutil.which("userdel") or shutil.which("userdel", path="/usr/sbin:/sbin")
+    deadline = time.monotonic() + 10.0
+    while userdel is not None:
+        done = subprocess.run([userdel, name], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=30)
+        # 1 or 10: another useradd/userdel holds /etc/passwd; 8: a process of the
+        # account (smbd's, ending) is still there. Retried for a while.
+        if done.returncode == 0 or done.returncode not in (1, 8, 10) or (
+                time.monotonic() > deadline):
+            break
+        time.sleep(0.2)
+    if _account_exists(name):
+        print(f"npipe: the demo made the Unix account {name} and could not remove it: "
+              f"userdel {name}", file=sys.stderr)
 
 
 def _demo(
@@ -231,12 +265,41 @@ def ls(args: argparse.Namespace) -> int:
         for path in removed:
             print(f"removed {path}")
     rows = list_pipes(args.pipe_dir)
+    if args.json:
+        print(json.dumps([_ls_json(row) for row in rows], indent=2))
+        return 0
     if not rows:
         print(f"no pipes in {pipe_dir(args.pipe_dir)}")
         return 0
     print(f"{'NAME':24} {'STATE':5} {'OWNER':12} {'ADMITS':24} PATH")
     for row in rows:
         print(f"{row.name:24} {row.state:5} {row.owner:12} {row.admits:24} {row.path}")
+    return 0
+
+
+def _ls_json(row: Any) -> dict[str, Any]:
+    """One pipe of ``npipe ls --json``: what the table shows, the socket on its own."""
+    name_path = str(row.path).split(" -> ")[0]
+    return {
+        "name": row.name, "state": row.state, "owner": row.owner, "admits": row.admits,
+        "kind": row.where, "path": name_path,
+        "socket": str(row.socket) if row.socket is not None else None,
+    }
+
+
+def path(args: argparse.Namespace) -> int:
+    """The socket of local pipe NAME, checked as a client checks it before dialling."""
+    from npipe.address import local
+
+    address = parse_address(args.name)
+    if address.is_remote or address.kind != "local":
+        raise ConfigError(f"npipe path takes a local pipe name, not {args.name!r}")
+    if os.name == "nt":  # a Windows pipe is dialled by its name
+        print(local(address.name))
+        return 0
+    from npipe.local.dial import find_socket
+
+    print(find_socket(address, server_user=args.server_user, directory=args.pipe_dir))
     return 0
 
 

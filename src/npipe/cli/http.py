@@ -435,6 +435,10 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl, kind: str) -> int
 
     config = Config()
     config.graceful_timeout = args.grace
+    # hypercorn gives its error logger a stderr handler of its own by default, and the
+    # logger also propagates to the root logger that npipe.cli configured: every line
+    # came out twice. A logger without handlers of its own goes through the root's only.
+    config.errorlog = logging.getLogger("hypercorn.error")
     options: dict[str, Any] = {
         "acl": acl, "pipe_dir": args.pipe_dir, "dotnet": args.dotnet, "smb": args.smb,
         "max_connections": args.max_connections, "config": config,
@@ -450,12 +454,11 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl, kind: str) -> int
     except BaseException:
         stop.cancel()
         raise
-    status = f"serving {args.app} on {server.address}"
-    print(status, file=sys.stderr, flush=True)
-    service.ready(status)
+    service.announce_ready(f"serving {args.app} on {server.address}")
     try:
         sig = await stop
-        service.stopping(f"stopping on {sig.name}")
+        service.announce_stopping(
+            f"{sig.name}: stopping, requests in flight get {args.grace:g}s")
     finally:
         await server.aclose()  # bounded: graceful timeout, then cancelled
     if isinstance(server, WsgiServer) and server.busy_workers:

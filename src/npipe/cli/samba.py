@@ -1,7 +1,8 @@
 """``npipe samba setup | run | link``: Samba's side of pipes from other hosts.
 
 ``setup`` reports where the system's smbd looks for pipes it does not serve itself (the
-np directory) and the smb.conf settings that matter; ``run`` runs a private smbd in the
+np directory) and the smb.conf settings that matter (and, with ``--apply``, creates the np
+directory's parent); ``run`` runs a private smbd in the
 foreground for demos and tests; ``link`` lets smbd reach a non-root user's pipe. All
 print one-line errors and return 0 or 1.
 """
@@ -50,9 +51,12 @@ def add_samba_parser(
     s = samba_sub.add_parser(
         "setup", parents=parents, help="show the system Samba's np directory and settings",
         description="Print the np directory the system's smbd uses and the smb.conf "
-        "settings to check; as root, create the np directory's parent if it is missing "
-        "(smbd creates np/ itself, root-owned 0700). Exit 0 if all is in place, else 1.",
+        "settings to check; change nothing unless --apply is given: then (as root) create "
+        "the np directory's parent if it is missing (smbd creates np/ itself, root-owned "
+        "0700). Exit 0 if all is in place, else 1.",
     )
+    s.add_argument("--apply", action="store_true",
+                   help="create the np directory's parent if it is missing (root)")
     s.add_argument(
         "--conf", type=Path, metavar="PATH",
         help=f"the smb.conf to read (default ${ENV_CONF} or Samba's own, {DEFAULT_CONF})",
@@ -247,7 +251,7 @@ def setup(args: argparse.Namespace) -> int:
     print(f"np dir:   {np_dir}  (from {source})")
     print(f"          an SMB client's pipe NAME on IPC$ reaches {np_dir}/<name in lower case>")
 
-    ok = _check_np_dir(np_dir)
+    ok = _check_np_dir(np_dir, apply=args.apply)
 
     values = global_parameters(conf)
     if not values:
@@ -267,12 +271,12 @@ def setup(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _check_np_dir(np_dir: Path) -> bool:
+def _check_np_dir(np_dir: Path, *, apply: bool) -> bool:
     parent = np_dir.parent
     if not parent.is_dir():
-        if os.geteuid() != 0:
-            print(f"npipe: {parent} does not exist: run 'npipe samba setup' as root to create "
-                  "it", file=sys.stderr)
+        if not apply or os.geteuid() != 0:
+            print(f"npipe: {parent} does not exist: 'npipe samba setup --apply', as root, "
+                  "creates it", file=sys.stderr)
             return False
         try:
             parent.mkdir(mode=0o755, parents=True)

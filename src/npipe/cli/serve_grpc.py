@@ -249,12 +249,8 @@ def _add_pipe_port(
 
 
 def _ready(names: list[str], address: PipeAddress) -> None:
-    status = f"serving {', '.join(names) or 'gRPC'} on {address}"
-    print(f"npipe: {status}", flush=True)
-    service.ready(status)
+    service.announce_ready(f"serving {', '.join(names) or 'gRPC'} on {address}")
 
 
 def _stopping(sig: signal.Signals, grace: float) -> None:
-    status = f"{sig.name}: stopping, calls in flight get {grace:g}s"
-    print(f"npipe: {status}", flush=True)
-    service.stopping(status)
+    service.announce_stopping(f"{sig.name}: stopping, calls in flight get {grace:g}s")

@@ -92,6 +92,20 @@ def stopping(status: str = "") -> bool:
     return notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
 
+def announce_ready(status: str) -> None:
+    """What every serve-* command says once it serves: one line on stderr, ``npipe:
+    serving WHAT on ADDRESS``, and the same words as the service manager's status."""
+    print(f"npipe: {status}", file=sys.stderr, flush=True)
+    ready(status)
+
+
+def announce_stopping(status: str) -> None:
+    """The serve-* commands' one line when a signal stops them (``npipe: SIGTERM: stopping,
+    ... get Ns``), also the service manager's status."""
+    print(f"npipe: {status}", file=sys.stderr, flush=True)
+    stopping(status)
+
+
 # -- stopping --------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ class PipeEntry:
     admits: str  # who the ACL admits, as its server noted it ("?" where unknown)
     path: Path  # the name as found (a machine-wide name shows "name -> socket")
     where: str  # own | machine | dotnet
+    socket: Path | None = None  # the socket the name leads to (what to dial), if known
 
 
 def list_pipes(directory: str | os.PathLike[str] | None = None) -> list[PipeEntry]:
@@ -43,7 +44,7 @@ def list_pipes(directory: str | os.PathLike[str] | None = None) -> list[PipeEntr
             if published_socket(machine, name, st.st_uid) is None:
                 # Not where npipe puts sockets: never probed, never dialled by clients.
                 rows.append(PipeEntry(name.name, "invalid", _owner(name), "?",
-                                      Path(f"{name} -> {target}"), "machine"))
+                                      Path(f"{name} -> {target}"), "machine", None))
                 continue
             rows.append(_entry(name.name, name, target, "machine"))
     tmp = Path(DOTNET_PREFIX).parent
@@ -61,7 +62,7 @@ def _entry(name: str, path: Path, socket_path: Path, where: str) -> PipeEntry:
     shown = path if socket_path == path else Path(f"{path} -> {socket_path}")
     admits = read_note(socket_path, owner_uid) or ("?" if where != "dotnet" else "(.NET)")
     return PipeEntry(name, "live" if is_live(socket_path) else "stale", _owner(path), admits,
-                     shown, where)
+                     shown, where, socket_path)
 
 
 def _owner(path: Path) -> str:
