@@ -232,7 +232,8 @@ def test_cli_http_data_method_and_headers(served: ServerThread, tmp_path: Path) 
     assert done.stdout == b"a=1&b=2"
     payload = os.urandom(200_000)
     (tmp_path / "body.bin").write_bytes(payload)
-    done = run_npipe("http", "PUT", "api", "/digest", "-d", f"@{tmp_path / 'body.bin'}")
+    done = run_npipe("http", "PUT", "api", "/digest", "--data-binary",
+                     f"@{tmp_path / 'body.bin'}")
     assert json.loads(done.stdout)["length"] == len(payload)
     done = run_npipe("http", "api", "/echo", "-d", "@-", stdin=b"from stdin")
     assert done.stdout == b"from stdin"

@@ -24,7 +24,7 @@ import grpc
 
 from npipe.cli import commands, serve_grpc, service, winservice
 from npipe.cli.bridges import add_bridge_parsers
-from npipe.cli.dial import add_address, dial_options
+from npipe.cli.dial import add_address, dial_options, in_cli_words
 from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
 from npipe.cli.usage import add_subcommands
@@ -226,7 +226,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> tuple[int, str]:
     if args.debug:
         logging.exception("failed")
     # One line, whatever the message holds (a server's text, an OS error's).
-    return code, " ".join(message.split())
+    return code, " ".join(in_cli_words(message).split())
 
 
 if __name__ == "__main__":

@@ -83,6 +83,18 @@ def closed_before_answering(address: object) -> str:
             "its server's log says why)")
 
 
+# The library's errors name its keyword arguments; a command's user types options.
+_KEYWORDS_AS_OPTIONS = (("(server_user=...)", "(--server-user USER)"),
+                        ("(server_user=..., --server-user)", "(--server-user USER)"))
+
+
+def in_cli_words(message: str) -> str:
+    """``message`` with the Python keywords it suggests replaced by the CLI's options."""
+    for keyword, option in _KEYWORDS_AS_OPTIONS:
+        message = message.replace(keyword, option)
+    return message
+
+
 def credentials(
     args: argparse.Namespace, address: PipeAddress, *, tty_prompt: bool = False
 ) -> Credentials | None:

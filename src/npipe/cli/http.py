@@ -226,7 +226,9 @@ def _show_request(http2: bool) -> Any:
 
 
 def _show_response(response: httpx.Response) -> None:
-    reason = f" {response.reason_phrase}" if response.http_version.startswith("HTTP/1") else ""
+    # What came on the wire: HTTP/2 has no reason phrase (httpx makes one up).
+    phrase = response.reason_phrase if response.http_version.startswith("HTTP/1") else ""
+    reason = f" {phrase}" if phrase else ""
     lines = [f"< {response.http_version} {response.status_code}{reason}"]
     lines += [f"< {k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in response.headers.raw]
     print("\n".join([*lines, "<"]), file=sys.stderr, flush=True)
