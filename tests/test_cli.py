@@ -147,11 +147,26 @@ def test_demo_over_smb(pipe_dir: Path) -> None:
     with socket.socket() as s:  # a port the kernel picks: no other run can hold it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    existed = _account_exists("npipe-demo")
     r = run("demo", "--smb", "--smb-port", str(port), timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"calling \\\\127.0.0.1:{port}\\pipe\\npipe-demo" in r.stdout
     assert "bought 3 x 'apple' for 30 (caller: " in r.stdout and "npipe-demo uid=" in r.stdout
     assert "from 127.0.0.1:" in r.stdout
+    # The Unix account the demo needed: removed at its end if it made it, else kept.
+    assert _account_exists("npipe-demo") == existed
+    if not existed:
+        assert "(a Unix account made for the demo, removed at its end" in r.stdout
+
+
+def _account_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["health"], ["call"], ["ls"]])

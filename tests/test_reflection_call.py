@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_tools import protoc
 
-from npipe.cli.reflection_call import call_json, list_services, split_method
+from npipe.cli.reflection_call import NoReflection, call_json, list_services, split_method
 from npipe.examples.buy import service as buy_service
 
 COMMON_PROTO = """
@@ -380,13 +380,12 @@ def test_blank_data_means_empty_message(served: grpc.Channel) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_no_reflection_on_server_is_rpc_error(sock_dir: Path) -> None:
+def test_no_reflection_on_server_is_said_so(sock_dir: Path) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     channel = _start(server, sock_dir, "nr")
     try:
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(NoReflection, match="does not serve reflection"):
             list_services(channel, 5)
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         channel.close()
         server.stop(None)

@@ -337,7 +337,7 @@ def test_sigterm_lets_the_call_in_flight_finish(pipe_dir: Path) -> None:
         thread, outcome = _buy_in_thread("shop")
         _wait_for(served.workdir / "call-started", served.proc)
         sent = time.monotonic()
-        code, out, err = served.stop()  # SIGTERM
+        code, _out, err = served.stop()  # SIGTERM
         took = time.monotonic() - sent
         thread.join(WAIT)
         assert code == 0, err

@@ -212,7 +212,12 @@ class _ReflectionClient:
         try:
             answers = list(responses)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            # A gRPC server without the service answers UNIMPLEMENTED; grpcio also says
+            # UNIMPLEMENTED for a plain HTTP server's 404, which stays an RpcError so
+            # that the caller can tell what the peer speaks.
+            details = e.details() or ""
+            if (e.code() == grpc.StatusCode.UNIMPLEMENTED
+                    and "http2 header with status" not in details):
                 raise NoReflection(
                     "the server does not serve reflection (grpc.reflection.v1alpha), which "
                     "npipe call needs to find methods and their types"
