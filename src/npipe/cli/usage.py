@@ -14,6 +14,9 @@ class SubcommandParser(argparse.ArgumentParser):
     prints its own usage ("npipe [-h] ... COMMAND ...") for a mistyped ``npipe http -X``:
     not the usage the user needs. Rejecting them here prints ``npipe http``'s. Nested
     subcommands (``npipe samba setup``) inherit the class, so the innermost one speaks.
+    argparse's subparsers action parses a subcommand's words with its public
+    ``parse_known_args`` (Python 3.11 here, and 3.13's, which Debian 13 has, reads the
+    same); tests/test_cli_habits.py checks every subcommand.
     """
 
     def parse_known_args(  # type: ignore[override]
