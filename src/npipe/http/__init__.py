@@ -14,13 +14,17 @@ Server (asyncio)::
 
 The app sees its caller as ``scope["extensions"]["npipe.caller"]`` (WSGI:
 ``environ["npipe.caller"]``). httpx and hypercorn
-are imported when a name here is first used, not by ``import npipe`` (or npipe.http).
+are imported when a name here is first used, not by ``import npipe`` (or npipe.http);
+without them (``pip install 'npipe[http]'``) ``import npipe.http`` raises
+:class:`npipe.extras.MissingExtra`.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from npipe.extras import require
 
 if TYPE_CHECKING:
     from npipe.http.server import (
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
         serve_wsgi,
     )
     from npipe.http.transport import AsyncTransport, Transport
+
+# Said at once (not at the first name used): the whole module is the http extra's.
+require("http", "npipe.http")
 
 _WHERE = {
     "Transport": "npipe.http.transport",

@@ -29,7 +29,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpcore
+from npipe.extras import imports_of
+
+with imports_of("http", "npipe.http"):
+    import httpcore
 
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import NpipeError

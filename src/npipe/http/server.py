@@ -41,13 +41,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from hypercorn.app_wrappers import ASGIWrapper, WSGIWrapper
-from hypercorn.asyncio.lifespan import Lifespan
-from hypercorn.asyncio.statsd import StatsdLogger
-from hypercorn.asyncio.tcp_server import TCPServer
-from hypercorn.asyncio.worker_context import WorkerContext
-from hypercorn.config import Config
-from hypercorn.typing import AppWrapper, ASGIFramework, LifespanState, Scope, WSGIFramework
+from npipe.extras import imports_of
+
+with imports_of("http", "npipe.http"):
+    from hypercorn.app_wrappers import ASGIWrapper, WSGIWrapper
+    from hypercorn.asyncio.lifespan import Lifespan
+    from hypercorn.asyncio.statsd import StatsdLogger
+    from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.asyncio.worker_context import WorkerContext
+    from hypercorn.config import Config
+    from hypercorn.typing import AppWrapper, ASGIFramework, LifespanState, Scope, WSGIFramework
 
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress
