@@ -50,10 +50,12 @@ class PipeAddress:
 
     @property
     def is_local(self) -> bool:
+        r"""A pipe on this host (``NAME``, ``\\.\pipe\NAME``)."""
         return self.kind == "local"
 
     @property
     def is_remote(self) -> bool:
+        r"""A pipe on another host, reached over SMB (``\\HOST\pipe\NAME``)."""
         return self.kind == "remote"
 
     @property

@@ -15,14 +15,14 @@ from collections.abc import Iterator
 
 __all__ = ["EXTRAS", "MissingExtra", "imports_of", "missing", "require"]
 
-#: The modules each extra provides (as imported, not as distributions), as pyproject.toml's
-#: optional-dependencies install them. h2 is in both: the gRPC front door answers a refused
-#: caller's HTTP/2 itself (npipe.grpc_refusal).
 EXTRAS: dict[str, tuple[str, ...]] = {
     "grpc": ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "h2"),
     "http": ("httpx", "httpcore", "h2", "hypercorn"),
     "smbprotocol": ("smbprotocol",),
 }
+"""The modules each extra provides (as imported, not as distributions), as pyproject.toml's
+optional-dependencies install them. h2 is in both: the gRPC front door answers a refused
+caller's HTTP/2 itself (npipe.grpc_refusal)."""
 
 
 class MissingExtra(ImportError):

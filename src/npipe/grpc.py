@@ -64,6 +64,7 @@ class PipePort:
         self._close = close
 
     def close(self) -> None:
+        """Stop serving the pipe and give up its name (the server stopping does it too)."""
         self._close()
 
 

@@ -28,7 +28,6 @@ from npipe.extras import require
 
 if TYPE_CHECKING:
     from npipe.http.server import (
-        CALLER_EXTENSION,
         AsgiServer,
         WrongAppKind,
         WsgiServer,
@@ -40,6 +39,10 @@ if TYPE_CHECKING:
 # Said at once (not at the first name used): the whole module is the http extra's.
 require("http", "npipe.http")
 
+CALLER_EXTENSION = "npipe.caller"
+"""The ASGI scope extension (``scope["extensions"][CALLER_EXTENSION]``) and WSGI environ
+key that hold the :class:`npipe.Caller` of the request's connection."""
+
 _WHERE = {
     "Transport": "npipe.http.transport",
     "AsyncTransport": "npipe.http.transport",
@@ -48,7 +51,6 @@ _WHERE = {
     "serve_wsgi": "npipe.http.server",
     "WsgiServer": "npipe.http.server",
     "WrongAppKind": "npipe.http.server",
-    "CALLER_EXTENSION": "npipe.http.server",
 }
 
 
