@@ -307,7 +307,7 @@ def _open_local(
     deadline = time.monotonic() + timeout
     delay = _BUSY_FIRST_DELAY
     while True:  # a full backlog (busy) is waited out until the deadline, as on Windows
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # (non-inheritable: PEP 446)
         sock.settimeout(timeout)
         try:
             sock.connect(os.fspath(path))

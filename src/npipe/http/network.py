@@ -227,7 +227,7 @@ class PipeBackend(httpcore.NetworkBackend):
 
         opts = self.options
         path = find_socket(opts.address, server_user=opts.server_user, directory=opts.pipe_dir)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # (non-inheritable: PEP 446)
         try:
             sock.settimeout(timeout)
             try:
