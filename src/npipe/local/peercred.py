@@ -27,11 +27,15 @@ _LOCAL_PEERPID = 0x002
 _XUCRED = struct.Struct("IIh16I")
 
 
-def _xucred(sock: socket.socket) -> tuple[int, tuple[int, ...]]:
-    """(uid, groups) from LOCAL_PEERCRED; groups[0] is the effective gid."""
-    raw = sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED.size)
-    _version, uid, ngroups, *groups = _XUCRED.unpack(raw.ljust(_XUCRED.size, b"\0"))
+def parse_xucred(raw: bytes) -> tuple[int, tuple[int, ...]]:
+    """(uid, groups) from a ``struct xucred``; groups[0] is the effective gid."""
+    _version, uid, ngroups, *groups = _XUCRED.unpack(raw[: _XUCRED.size].ljust(_XUCRED.size,
+                                                                             b"\0"))
     return uid, tuple(groups[: max(0, min(ngroups, len(groups)))])
+
+
+def _xucred(sock: socket.socket) -> tuple[int, tuple[int, ...]]:
+    return parse_xucred(sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED.size))
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
