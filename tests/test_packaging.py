@@ -140,6 +140,26 @@ for module in ("npipe.grpc", "npipe.http", "npipe.examples.buy.service"):
         __import__(module)
     except ImportError as e:
         out[module] = [type(e).__name__, str(e)]
+# Not only imported: a byte pipe and a message pipe carry bytes with the core alone.
+import threading
+from npipe import connection
+with npipe.create_server("pkgcore") as server:
+    def echo():
+        conn, _caller = server.accept()
+        with conn:
+            conn.sendall(conn.recv(100))
+    threading.Thread(target=echo).start()
+    with npipe.connect("pkgcore", timeout=10) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(100) == b"ping"
+with connection.Listener("pkgmsg") as listener:
+    def reply():
+        with listener.accept() as conn:
+            conn.send_bytes(conn.recv_bytes()[::-1])
+    threading.Thread(target=reply).start()
+    with connection.Client("pkgmsg") as conn:
+        conn.send_bytes(b"abc")
+        assert conn.recv_bytes() == b"cba"
 print(json.dumps(out))
 """
 
