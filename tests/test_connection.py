@@ -21,6 +21,10 @@ import npipe
 from npipe import connection
 from npipe.errors import ConfigError, MessageTooLarge
 
+# Local message pipes are SOCK_SEQPACKET Unix sockets, which macOS lacks (there
+# npipe.connection says so: UnsupportedPlatform).
+pytestmark = pytest.mark.linux_only("message pipes are SOCK_SEQPACKET Unix sockets")
+
 SIZES = [0, 1, 70 * 1024, 1024 * 1024]
 
 

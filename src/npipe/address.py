@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,8 +27,9 @@ from npipe.errors import AddressError
 
 # Windows limits a pipe name to 256 characters (CreateNamedPipe, MSDN).
 MAX_NAME_LENGTH = 256
-# struct sockaddr_un.sun_path is 108 bytes on Linux, one of them the NUL.
-MAX_UNIX_PATH_BYTES = 107
+# struct sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS and the BSDs, one of
+# them the NUL.
+MAX_UNIX_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
 # A DNS name is at most 253 characters (RFC 1035 2.3.4), a label 63.
 MAX_HOST_LENGTH = 253
 SMB_PORT = 445
@@ -50,10 +52,12 @@ class PipeAddress:
 
     @property
     def is_local(self) -> bool:
+        r"""A pipe on this host (``NAME``, ``\\.\pipe\NAME``)."""
         return self.kind == "local"
 
     @property
     def is_remote(self) -> bool:
+        r"""A pipe on another host, reached over SMB (``\\HOST\pipe\NAME``)."""
         return self.kind == "remote"
 
     @property

@@ -107,11 +107,14 @@ class PipeSocket:
             return bytes(data)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """At most ``bufsize`` bytes, as ``socket.recv`` (``b""``: the other end closed);
+        first what the front door had read already (:meth:`pending`)."""
         if bufsize > 0 and not flags and (data := self._take_pending(bufsize)) is not None:
             return data
         return self.socket.recv(bufsize, flags)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As ``socket.recv_into``: fill ``buffer`` (up to ``nbytes``), return how many bytes."""
         view = memoryview(buffer).cast("B")
         n = nbytes or len(view)
         if n > 0 and not flags and (data := self._take_pending(n)) is not None:
@@ -122,9 +125,11 @@ class PipeSocket:
     # -- writing ---------------------------------------------------------------------
 
     def send(self, data: Any, flags: int = 0) -> int:
+        """As ``socket.send``: send some of ``data``, return how many bytes went."""
         return self.socket.send(data, flags)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
+        """As ``socket.sendall``: send all of ``data``."""
         self.socket.sendall(data, flags)
 
     # -- the rest of a socket --------------------------------------------------------
@@ -163,12 +168,15 @@ class PipeSocket:
         return text
 
     def settimeout(self, timeout: float | None) -> None:
+        """As ``socket.settimeout``: seconds each call may block (None: for ever, 0: never)."""
         self.socket.settimeout(timeout)
 
     def gettimeout(self) -> float | None:
+        """The timeout :meth:`settimeout` set."""
         return self.socket.gettimeout()
 
     def setblocking(self, flag: bool) -> None:
+        """As ``socket.setblocking``."""
         self.socket.setblocking(flag)
 
     def fileno(self) -> int:
@@ -183,11 +191,14 @@ class PipeSocket:
         return 0 if pending is None else len(pending)
 
     def shutdown(self, how: int) -> None:
+        """As ``socket.shutdown``; ``SHUT_WR`` only where the transport can half-close
+        (:attr:`half_close`), else ``OSError(EOPNOTSUPP)`` rather than a silent close."""
         if how == socket.SHUT_WR and not self.half_close:
             raise OSError(errno.EOPNOTSUPP, f"{self.address}: {_NO_HALF_CLOSE}")
         self.socket.shutdown(how)
 
     def close(self) -> None:
+        """Close the connection (again: nothing happens)."""
         with self._lock:
             if self._closed:
                 return
@@ -201,6 +212,7 @@ class PipeSocket:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closed
 
     def __enter__(self) -> PipeSocket:
@@ -295,7 +307,7 @@ def _open_local(
     deadline = time.monotonic() + timeout
     delay = _BUSY_FIRST_DELAY
     while True:  # a full backlog (busy) is waited out until the deadline, as on Windows
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # (non-inheritable: PEP 446)
         sock.settimeout(timeout)
         try:
             sock.connect(os.fspath(path))
@@ -427,14 +439,17 @@ class PipeSocketServer:
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (as ``asyncio.Server.sockets``)."""
         return tuple(getattr(self._server, "sockets", ()))
 
     def settimeout(self, timeout: float | None) -> None:
+        """Seconds :meth:`accept` waits for a caller (None: for ever), as ``socket.settimeout``."""
         if timeout is not None and timeout < 0:
             raise ValueError("Timeout value out of range")
         self._timeout = timeout
 
     def gettimeout(self) -> float | None:
+        """The timeout :meth:`settimeout` set."""
         return self._timeout
 
     def accept(self) -> tuple[PipeSocket, Caller]:
@@ -480,6 +495,7 @@ class PipeSocketServer:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closed
 
     def __enter__(self) -> PipeSocketServer:

@@ -60,6 +60,8 @@ __all__ = ["DEFAULT_MAX_MESSAGE", "Client", "Connection", "Listener", "MessageTo
 # the memory one caller can make the server spend (the stdlib has none: its 4-byte
 # length lets a peer announce 2 GiB).
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+"""The largest message a :class:`Listener`'s connections take unless told otherwise
+(``max_message``): 64 MiB."""
 # How long the authkey challenge may take before the connection is dropped: a caller
 # that connects and says nothing must not hold accept() for ever.
 HANDSHAKE_TIMEOUT = 20.0
@@ -90,17 +92,21 @@ class Connection:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._transport is None
 
     @property
     def readable(self) -> bool:
+        """True until closed (the stdlib's API: both ends read and write)."""
         return self._transport is not None
 
     @property
     def writable(self) -> bool:
+        """True until closed (the stdlib's API: both ends read and write)."""
         return self._transport is not None
 
     def fileno(self) -> int:
+        """The descriptor to wait on (``multiprocessing.connection.wait``, select)."""
         return self._open().fileno()
 
     def send_bytes(self, buf: Buffer, offset: int = 0, size: int | None = None) -> None:
@@ -163,6 +169,7 @@ class Connection:
         return self._open().poll(timeout)
 
     def close(self) -> None:
+        """Close this end (again: nothing happens)."""
         if self._transport is not None:
             transport, self._transport = self._transport, None
             transport.close()
@@ -239,6 +246,7 @@ class Listener:
 
     @property
     def address(self) -> PipeAddress:
+        """The pipe it listens on."""
         return self._addr
 
     @property
@@ -260,6 +268,7 @@ class Listener:
         return conn
 
     def close(self) -> None:
+        """Stop listening and give up the pipe's name (accepted connections stay open)."""
         impl, self._impl = self._impl, None  # type: ignore[assignment]
         if impl is not None:
             impl.close()

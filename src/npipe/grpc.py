@@ -30,8 +30,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
-import grpc.aio
+from npipe.extras import imports_of
+
+with imports_of("grpc", "npipe.grpc"):
+    import grpc
+    import grpc.aio
 
 from npipe import frontdoor, grpc_refusal
 from npipe.acl import OWNER_ONLY, Acl
@@ -61,6 +64,7 @@ class PipePort:
         self._close = close
 
     def close(self) -> None:
+        """Stop serving the pipe and give up its name (the server stopping does it too)."""
         self._close()
 
 

@@ -31,6 +31,7 @@ class Caller:
 
     @classmethod
     def local(cls, pid: int, uid: int, gid: int, groups: tuple[int, ...] = ()) -> Caller:
+        """A caller on this host, by its process, user and group ids (its user name looked up)."""
         return cls("local", uid=uid, gid=gid, pid=pid, groups=groups, user=user_name(uid))
 
     @property

@@ -35,7 +35,8 @@ class PipeServer(abc.ABC):
         """The listening sockets, as ``asyncio.Server.sockets`` (none for a Windows pipe)."""
 
     @abc.abstractmethod
-    def is_serving(self) -> bool: ...
+    def is_serving(self) -> bool:
+        """Whether it accepts callers (not closed), as ``asyncio.Server.is_serving``."""
 
     @abc.abstractmethod
     def close(self) -> None:

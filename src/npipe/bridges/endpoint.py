@@ -17,6 +17,8 @@ FORMS = "tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH"
 
 @dataclass(frozen=True)
 class Endpoint:
+    """A TCP address or a Unix socket path: the side of a bridge that is not the pipe
+    (:func:`parse_endpoint` reads the spelling)."""
     kind: Literal["tcp", "unix"]
     host: str = ""  # tcp: a name or an address (IPv6 without brackets)
     port: int = 0  # tcp: 0 lets the kernel pick one when listening

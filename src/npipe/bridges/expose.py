@@ -30,6 +30,7 @@ class Expose:
 
     @property
     def connections(self) -> int:
+        """Callers being relayed now."""
         return len(self._connections)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -38,11 +38,13 @@ class Forward:
 
     @property
     def endpoint(self) -> Endpoint:
+        """Where it listens (with ``tcp:HOST:0``, the port the kernel picked)."""
         assert self._listener is not None
         return self._listener.endpoint
 
     @property
     def connections(self) -> int:
+        """Connections being relayed now."""
         return len(self._connections)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -74,6 +74,7 @@ class RelayStats:
 
     @property
     def duration(self) -> float:
+        """Seconds from the start to the end (to now while it runs)."""
         return (self.ended_at if self.ended_at is not None else time.monotonic()) - self.started
 
 

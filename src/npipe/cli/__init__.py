@@ -11,18 +11,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 # gRPC's C core logs to stderr at INFO: absl writes everything there until a program
 # initialises absl logging, which Python never does. A server that stops with calls
 # cancelled, for one, makes every client print "Got goaway [2]". A command's stderr is
 # for npipe's own one-line errors, so the core logs errors only unless the user sets
 # GRPC_VERBOSITY (INFO or DEBUG bring the lines back). grpc reads it once, when it
-# loads, so this comes before the first import of grpc in the CLI.
+# loads, so this comes before the first import of grpc in the CLI (the gRPC commands'
+# modules import it when they run).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import grpc
-
-from npipe.cli import commands, serve_grpc, service, winservice
+from npipe import extras
+from npipe.cli import commands, service, winservice
 from npipe.cli.bridges import add_bridge_parsers
 from npipe.cli.dial import add_address, dial_options, in_cli_words
 from npipe.cli.http import add_http_parsers
@@ -31,6 +32,13 @@ from npipe.cli.usage import add_subcommands
 from npipe.errors import AddressError, ConfigError, NpipeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# The commands that need an extra (pyproject.toml's optional-dependencies). Without it
+# they say, in one line, which to install (exit 2) before anything else runs.
+COMMAND_EXTRAS = {
+    "demo": "grpc", "health": "grpc", "call": "grpc", "serve-grpc": "grpc",
+    "http": "http", "serve-asgi": "http", "serve-wsgi": "http",
+}
 
 
 def _common(top: bool) -> argparse.ArgumentParser:
@@ -55,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="npipe", description="gRPC, HTTP and byte streams over named pipes.",
         parents=[_common(top=True)],
     )
+    parser.add_argument("--version", action="version", version=f"npipe {_version()}")
     sub = add_subcommands(parser, dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -110,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_samba_parser(sub, [common])
     add_http_parsers(sub, common)
-    serve_grpc.add_parser(sub, [common])
+    if extras.missing("grpc"):  # (its module imports grpc; main() says what to install)
+        sub.add_parser("serve-grpc", parents=[common],
+                       help="serve a gRPC service on a pipe (needs npipe[grpc])")
+    else:
+        from npipe.cli import serve_grpc
+
+        serve_grpc.add_parser(sub, [common])
     add_bridge_parsers(sub, common)
     winservice.add_parser(sub, [common], parse=lambda argv: build_parser().parse_args(argv),
                           main=lambda argv: main(argv))
@@ -173,10 +188,42 @@ class _HeldLog(logging.Handler):
         self.records.clear()
 
 
+def _version() -> str:
+    try:
+        return metadata.version("npipe")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (past the top level's options), if any."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--pipe-dir":
+            skip = True  # its value
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def missing_extra(argv: Sequence[str]) -> str:
+    """The one-line error for a command whose extra is not installed ("" when it is)."""
+    command = _command(argv)
+    extra = COMMAND_EXTRAS.get(command or "")
+    if command is None or extra is None or not extras.missing(extra):
+        return ""
+    return str(extras.MissingExtra(f"npipe {command}", extra))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
+    if missing := missing_extra(argv):
+        print(missing, file=sys.stderr)
+        return EXIT_USAGE
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
@@ -213,13 +260,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, str]:
         return 130, ""
     except (AddressError, ConfigError, ValueError) as e:
         return _fail(args, f"npipe: {e}", EXIT_USAGE)
-    except grpc.RpcError as e:
+    except extras.MissingExtra as e:  # (one the command's own check did not know of)
+        return _fail(args, f"npipe: {e}", EXIT_USAGE)
+    except (NpipeError, OSError) as e:
+        return _fail(args, f"npipe: {e}", EXIT_FAILED)
+    except Exception as e:
+        grpc = sys.modules.get("grpc")  # loaded if a call failed: it raised this
+        if grpc is None or not isinstance(e, grpc.RpcError):
+            raise
         code = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else str(e)
         name = code.name if code is not None else "UNKNOWN"
         return _fail(args, f"npipe: call failed: {name}: {details}", EXIT_FAILED)
-    except (NpipeError, OSError) as e:
-        return _fail(args, f"npipe: {e}", EXIT_FAILED)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> tuple[int, str]:

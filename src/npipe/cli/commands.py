@@ -14,18 +14,17 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typing import TYPE_CHECKING, Any
 
 import npipe
-import npipe.grpc
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
 from npipe.cli.dial import closed_before_answering
 from npipe.errors import ConfigError, NpipeError
 from npipe.local.paths import pipe_dir
+
+if TYPE_CHECKING:  # the gRPC commands import it when they run: ls and setup need no grpc
+    import grpc
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -102,6 +101,9 @@ def _demo(
     dial_address: PipeAddress,
     dial: dict[str, Any],
 ) -> int:
+    import grpc
+
+    import npipe.grpc
     from npipe.examples.buy import buy_pb2, buy_pb2_grpc, service
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -132,6 +134,9 @@ def _demo(
 
 
 def health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     deadline = _Deadline(args.timeout)
     with _grpc_errors(args), _channel(args, deadline) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -235,6 +240,8 @@ def _not_grpc(address: object, e: grpc.RpcError) -> str | None:
 
 @contextlib.contextmanager
 def _grpc_errors(args: argparse.Namespace) -> Iterator[None]:
+    import grpc
+
     try:
         yield
     except grpc.RpcError as e:
@@ -315,6 +322,7 @@ def setup(args: argparse.Namespace) -> int:
 
 
 def _channel(args: argparse.Namespace, deadline: _Deadline) -> grpc.Channel:
+    import npipe.grpc
     from npipe.cli.dial import credentials as dial_credentials
 
     address = parse_address(args.address)

@@ -65,7 +65,7 @@ def notify(*states: str) -> bool:
         log.warning("NOTIFY_SOCKET=%r: only a path or @name is supported", target)
         return False
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto("\n".join(states).encode(), target)
     except OSError as e:
         log.warning("cannot notify the service manager at %s: %s", target.lstrip("\0"), e)

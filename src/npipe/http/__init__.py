@@ -14,7 +14,9 @@ Server (asyncio)::
 
 The app sees its caller as ``scope["extensions"]["npipe.caller"]`` (WSGI:
 ``environ["npipe.caller"]``). httpx and hypercorn
-are imported when a name here is first used, not by ``import npipe`` (or npipe.http).
+are imported when a name here is first used, not by ``import npipe`` (or npipe.http);
+without them (``pip install 'npipe[http]'``) ``import npipe.http`` raises
+:class:`npipe.extras.MissingExtra`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from npipe.extras import require
+
 if TYPE_CHECKING:
     from npipe.http.server import (
-        CALLER_EXTENSION,
         AsgiServer,
         WrongAppKind,
         WsgiServer,
@@ -32,6 +35,13 @@ if TYPE_CHECKING:
         serve_wsgi,
     )
     from npipe.http.transport import AsyncTransport, Transport
+
+# Said at once (not at the first name used): the whole module is the http extra's.
+require("http", "npipe.http")
+
+CALLER_EXTENSION = "npipe.caller"
+"""The ASGI scope extension (``scope["extensions"][CALLER_EXTENSION]``) and WSGI environ
+key that hold the :class:`npipe.Caller` of the request's connection."""
 
 _WHERE = {
     "Transport": "npipe.http.transport",
@@ -41,7 +51,6 @@ _WHERE = {
     "serve_wsgi": "npipe.http.server",
     "WsgiServer": "npipe.http.server",
     "WrongAppKind": "npipe.http.server",
-    "CALLER_EXTENSION": "npipe.http.server",
 }
 
 

@@ -29,7 +29,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpcore
+from npipe.extras import imports_of
+
+with imports_of("http", "npipe.http"):
+    import httpcore
 
 from npipe.address import PipeAddress, parse_address
 from npipe.errors import NpipeError
@@ -224,7 +227,7 @@ class PipeBackend(httpcore.NetworkBackend):
 
         opts = self.options
         path = find_socket(opts.address, server_user=opts.server_user, directory=opts.pipe_dir)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # (non-inheritable: PEP 446)
         try:
             sock.settimeout(timeout)
             try:

@@ -41,24 +41,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from hypercorn.app_wrappers import ASGIWrapper, WSGIWrapper
-from hypercorn.asyncio.lifespan import Lifespan
-from hypercorn.asyncio.statsd import StatsdLogger
-from hypercorn.asyncio.tcp_server import TCPServer
-from hypercorn.asyncio.worker_context import WorkerContext
-from hypercorn.config import Config
-from hypercorn.typing import AppWrapper, ASGIFramework, LifespanState, Scope, WSGIFramework
+from npipe.extras import imports_of
+
+with imports_of("http", "npipe.http"):
+    from hypercorn.app_wrappers import ASGIWrapper, WSGIWrapper
+    from hypercorn.asyncio.lifespan import Lifespan
+    from hypercorn.asyncio.statsd import StatsdLogger
+    from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.asyncio.worker_context import WorkerContext
+    from hypercorn.config import Config
+    from hypercorn.typing import AppWrapper, ASGIFramework, LifespanState, Scope, WSGIFramework
 
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress
 from npipe.errors import ConfigError
+from npipe.http import CALLER_EXTENSION
 from npipe.identity import Caller
 from npipe.pipe_server import PipeServer
 from npipe.streams import caller, start_server
 
 log = logging.getLogger("npipe.http")
 
-CALLER_EXTENSION = "npipe.caller"
 # After the graceful timeout, how long cancelled connections get to finish closing.
 _CANCEL_GRACE = 2.0
 # Threads running a WSGI app's requests at once (more requests wait for one).
@@ -286,18 +289,22 @@ class AsgiServer:
 
     @property
     def address(self) -> PipeAddress:
+        """The pipe served."""
         return self.pipe.address
 
     @property
     def path(self) -> Path:
+        """Its socket (give it to ``curl --unix-socket``)."""
         return self.pipe.path
 
     @property
     def paths(self) -> list[Path]:
+        """Everywhere it listens (with ``smb=True``, Samba's np/ too)."""
         return self.pipe.paths
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets, as ``asyncio.Server.sockets``."""
         return self.pipe.sockets
 
     @property
@@ -312,9 +319,11 @@ class AsgiServer:
 
     @property
     def closing(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closing
 
     def is_serving(self) -> bool:
+        """Whether it accepts callers (not closing)."""
         return not self._closing and self.pipe.is_serving()
 
     def close(self) -> None:
@@ -332,10 +341,13 @@ class AsgiServer:
             await asyncio.shield(self._shutdown)
 
     async def aclose(self) -> None:
+        """:meth:`close`, then :meth:`wait_closed`."""
         self.close()
         await self.wait_closed()
 
     async def serve_forever(self) -> None:
+        """Serve until :meth:`close` or cancelled; then close and wait for the
+        connections (graceful shutdown)."""
         try:
             await self._closed.wait()
         finally:

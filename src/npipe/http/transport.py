@@ -13,8 +13,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-import httpcore
-import httpx
+from npipe.extras import imports_of
+
+with imports_of("http", "npipe.http"):
+    import httpcore
+    import httpx
 
 from npipe.address import PipeAddress
 from npipe.http.network import AsyncPipeBackend, PipeBackend, dial_options

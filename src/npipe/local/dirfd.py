@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,7 +112,16 @@ def fd_path(dir_fd: int, name: str) -> str:
     proc = f"/proc/self/fd/{dir_fd}"
     if os.path.isdir(proc):
         return f"{proc}/{name}"
-    # (no /proc: not Linux) the directory's own path is the best there is
+    if sys.platform == "darwin":
+        # No /proc: the directory's path as the kernel has it now (F_GETPATH), used
+        # only if the entry there is still the one the descriptor sees (not renamed).
+        import fcntl
+
+        raw = fcntl.fcntl(dir_fd, fcntl.F_GETPATH, bytes(1024))  # MAXPATHLEN
+        path = os.path.join(os.fsdecode(raw.split(b"\0", 1)[0]), name)
+        there, here = os.lstat(path), os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
+            return path
     raise OSError(errno.ENOSYS, "no /proc/self/fd to reach a socket through its directory")
 
 

@@ -244,7 +244,7 @@ UNRECORDED_GRACE = 60.0
 
 
 # Room for "/.np-XXXXXXXX/c<counter>" after the parent within sun_path's 107 bytes.
-MAX_PRIVATE_PARENT_BYTES = 107 - len("/.np-XXXXXXXX/c123456789")
+MAX_PRIVATE_PARENT_BYTES = MAX_UNIX_PATH_BYTES - len("/.np-XXXXXXXX/c123456789")
 
 
 def write_record(lock_fd: int, path: Path, private: Path | None) -> None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sys
 from collections.abc import Callable
 
 from npipe.acl import Acl
 from npipe.address import PipeAddress
-from npipe.errors import ConnectionLost, MessageTooLarge
+from npipe.errors import ConnectionLost, MessageTooLarge, UnsupportedPlatform
 from npipe.frontdoor import local_identify
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
@@ -113,6 +114,14 @@ def connect(path: str | os.PathLike[str], error: Callable[[OSError], Exception])
     return sock
 
 
+def _check_seqpacket() -> None:
+    """macOS (XNU) has no SOCK_SEQPACKET Unix sockets (socket() fails, EPROTONOSUPPORT):
+    say so plainly. Message pipes there would need a framing of their own."""
+    if sys.platform == "darwin":
+        raise UnsupportedPlatform("local message pipes (npipe.connection) need SOCK_SEQPACKET "
+                                  "Unix sockets, which macOS lacks; byte pipes work there")
+
+
 class SocketListener:
     """A message pipe's listening SOCK_SEQPACKET socket, claimed like a byte pipe's
     (npipe.local.claim: one name for the machine, first instance wins, the ACL note),
@@ -120,9 +129,8 @@ class SocketListener:
 
     def __init__(self, addr: PipeAddress, *, acl: Acl, smb: bool,
                  pipe_dir: str | os.PathLike[str] | None) -> None:
+        _check_seqpacket()
         if smb:
-            from npipe.errors import UnsupportedPlatform
-
             raise UnsupportedPlatform("message pipes through Samba (smb=True) are not "
                                       "served yet")
         self.addr = addr
@@ -151,6 +159,7 @@ def dial_local(addr: PipeAddress, *, server_user: str | int | None,
                pipe_dir: str | os.PathLike[str] | None) -> MessageSocket:
     """Connect to a local message pipe, checked as a byte pipe's client checks its own
     (npipe.local.dial): the listener's user, then the ACL note beside its socket."""
+    _check_seqpacket()
     path = find_socket(addr, server_user=server_user, directory=pipe_dir)
     sock = connect(path, lambda e: connect_error(e, path, message=True))
     try:

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,8 @@ from npipe.local.dirfd import GONE_PREFIX, opened_dir, remove_if_same
 
 log = logging.getLogger("npipe.namespace")
 
-DEFAULT_MACHINE_DIR = Path("/run/npipe")
+# macOS has no /run: /var/run is its root-owned directory emptied at boot.
+DEFAULT_MACHINE_DIR = Path("/var/run/npipe" if sys.platform == "darwin" else "/run/npipe")
 ENV_MACHINE_DIR = "NPIPE_MACHINE_DIR"
 MACHINE_DIR_MODE = 0o1777
 # A user's directory of published sockets: others may reach a socket by name, not list.
