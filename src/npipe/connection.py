@@ -75,6 +75,8 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 # How long the authkey challenge may take before the connection is dropped: a caller
 # that connects and says nothing must not hold accept() for ever.
 HANDSHAKE_TIMEOUT = 20.0
+# How long a server waits for a caller that failed the challenge to go (see _handshake).
+FAILURE_LINGER = 2.0
 
 
 class Transport(Protocol):
@@ -362,7 +364,8 @@ class Listener:
         conn = Connection(transport, caller=caller, max_message=self.max_message)
         if self._authkey is not None:
             key = self._authkey
-            _handshake(conn, transport, lambda: _challenge(conn, key, server=True))
+            _handshake(conn, transport, lambda: _challenge(conn, key, server=True),
+                       server=True)
         self._last = caller
         return conn
 
@@ -396,7 +399,8 @@ def _challenge(conn: Connection, authkey: bytes, *, server: bool) -> None:
         deliver_challenge(peer, authkey)
 
 
-def _handshake(conn: Connection, transport: Transport, run: Callable[[], None]) -> None:
+def _handshake(conn: Connection, transport: Transport, run: Callable[[], None], *,
+               server: bool = False) -> None:
     sock = getattr(transport, "sock", None)
     try:
         if isinstance(sock, socket.socket):
@@ -404,7 +408,14 @@ def _handshake(conn: Connection, transport: Transport, run: Callable[[], None]) 
         run()
         if isinstance(sock, socket.socket):
             sock.settimeout(None)
-    except BaseException:
+    except BaseException as e:
+        if server and isinstance(e, multiprocessing.AuthenticationError):
+            # The caller's answer was wrong and it was told so (#FAILURE#): wait a
+            # moment for it to read that and close, since Samba drops what its client
+            # has not READ yet once the server closes (the caller would see the pipe
+            # end instead of AuthenticationError).
+            with contextlib.suppress(Exception):
+                transport.poll(FAILURE_LINGER)
         conn.close()
         raise
 
