@@ -41,6 +41,7 @@ import contextlib
 import logging
 import select
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from npipe.address import PipeAddress
@@ -136,9 +137,11 @@ def open_message_pipe(
     from npipe.blocking import DEFAULT_OPEN_TIMEOUT, _run_bounded
     from npipe.smb.credentials import Credentials
 
-    if not hasattr(socket, "AF_UNIX"):
-        raise UnsupportedPlatform(f"{addr}: npipe's own SMB client serves message pipes "
-                                  "only where Unix sockets exist")
+    if sys.platform == "win32":  # (no SOCK_SEQPACKET socket pairs)
+        raise UnsupportedPlatform(
+            f"{addr}: on Windows a remote message pipe is opened by Windows itself, with "
+            "this logon's credentials (leave out credentials, smb_backend and encrypt), "
+            "or use pipe_mode='byte'")
     client: Any = smb.get_client(smb_backend)
     attach = getattr(client, "attach_messages", None)
     if attach is None:
