@@ -39,9 +39,10 @@ def site() -> Iterator[SmbSite]:
         yield bed
 
 
-def server(site: SmbSite, name: str, mode: str, max_message: int = 1000) -> Any:
+def server(site: SmbSite, name: str, mode: str, max_message: int = 1000,
+           key: str = "key") -> Any:
     return site.serve([sys.executable, str(APPS / "connection_app.py"), "serve", name, ALICE,
-                       mode, str(max_message)])
+                       mode, str(max_message), key])
 
 
 def client(site: SmbSite, scenario: str, name: str, mode: str,
@@ -77,6 +78,14 @@ def test_message_boundaries(site: SmbSite, message_pipe: str) -> None:
     assert r == {"poll_idle": False, "poll_answer": True, "hello": "hello",
                  "echoed": [True, True, True], "sizes": [1, 1000, KIB64], "intact": True,
                  "into": True, "object": {"an": ["object", 1]}}
+
+
+def test_the_first_message_may_be_the_largest(site: SmbSite) -> None:
+    """No authkey: the server's first message is 65,535 bytes, read by the READ the client
+    posts with its CREATE."""
+    with server(site, "cfirst", "message", key="none"):
+        r = client(site, "first_big", "cfirst", "message")
+    assert r == {"first": KIB64, "intact": True, "next": "next"}
 
 
 def test_byte_mode_boundaries_any_size(site: SmbSite, byte_pipe: str) -> None:

@@ -77,8 +77,10 @@ def pattern(size: int) -> bytes:
     return bytes(i % 251 for i in range(size))
 
 
-def serve(name: str, users: str, mode: str, max_message: str) -> None:
-    listener = Listener(name, KEY, smb=True, acl=npipe.Acl.allow(users=users.split(",")),
+def serve(name: str, users: str, mode: str, max_message: str, key: str = "key") -> None:
+    """``key`` "none": no authkey, and each caller is first sent a 65,535-byte message
+    (the first READ, posted with the CREATE, must take a whole message too)."""
+    listener = Listener(name, KEY if key == "key" else None, smb=True, acl=npipe.Acl.allow(users=users.split(",")),
                         pipe_mode=mode,  # type: ignore[arg-type]
                         max_message=int(max_message))
 
@@ -92,6 +94,8 @@ def serve(name: str, users: str, mode: str, max_message: str) -> None:
                 events.append(f"{type(e).__name__}: {e}")  # (one caller's handshake)
                 print(f"accept: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 continue
+            if key != "key":
+                conn.send_bytes(pattern(65535))
             threading.Thread(target=answer, args=(listener, conn), daemon=True).start()
 
     closing = False
@@ -130,6 +134,14 @@ def boundaries(address: str, mode: str) -> dict[str, Any]:
         conn.send({"an": ["object", 1]})
         out["object"] = conn.recv()
     return out
+
+
+def first_big(address: str, mode: str) -> dict[str, Any]:
+    with Client(address, pipe_mode=mode, timeout=30) as conn:  # type: ignore[arg-type]
+        first = conn.recv_bytes()
+        conn.send_bytes(b"next")
+        return {"first": len(first), "intact": first == pattern(65535),
+                "next": conn.recv_bytes().decode()}
 
 
 def limits(address: str, mode: str) -> dict[str, Any]:
@@ -236,6 +248,6 @@ def events_now(address: str, mode: str) -> dict[str, Any]:
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(*sys.argv[2:6])
+        serve(*sys.argv[2:])
     else:
         print(json.dumps(globals()[sys.argv[1]](sys.argv[2], sys.argv[3])), flush=True)
