@@ -20,6 +20,11 @@ their boundaries too); on Windows this module hands over to the stdlib's own AF_
 Listener/Client (:mod:`npipe.windows.connection`), which interoperates with any other
 program using them.
 
+Across hosts (``Listener(..., smb=True)`` through Samba, ``Client(r"\\\\HOST\\pipe\\NAME")``
+over SMB, npipe.smb.messages) a message is 1 to 65,535 bytes, Samba's limits: larger or
+empty ones raise MessageNotCarried before anything is sent. ``pipe_mode="byte"`` instead
+carries the stdlib's own framing on a byte pipe: any size, everywhere.
+
 ``authkey`` runs the stdlib's own challenge (``multiprocessing.connection``'s
 ``deliver_challenge`` / ``answer_challenge``) on the connection, so a wrong key raises
 ``multiprocessing.AuthenticationError`` on both sides, as with the stdlib.

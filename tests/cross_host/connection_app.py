@@ -80,7 +80,8 @@ def pattern(size: int) -> bytes:
 def serve(name: str, users: str, mode: str, max_message: str, key: str = "key") -> None:
     """``key`` "none": no authkey, and each caller is first sent a 65,535-byte message
     (the first READ, posted with the CREATE, must take a whole message too)."""
-    listener = Listener(name, KEY if key == "key" else None, smb=True, acl=npipe.Acl.allow(users=users.split(",")),
+    listener = Listener(name, KEY if key == "key" else None, smb=True,
+                        acl=npipe.Acl.allow(users=users.split(",")),
                         pipe_mode=mode,  # type: ignore[arg-type]
                         max_message=int(max_message))
 

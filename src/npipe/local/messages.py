@@ -17,6 +17,7 @@ and drops the rest of an oversized message, so the connection goes on with the n
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -146,13 +147,20 @@ class SocketListener:
         listening = [self.claimed.sock]
         if self.samba is not None:
             listening.append(self.samba.sock)
+        for sock in listening:  # (another thread's accept() may take what select saw)
+            sock.setblocking(False)
         while True:
-            ready, _, _ = select.select(listening, [], [])
+            try:
+                ready, _, _ = select.select(listening, [], [])
+            except ValueError:  # (closed meanwhile: its descriptor is -1)
+                raise OSError(errno.EBADF, f"the listener of pipe {self.addr} is closed"
+                              ) from None
             for sock in ready:
                 try:
                     conn, _ = sock.accept()
                 except (BlockingIOError, InterruptedError):
                     continue
+                conn.setblocking(True)
                 if sock is self.claimed.sock:
                     taken = self._take_local(conn)
                 else:
