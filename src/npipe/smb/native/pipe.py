@@ -98,7 +98,10 @@ class RemotePipe(asyncio.Transport):
         # Message mode: the protocol gets each READ's data as a part of a message
         # (``message_part_received(data, last)``), every READ asks for a whole message
         # (Samba ends a short READ with SUCCESS, so only a READ of 64 KiB tells where a
-        # message ends), and no TRANSCEIVE (one message out, whatever comes back).
+        # message ends), and no TRANSCEIVE (one message out, whatever comes back). The
+        # cost: the READ a quiet message pipe keeps posted asks for 64 KiB, which Samba
+        # allocates in full and keeps if the pipe closes with it pending (see
+        # IDLE_READ_SIZE).
         self.message_mode = message_mode
         self.link = link
         self.file_id = file_id
