@@ -451,8 +451,9 @@ def Client(
     if pipe_mode == "byte":
         from npipe.blocking import connect
 
-        transport = ByteModeTransport(connect(addr, server_user=server_user,
-                                              pipe_dir=pipe_dir, **dial))
+        pipe = connect(addr, server_user=server_user, pipe_dir=pipe_dir, **dial)
+        pipe.settimeout(None)  # (``timeout`` bounds the open, as in message mode)
+        transport = ByteModeTransport(pipe)
     elif sys.platform == "win32" and addr.is_remote and _windows_native(addr, dial):
         from npipe.windows.connection import windows_client
 
