@@ -122,6 +122,18 @@ def test_caller_is_the_smb_account(site: SmbSite, message_pipe: str, byte_pipe: 
         assert r["last_accepted"] == r["name"], r
 
 
+def test_one_listener_serves_local_and_smb_callers(site: SmbSite, message_pipe: str) -> None:
+    """The same Listener(smb=True) answers a caller on its own host (SO_PEERCRED)."""
+    done = run_in(site.hosts.server_ns,
+                  [sys.executable, str(APPS / "connection_app.py"), "who", message_pipe,
+                   "message"],
+                  env=site.server_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["transport"] == "local" and r["uid"] == os.getuid(), r
+    assert client(site, "who", message_pipe, "message")["transport"] == "smb"
+
+
 @pytest.mark.parametrize("mode", ["message", "byte"])
 def test_wrong_authkey(site: SmbSite, mode: str, message_pipe: str, byte_pipe: str) -> None:
     name = message_pipe if mode == "message" else byte_pipe

@@ -108,6 +108,8 @@ def serve(name: str, users: str, mode: str, max_message: str, key: str = "key") 
 
 
 def client(address: str, mode: str) -> Connection:
+    if "/" not in address:  # a local pipe name (on the server's host)
+        return Client(address, KEY, pipe_mode=mode)  # type: ignore[arg-type]
     return Client(address, KEY, pipe_mode=mode, timeout=30)  # type: ignore[arg-type]
 
 
