@@ -286,3 +286,70 @@ def test_a_listener_gives_its_name_back_on_close(pipe_dir: Path) -> None:
     with pytest.raises(npipe.PipeNotFound):
         connection.Client("gone")
     assert os.listdir(pipe_dir) is not None
+
+
+# --- pipe_mode="byte": a byte pipe carrying the stdlib's own framing ----------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_byte_mode_keeps_each_boundary(served: Callable[..., Served], size: int) -> None:
+    served("bmsgs", pipe_mode="byte", authkey=b"k")
+    with connection.Client("bmsgs", b"k", pipe_mode="byte") as c:
+        assert not c.poll(0.05)
+        c.send_bytes(_pattern(size))
+        assert c.poll(10)
+        assert c.recv_bytes() == _pattern(size)
+        c.send_bytes(b"")
+        c.send_bytes(b"after")
+        assert [c.recv_bytes(), c.recv_bytes()] == [b"", b"after"]
+
+
+def test_byte_mode_peer_is_the_stdlibs_connection(served: Callable[..., Served]) -> None:
+    server = served("bstd", pipe_mode="byte", authkey=b"k", max_message=2 << 20)
+    with npipe.connect("bstd") as sock:
+        peer = mpc.Connection(os.dup(sock.fileno()))
+        mpc.answer_challenge(peer, b"k")
+        mpc.deliver_challenge(peer, b"k")
+        for size in SIZES:
+            peer.send_bytes(_pattern(size))
+            assert peer.recv_bytes() == _pattern(size)
+        peer.send({"x": 1})
+        assert peer.recv() == {"x": 1}
+        peer.close()
+    assert server.callers and server.callers[0] is not None
+    assert server.callers[0].uid == os.getuid()
+    assert server.listener.last_accepted == server.callers[0]
+
+
+def test_byte_mode_over_limit_is_dropped_and_the_connection_goes_on(
+    served: Callable[..., Served],
+) -> None:
+    served("blim", pipe_mode="byte", max_message=1000)
+    with connection.Client("blim", pipe_mode="byte") as c:
+        c.send_bytes(b"x" * 70000)
+        reply = c.recv_bytes()
+        assert reply.startswith(b"too large: bad message length: a message of 70000"), reply
+        c.send_bytes(b"ok")
+        assert c.recv_bytes() == b"ok"
+
+
+def test_byte_mode_peer_gone_mid_message_is_eof(served: Callable[..., Served]) -> None:
+    def half(conn: connection.Connection) -> None:
+        transport: Any = conn._transport  # (byte mode: a ByteModeTransport)
+        transport.conn.sendall(b"\0\1\0\0" + b"x" * 1000)  # 65,536 announced, 1000 sent
+        conn.close()
+
+    served("bhalf", half, pipe_mode="byte")
+    with connection.Client("bhalf", pipe_mode="byte") as c, \
+            pytest.raises(EOFError, match="middle of a message"):
+        c.recv_bytes()
+
+
+def test_pipe_modes_must_match_and_be_known(served: Callable[..., Served]) -> None:
+    served("mmsg")
+    with pytest.raises(ConfigError, match="message-mode pipe"):
+        connection.Client("mmsg", pipe_mode="byte")
+    with pytest.raises(ConfigError, match="pipe_mode"):
+        connection.Client("mmsg", pipe_mode="stream")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="pipe_mode"):
+        connection.Listener("other", pipe_mode="bytes")  # type: ignore[arg-type]

@@ -20,6 +20,11 @@ their boundaries too); on Windows this module hands over to the stdlib's own AF_
 Listener/Client (:mod:`npipe.windows.connection`), which interoperates with any other
 program using them.
 
+Across hosts (``Listener(..., smb=True)`` through Samba, ``Client(r"\\\\HOST\\pipe\\NAME")``
+over SMB, npipe.smb.messages) a message is 1 to 65,535 bytes, Samba's limits: larger or
+empty ones raise MessageNotCarried before anything is sent. ``pipe_mode="byte"`` instead
+carries the stdlib's own framing on a byte pipe: any size, everywhere.
+
 ``authkey`` runs the stdlib's own challenge (``multiprocessing.connection``'s
 ``deliver_challenge`` / ``answer_challenge``) on the connection, so a wrong key raises
 ``multiprocessing.AuthenticationError`` on both sides, as with the stdlib.
@@ -37,24 +42,36 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import socket
 import sys
 from collections.abc import Callable
 from multiprocessing.connection import answer_challenge, deliver_challenge
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
-from npipe.errors import ConfigError, MessageTooLarge, UnsupportedPlatform
+from npipe.errors import ConfigError, ConnectionLost, MessageTooLarge, UnsupportedPlatform
+from npipe.framing import (
+    STDLIB,
+    FrameReader,
+    MessageLost,
+    MessageNotCarried,
+    Oversized,
+    stdlib_header,
+)
 from npipe.identity import Caller
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+    from npipe.blocking import PipeSocket
+
 log = logging.getLogger("npipe.connection")
 
-__all__ = ["DEFAULT_MAX_MESSAGE", "Client", "Connection", "Listener", "MessageTooLarge"]
+__all__ = ["DEFAULT_MAX_MESSAGE", "Client", "Connection", "Listener", "MessageNotCarried",
+           "MessageTooLarge", "PipeMode"]
 
 # What a Listener's connections take in one message unless told otherwise: a bound on
 # the memory one caller can make the server spend (the stdlib has none: its 4-byte
@@ -65,6 +82,8 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 # How long the authkey challenge may take before the connection is dropped: a caller
 # that connects and says nothing must not hold accept() for ever.
 HANDSHAKE_TIMEOUT = 20.0
+# How long a server waits for a caller that failed the challenge to go (see _handshake).
+FAILURE_LINGER = 2.0
 
 
 class Transport(Protocol):
@@ -202,6 +221,89 @@ class Connection:
         return self._open().recv_message(min(limits) if limits else None)
 
 
+PipeMode = Literal["message", "byte"]
+
+
+def _check_pipe_mode(mode: str) -> None:
+    if mode not in ("message", "byte"):
+        raise ConfigError(f"pipe_mode must be 'message' or 'byte', not {mode!r}")
+
+
+def _windows_native(addr: PipeAddress, dial: dict[str, Any]) -> bool:
+    from npipe.streams import windows_native
+
+    return windows_native(addr, dial.get("credentials"), dial.get("smb_backend"),
+                          dial.get("encrypt"))
+
+
+class ByteModeTransport:
+    """Messages in the stdlib's framing (npipe.framing.STDLIB) on a byte pipe: a
+    connection of npipe.connect() or npipe.create_server()."""
+
+    def __init__(self, conn: PipeSocket) -> None:
+        self.conn = conn
+        self.sock = conn.socket  # (the handshake's timeout is set on it)
+        self._reader = FrameReader(STDLIB)
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def send_message(self, data: memoryview) -> None:
+        header = stdlib_header(len(data))
+        if len(data) > 16384:  # (as the stdlib: no copy of a large message)
+            self.conn.sendall(header)
+            self.conn.sendall(data)
+        else:
+            self.conn.sendall(header + bytes(data))
+
+    def recv_message(self, limit: int | None) -> bytes:
+        reader = self._reader
+        reader.limit = limit
+        while True:
+            chunk = self.conn.recv(reader.bytes_needed)
+            if not chunk:
+                if reader.in_message:
+                    raise MessageLost("the peer closed the pipe in the middle of a message")
+                raise MessageLost("the peer closed the pipe")
+            try:
+                got = reader.feed(chunk)
+            except ValueError as e:  # (a negative length: not the stdlib's framing)
+                raise ConnectionLost(f"not a message stream: {e}") from None
+            if isinstance(got, Oversized):
+                raise MessageTooLarge(f"bad message length: a message of {got.size} bytes "
+                                      f"is over this connection's limit of {got.limit} "
+                                      "(dropped)")
+            if got is not None:
+                return got
+
+    def poll(self, timeout: float | None) -> bool:
+        if self.conn.pending():
+            return True
+        readable, _, _ = select.select([self.conn.socket], [], [], timeout)
+        return bool(readable)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class ByteModeListener:
+    """A byte pipe's server (npipe.create_server: its ACL, ``smb=True`` through Samba)
+    whose connections carry messages in the stdlib's framing."""
+
+    def __init__(self, addr: PipeAddress, *, acl: Acl, smb: bool,
+                 pipe_dir: str | os.PathLike[str] | None) -> None:
+        from npipe.blocking import create_server
+
+        self._server = create_server(addr, acl=acl, smb=smb, pipe_dir=pipe_dir)
+
+    def accept(self) -> tuple[Transport, Caller | None]:
+        conn, caller = self._server.accept()
+        return ByteModeTransport(conn), caller
+
+    def close(self) -> None:
+        self._server.close()
+
+
 def _check_authkey(authkey: bytes | None) -> None:
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError("authkey should be a byte string")
@@ -212,10 +314,17 @@ class Listener:
 
     ``address`` is a pipe name (``"jobs"``, ``r"\\\\.\\pipe\\jobs"``); ``acl`` decides who
     may connect (default: this user and root), checked on every connection by the
-    kernel's word (SO_PEERCRED): callers it refuses are logged and closed, and
-    ``accept()`` goes on waiting. ``max_message`` bounds every message the accepted
-    connections receive (larger ones raise MessageTooLarge and are dropped).
-    ``smb=True`` also serves SMB clients through Samba (message mode).
+    kernel's word (SO_PEERCRED), or smbd's for an SMB caller: callers it refuses are
+    logged and closed, and ``accept()`` goes on waiting. ``max_message`` bounds every
+    message the accepted connections receive (larger ones raise MessageTooLarge and are
+    dropped). ``smb=True`` also serves SMB clients through Samba.
+
+    ``pipe_mode``: ``"message"`` (the default) is a message-mode pipe, as Windows' and
+    the stdlib's AF_PIPE ones; through Samba its messages are 1 to 65,535 bytes.
+    ``"byte"`` is a byte-mode pipe carrying the stdlib's own framing (a 4-byte length
+    before each message): any size, 0 bytes included, across hosts too, and a stdlib
+    ``multiprocessing.connection.Connection`` on a socket of ``npipe.connect()`` is a
+    peer. Both ends must use the same mode.
     """
 
     def __init__(
@@ -227,18 +336,23 @@ class Listener:
         smb: bool = False,
         max_message: int | None = DEFAULT_MAX_MESSAGE,
         pipe_dir: str | os.PathLike[str] | None = None,
+        pipe_mode: PipeMode = "message",
     ) -> None:
         _check_authkey(authkey)
+        _check_pipe_mode(pipe_mode)
         self._addr = parse_address(address)
         if not self._addr.is_local:
             raise ConfigError(f"{self._addr}: a Listener serves a local pipe name")
         self._authkey = authkey
         self.max_message = max_message
         self._last: Caller | None = None
-        if sys.platform == "win32":
+        if pipe_mode == "byte":
+            self._impl: _ListenerImpl = ByteModeListener(self._addr, acl=acl, smb=smb,
+                                                         pipe_dir=pipe_dir)
+        elif sys.platform == "win32":
             from npipe.windows.connection import WindowsListener
 
-            self._impl: _ListenerImpl = WindowsListener(self._addr, acl=acl, smb=smb)
+            self._impl = WindowsListener(self._addr, acl=acl, smb=smb)
         else:
             from npipe.local.messages import SocketListener
 
@@ -263,7 +377,8 @@ class Listener:
         conn = Connection(transport, caller=caller, max_message=self.max_message)
         if self._authkey is not None:
             key = self._authkey
-            _handshake(conn, transport, lambda: _challenge(conn, key, server=True))
+            _handshake(conn, transport, lambda: _challenge(conn, key, server=True),
+                       server=True)
         self._last = caller
         return conn
 
@@ -298,7 +413,8 @@ def _challenge(conn: Connection, authkey: bytes, *, server: bool) -> None:
         deliver_challenge(peer, authkey)
 
 
-def _handshake(conn: Connection, transport: Transport, run: Callable[[], None]) -> None:
+def _handshake(conn: Connection, transport: Transport, run: Callable[[], None], *,
+               server: bool = False) -> None:
     sock = getattr(transport, "sock", None)
     try:
         if isinstance(sock, socket.socket):
@@ -306,7 +422,14 @@ def _handshake(conn: Connection, transport: Transport, run: Callable[[], None]) 
         run()
         if isinstance(sock, socket.socket):
             sock.settimeout(None)
-    except BaseException:
+    except BaseException as e:
+        if server and isinstance(e, multiprocessing.AuthenticationError):
+            # The caller's answer was wrong and it was told so (#FAILURE#): wait a
+            # moment for it to read that and close, since Samba drops what its client
+            # has not READ yet once the server closes (the caller would see the pipe
+            # end instead of AuthenticationError).
+            with contextlib.suppress(Exception):
+                transport.poll(FAILURE_LINGER)
         conn.close()
         raise
 
@@ -318,16 +441,33 @@ def Client(
     server_user: str | int | None = None,
     pipe_dir: str | os.PathLike[str] | None = None,
     max_message: int | None = None,
+    pipe_mode: PipeMode = "message",
     **dial: Any,
 ) -> Connection:
     """Connect to a message pipe's :class:`Listener` (local, or ``\\\\HOST\\pipe\\NAME``
     over SMB; ``dial``: open_connection's SMB options: credentials, timeout, encrypt,
     smb_backend, allow_smb2). The local server must run as this user, root or
-    ``server_user`` (AccessDenied otherwise, before a byte is sent)."""
+    ``server_user`` (AccessDenied otherwise, before a byte is sent). ``pipe_mode``: the
+    Listener's (see :class:`Listener`).
+
+    Across hosts in message mode each message is one SMB WRITE, and each received one is
+    gathered from its READs; a message of 0 bytes or over 65,535 bytes (Samba's limits)
+    raises MessageNotCarried before anything is sent, and the connection goes on."""
     _check_authkey(authkey)
+    _check_pipe_mode(pipe_mode)
     addr = parse_address(address)
     transport: Transport
-    if addr.is_remote:
+    if pipe_mode == "byte":
+        from npipe.blocking import connect
+
+        pipe = connect(addr, server_user=server_user, pipe_dir=pipe_dir, **dial)
+        pipe.settimeout(None)  # (``timeout`` bounds the open, as in message mode)
+        transport = ByteModeTransport(pipe)
+    elif sys.platform == "win32" and addr.is_remote and _windows_native(addr, dial):
+        from npipe.windows.connection import windows_client
+
+        transport = windows_client(addr)  # (Windows' own SMB client, this logon's)
+    elif addr.is_remote:
         from npipe.smb.messages import open_message_pipe
 
         transport = open_message_pipe(addr, **dial)

@@ -17,19 +17,23 @@ and drops the rest of an oversized message, so the connection goes on with the n
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
 import sys
 from collections.abc import Callable
+from typing import Protocol
 
 from npipe.acl import Acl
 from npipe.address import PipeAddress
 from npipe.errors import ConnectionLost, MessageTooLarge, UnsupportedPlatform
-from npipe.frontdoor import local_identify
+from npipe.framing import MessageLost
+from npipe.frontdoor import DoorIdentify, local_identify
 from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_admitted, check_server, connect_error, find_socket
+from npipe.local.listener import ClaimedSocket
 
 # The payload of one record (its header byte aside): well under the default socket
 # buffer (net.core.wmem_default, 208 KiB), so a record always fits, and large enough
@@ -98,10 +102,6 @@ class MessageSocket:
         self.sock.close()
 
 
-class MessageLost(ConnectionLost, EOFError):
-    """The peer closed the message pipe (the stdlib's Connection raises EOFError)."""
-
-
 def connect(path: str | os.PathLike[str], error: Callable[[OSError], Exception]) -> socket.socket:
     """A SOCK_SEQPACKET connection to ``path``; ``error`` turns a failed connect() into
     npipe's error."""
@@ -125,34 +125,98 @@ def _check_seqpacket() -> None:
 class SocketListener:
     """A message pipe's listening SOCK_SEQPACKET socket, claimed like a byte pipe's
     (npipe.local.claim: one name for the machine, first instance wins, the ACL note),
-    with each caller checked against ``acl`` by SO_PEERCRED before accept() returns it."""
+    with each caller checked against ``acl`` by SO_PEERCRED before accept() returns it.
+
+    ``smb=True`` also listens where smbd looks for the pipe (npipe.samba.np_listener,
+    as a byte pipe's server does): each SMB caller is introduced by smbd's
+    named_pipe_auth request, admitted by the same ACL, and answered in message mode
+    (npipe.smb.messages.SambaMessageSocket)."""
 
     def __init__(self, addr: PipeAddress, *, acl: Acl, smb: bool,
                  pipe_dir: str | os.PathLike[str] | None) -> None:
         _check_seqpacket()
-        if smb:
-            raise UnsupportedPlatform("message pipes through Samba (smb=True) are not "
-                                      "served yet")
         self.addr = addr
         self._identify = local_identify(acl, addr)
         self.claimed = claim_pipe(addr, acl=acl, directory=pipe_dir,
                                   sock_type=socket.SOCK_SEQPACKET)
+        self.samba: ClaimedSocket | None = None
+        self._samba_identify: DoorIdentify | None = None
+        if smb:
+            from npipe.samba.np_listener import claim_samba_pipe, samba_identify
+            from npipe.samba.npa import FILE_TYPE_MESSAGE_MODE_PIPE
 
-    def accept(self) -> tuple[MessageSocket, Caller | None]:
-        while True:
-            conn, _ = self.claimed.sock.accept()
             try:
-                who = self._identify(conn)
-            except OSError:
-                conn.close()  # (gone before it could be asked who it is)
-                continue
-            if who is None:  # refused (logged by the identifier)
-                conn.close()
-                continue
-            return MessageSocket(conn), who
+                self.samba = claim_samba_pipe(addr, directory=pipe_dir, acl=acl)
+            except BaseException:
+                self.claimed.release()
+                raise
+            self._samba_identify = samba_identify(acl, addr,
+                                                  file_type=FILE_TYPE_MESSAGE_MODE_PIPE)
+
+    def accept(self) -> tuple[Transport, Caller | None]:
+        listening = [self.claimed.sock]
+        if self.samba is not None:
+            listening.append(self.samba.sock)
+        for sock in listening:  # (another thread's accept() may take what select saw)
+            sock.setblocking(False)
+        while True:
+            try:
+                ready, _, _ = select.select(listening, [], [])
+            except ValueError:  # (closed meanwhile: its descriptor is -1)
+                raise OSError(errno.EBADF, f"the listener of pipe {self.addr} is closed"
+                              ) from None
+            for sock in ready:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                conn.setblocking(True)
+                if sock is self.claimed.sock:
+                    taken = self._take_local(conn)
+                else:
+                    taken = self._take_samba(conn)
+                if taken is not None:
+                    return taken
+
+    def _take_local(self, conn: socket.socket) -> tuple[Transport, Caller] | None:
+        try:
+            who = self._identify(conn)
+        except OSError:
+            who = None  # (gone before it could be asked who it is)
+        if who is None:  # refused (logged by the identifier)
+            conn.close()
+            return None
+        return MessageSocket(conn), who
+
+    def _take_samba(self, conn: socket.socket) -> tuple[Transport, Caller] | None:
+        from npipe.smb.messages import SambaMessageSocket
+
+        assert self._samba_identify is not None
+        try:
+            who = self._samba_identify(conn)  # (bounded in time: HANDSHAKE_TIMEOUT)
+        except OSError:
+            who = None
+        if not isinstance(who, Caller):  # refused, or a bad handshake (logged)
+            conn.close()
+            return None
+        return SambaMessageSocket(conn), who
 
     def close(self) -> None:
-        self.claimed.release()
+        try:
+            self.claimed.release()
+        finally:
+            if self.samba is not None:
+                self.samba.release()
+
+
+class Transport(Protocol):
+    """What npipe.connection.Connection needs of a transport (its Transport)."""
+
+    def fileno(self) -> int: ...
+    def send_message(self, data: memoryview) -> None: ...
+    def recv_message(self, limit: int | None) -> bytes: ...
+    def poll(self, timeout: float | None) -> bool: ...
+    def close(self) -> None: ...
 
 
 def dial_local(addr: PipeAddress, *, server_user: str | int | None,

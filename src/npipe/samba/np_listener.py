@@ -31,7 +31,12 @@ from npipe.local.namespace import check_root_made_user_dir, root_made_user_dir
 from npipe.local.paths import pipe_dir
 from npipe.local.peercred import peer_credentials
 from npipe.samba.config import np_dir_from_conf
-from npipe.samba.npa import NpaRequest, NpaRequestReader, build_reply
+from npipe.samba.npa import (
+    FILE_TYPE_BYTE_MODE_PIPE,
+    NpaRequest,
+    NpaRequestReader,
+    build_reply,
+)
 
 log = logging.getLogger("npipe.samba")
 
@@ -152,42 +157,48 @@ def caller_from_request(request: NpaRequest) -> Caller:
 
 
 def admit(
-    request: NpaRequest, acl: Acl, pipe: object, *, answer_as: object = None
+    request: NpaRequest, acl: Acl, pipe: object, *, answer_as: object = None,
+    file_type: int = FILE_TYPE_BYTE_MODE_PIPE,
 ) -> tuple[Caller | Refusal | None, bytes]:
     """Decide on a request: the caller and the reply to send, or (None, b"") to refuse.
+    ``file_type``: the pipe's, in the reply (FILE_TYPE_MESSAGE_MODE_PIPE: smbd frames
+    every message; see npipe.framing).
 
     With ``answer_as`` (the pipe's name; gRPC pipes) a refused caller gets the reply
     all the same, and a :class:`Refusal` (PERMISSION_DENIED; UNAUTHENTICATED for a
     guest) for the front door to answer its calls with: nothing of it is relayed."""
     caller = caller_from_request(request)
     if request.probe_only:  # smbd only checks that the pipe exists (Samba master)
-        return None, build_reply(request.level)
+        return None, build_reply(request.level, file_type=file_type)
     if not request.session.authenticated:
         log.warning("refused an unauthenticated (guest) SMB session %s on pipe %s", caller, pipe)
         if answer_as is None:
             return None, b""
         return Refusal(caller, grpc_refusal.UNAUTHENTICATED,
                        f"pipe {answer_as} admits no unauthenticated (guest) SMB session: "
-                       "connect with an account its ACL names"), build_reply(request.level)
+                       "connect with an account its ACL names"), build_reply(request.level,
+                                                                             file_type=file_type)
     if not acl.allows(caller):
         log.warning("refused %s on pipe %s: not allowed by its ACL", caller, pipe)
         if answer_as is None:
             return None, b""
-        return acl_refusal(caller, answer_as), build_reply(request.level)
-    return caller, build_reply(request.level)
+        return acl_refusal(caller, answer_as), build_reply(request.level, file_type=file_type)
+    return caller, build_reply(request.level, file_type=file_type)
 
 
-def samba_identify(acl: Acl, pipe: object, *, answer_as: object = None) -> DoorIdentify:
+def samba_identify(acl: Acl, pipe: object, *, answer_as: object = None,
+                   file_type: int = FILE_TYPE_BYTE_MODE_PIPE) -> DoorIdentify:
     """The front door's identify step for a socket in np/ (blocking, bounded in time).
 
-    ``answer_as``: answer refused callers rather than close them (see :func:`admit`)."""
+    ``answer_as``: answer refused callers rather than close them (see :func:`admit`);
+    ``file_type``: the pipe's, in the reply."""
 
     def identify(conn: socket.socket) -> Caller | Refusal | None:
         if not _from_smbd(conn, pipe):
             return None
         try:
             request = _recv_request(conn)
-            caller, reply = admit(request, acl, pipe, answer_as=answer_as)
+            caller, reply = admit(request, acl, pipe, answer_as=answer_as, file_type=file_type)
             if reply:
                 conn.sendall(reply)
             conn.settimeout(None)

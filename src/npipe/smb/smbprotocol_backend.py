@@ -93,6 +93,7 @@ from smbprotocol.open import (
     ImpersonationLevel,
     Open,
     ShareAccess,
+    SMB2ReadResponse,
 )
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
@@ -109,6 +110,9 @@ from npipe.errors import (
     NegotiationTampered,
     NpipeError,
 )
+from npipe.local.messages import FRAGMENT as MESSAGE_FRAGMENT
+from npipe.local.messages import LAST as MESSAGE_LAST
+from npipe.local.messages import MORE as MESSAGE_MORE
 from npipe.local.sockets import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
@@ -132,6 +136,9 @@ from npipe.smb.status import (
 log = logging.getLogger("npipe.smb")
 
 T = TypeVar("T")
+
+# A message-mode pipe's READ that returned part of a message (Windows; MS-SMB2 3.3.4.4).
+STATUS_BUFFER_OVERFLOW = 0x80000005
 
 # asyncio's default StreamReader limit; a full buffer pauses the relay (backpressure).
 DEFAULT_LIMIT = 64 * 1024
@@ -799,6 +806,85 @@ class _Relay:
             link.release()
 
 
+class _MessageRelay(_Relay):
+    """The same for a message-mode pipe and a SOCK_SEQPACKET socket in
+    npipe.local.messages' record framing (see npipe.smb.messages): each READ's data is
+    one record (MORE if the server said STATUS_BUFFER_OVERFLOW: the message goes on),
+    each message from the socket one WRITE."""
+
+    def _read_loop(self) -> None:
+        link = self.link
+        try:
+            while not self.stop.is_set():
+                # 64 KiB: Samba ends a short READ with SUCCESS, so only a READ that
+                # takes a whole message (at most 65,535 bytes) tells where it ends.
+                message, receive = self.op.read(0, READ_SIZE, send=False)
+                request = link.send(message)
+                self._pending_read = request
+                if not link.wait(request, stop=self.stop):
+                    link.abandoned()
+                    return
+                self._pending_read = None
+                try:
+                    data, last = receive(request), True
+                except SMBResponseException as exc:
+                    if _status(exc) == STATUS_BUFFER_OVERFLOW:  # (Windows) more follows
+                        read = SMB2ReadResponse()
+                        read.unpack(exc.header["data"].get_value())
+                        data, last = read["buffer"].get_value(), False
+                    elif _status(exc) in _EOF_STATUSES:
+                        log.debug("pipe %s: end of stream (%s)", self.label, _status_text(exc))
+                        return
+                    else:
+                        raise
+                try:
+                    self.sock.sendall((MESSAGE_LAST if last else MESSAGE_MORE) + data)
+                except OSError as exc:
+                    log.debug("pipe %s: the local side went away: %s", self.label, exc)
+                    return
+        except Exception as exc:
+            if not self.stop.is_set():
+                self._lost(exc)
+        finally:
+            self._finish()
+
+    def _write_loop(self) -> None:
+        link = self.link
+        buf = bytearray(MESSAGE_FRAGMENT + 1)
+        parts: list[bytes] = []
+        try:
+            while True:
+                try:
+                    n = self.sock.recv_into(buf)
+                except OSError as exc:
+                    log.debug("pipe %s: the local side went away: %s", self.label, exc)
+                    return
+                if not n:
+                    return  # the local side closed: close the pipe
+                parts.append(bytes(buf[1:n]))
+                if buf[0] == MESSAGE_MORE[0]:
+                    continue
+                data = b"".join(parts)  # one message, one WRITE
+                parts.clear()
+                message, receive = self.op.write(data, send=False)
+                request = link.send(message, len(data))
+                self._pending_write = request
+                if not link.wait(request, stop=self.stop):
+                    return
+                self._pending_write = None
+                try:
+                    receive(request)
+                except SMBResponseException as exc:
+                    if _status(exc) in _EOF_STATUSES:
+                        return
+                    raise
+        except Exception as exc:
+            if not self.stop.is_set():
+                self._lost(exc)
+        finally:
+            self._finish()
+
+
 # --- the client ---------------------------------------------------------------------
 
 
@@ -905,6 +991,25 @@ class SmbprotocolClient:
         return await _registry.open(key, address, credentials, timeout, start=start,
                                     create=create, pipe_wait=pipe_wait,
                                     missing_grace=missing_grace)
+
+    async def attach_messages(
+        self,
+        address: PipeAddress,
+        sock: socket.socket,
+        *,
+        credentials: Credentials,
+        timeout: float = 10.0,
+        encrypt: bool | None = None,
+        allow_smb2: bool = False,
+    ) -> None:
+        """Open the remote pipe and relay its messages to ``sock`` (SOCK_SEQPACKET,
+        npipe.local.messages' records), which it then owns (closed if the open fails)."""
+        try:
+            link, op = await self._open(address, credentials, timeout, encrypt, allow_smb2)
+        except BaseException:
+            sock.close()
+            raise
+        _MessageRelay(link, op, sock, address.posix()).start()
 
     @staticmethod
     def connections() -> list[SmbConnectionInfo]:

@@ -7,7 +7,9 @@ Connection only adds its API's limits and ``caller`` (None here: the stdlib does
 say who connected). The pipes get the stdlib's default security descriptor (its
 creator, SYSTEM and Administrators, plus Everyone read on older Windows); an ACL other
 than the owner-only default is refused rather than silently widened or ignored.
-Written and type-checked, never run here.
+``Client(r"\\\\HOST\\pipe\\NAME")`` opens a remote pipe the same way (CreateFile on
+the UNC path: Windows' SMB client, with this logon's credentials). Written and
+type-checked, never run here.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from npipe.identity import Caller
 
 
 def pipe_path(addr: PipeAddress) -> str:
-    return f"\\\\.\\pipe\\{addr.name}"
+    """The pipe's Windows path: ``\\\\.\\pipe\\NAME``, or ``\\\\HOST\\pipe\\NAME`` for a
+    remote one (Windows' own SMB client opens it in message mode, with this logon's
+    credentials)."""
+    host = addr.host if addr.is_remote else "."
+    return f"\\\\{host}\\pipe\\{addr.name}"
 
 
 class StdlibTransport:

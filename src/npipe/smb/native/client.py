@@ -32,7 +32,7 @@ from npipe.smb.info import SmbConnectionInfo
 from npipe.smb.native import wire
 from npipe.smb.native.connection import SmbConnection, _resolver
 from npipe.smb.native.core import Options, Outgoing, Response
-from npipe.smb.native.pipe import IDLE_READ_SIZE, EarlyRead, RemotePipe
+from npipe.smb.native.pipe import IDLE_READ_SIZE, READ_SIZE, EarlyRead, RemotePipe
 from npipe.smb.registry import ConnectionRegistry
 from npipe.smb.retry import PipeWait, Refused
 
@@ -154,9 +154,11 @@ class NativeClient:
         encrypt: bool | None = None,
         allow_smb2: bool = False,
         missing_grace: float | None = None,
+        message_mode: bool = False,
     ) -> RemotePipe:
         """Open the pipe, retrying a missing or busy one until ``timeout`` (a missing
-        one only for ``missing_grace`` seconds if given: 0 looks once)."""
+        one only for ``missing_grace`` seconds if given: 0 looks once); ``message_mode``:
+        read it message by message (see RemotePipe)."""
         if not address.is_remote:
             raise AddressError(f"{address} is not a remote pipe (\\\\HOST\\pipe\\NAME)")
         key: ConnectionKey = (address.host.lower(), address.port, credentials.identity(),
@@ -174,12 +176,15 @@ class NativeClient:
             return task
 
         async def create(connection: SmbConnection, timeout: float) -> RemotePipe | Refused | None:
-            response, first_read = await _create(connection, address.name, timeout)
+            response, first_read = await _create(
+                connection, address.name, timeout,
+                READ_SIZE if message_mode else IDLE_READ_SIZE)
             if response is None:
                 return None
             if isinstance(response, Response) and response.status == st.STATUS_SUCCESS:
                 file_id = wire.parse_create(response.message)
-                return RemotePipe(connection, file_id, address.posix(), first_read=first_read)
+                return RemotePipe(connection, file_id, address.posix(), first_read=first_read,
+                                  message_mode=message_mode)
             status = response.status if isinstance(response, Response) else None
             return Refused(status, f"{response}")
 
@@ -207,6 +212,32 @@ class NativeClient:
                 raise asyncio.CancelledError() from None
             raise
         return connection
+
+    async def attach_messages(
+        self,
+        address: PipeAddress,
+        sock: socket.socket,
+        *,
+        credentials: Credentials,
+        timeout: float = 10.0,
+        encrypt: bool | None = None,
+        allow_smb2: bool = False,
+    ) -> None:
+        """Open the remote pipe in message mode and relay its messages to ``sock`` (a
+        SOCK_SEQPACKET socket in npipe.local.messages' record framing), which it then
+        owns (closed if the open fails)."""
+        from npipe.smb.messages import MessageRelay
+
+        try:
+            pipe = await self.open(address, credentials=credentials, timeout=timeout,
+                                   encrypt=encrypt, allow_smb2=allow_smb2, message_mode=True)
+        except BaseException:
+            sock.close()
+            raise
+        relay = MessageRelay(pipe, sock)
+        pipe.set_protocol(relay)
+        pipe.start()
+        relay.start()
 
     @staticmethod
     def connections() -> list[SmbConnectionInfo]:
@@ -277,7 +308,7 @@ def _info(connection: SmbConnection) -> SmbConnectionInfo:
 
 
 async def _create(
-    connection: SmbConnection, name: str, timeout: float
+    connection: SmbConnection, name: str, timeout: float, read_size: int = IDLE_READ_SIZE,
 ) -> tuple[Response | BaseException | None, EarlyRead]:
     """One CREATE, compounded with the pipe's first READ (so that READ is posted a round
     trip sooner); the CREATE's response, the connection's error, or None if not answered
@@ -286,7 +317,7 @@ async def _create(
     future: asyncio.Future[Response] = loop.create_future()
     first_read = EarlyRead()
     core = connection.core
-    read_body = wire.read_request(wire.FILE_ID_RELATED, IDLE_READ_SIZE)
+    read_body = wire.read_request(wire.FILE_ID_RELATED, read_size)
     requests = [(wire.CREATE, wire.create_request(name), 0), (wire.READ, read_body, 0)]
 
     def build() -> Outgoing:

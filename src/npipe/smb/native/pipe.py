@@ -91,9 +91,18 @@ class RemotePipe(asyncio.Transport):
     """An open pipe on a :class:`SmbConnection`; set a protocol with :meth:`set_protocol`."""
 
     def __init__(
-        self, link: SmbConnection, file_id: bytes, name: str, *, first_read: EarlyRead | None = None
+        self, link: SmbConnection, file_id: bytes, name: str, *,
+        first_read: EarlyRead | None = None, message_mode: bool = False,
     ) -> None:
         super().__init__()
+        # Message mode: the protocol gets each READ's data as a part of a message
+        # (``message_part_received(data, last)``), every READ asks for a whole message
+        # (Samba ends a short READ with SUCCESS, so only a READ of 64 KiB tells where a
+        # message ends), and no TRANSCEIVE (one message out, whatever comes back). The
+        # cost: the READ a quiet message pipe keeps posted asks for 64 KiB, which Samba
+        # allocates in full and keeps if the pipe closes with it pending (see
+        # IDLE_READ_SIZE).
+        self.message_mode = message_mode
         self.link = link
         self.file_id = file_id
         self.name = name
@@ -107,7 +116,9 @@ class RemotePipe(asyncio.Transport):
             self._read_size = min(self._read_size, 65536)
             self._max_write = min(self._max_write, 65536)
         self._read_body = wire.read_request(file_id, self._read_size)
-        self._idle_read_body = wire.read_request(file_id, min(IDLE_READ_SIZE, self._read_size))
+        self._idle_read_size = self._read_size if message_mode else min(IDLE_READ_SIZE,
+                                                                        self._read_size)
+        self._idle_read_body = wire.read_request(file_id, self._idle_read_size)
         self._read_sizes: dict[int, int] = {}  # READ key -> the length it asked for
         self._reads: collections.deque[int] = collections.deque()  # READs in flight, in order
         self._results: dict[int, Response | BaseException] = {}
@@ -138,7 +149,7 @@ class RemotePipe(asyncio.Transport):
             self._read_seq = 1
             self._reads.append(-1)
             self._read_ids[-1] = first_read.message_id
-            self._read_sizes[-1] = IDLE_READ_SIZE
+            self._read_sizes[-1] = self._idle_read_size
         link.pipes.add(self)
 
     # --- asyncio.Transport ----------------------------------------------------------
@@ -221,7 +232,7 @@ class RemotePipe(asyncio.Transport):
                 self._read_seq += 1
                 key = -self._read_seq
                 self._reads.append(key)
-                self._read_sizes[key] = IDLE_READ_SIZE if idle else self._read_size
+                self._read_sizes[key] = self._idle_read_size if idle else self._read_size
                 slot = _ReadSlot(self, key, self._idle_read_body if idle else self._read_body)
                 link.submit(slot.build, 1, slot.done)
         finally:
@@ -282,7 +293,12 @@ class RemotePipe(asyncio.Transport):
                 self._window = min(self._window * 2, MAX_READS)
             elif self._window > MIN_READS:
                 self._window -= 1
-            if data:
+            if self.message_mode:
+                # One READ, one message or part of one: BUFFER_OVERFLOW (Windows) says
+                # more of it follows; SUCCESS ends it (Samba: always, one message a READ).
+                last = status == wire.STATUS_SUCCESS
+                self._protocol.message_part_received(data, last)  # type: ignore[union-attr]
+            elif data:
                 self._protocol.data_received(data)  # type: ignore[union-attr]
             return
         if status in END_STATUSES:
@@ -309,7 +325,8 @@ class RemotePipe(asyncio.Transport):
         self._asked = True
         link = self.link
         if (self._reads_due and not self._reads and not self._writes and not self._in_flight
-                and link.transceive_ok and self._window <= MIN_READS and not self._reading_paused
+                and link.transceive_ok and not self.message_mode and self._window <= MIN_READS
+                and not self._reading_paused
                 and not self._eof and len(data) <= TRANSCEIVE_MAX_INPUT and link.error is None):
             self._transceive(data)
             return
