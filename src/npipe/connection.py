@@ -222,6 +222,9 @@ class Connection:
 
 
 PipeMode = Literal["message", "byte"]
+"""A message pipe's kind: ``"message"`` (Windows' message-mode pipe, the stdlib's AF_PIPE;
+through Samba 1 to 65,535 bytes a message) or ``"byte"`` (a byte pipe carrying the
+stdlib's length-prefixed framing: any size, 0 bytes included)."""
 
 
 def _check_pipe_mode(mode: str) -> None:
