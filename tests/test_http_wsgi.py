@@ -308,9 +308,9 @@ def test_serve_wsgi_abandons_a_request_past_the_grace(pipe_dir: Path) -> None:
         time.sleep(0.5)
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 1
+        assert proc.wait(15) == 0  # the stop asked for was done; the request is logged
         assert time.monotonic() - start < 6
-        assert "abandoned" in proc.stderr.read()
+        assert "1 request still running 0.5s after SIGINT: abandoned" in proc.stderr.read()
         worker.join(10)
     finally:
         if proc.poll() is None:

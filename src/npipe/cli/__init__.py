@@ -27,9 +27,12 @@ from npipe.cli.bridges import add_bridge_parsers
 from npipe.cli.dial import add_address, dial_options
 from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
-from npipe.errors import AddressError, ConfigError, NpipeError
+from npipe.errors import AddressError, ConfigError, NpipeError, PipeInUse
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# A live server already serves the pipe's name: a service manager restarting the command
+# cannot fix that (the units' RestartPreventExitStatus= names it with 2).
+EXIT_IN_USE = 3
 
 
 def _common(top: bool) -> argparse.ArgumentParser:
@@ -198,6 +201,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, str]:
         details = e.details() if hasattr(e, "details") else str(e)
         name = code.name if code is not None else "UNKNOWN"
         return _fail(args, f"npipe: call failed: {name}: {details}", EXIT_FAILED)
+    except PipeInUse as e:
+        return _fail(args, f"npipe: {e}", EXIT_IN_USE)
     except (NpipeError, OSError) as e:
         return _fail(args, f"npipe: {e}", EXIT_FAILED)
 
