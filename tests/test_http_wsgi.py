@@ -262,7 +262,7 @@ def test_serve_wsgi_config_ready_caller_and_graceful_sigterm(pipe_dir: Path,
         try:
             message = wait_for(notify, "READY=1", 30)
             assert f"MAINPID={proc.pid}" in message.split("\n")
-            assert "STATUS=serving wsgi_apps:app on \\\\.\\pipe\\web" in message.split("\n")
+            assert "STATUS=serving wsgi_apps:app on pipe web" in message.split("\n")
             with client("web") as c:
                 assert c.get("/hello").text == "hello"
                 who = c.get("/caller").json()
@@ -293,7 +293,7 @@ def test_serve_wsgi_config_ready_caller_and_graceful_sigterm(pipe_dir: Path,
         assert proc.stderr is not None
         err = proc.stderr.read()
         proc.stderr.close()
-        assert "serving wsgi_apps:app on \\\\.\\pipe\\web" in err
+        assert "serving wsgi_apps:app on pipe web" in err
 
 
 def test_serve_wsgi_abandons_a_request_past_the_grace(pipe_dir: Path) -> None:

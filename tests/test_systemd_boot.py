@@ -72,14 +72,12 @@ def _require() -> None:
                      "run a container here (bind /sys recursively: mount --rbind)")
 
 
-def _run(argv: list[str], timeout: float = 600, **kwargs: object
-         ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          **kwargs)  # type: ignore[call-overload]
+def _run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"{shlex.join(argv)}: exit {done.returncode}\n"
                              f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return done  # type: ignore[no-any-return]
+    return done
 
 
 def _mounts_under(path: Path) -> list[str]:
