@@ -168,10 +168,17 @@ class Container:
     log: Path
     install: list[tuple[str, subprocess.CompletedProcess[str]]] = field(default_factory=list)
 
+    @property
+    def enter(self) -> list[str]:
+        # -r: its root too. Entering its mount namespace alone is not enough where
+        # systemd-nspawn itself ran in a chroot (scripts/test-in-chroot): the namespace's
+        # root is then the whole machine's, and systemctl run there says "offline".
+        return ["nsenter", "-t", str(self.leader), "-a", "-r", "-w"]
+
     def run(self, command: str, *, check: bool = True, timeout: float = 90
             ) -> subprocess.CompletedProcess[str]:
         """``command`` (bash) inside, as root, in a clean environment."""
-        argv = ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={PATH}",
+        argv = [*self.enter, "env", "-i", f"PATH={PATH}",
                 "HOME=/root", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0",
                 "bash", "-c", command]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -182,7 +189,7 @@ class Container:
 
     def popen(self, command: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={PATH}",
+            [*self.enter, "env", "-i", f"PATH={PATH}",
              "HOME=/root", "LANG=C.UTF-8", "bash", "-c", command],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
