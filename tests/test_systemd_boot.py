@@ -39,7 +39,9 @@ import pytest
 
 from npipe.testing.netns import skip_or_fail
 
-pytestmark = pytest.mark.root
+# The first test also builds the root when the cache has none (debootstrap: a minute or
+# two, more on a slow mirror), past the suite's 120 s; each step inside has its own bound.
+pytestmark = [pytest.mark.root, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "contrib" / "README.md"
