@@ -594,9 +594,9 @@ def test_forward_and_expose_units(box: Container) -> None:
     box.write("/etc/npipe/engine.toml", 'address = "shop"\nlisten = "tcp:127.0.0.1:5050"\n')
     box.write("/etc/npipe/viafwd.toml", 'name = "viafwd"\nto = "tcp:127.0.0.1:5050"\n'
               'acl = ["user:alice"]\n')
-    box.write("/root/forwarded_health.py", FORWARDED_HEALTH)
+    box.write("/srv/check/forwarded_health.py", FORWARDED_HEALTH)
     box.run("systemctl start npipe-forward@engine npipe-expose@viafwd")
-    assert box.run("/opt/npipe/bin/python /root/forwarded_health.py").stdout.strip() == \
+    assert box.run("/opt/npipe/bin/python /srv/check/forwarded_health.py").stdout.strip() == \
         "SERVING"
     assert box.as_user("alice", "npipe health viafwd --server-user npipe").stdout.strip() == \
         "SERVING"
