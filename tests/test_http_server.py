@@ -327,7 +327,7 @@ def test_serve_asgi_ready_then_graceful_on_sigterm(pipe_dir: Path, tmp_path: Pat
         assert got["reply"] == "done" and took < 10
         assert marker.read_text() == "shutdown\n"  # the lifespan shutdown ran
         assert proc.stderr is not None
-        assert "serving http_apps:app on \\\\.\\pipe\\svc" in proc.stderr.read()
+        assert "serving http_apps:app on pipe svc" in proc.stderr.read()
         proc.stderr.close()
 
 

@@ -262,7 +262,7 @@ def test_serve_wsgi_config_ready_caller_and_graceful_sigterm(pipe_dir: Path,
         try:
             message = wait_for(notify, "READY=1", 30)
             assert f"MAINPID={proc.pid}" in message.split("\n")
-            assert "STATUS=serving wsgi_apps:app on \\\\.\\pipe\\web" in message.split("\n")
+            assert "STATUS=serving wsgi_apps:app on pipe web" in message.split("\n")
             with client("web") as c:
                 assert c.get("/hello").text == "hello"
                 who = c.get("/caller").json()
@@ -293,7 +293,7 @@ def test_serve_wsgi_config_ready_caller_and_graceful_sigterm(pipe_dir: Path,
         assert proc.stderr is not None
         err = proc.stderr.read()
         proc.stderr.close()
-        assert "serving wsgi_apps:app on \\\\.\\pipe\\web" in err
+        assert "serving wsgi_apps:app on pipe web" in err
 
 
 def test_serve_wsgi_abandons_a_request_past_the_grace(pipe_dir: Path) -> None:
@@ -308,9 +308,9 @@ def test_serve_wsgi_abandons_a_request_past_the_grace(pipe_dir: Path) -> None:
         time.sleep(0.5)
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 1
+        assert proc.wait(15) == 0  # the stop asked for was done; the request is logged
         assert time.monotonic() - start < 6
-        assert "abandoned" in proc.stderr.read()
+        assert "1 request still running 0.5s after SIGINT: abandoned" in proc.stderr.read()
         worker.join(10)
     finally:
         if proc.poll() is None:

@@ -29,9 +29,12 @@ from npipe.cli.dial import add_address, dial_options, in_cli_words
 from npipe.cli.http import add_http_parsers
 from npipe.cli.samba import add_samba_parser
 from npipe.cli.usage import add_subcommands
-from npipe.errors import AddressError, ConfigError, NpipeError
+from npipe.errors import AddressError, ConfigError, NpipeError, PipeInUse
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# A live server already serves the pipe's name: a service manager restarting the command
+# cannot fix that (the units' RestartPreventExitStatus= names it with 2).
+EXIT_IN_USE = 3
 
 # The commands that need an extra (pyproject.toml's optional-dependencies). Without it
 # they say, in one line, which to install (exit 2) before anything else runs.
@@ -262,6 +265,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, str]:
         return _fail(args, f"npipe: {e}", EXIT_USAGE)
     except extras.MissingExtra as e:  # (one the command's own check did not know of)
         return _fail(args, f"npipe: {e}", EXIT_USAGE)
+    except PipeInUse as e:
+        return _fail(args, f"npipe: {e}", EXIT_IN_USE)
     except (NpipeError, OSError) as e:
         return _fail(args, f"npipe: {e}", EXIT_FAILED)
     except Exception as e:

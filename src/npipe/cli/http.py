@@ -107,8 +107,8 @@ def add_http_parsers(
         "the WSGI app (Flask, Django's get_wsgi_application(), ...) on a pipe with "
         "hypercorn (HTTP/1.1 and h2c), its requests on --workers threads, until "
         "SIGINT/SIGTERM/SIGHUP; then requests in flight get --grace seconds to finish "
-        "(exit 1 if one was still running, and was abandoned). The app finds its caller in "
-        "environ['npipe.caller'].",
+        "(one still running then is abandoned, and said in the log: exit 0). The app finds "
+        "its caller in environ['npipe.caller'].",
     )
     p.add_argument("app", nargs="?", metavar="MODULE:APP",
                    help="the WSGI app, e.g. myapp:app (APP defaults to 'app')")
@@ -456,7 +456,7 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl, kind: str) -> int
     except BaseException:
         stop.cancel()
         raise
-    service.announce_ready(f"serving {args.app} on {server.address}")
+    service.announce_ready(f"serving {args.app} on pipe {server.address.name}")
     try:
         sig = await stop
         service.announce_stopping(
@@ -466,9 +466,11 @@ async def _serve(args: argparse.Namespace, app: Any, acl: Acl, kind: str) -> int
     if isinstance(server, WsgiServer) and server.busy_workers:
         # A request's thread cannot be stopped, and the pool's threads are joined at
         # exit: one stuck would hold the process past systemd's TimeoutStopSec.
-        print(f"npipe: requests still running {args.grace:g}s after {sig.name}: abandoned",
-              file=sys.stderr, flush=True)
-        os._exit(1)
+        # The stop asked for was carried out: exit 0 (not a failed unit for systemd),
+        # the requests left behind said here, in the journal.
+        print(f"npipe: {service.plural(server.busy_workers, 'request')} still running "
+              f"{args.grace:g}s after {sig.name}: abandoned", file=sys.stderr, flush=True)
+        os._exit(0)
     return 0
 
 

@@ -84,12 +84,23 @@ def ready(status: str = "") -> bool:
     READY.set()
     states = [f"MAINPID={os.getpid()}", "READY=1"]
     if status:
-        states.append(f"STATUS={status}")
+        states.append(f"STATUS={status_text(status)}")
     return notify(*states)
 
 
 def stopping(status: str = "") -> bool:
-    return notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
+    return notify("STOPPING=1", *([f"STATUS={status_text(status)}"] if status else []))
+
+
+def status_text(text: str) -> str:
+    r"""``text`` as systemd can show it: one line, and no backslashes, which systemd 252
+    drops from STATUS= (``\\.\pipe\shop`` showed as ``\.pipeshop``); a pipe address
+    keeps its meaning as ``//./pipe/shop``, a form npipe reads too."""
+    return " ".join(text.replace("\\", "/").split())
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def announce_ready(status: str) -> None:
