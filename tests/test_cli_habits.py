@@ -367,13 +367,13 @@ def test_serve_commands_announce_themselves_alike(pipe_dir: Path) -> None:
         assert out == "", out
         announced[args[0]] = err.splitlines()
     assert announced["serve-grpc"] == [
-        r"npipe: serving buy.MyService on \\.\pipe\g",
+        "npipe: serving buy.MyService on pipe g",
         r"npipe: SIGTERM: stopping, calls in flight get 10s"]
     assert announced["serve-asgi"] == [
-        r"npipe: serving http_apps:app on \\.\pipe\a",
+        "npipe: serving http_apps:app on pipe a",
         r"npipe: SIGTERM: stopping, requests in flight get 5s"]
     assert announced["serve-wsgi"] == [
-        r"npipe: serving wsgi_apps:app on \\.\pipe\w",
+        "npipe: serving wsgi_apps:app on pipe w",
         r"npipe: SIGTERM: stopping, requests in flight get 5s"]
 
 
