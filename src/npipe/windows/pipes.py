@@ -253,6 +253,26 @@ async def _relay_client(
 # --- server ---------------------------------------------------------------------------
 
 
+def pipe_client_caller(handle: int) -> Caller:
+    """Who is on the client end of the connected server pipe ``handle``, from its token
+    (blocking: looking an account up may ask a domain controller)."""
+    try:
+        sid, groups = win32.client_token_sids(handle)
+    except OSError as e:
+        if (e.winerror != win32.ERROR_CANNOT_IMPERSONATE
+                or win32.client_computer_name(handle) is not None):
+            raise  # (a remote caller's pid is not a process of this machine)
+        # No client context yet: a local caller's process token says the same.
+        sid, groups = win32.process_token_sids(win32.client_process_id(handle))
+    remote = NETWORK_SID in groups
+    account, domain = win32.lookup_account(sid)
+    return windows_caller(
+        pid=None if remote else win32.client_process_id(handle),
+        sid=sid, account=account, domain=domain, group_sids=groups, remote=remote,
+        address=win32.client_computer_name(handle) if remote else None,
+    )
+
+
 class WindowsPipeServer(PipeServer):
     """A running server on a Windows pipe (npipe.PipeServer's API); close it to give
     up the name. Made by :func:`start_pipe_server`."""
@@ -389,21 +409,7 @@ class WindowsPipeServer(PipeServer):
     def _identify(self, handle: int) -> Caller | None:
         """Who the caller is (from its token), if the ACL admits them (runs in a thread:
         looking an account up may ask a domain controller)."""
-        try:
-            sid, groups = win32.client_token_sids(handle)
-        except OSError as e:
-            if (e.winerror != win32.ERROR_CANNOT_IMPERSONATE
-                    or win32.client_computer_name(handle) is not None):
-                raise  # (a remote caller's pid is not a process of this machine)
-            # No client context yet: a local caller's process token says the same.
-            sid, groups = win32.process_token_sids(win32.client_process_id(handle))
-        remote = NETWORK_SID in groups
-        account, domain = win32.lookup_account(sid)
-        who = windows_caller(
-            pid=None if remote else win32.client_process_id(handle),
-            sid=sid, account=account, domain=domain, group_sids=groups, remote=remote,
-            address=win32.client_computer_name(handle) if remote else None,
-        )
+        who = pipe_client_caller(handle)
         if acl_admits(self._acl, who, self._owner_sid, resolved=self._admitted):
             return who
         log.warning("refused %s on pipe %s: not allowed by its ACL", who, self.address)
