@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing.connection as mpc
+import sys
 from typing import Any
 
 from npipe.acl import OWNER_ONLY, Acl
@@ -78,15 +79,16 @@ class WindowsListener:
         self._listener = mpc.Listener(pipe_path(addr), family="AF_PIPE")
 
     def accept(self) -> tuple[StdlibTransport, Caller | None]:
-        from npipe.windows import win32
+        if sys.platform != "win32":  # (mypy: the win32 modules' names are Windows' only)
+            raise UnsupportedPlatform("the stdlib's AF_PIPE listener is Windows'")
+        from npipe.windows import pipes, win32
         from npipe.windows.identity import acl_admits
-        from npipe.windows.pipes import pipe_client_caller
 
         owner = win32.current_user_sid()
         while True:
             conn = self._listener.accept()
             try:
-                who = pipe_client_caller(int(conn.fileno()))
+                who = pipes.pipe_client_caller(int(conn.fileno()))
             except OSError as e:
                 log.warning("pipe %s: could not identify a caller (%s): closed", self._addr, e)
                 conn.close()
