@@ -80,6 +80,7 @@ from transports import (
     SIZE_FACTOR,
     SIZE_LABELS,
     SIZES,
+    THREAD_TRANSPORTS,
     TRANSPORTS,
     UNARY_BYTES,
 )
@@ -154,6 +155,31 @@ def run_concurrency(tb: Testbed, servers: dict[str, tuple[Child, dict[str, Any]]
     return runs
 
 
+def run_threads(clients: dict[str, Child], args: argparse.Namespace
+                ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The threads section: for each channels x callers cell, every transport of
+    THREAD_TRANSPORTS that ran takes a turn (the order rotating), ``--mt-rounds`` times.
+    Returns transport -> "CHANNELSxCALLERS" -> one result per round."""
+    names = [t for t in THREAD_TRANSPORTS if t in clients]
+    cells = [(ch, n) for ch in args.mt_channels for n in args.mt_callers]
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {
+        t: {f"{ch}x{n}": [] for ch, n in cells} for t in names}
+    turn = 0
+    for r in range(args.mt_rounds):
+        for ch, n in cells:
+            for t in _rotated(names, turn):
+                # the first turn of a channel count opens its channels (not timed)
+                res = clients[t].ask(f"mt {ch} {n} {args.mt_calls}",
+                                     COMMAND_TIMEOUT_S + args.mt_calls * 0.05 + ch * 10)
+                out[t][f"{ch}x{n}"].append(res)
+            turn += 1
+        line = "  ".join(f"{t} " + "/".join(f"{out[t][f'{ch}x{n}'][-1]['calls_s']:.0f}"
+                                             for ch, n in cells) for t in names)
+        print(f"threads {r + 1}/{args.mt_rounds} (calls/s per cell): {line}", file=sys.stderr,
+              flush=True)
+    return out
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -184,6 +210,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     server_stats: dict[str, Any] = {}
     client_info: dict[str, Any] = {}
     conc: dict[str, list[dict[str, Any]]] = {}
+    threads: dict[str, dict[str, list[dict[str, Any]]]] = {}
     started = time.monotonic()
     try:
         with interruptible(), Testbed() as tb:
@@ -192,13 +219,21 @@ def orchestrate(args: argparse.Namespace) -> int:
             servers = tb.start_servers(kinds)
             clients: dict[str, Child] = {}
             for t in args.names:
-                target = tb.target(t, servers[TRANSPORTS[t].server][1])
+                ready = servers[TRANSPORTS[t].server][1]
+                target = tb.target(t, ready)
+                extra = []
+                if "ca" in ready:  # the TLS server's throwaway certificate
+                    ca_file = tb.workdir / f"{TRANSPORTS[t].server}-ca.pem"
+                    ca_file.write_text(ready["ca"])
+                    extra = ["--ca", str(ca_file)]
                 clients[t] = tb.spawn(f"client {t}", "client",
                                       [str(SCRIPT), "--client", t, "--target", target,
-                                       "--warmup", str(args.warmup)])
+                                       "--warmup", str(args.warmup), *extra])
                 # One at a time: their SMB logons and warm-ups would skew each other.
                 client_info[t] = clients[t].reply(START_TIMEOUT_S + args.warmup * 0.05)["info"]
             results = run_rounds(clients, args)
+            if args.mt_rounds:
+                threads = run_threads(clients, args)
             for c in clients.values():
                 c.stop()
             if args.channels:
@@ -209,7 +244,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         print("interrupted: cleaned up", file=sys.stderr)
         return 130
     elapsed = time.monotonic() - started
-    return report(args, info, results, client_info, server_stats, conc, elapsed)
+    return report(args, info, results, client_info, server_stats, conc, threads, elapsed)
 
 
 # ================================================================== main
@@ -231,6 +266,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-channel", type=int, default=20,
                    help="concurrency run: concurrent calls per channel (20)")
     p.add_argument("--conc-runs", type=int, default=3, help="concurrency runs (3)")
+    p.add_argument("--mt-channels", default="1,8",
+                   help="threads section: sync channels per transport, a list (1,8)")
+    p.add_argument("--mt-callers", default="1,8,32",
+                   help="threads section: caller threads, a list (1,8,32)")
+    p.add_argument("--mt-calls", type=int, default=1600,
+                   help="threads section: unary calls per cell and turn, split over the "
+                        "callers (1600)")
+    p.add_argument("--mt-rounds", type=int, default=3,
+                   help="threads section: rounds over the cells (3; 0 skips the section)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few seconds per transport")
     p.add_argument("--transports", default=",".join(ALL_TRANSPORTS),
                    help=f"comma-separated, from {', '.join(ALL_TRANSPORTS)}")
@@ -240,11 +284,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # servers are testbed.py's).
     p.add_argument("--client", choices=CLIENT_KINDS, help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
+    p.add_argument("--ca", help=argparse.SUPPRESS)  # a file: the TLS server's certificate
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.calls, args.streams, args.msgs, args.echoes, args.warmup = (
             2, 100, 1, 4, 1, 20)
-        args.conc_runs = 1
+        args.conc_runs, args.mt_calls, args.mt_rounds = 1, 64, 1
+    try:
+        args.mt_channels = [int(x) for x in args.mt_channels.split(",") if x.strip()]
+        args.mt_callers = [int(x) for x in args.mt_callers.split(",") if x.strip()]
+    except ValueError:
+        p.error("--mt-channels and --mt-callers take comma-separated whole numbers")
+    if min([*args.mt_channels, *args.mt_callers, args.mt_calls, 1]) < 1 or args.mt_rounds < 0:
+        p.error("--mt-channels, --mt-callers and --mt-calls must be at least 1, "
+                "--mt-rounds at least 0")
     names = [t.strip() for t in args.transports.split(",") if t.strip()]
     unknown = [t for t in names if t not in ALL_TRANSPORTS]
     if unknown:
@@ -263,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.target:
             print("--client needs --target", file=sys.stderr)
             return 2
-        return client_main(args.client, args.target, args.warmup, args.channels)
+        ca_pem = Path(args.ca).read_text() if args.ca else None
+        return client_main(args.client, args.target, args.warmup, args.channels, ca_pem)
     return orchestrate(args)
 
 
