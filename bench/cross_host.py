@@ -8,6 +8,8 @@ run:
 * gRPC, unary latency (p50, p99) of a 100-byte echo and the throughput (MB/s, 10^6
   bytes/s) of a client stream of 1 MiB messages, for
   - ``grpc-tcp``: plain grpcio over TCP on the link (server on 198.18.0.1:PORT);
+  - ``grpc-tls``: grpcio over TLS on TCP, a throwaway self-signed certificate for
+    198.18.0.1 (the anchor for an encrypted pipe: like with like);
   - ``grpc-smb``: grpcio through the SMB pipe with npipe's native client, default
     security (encrypted where the server can: SMB 3.1.1 here);
   - ``grpc-smb-signed``: the same with ``encrypt=False`` (signed only);
@@ -28,6 +30,8 @@ run:
     FSCTL_PIPE_TRANSCEIVE; encrypted / signed only;
   - ``impacket``: impacket's SMBConnection, ``transactNamedPipe``; up to 64 KiB;
   - ``tcp``: an asyncio TCP echo on the link, the floor the wire itself sets;
+* threads: 1 and 8 sync channels (each a pipe instance, or an HTTP/2 connection) x 1, 8
+  and 32 caller threads, calls/s for grpc-tcp, grpc-tls and the pipes, ratios to both;
 * concurrency: 50 ``npipe.grpc.aio_channel`` channels (50 pipes on one SMB connection)
   x 20 concurrent unary calls, 1,000 calls at once; errors (must be 0) and the total
   time, next to the same over TCP (``grpc-smb-many``, ``grpc-tcp-many``).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -427,7 +428,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Re
             print(f"  {'concurrent calls, errors':<34} {'grpc-smb-many':>18}    {'':<18} "
                   f"{'met   ' if not conc_errors else 'MISSED'} {conc_errors} errors in "
                   f"{sum(r['calls'] for r in rs)} calls (must be 0)")
-    print(f"({elapsed:.0f} s)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"({elapsed:.0f} s; load at the end {[round(x, 2) for x in load] if load else '?'})")
     if args.json:
         raw = {
             "machine": info,
