@@ -78,7 +78,6 @@ from transports import (
     CLIENT_KINDS,
     COMMAND_TIMEOUT_S,
     CONC_TRANSPORTS,
-    DEFAULT_TRANSPORTS,
     GRPC_TRANSPORTS,
     MIB,
     RAW_BYTES,
@@ -281,9 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mt-rounds", type=int, default=3,
                    help="threads section: rounds over the cells (3; 0 skips the section)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few seconds per transport")
-    p.add_argument("--transports", default=",".join(DEFAULT_TRANSPORTS),
-                   help=f"comma-separated, from {', '.join(ALL_TRANSPORTS)} (default: all "
-                        "but the variant grpc-smb-256k)")
+    p.add_argument("--transports", default=",".join(ALL_TRANSPORTS),
+                   help=f"comma-separated, from {', '.join(ALL_TRANSPORTS)}")
     p.add_argument("--json", metavar="FILE", help="write raw numbers and the summary as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a plot (needs matplotlib)")
     # Internal: the client processes the orchestrator starts in the client namespace (the

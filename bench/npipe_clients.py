@@ -96,10 +96,6 @@ def _tls_probe(target: str, ca_pem: str) -> str:
 class GrpcClient(BenchClient):
     def __init__(self, kind: str, target: str, ca_pem: str | None = None) -> None:
         self.kind, self.target, self.ca_pem = kind, target, ca_pem
-        if kind == "grpc-smb-256k":  # asyncio's default read size: the old read path
-            from npipe.smb.native import connection
-
-            connection.RECV_SIZE = 256 * 1024
         self.bridge: Any = None
         self.channel = self._open_channel(())
         self.mt_channels: list[Any] = [self.channel]  # the threads section's channels

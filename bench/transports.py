@@ -52,12 +52,6 @@ TRANSPORTS: dict[str, Transport] = {
     "grpc-smb": Transport(
         "grpc-pipe", "grpcio via npipe.grpc.channel('//198.18.0.1/pipe/...'), native, default",
         (MIB,), "grpc-tcp", "grpc-tcp", "encrypted", also_vs="grpc-tls"),
-    # A variant, not run by default: grpc-smb with asyncio's own 256 KiB reads on the SMB
-    # and bridge sockets (npipe.smb.native.connection.RECV_SIZE patched in the client
-    # process): the read path before issue 23, for a before/after in one run.
-    "grpc-smb-256k": Transport(
-        "grpc-pipe", "grpc-smb, asyncio's 256 KiB reads (RECV_SIZE patched: the old path)",
-        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted", also_vs="grpc-tls"),
     "grpc-smb-signed": Transport(
         "grpc-pipe", "the same, encrypt=False", (MIB,), "grpc-tcp", "grpc-tcp", "signed"),
     "grpc-smb-unsigned": Transport(
@@ -101,15 +95,13 @@ TRANSPORTS: dict[str, Transport] = {
 GRPC_TRANSPORTS = tuple(t for t in TRANSPORTS if t.startswith("grpc"))
 RAW_TRANSPORTS = tuple(t for t in TRANSPORTS if not t.startswith("grpc"))
 ALL_TRANSPORTS = tuple(TRANSPORTS)
-VARIANTS = ("grpc-smb-256k",)  # only when named in --transports
-DEFAULT_TRANSPORTS = tuple(t for t in ALL_TRANSPORTS if t not in VARIANTS)
 # The concurrency run: many aio channels, each its own pipe (or TCP connection).
 CONC_TRANSPORTS = {"grpc-smb-many": "grpc-pipe", "grpc-tcp-many": "grpc-tcp"}
 CLIENT_KINDS = ALL_TRANSPORTS + tuple(CONC_TRANSPORTS)
 # The threads section: sync channels called from threads (``mt`` commands), on the
 # clients of the rounds; each extra channel has a subchannel pool of its own, so it is a
 # pipe instance (or an HTTP/2 connection) of its own.
-THREAD_TRANSPORTS = ("grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-256k", "grpc-smb-signed")
+THREAD_TRANSPORTS = ("grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-signed")
 
 # The targets: (label, row, base, metric, bound); metric "p50" is row/base (<= bound),
 # "mb_s" is row/base (>= bound), "speedup" is base/row per size and p50 row/base (>= bound).

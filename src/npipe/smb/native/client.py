@@ -30,7 +30,7 @@ from npipe.smb import status as st
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 from npipe.smb.native import wire
-from npipe.smb.native.connection import SmbConnection, _resolver, limit_reads
+from npipe.smb.native.connection import SmbConnection, _resolver
 from npipe.smb.native.core import Options, Outgoing, Response
 from npipe.smb.native.pipe import IDLE_READ_SIZE, READ_SIZE, EarlyRead, RemotePipe
 from npipe.smb.registry import ConnectionRegistry
@@ -378,7 +378,6 @@ class _SocketSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        limit_reads(transport)
         if self._initial:  # (before the socket is read: it goes first)
             self.pipe.write(self._initial)
             self._initial = b""

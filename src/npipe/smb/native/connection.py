@@ -56,20 +56,6 @@ Callback = Callable[[Response | BaseException], None]
 ABANDONED_READS_LIMIT = 256
 # TCP keepalive probes before the kernel gives a connection up (see keepalive_settings).
 KEEPALIVE_PROBES = 3
-# Bytes asyncio reads per recv() on the SMB socket and on a bridge's local socket. Its
-# default, 256 KiB, is a fresh bytes object per read above malloc's mmap threshold: each
-# read maps and unmaps memory, under the GIL that the application's threads want (issue
-# 23: 32 threads on one channel spent 326 ms of 4 s in mmap/munmap). 64 KiB stays on the
-# heap and still takes a 64 KiB READ's answer in one read.
-RECV_SIZE = 64 * 1024
-
-
-def limit_reads(transport: asyncio.BaseTransport) -> None:
-    """Read at most RECV_SIZE per recv() on ``transport``. ``max_size`` is an attribute
-    of CPython's selector transports (3.10-3.13), not a documented API: other loops
-    (uvloop, Windows' proactor) do not have it and keep their own reads."""
-    if isinstance(getattr(transport, "max_size", None), int):
-        transport.max_size = RECV_SIZE  # type: ignore[attr-defined]
 
 
 class Liveness:
@@ -191,7 +177,6 @@ class SmbConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        limit_reads(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A WRITE and the next READ leave back to back: without TCP_NODELAY the
