@@ -46,7 +46,7 @@ does: each round is cut into slices and the order rotates every slice, so noise 
 elsewhere on the machine lands on all of them alike; the tables show the median over
 rounds of each round's p50, p99 and median MB/s, and ratios between those medians.
 
-    python bench/cross_host.py                  # 5 rounds and the threads section, ~8 min
+    python bench/cross_host.py                  # 5 rounds and the threads section, ~5 min
     python bench/cross_host.py --quick          # smoke run, about 20 s
     python bench/cross_host.py --json out.json --plot out.png
 
