@@ -8,6 +8,8 @@ run:
 * gRPC, unary latency (p50, p99) of a 100-byte echo and the throughput (MB/s, 10^6
   bytes/s) of a client stream of 1 MiB messages, for
   - ``grpc-tcp``: plain grpcio over TCP on the link (server on 198.18.0.1:PORT);
+  - ``grpc-tls``: grpcio over TLS on TCP, a throwaway self-signed certificate for
+    198.18.0.1 (the anchor for an encrypted pipe: like with like);
   - ``grpc-smb``: grpcio through the SMB pipe with npipe's native client, default
     security (encrypted where the server can: SMB 3.1.1 here);
   - ``grpc-smb-signed``: the same with ``encrypt=False`` (signed only);
@@ -28,6 +30,8 @@ run:
     FSCTL_PIPE_TRANSCEIVE; encrypted / signed only;
   - ``impacket``: impacket's SMBConnection, ``transactNamedPipe``; up to 64 KiB;
   - ``tcp``: an asyncio TCP echo on the link, the floor the wire itself sets;
+* threads: 1 and 8 sync channels (each a pipe instance, or an HTTP/2 connection) x 1, 8
+  and 32 caller threads, calls/s for grpc-tcp, grpc-tls and the pipes, ratios to both;
 * concurrency: 50 ``npipe.grpc.aio_channel`` channels (50 pipes on one SMB connection)
   x 20 concurrent unary calls, 1,000 calls at once; errors (must be 0) and the total
   time, next to the same over TCP (``grpc-smb-many``, ``grpc-tcp-many``).
@@ -42,7 +46,7 @@ does: each round is cut into slices and the order rotates every slice, so noise 
 elsewhere on the machine lands on all of them alike; the tables show the median over
 rounds of each round's p50, p99 and median MB/s, and ratios between those medians.
 
-    python bench/cross_host.py                  # 5 rounds, about 5 minutes on 2 CPUs
+    python bench/cross_host.py                  # 5 rounds and the threads section, ~5 min
     python bench/cross_host.py --quick          # smoke run, about 20 s
     python bench/cross_host.py --json out.json --plot out.png
 
@@ -80,6 +84,7 @@ from transports import (
     SIZE_FACTOR,
     SIZE_LABELS,
     SIZES,
+    THREAD_TRANSPORTS,
     TRANSPORTS,
     UNARY_BYTES,
 )
@@ -154,6 +159,31 @@ def run_concurrency(tb: Testbed, servers: dict[str, tuple[Child, dict[str, Any]]
     return runs
 
 
+def run_threads(clients: dict[str, Child], args: argparse.Namespace
+                ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The threads section: for each channels x callers cell, every transport of
+    THREAD_TRANSPORTS that ran takes a turn (the order rotating), ``--mt-rounds`` times.
+    Returns transport -> "CHANNELSxCALLERS" -> one result per round."""
+    names = [t for t in THREAD_TRANSPORTS if t in clients]
+    cells = [(ch, n) for ch in args.mt_channels for n in args.mt_callers]
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {
+        t: {f"{ch}x{n}": [] for ch, n in cells} for t in names}
+    turn = 0
+    for r in range(args.mt_rounds):
+        for ch, n in cells:
+            for t in _rotated(names, turn):
+                # the first turn of a channel count opens its channels (not timed)
+                res = clients[t].ask(f"mt {ch} {n} {args.mt_calls}",
+                                     COMMAND_TIMEOUT_S + args.mt_calls * 0.05 + ch * 10)
+                out[t][f"{ch}x{n}"].append(res)
+            turn += 1
+        line = "  ".join(f"{t} " + "/".join(f"{out[t][f'{ch}x{n}'][-1]['calls_s']:.0f}"
+                                             for ch, n in cells) for t in names)
+        print(f"threads {r + 1}/{args.mt_rounds} (calls/s per cell): {line}", file=sys.stderr,
+              flush=True)
+    return out
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -184,6 +214,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     server_stats: dict[str, Any] = {}
     client_info: dict[str, Any] = {}
     conc: dict[str, list[dict[str, Any]]] = {}
+    threads: dict[str, dict[str, list[dict[str, Any]]]] = {}
     started = time.monotonic()
     try:
         with interruptible(), Testbed() as tb:
@@ -192,13 +223,21 @@ def orchestrate(args: argparse.Namespace) -> int:
             servers = tb.start_servers(kinds)
             clients: dict[str, Child] = {}
             for t in args.names:
-                target = tb.target(t, servers[TRANSPORTS[t].server][1])
+                ready = servers[TRANSPORTS[t].server][1]
+                target = tb.target(t, ready)
+                extra = []
+                if "ca" in ready:  # the TLS server's throwaway certificate
+                    ca_file = tb.workdir / f"{TRANSPORTS[t].server}-ca.pem"
+                    ca_file.write_text(ready["ca"])
+                    extra = ["--ca", str(ca_file)]
                 clients[t] = tb.spawn(f"client {t}", "client",
                                       [str(SCRIPT), "--client", t, "--target", target,
-                                       "--warmup", str(args.warmup)])
+                                       "--warmup", str(args.warmup), *extra])
                 # One at a time: their SMB logons and warm-ups would skew each other.
                 client_info[t] = clients[t].reply(START_TIMEOUT_S + args.warmup * 0.05)["info"]
             results = run_rounds(clients, args)
+            if args.mt_rounds:
+                threads = run_threads(clients, args)
             for c in clients.values():
                 c.stop()
             if args.channels:
@@ -209,7 +248,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         print("interrupted: cleaned up", file=sys.stderr)
         return 130
     elapsed = time.monotonic() - started
-    return report(args, info, results, client_info, server_stats, conc, elapsed)
+    return report(args, info, results, client_info, server_stats, conc, threads, elapsed)
 
 
 # ================================================================== main
@@ -231,6 +270,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-channel", type=int, default=20,
                    help="concurrency run: concurrent calls per channel (20)")
     p.add_argument("--conc-runs", type=int, default=3, help="concurrency runs (3)")
+    p.add_argument("--mt-channels", default="1,8",
+                   help="threads section: sync channels per transport, a list (1,8)")
+    p.add_argument("--mt-callers", default="1,8,32",
+                   help="threads section: caller threads, a list (1,8,32)")
+    # Short cells flatter the pipe: the slower start and tail of 32 threads weigh more
+    # on the faster transport (1600 calls: TCP 3553 calls/s at 1 x 32; 8000: 4810).
+    p.add_argument("--mt-calls", type=int, default=6000,
+                   help="threads section: unary calls per cell and turn, split over the "
+                        "callers (6000)")
+    p.add_argument("--mt-rounds", type=int, default=3,
+                   help="threads section: rounds over the cells (3; 0 skips the section)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few seconds per transport")
     p.add_argument("--transports", default=",".join(ALL_TRANSPORTS),
                    help=f"comma-separated, from {', '.join(ALL_TRANSPORTS)}")
@@ -240,11 +290,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # servers are testbed.py's).
     p.add_argument("--client", choices=CLIENT_KINDS, help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
+    p.add_argument("--ca", help=argparse.SUPPRESS)  # a file: the TLS server's certificate
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.calls, args.streams, args.msgs, args.echoes, args.warmup = (
             2, 100, 1, 4, 1, 20)
-        args.conc_runs = 1
+        args.conc_runs, args.mt_calls, args.mt_rounds = 1, 64, 1
+    try:
+        args.mt_channels = [int(x) for x in args.mt_channels.split(",") if x.strip()]
+        args.mt_callers = [int(x) for x in args.mt_callers.split(",") if x.strip()]
+    except ValueError:
+        p.error("--mt-channels and --mt-callers take comma-separated whole numbers")
+    if min([*args.mt_channels, *args.mt_callers, args.mt_calls, 1]) < 1 or args.mt_rounds < 0:
+        p.error("--mt-channels, --mt-callers and --mt-calls must be at least 1, "
+                "--mt-rounds at least 0")
     names = [t.strip() for t in args.transports.split(",") if t.strip()]
     unknown = [t for t in names if t not in ALL_TRANSPORTS]
     if unknown:
@@ -263,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.target:
             print("--client needs --target", file=sys.stderr)
             return 2
-        return client_main(args.client, args.target, args.warmup, args.channels)
+        ca_pem = Path(args.ca).read_text() if args.ca else None
+        return client_main(args.client, args.target, args.warmup, args.channels, ca_pem)
     return orchestrate(args)
 
 

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -78,16 +79,45 @@ def _smbprotocol_backend_info() -> dict[str, Any]:
     return out
 
 
+def _tls_probe(target: str, ca_pem: str) -> str:
+    """The TLS version the grpc-tls server negotiates with a Python ``ssl`` client that
+    offers h2 and trusts only its certificate (a check that the anchor is TLS 1.3)."""
+    import socket
+    import ssl
+
+    host, _, port = target.rpartition(":")
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=START_TIMEOUT_S) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        return str(tls.version())
+
+
 class GrpcClient(BenchClient):
-    def __init__(self, kind: str, target: str) -> None:
+    def __init__(self, kind: str, target: str, ca_pem: str | None = None) -> None:
+        self.kind, self.target, self.ca_pem = kind, target, ca_pem
+        self.bridge: Any = None
+        self.channel = self._open_channel(())
+        self.mt_channels: list[Any] = [self.channel]  # the threads section's channels
+        self.echo = self.channel.unary_unary(ECHO, _registered_method=True)
+        self.upload = self.channel.stream_unary(UPLOAD, _registered_method=True)
+        self.payload = os.urandom(UNARY_BYTES)
+
+    def _open_channel(self, options: tuple[tuple[str, Any], ...]) -> Any:
         import grpc
 
         import npipe.grpc
 
-        self.kind = kind
-        self.bridge: Any = None
+        kind, target = self.kind, self.target
         if kind == "grpc-tcp":
-            self.channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+            channel = grpc.insecure_channel(
+                target, options=[*options, ("grpc.enable_http_proxy", 0)])
+        elif kind == "grpc-tls":
+            if not self.ca_pem:
+                raise ValueError("grpc-tls needs the server's certificate (--ca)")
+            channel = grpc.secure_channel(
+                target, grpc.ssl_channel_credentials(root_certificates=self.ca_pem.encode()),
+                options=[*options, ("grpc.enable_http_proxy", 0)])
         elif kind == "grpc-smb-unsigned":
             # npipe.grpc.channel() cannot take native Options: a bridge of our own.
             from npipe.address import parse_address
@@ -102,23 +132,25 @@ class GrpcClient(BenchClient):
                                     allow_smb2=True, close_on_failure=False, initial=initial,
                                     missing_grace=0)
 
-            self.bridge = PipeBridge(attach, description=address.posix())
-            self.channel = grpc.insecure_channel(
-                self.bridge.target, options=[("grpc.default_authority", "localhost")])
+            if self.bridge is None:
+                self.bridge = PipeBridge(attach, description=address.posix())
+            channel = grpc.insecure_channel(
+                self.bridge.target, options=[*options, ("grpc.default_authority", "localhost")])
         else:
-            self.channel = npipe.grpc.channel(
-                target, credentials=credentials(),
+            channel = npipe.grpc.channel(
+                target, options=options, credentials=credentials(),
                 encrypt=False if kind == "grpc-smb-signed" else None,
                 smb_backend="smbprotocol" if kind == "grpc-smbprotocol" else "native",
             )
-        grpc.channel_ready_future(self.channel).result(timeout=START_TIMEOUT_S)
-        self.echo = self.channel.unary_unary(ECHO, _registered_method=True)
-        self.upload = self.channel.stream_unary(UPLOAD, _registered_method=True)
-        self.payload = os.urandom(UNARY_BYTES)
+        grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
+        return channel
 
     def info(self) -> dict[str, Any]:
         if self.kind == "grpc-tcp":
             return {}
+        if self.kind == "grpc-tls":
+            return {"security": f"TLS ({_tls_probe(self.target, self.ca_pem or '')} with a "
+                                "Python ssl probe; grpcio's BoringSSL verifies the certificate)"}
         if self.kind == "grpc-smbprotocol":
             return _smbprotocol_backend_info()
         return _native_info()
@@ -142,8 +174,59 @@ class GrpcClient(BenchClient):
             raise AssertionError(f"server counted {moved} bytes, sent {n * size}")
         return [moved / elapsed / 1e6]
 
+    def mt(self, channels: int, callers: int, calls: int) -> dict[str, Any]:
+        """``callers`` threads call Echo on ``channels`` sync channels (thread i on channel
+        i % channels), ``calls`` calls in all, as many per thread; calls/s over the wall
+        time from the threads' start (a barrier) to the last one's end."""
+        import grpc
+
+        # Each extra channel has a subchannel pool of its own: a pipe instance (or HTTP/2
+        # connection) of its own; its first calls (the open, a warm-up) are not timed.
+        while len(self.mt_channels) < channels:
+            ch = self._open_channel((("grpc.use_local_subchannel_pool", 1),))
+            stub = ch.unary_unary(ECHO, _registered_method=True)
+            for _ in range(20):
+                stub(self.payload, timeout=CALL_TIMEOUT_S)
+            self.mt_channels.append(ch)
+        stubs = [c.unary_unary(ECHO, _registered_method=True)
+                 for c in self.mt_channels[:channels]]
+        each = -(-calls // callers)
+        payload = self.payload
+        start = threading.Barrier(callers + 1)
+        errors: list[str] = []  # (list.append is atomic under the GIL)
+
+        def caller(i: int) -> None:
+            stub = stubs[i % channels]
+            start.wait()
+            for _ in range(each):
+                try:
+                    if stub(payload, timeout=CALL_TIMEOUT_S) != payload:
+                        errors.append("wrong reply")
+                except grpc.RpcError as e:
+                    errors.append(e.code().name)
+
+        threads = [threading.Thread(target=caller, args=(i,), daemon=True)
+                   for i in range(callers)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        out = {"channels": channels, "callers": callers, "calls": each * callers,
+               "seconds": round(elapsed, 4), "calls_s": round(each * callers / elapsed, 1),
+               "errors": len(errors), "error_kinds": dict(collections.Counter(errors))}
+        if self.kind.startswith("grpc-smb"):
+            from npipe.smb import get_client
+
+            conns = get_client("native").connections()
+            out |= {"smb_connections": len(conns), "pipes": sum(c.pipes for c in conns)}
+        return out
+
     def close(self) -> None:
-        self.channel.close()
+        for ch in self.mt_channels:
+            ch.close()
         if self.bridge is not None:
             self.bridge.close()
 
@@ -337,11 +420,12 @@ class ConcurrencyClient(LoopClient):
         await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
 
 
-def make_client(kind: str, target: str, channels: int) -> BenchClient:
+def make_client(kind: str, target: str, channels: int,
+                ca_pem: str | None = None) -> BenchClient:
     if kind in CONC_TRANSPORTS:
         return ConcurrencyClient(kind, target, channels)
     if kind in GRPC_TRANSPORTS:
-        return GrpcClient(kind, target)
+        return GrpcClient(kind, target, ca_pem)
     if kind in ("tcp", "npipe", "npipe-signed", "npipe-unsigned"):
         return AsyncEchoClient(kind, target)
     if kind.startswith("smb2-echo"):
@@ -358,10 +442,11 @@ def make_client(kind: str, target: str, channels: int) -> BenchClient:
     raise ValueError(f"unknown client {kind}")
 
 
-def client_main(kind: str, target: str, warmup: int, channels: int) -> int:
+def client_main(kind: str, target: str, warmup: int, channels: int,
+                ca_pem: str | None = None) -> int:
     """Connect, warm up, say ready, then answer commands until stdin ends."""
     try:
-        client = make_client(kind, target, channels)
+        client = make_client(kind, target, channels, ca_pem)
         client.lat(warmup)
         for size in TRANSPORTS[kind].sizes if kind in TRANSPORTS else ():
             client.tput(size, 2)
@@ -383,6 +468,8 @@ def client_main(kind: str, target: str, warmup: int, channels: int) -> int:
                 emit({"mb_s": [round(x, 2) for x in client.tput(int(args[0]), int(args[1]))]})
             elif command == "conc" and isinstance(client, ConcurrencyClient):
                 emit(client.conc(int(args[0])))
+            elif command == "mt" and isinstance(client, GrpcClient):
+                emit(client.mt(int(args[0]), int(args[1]), int(args[2])))
             else:
                 emit({"error": f"unknown command {line.strip()!r}"})
         except Exception as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -75,6 +76,18 @@ def summarize(results: dict[str, Result]) -> dict[str, dict[str, Any]]:
                 s: [round(a / b, 3) for a, b in zip(res.mbps(s), base.mbps(s), strict=True)]
                 for s in row["mb_s_ratio"]
             }
+        base = results.get(spec.also_vs) if spec.also_vs else None
+        if base is not None:  # the second anchor (TLS for the encrypted pipes)
+            row["also_vs"] = spec.also_vs
+            row["also_p50_ratio"] = row["p50_us"] / statistics.median(base.p50s())
+            row["also_p99_ratio"] = row["p99_us"] / statistics.median(base.p99s())
+            row["also_p50_ratio_rounds"] = [
+                round(a / b, 3) for a, b in zip(res.p50s(), base.p50s(), strict=True)
+            ]
+            row["also_mb_s_ratio"] = {
+                s: row["mb_s"][s] / statistics.median(base.mbps(s))
+                for s in row["mb_s"] if base.mbps(s)
+            }
         summary[t] = row
     return summary
 
@@ -102,6 +115,70 @@ def format_grpc_table(summary: dict[str, dict[str, Any]], names: list[str]) -> s
                      f"{_x(row.get('mb_s_ratio', {}).get(MIB))}   "
                      f"{min(per):.2f}-{max(per):.2f}x")
         lines.append(line)
+        if "also_vs" in row:  # a line of its own: the same row against the second anchor
+            per = row["also_p50_ratio_rounds"]
+            lines.append(f"{'':<19} {'':>8} {'':>8} {'':>8}   {row['also_vs']:<10} "
+                         f"{_x(row['also_p50_ratio'])} {_x(row['also_p99_ratio'])} "
+                         f"{_x(row['also_mb_s_ratio'].get(MIB))}   "
+                         f"{min(per):.2f}-{max(per):.2f}x")
+    return "\n".join(lines)
+
+
+def summarize_threads(threads: dict[str, dict[str, list[dict[str, Any]]]]
+                      ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per transport and cell: the median calls/s over rounds, the per-round values, the
+    errors summed and, against grpc-tcp and grpc-tls, the ratio of the medians and the
+    range of the per-round ratios (the transports of a cell take turns in every round)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for t, cells in threads.items():
+        out[t] = {}
+        for cell, rs in cells.items():
+            per = [r["calls_s"] for r in rs]
+            row: dict[str, Any] = {"calls_s": statistics.median(per), "calls_s_rounds": per,
+                                   "errors": sum(r["errors"] for r in rs)}
+            for key in ("smb_connections", "pipes"):
+                if key in rs[-1]:
+                    row[key] = rs[-1][key]
+            for base in ("grpc-tcp", "grpc-tls"):
+                if base == t or base not in threads or (t == "grpc-tcp"):
+                    continue
+                bper = [r["calls_s"] for r in threads[base][cell]]
+                row[f"vs_{base}"] = row["calls_s"] / statistics.median(bper)
+                row[f"vs_{base}_rounds"] = [round(a / b, 3) for a, b in
+                                            zip(per, bper, strict=True)]
+            out[t][cell] = row
+    return out
+
+
+def format_threads(tsum: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
+    head = (f"{'threads':<8} {'channels':>8} {'callers':>7}  {'transport':<17} {'calls/s':>8} "
+            f"{'/tcp':>6} {'/tls':>6}   {'/tcp per round':<14} {'/tls per round':<14} "
+            f"{'errors':>6}")
+    lines = [f"sync grpcio channels called from threads (thread i on channel i % channels; "
+             f"each channel its own pipe or HTTP/2 connection), {args.mt_calls} unary calls "
+             f"({UNARY_BYTES} B) per cell and turn, split over the callers; median of "
+             f"{args.mt_rounds} round(s), the transports taking turns in each", head,
+             "-" * len(head)]
+    cells = list(next(iter(tsum.values()))) if tsum else []
+
+    def rng(v: list[float] | None) -> str:
+        return f"{min(v):.2f}-{max(v):.2f}x" if v else "-"
+
+    for cell in cells:
+        ch, _, n = cell.partition("x")
+        for t, rows in tsum.items():
+            row = rows[cell]
+            lines.append(
+                f"{'':<8} {ch:>8} {n:>7}  {t:<17} {row['calls_s']:>8.0f} "
+                f"{_x(row.get('vs_grpc-tcp'))} {_x(row.get('vs_grpc-tls'))}   "
+                f"{rng(row.get('vs_grpc-tcp_rounds')):<14} "
+                f"{rng(row.get('vs_grpc-tls_rounds')):<14} {row['errors']:>6}")
+    pipes = {f"{t} {cell}": (r["smb_connections"], r["pipes"])
+             for t, rows in tsum.items() for cell, r in rows.items() if "pipes" in r}
+    if pipes:
+        last = list(pipes.items())[-1]
+        lines.append(f"(SMB connections, pipes open in the client after the last cell: "
+                     f"{last[0]}: {last[1][0]}, {last[1][1]})")
     return "\n".join(lines)
 
 
@@ -203,7 +280,7 @@ def check_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 # Plot colours: one per protection level / client, shared by gRPC, raw and the floors.
 COLORS = {
-    "grpc-tcp": "black", "tcp": "black",
+    "grpc-tcp": "black", "tcp": "black", "grpc-tls": "tab:gray",
     "grpc-smb": "tab:blue", "npipe": "tab:blue", "smb2-echo": "tab:blue",
     "grpc-smb-signed": "tab:green", "npipe-signed": "tab:green",
     "smb2-echo-signed": "tab:green",
@@ -220,7 +297,7 @@ def _style(t: str) -> str:
     clients measured."""
     if t.startswith("minimal"):
         return ":"
-    return "--" if t.startswith(("smb2-echo", "tcp", "grpc-tcp")) else "-"
+    return "--" if t.startswith(("smb2-echo", "tcp", "grpc-tcp", "grpc-tls")) else "-"
 
 
 def plot_cdf(ax: Any, results: dict[str, Result], names: list[str], title: str) -> None:
@@ -311,8 +388,10 @@ def write_plot(path: str, results: dict[str, Result], info: dict[str, Any]) -> N
 
 def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Result],
            client_info: dict[str, Any], server_stats: dict[str, Any],
-           conc: dict[str, list[dict[str, Any]]], elapsed: float) -> int:
+           conc: dict[str, list[dict[str, Any]]],
+           threads: dict[str, dict[str, list[dict[str, Any]]]], elapsed: float) -> int:
     summary = summarize(results)
+    tsum = summarize_threads(threads)
     grpc_names = [t for t in GRPC_TRANSPORTS if t in results]
     raw_names = [t for t in RAW_TRANSPORTS if t in results]
     print()
@@ -325,6 +404,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Re
     if conc:
         print(format_concurrency(conc, args))
         print()
+    if tsum:
+        print(format_threads(tsum, args))
+        print()
     for t in args.names:
         negotiated = client_info.get(t) or {}
         extra = ", ".join(f"{v}" for v in negotiated.values())
@@ -334,7 +416,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Re
         print(f"\n  grpc-pipe handler: caller() known on {pipe_stats['caller_checked']} of "
               f"{pipe_stats['calls']} calls (last: {pipe_stats['caller']})")
     targets = check_targets(summary)
-    conc_errors = sum(r["errors"] for rs in conc.values() for r in rs)
+    conc_errors = (sum(r["errors"] for rs in conc.values() for r in rs)
+                   + sum(r["errors"] for cells in tsum.values() for r in cells.values()))
     if targets or conc:
         print("\ntargets:")
         for tg in targets:
@@ -345,17 +428,20 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Re
             print(f"  {'concurrent calls, errors':<34} {'grpc-smb-many':>18}    {'':<18} "
                   f"{'met   ' if not conc_errors else 'MISSED'} {conc_errors} errors in "
                   f"{sum(r['calls'] for r in rs)} calls (must be 0)")
-    print(f"({elapsed:.0f} s)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"({elapsed:.0f} s; load at the end {[round(x, 2) for x in load] if load else '?'})")
     if args.json:
         raw = {
             "machine": info,
             "config": {k: getattr(args, k) for k in
                        ("rounds", "calls", "streams", "msgs", "echoes", "warmup", "channels",
-                        "per_channel", "conc_runs")},
+                        "per_channel", "conc_runs", "mt_channels", "mt_callers", "mt_calls",
+                        "mt_rounds")},
             "negotiated": client_info,
             "summary": summary,
             "targets": targets,
             "concurrency": conc,
+            "threads": {"summary": tsum, "raw": threads},
             "server_stats": server_stats,
             "raw": {t: {"latency_us": res.latencies,
                         "mb_s": {str(s): v for s, v in res.throughputs.items()}}

@@ -16,7 +16,11 @@ Works on the JSON of ``cross_host.py`` and of ``grpc_local.py``. For every trans
   plus the pairs given with ``--pair A/B``): the ratio of the medians over runs, then
   p10-p90 and min-max of the per-round ratios. The transports of a run take turns in
   every slice of a round, so a round's ratio compares them under the same load: the
-  per-round spread is the honest error bar.
+  per-round spread is the honest error bar; a cross-host row with a second anchor
+  (``also_vs``: grpc-tls for the encrypted pipes) gets both ratios;
+* cross-host's threads section (calls/s per channels x callers cell): the median over
+  runs, and each transport's ratio to grpc-tcp and to grpc-tls with the spread of the
+  per-round ratios.
 
 The machines and commits of the runs are printed first; runs of different commits or
 hosts are refused unless ``--mixed``.
@@ -66,6 +70,9 @@ class Run:
         self.machine: dict[str, Any] = raw["machine"]
         self.summary: dict[str, dict[str, Any]] = raw["summary"]
         self.concurrency: dict[str, list[dict[str, Any]]] = raw.get("concurrency") or {}
+        # cross_host.py's threads section: transport -> "CHANNELSxCALLERS" -> per round
+        self.threads: dict[str, dict[str, list[dict[str, Any]]]] = (
+            (raw.get("threads") or {}).get("raw") or {})
         self.kind = "local" if "p50_vs_unix" in next(iter(self.summary.values())) else "cross"
         self.p50: dict[str, list[float]] = {t: r["p50_us_rounds"] for t, r in self.summary.items()}
         self.p99: dict[str, list[float]] = {t: r["p99_us_rounds"] for t, r in self.summary.items()}
@@ -82,6 +89,10 @@ class Run:
         if self.kind == "local":
             return ("unix", "unix") if t != "unix" else (None, None)
         return row.get("vs"), row.get("tput_vs")
+
+    def also_vs(self, t: str) -> str | None:
+        """The second anchor of a cross-host row (grpc-tls for the encrypted pipes)."""
+        return self.summary[t].get("also_vs") if self.kind == "cross" else None
 
 
 def per_round_ratios(runs: list[Run], a: str, b: str, key: str, size: str = "") -> list[float]:
@@ -125,6 +136,9 @@ def table(runs: list[Run], pairs: list[str]) -> str:
             want.append((t, lat_vs, "p50"))
         if tput_vs:
             want.append((t, tput_vs, "mb_s"))
+        also = runs[0].also_vs(t)
+        if also and also in names:
+            want += [(t, also, "p50"), (t, also, "mb_s")]
     for pair in pairs:
         a, _, b = pair.partition("/")
         if a in names and b in names and (a, b, "p50") not in want:
@@ -168,6 +182,43 @@ def table(runs: list[Run], pairs: list[str]) -> str:
                 f"{statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){'':<13} "
                 f"{statistics.median(p50s) if p50s else float('nan'):>11.0f} "
                 f"{max(maxs) if maxs else float('nan'):>10.0f}")
+    if runs[0].threads:
+        lines += ["", threads_table(runs)]
+    return "\n".join(lines)
+
+
+def threads_table(runs: list[Run]) -> str:
+    """cross_host.py's threads section over the runs: calls/s (the median over runs of
+    each run's median over rounds) and, for every transport but grpc-tcp, the ratio to
+    grpc-tcp and to grpc-tls: the median of the per-run ratios, then p10-p90 and min-max of
+    the per-round ratios over every round of every run (a round's transports take turns)."""
+    names = list(runs[0].threads)
+    cells = list(runs[0].threads[names[0]])
+    head = (f"{'threads':<7} {'ch':>3} {'callers':>7}  {'transport':<16} {'calls/s':>8}  "
+            f"{'/tcp':>5} {'per round':<24} {'/tls':>5} {'per round':<24} {'errors':>6}")
+    lines = [head, "-" * len(head)]
+
+    def per_round(r: Run, t: str, cell: str) -> list[float]:
+        return [x["calls_s"] for x in r.threads.get(t, {}).get(cell, [])]
+
+    for cell in cells:
+        ch, _, n = cell.partition("x")
+        for t in names:
+            med = statistics.median(statistics.median(per_round(r, t, cell)) for r in runs)
+            errors = sum(x["errors"] for r in runs for x in r.threads.get(t, {}).get(cell, []))
+            cols = []
+            for base in ("grpc-tcp", "grpc-tls"):
+                if t in ("grpc-tcp", base) or base not in names:
+                    cols.append(f"{'-':>5} {'':<24}")
+                    continue
+                rounds = [a / b for r in runs for a, b in
+                          zip(per_round(r, t, cell), per_round(r, base, cell), strict=False)]
+                runs_ratio = statistics.median(
+                    statistics.median(per_round(r, t, cell))
+                    / statistics.median(per_round(r, base, cell)) for r in runs)
+                cols.append(f"{runs_ratio:>4.2f}x {spread(rounds, '{:.2f}'):<24}")
+            lines.append(f"{'':<7} {ch:>3} {n:>7}  {t:<16} {med:>8.0f}  " + " ".join(cols)
+                         + f" {errors:>6}")
     return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@ lines. Shared by cross_host.py and soak.py.
 
     python bench/testbed.py --server KIND [--host 198.18.0.1]
 
-serves KIND (grpc-tcp, grpc-pipe, raw-tcp, raw-pipe) until stdin closes: it prints
-``{"ready": true, "port"|"pipe": ...}`` when serving and ``{"stats": ...}`` at the end.
+serves KIND (grpc-tcp, grpc-tls, grpc-pipe, raw-tcp, raw-pipe) until stdin closes: it
+prints ``{"ready": true, "port"|"pipe": ...}`` when serving (grpc-tls adds ``"ca"``, its
+throwaway certificate, PEM) and ``{"stats": ...}`` at the end.
 ``Testbed.start_servers`` starts them in the server namespace.
 """
 
@@ -41,7 +42,7 @@ RAW_PIPE = "benchraw"
 SERVER_WORKERS = 4
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-SERVER_KINDS = ("grpc-tcp", "grpc-pipe", "raw-tcp", "raw-pipe")
+SERVER_KINDS = ("grpc-tcp", "grpc-tls", "grpc-pipe", "raw-tcp", "raw-pipe")
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -83,6 +84,35 @@ def rss_kib(pid: int | str = "self") -> int:
 # ================================================================== servers (server ns)
 
 
+def self_signed_certificate(ip: str) -> tuple[bytes, bytes]:
+    """A throwaway key and self-signed certificate (PEM) for ``ip`` (an IP SAN), made at
+    run time with ``cryptography``: the TLS anchor's server identity, which its client
+    trusts as its only root. ECDSA P-256, as a current TLS server would use."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"npipe bench {ip}")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
 def serve(kind: str, host: str) -> int:
     """Serve ``kind`` until stdin closes; print {"ready": ...}, then the stats at the end."""
     if kind.startswith("grpc"):
@@ -108,6 +138,13 @@ def _serve_grpc(kind: str, host: str) -> int:
         if port == 0:
             raise OSError(f"grpcio could not listen on {host}")
         ready: dict[str, Any] = {"ready": True, "port": port}
+    elif kind == "grpc-tls":
+        key_pem, cert_pem = self_signed_certificate(host)
+        port = server.add_secure_port(
+            f"{host}:0", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+        if port == 0:
+            raise OSError(f"grpcio could not listen on {host}")
+        ready = {"ready": True, "port": port, "ca": cert_pem.decode()}
     else:
         npipe.grpc.add_pipe_port(server, GRPC_PIPE, smb=True,
                                  acl=npipe.Acl.allow(users=[USER]))

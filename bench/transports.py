@@ -37,13 +37,21 @@ class Transport:
     lat_vs: str | None = None  # p50/p99 ratio: this / lat_vs
     tput_vs: str | None = None  # throughput ratio: this / tput_vs, per size
     security: str | None = None  # what the client must have negotiated (checked)
+    # a second base for the p50/p99/MB/s ratios: the encrypted pipes against TLS (like
+    # with like: both encrypted), next to lat_vs (plain TCP)
+    also_vs: str | None = None
 
 
 TRANSPORTS: dict[str, Transport] = {
     "grpc-tcp": Transport("grpc-tcp", "grpcio, TCP 198.18.0.1:PORT across the link", (MIB,)),
+    # The anchor for an encrypted pipe: grpcio's TLS (BoringSSL; TLS 1.3 as it negotiates)
+    # with a throwaway self-signed certificate for 198.18.0.1, the client's only root.
+    "grpc-tls": Transport(
+        "grpc-tls", "grpcio, TLS on TCP 198.18.0.1:PORT (self-signed certificate, IP SAN)",
+        (MIB,), "grpc-tcp", "grpc-tcp", "TLS"),
     "grpc-smb": Transport(
         "grpc-pipe", "grpcio via npipe.grpc.channel('//198.18.0.1/pipe/...'), native, default",
-        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted"),
+        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted", also_vs="grpc-tls"),
     "grpc-smb-signed": Transport(
         "grpc-pipe", "the same, encrypt=False", (MIB,), "grpc-tcp", "grpc-tcp", "signed"),
     "grpc-smb-unsigned": Transport(
@@ -51,7 +59,7 @@ TRANSPORTS: dict[str, Transport] = {
         (MIB,), "grpc-tcp", "grpc-tcp", "unsigned"),
     "grpc-smbprotocol": Transport(
         "grpc-pipe", "the same through smb_backend='smbprotocol', default security",
-        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted"),
+        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted", also_vs="grpc-tls"),
     "tcp": Transport("raw-tcp", "asyncio TCP echo across the link (the wire's floor; no SMB)",
                      SIZES),
     "smb2-echo": Transport("raw-pipe", "bare SMB2 ECHO, link.echo(), native, default",
@@ -90,12 +98,18 @@ ALL_TRANSPORTS = tuple(TRANSPORTS)
 # The concurrency run: many aio channels, each its own pipe (or TCP connection).
 CONC_TRANSPORTS = {"grpc-smb-many": "grpc-pipe", "grpc-tcp-many": "grpc-tcp"}
 CLIENT_KINDS = ALL_TRANSPORTS + tuple(CONC_TRANSPORTS)
+# The threads section: sync channels called from threads (``mt`` commands), on the
+# clients of the rounds; each extra channel has a subchannel pool of its own, so it is a
+# pipe instance (or an HTTP/2 connection) of its own.
+THREAD_TRANSPORTS = ("grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-signed")
 
 # The targets: (label, row, base, metric, bound); metric "p50" is row/base (<= bound),
 # "mb_s" is row/base (>= bound), "speedup" is base/row per size and p50 row/base (>= bound).
 TARGETS = (
     ("gRPC unary p50 / TCP", "grpc-smb", "grpc-tcp", "p50", 1.5),
     ("gRPC 1 MiB stream / TCP", "grpc-smb", "grpc-tcp", "mb_s", 0.6),
+    ("gRPC unary p50 / TLS", "grpc-smb", "grpc-tls", "p50", 1.3),
+    ("gRPC 1 MiB stream / TLS", "grpc-smb", "grpc-tls", "mb_s", 0.8),
     ("  signed: unary p50 / TCP", "grpc-smb-signed", "grpc-tcp", "p50", 1.5),
     ("  signed: 1 MiB stream / TCP", "grpc-smb-signed", "grpc-tcp", "mb_s", 0.6),
     ("npipe 64 B echo p50 / SMB2 ECHO", "npipe", "smb2-echo", "p50", 1.5),

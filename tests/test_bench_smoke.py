@@ -64,8 +64,9 @@ def test_bench_quick_runs_and_prints_its_table() -> None:
 
 @pytest.mark.timeout(240)
 def test_cross_host_bench_quick(tmp_path: Path) -> None:
-    """Every transport measured, 1,000 concurrent calls on 50 pipes without an error
-    (about 25 s; root and smbd, like the other cross-host tests)."""
+    """Every transport measured, 1,000 concurrent calls on 50 pipes without an error,
+    the threads section's cells; the tables print and parse (about 40 s; root and smbd,
+    like the other cross-host tests)."""
     require_root_and_samba()
     out = tmp_path / "cross-host.json"
     proc = subprocess.run(
@@ -78,7 +79,7 @@ def test_cross_host_bench_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = json.loads(out.read_text())
     assert set(raw["summary"]) == set(raw["negotiated"]), raw["negotiated"]
-    assert len(raw["summary"]) == 18, sorted(raw["summary"])
+    assert len(raw["summary"]) == 19, sorted(raw["summary"])
     neg = raw["negotiated"]
     for name in ("grpc-smb-unsigned", "npipe-unsigned", "smb2-echo-unsigned",
                  "minimal-unsigned"):
@@ -95,8 +96,101 @@ def test_cross_host_bench_quick(tmp_path: Path) -> None:
     assert (smb["calls"], smb["errors"]) == (1000, 0), smb
     assert (smb["smb_connections"], smb["pipes"]) == (1, 50), smb
     assert raw["concurrency"]["grpc-tcp-many"][0]["errors"] == 0
-    for table in ("gRPC ", "raw 64 B echo ", "raw echo MB/s ", "concurrency ", "targets:"):
+    for table in ("gRPC ", "raw 64 B echo ", "raw echo MB/s ", "concurrency ", "threads ",
+                  "targets:"):
         assert table in proc.stdout, proc.stdout
+    assert neg["grpc-tls"]["security"].startswith("TLS (TLSv1.3"), neg
+    _check_cross_grpc_table(proc.stdout, raw["summary"])
+    _check_threads_table(proc.stdout, raw["threads"])
+
+
+# cross_host.py's gRPC table: a row per transport, its ratios to grpc-tcp; the encrypted
+# pipes' rows are followed by a line of their ratios to grpc-tls.
+CROSS_GRPC_ROW = re.compile(
+    r"(?P<name>grpc-\S+) +(?P<p50>\d+) +(?P<p99>\d+) +(?P<mb_s>\d+)"
+    r"(?:   (?P<vs>grpc-tcp) +(?P<p50_r>\d+\.\d\d)x +(?P<p99_r>\d+\.\d\d)x +"
+    r"(?P<mb_s_r>\d+\.\d\d)x +(?P<lo>\d+\.\d\d)-(?P<hi>\d+\.\d\d)x)?"
+)
+CROSS_GRPC_ALSO = re.compile(
+    r" {49}(?P<vs>grpc-tls) +(?P<p50_r>\d+\.\d\d)x +(?P<p99_r>\d+\.\d\d)x +"
+    r"(?P<mb_s_r>\d+\.\d\d)x +(?P<lo>\d+\.\d\d)-(?P<hi>\d+\.\d\d)x"
+)
+
+
+def _table(stdout: str, first_word: str) -> list[str]:
+    """The lines of the table whose header starts with ``first_word``, up to a blank."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_word])
+    assert lines[head + 1] == "-" * len(lines[head]), stdout
+    body = []
+    for line in lines[head + 2:]:
+        if not line.strip():
+            break
+        body.append(line.rstrip())
+    return body
+
+
+def _check_cross_grpc_table(stdout: str, summary: dict[str, Any]) -> None:
+    rows: dict[str, Any] = {}
+    also: dict[str, Any] = {}
+    for line in _table(stdout, "gRPC"):
+        match = CROSS_GRPC_ROW.fullmatch(line)
+        if match:
+            rows[match["name"]] = match
+            continue
+        match = CROSS_GRPC_ALSO.fullmatch(line)
+        assert match and rows, f"not a row of the gRPC table: {line!r}"
+        also[list(rows)[-1]] = match
+    assert list(rows) == ["grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-signed",
+                          "grpc-smb-unsigned", "grpc-smbprotocol"], stdout
+    assert rows["grpc-tcp"]["vs"] is None
+    assert all(rows[t]["vs"] == "grpc-tcp" for t in list(rows)[1:]), stdout
+    # Like with like: the encrypted pipes against TLS too, the others against TCP only.
+    assert set(also) == {"grpc-smb", "grpc-smbprotocol"}, stdout
+    for name, match in also.items():
+        row = summary[name]
+        assert match["p50_r"] == f"{row['also_p50_ratio']:.2f}", match.string
+        ratio = row["p50_us"] / summary["grpc-tls"]["p50_us"]
+        assert match["p50_r"] == f"{ratio:.2f}", (match.string, summary["grpc-tls"])
+        assert float(match["lo"]) <= float(match["hi"]), match.string
+
+
+THREADS_ROW = re.compile(
+    r" {8} +(?P<channels>\d+) +(?P<callers>\d+)  (?P<name>grpc-\S+) +(?P<calls_s>\d+) +"
+    r"(?:(?P<tcp>\d+\.\d\d)x|-) +(?:(?P<tls>\d+\.\d\d)x|-)   "
+    r"(?:(?P<tcp_lo>\d+\.\d\d)-(?P<tcp_hi>\d+\.\d\d)x|-) +"
+    r"(?:(?P<tls_lo>\d+\.\d\d)-(?P<tls_hi>\d+\.\d\d)x|-) +(?P<errors>\d+)"
+)
+
+
+def _check_threads_table(stdout: str, threads: dict[str, Any]) -> None:
+    """The threads section: 1 and 8 channels x 1, 8 and 32 callers, calls/s for each
+    transport, the pipes' ratios to TCP and TLS; what the JSON says; no errors; and the
+    8-channel cells ran on 8 pipes of one SMB connection."""
+    body = _table(stdout, "threads")
+    rows = {}
+    for line in body:
+        if line.startswith("(SMB connections"):
+            continue
+        match = THREADS_ROW.fullmatch(line)
+        assert match, f"not a row of the threads table: {line!r}"
+        rows[match["channels"], match["callers"], match["name"]] = match
+    names = ["grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-signed"]
+    assert list(rows) == [(ch, n, t) for ch in ("1", "8") for n in ("1", "8", "32")
+                          for t in names], stdout
+    summary = threads["summary"]
+    for (ch, n, t), row in rows.items():
+        cell = summary[t][f"{ch}x{n}"]
+        assert row["calls_s"] == f"{cell['calls_s']:.0f}" and int(row["errors"]) == 0
+        assert (row["tcp"] is None) == (t == "grpc-tcp"), row.string
+        assert (row["tls"] is None) == (t in ("grpc-tcp", "grpc-tls")), row.string
+        if row["tcp"] is not None:
+            tcp = summary["grpc-tcp"][f"{ch}x{n}"]["calls_s"]
+            assert row["tcp"] == f"{cell['calls_s'] / tcp:.2f}", row.string
+    for t in ("grpc-smb", "grpc-smb-signed"):
+        for n in ("1", "8", "32"):
+            last = threads["raw"][t][f"8x{n}"][-1]
+            assert (last["smb_connections"], last["pipes"]) == (1, 8), last
 
 
 def _http_bench(tmp_path: Path, parts: str, timeout: float) -> tuple[str, dict[str, Any]]:
