@@ -273,7 +273,11 @@ def booted(lower: Path, wheels: tuple[Path, Path], work: Path) -> Iterator[Conta
         while True:  # (systemctl cannot connect until PID 1 has made its socket)
             booting = box.run("systemctl is-system-running --wait", check=False,
                               timeout=BOOT_TIMEOUT)
-            if "Failed to connect" not in booting.stderr or time.monotonic() > deadline:
+            # Before that socket exists is-system-running says "offline" and nothing on
+            # stderr (seen on the first boot of a freshly built root, in a Debian 13 chroot)
+            not_yet = ("Failed to connect" in booting.stderr
+                       or booting.stdout.strip() == "offline")
+            if not not_yet or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         if booting.stdout.strip() not in ("running", "degraded"):
