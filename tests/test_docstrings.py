@@ -123,8 +123,15 @@ def test_the_check_sees_a_missing_docstring() -> None:
         def value(self) -> int:
             return 1
 
+    # As if defined at the probe module's top level. Otherwise pdoc looks a member
+    # without a docstring up by its __module__ and __qualname__ (this test's), finds
+    # None, and reads None's docstring, which Python 3.13 has.
+    for member in (Thing.method, Thing.value.fget):  # type: ignore[attr-defined]
+        member.__module__ = module.__name__
+        member.__qualname__ = f"Thing.{member.__name__}"
     for obj in (function, _private, Thing):
         obj.__module__ = module.__name__
+        obj.__qualname__ = obj.__name__
         setattr(module, obj.__name__, obj)
     sys.modules[module.__name__] = module
     try:
