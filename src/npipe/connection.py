@@ -52,13 +52,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from npipe.acl import OWNER_ONLY, Acl
 from npipe.address import PipeAddress, parse_address
-from npipe.errors import ConfigError, ConnectionLost, MessageTooLarge, UnsupportedPlatform
+from npipe.errors import ConfigError, MessageTooLarge, UnsupportedPlatform
 from npipe.framing import (
     STDLIB,
     FrameReader,
-    MessageLost,
     MessageNotCarried,
-    Oversized,
+    read_message,
     stdlib_header,
 )
 from npipe.identity import Caller
@@ -260,24 +259,9 @@ class ByteModeTransport:
             self.conn.sendall(header + bytes(data))
 
     def recv_message(self, limit: int | None) -> bytes:
-        reader = self._reader
-        reader.limit = limit
-        while True:
-            chunk = self.conn.recv(reader.bytes_needed)
-            if not chunk:
-                if reader.in_message:
-                    raise MessageLost("the peer closed the pipe in the middle of a message")
-                raise MessageLost("the peer closed the pipe")
-            try:
-                got = reader.feed(chunk)
-            except ValueError as e:  # (a negative length: not the stdlib's framing)
-                raise ConnectionLost(f"not a message stream: {e}") from None
-            if isinstance(got, Oversized):
-                raise MessageTooLarge(f"bad message length: a message of {got.size} bytes "
-                                      f"is over this connection's limit of {got.limit} "
-                                      "(dropped)")
-            if got is not None:
-                return got
+        return read_message(self.conn.recv, self._reader, limit,
+                            closed="the peer closed the pipe",
+                            cut="the peer closed the pipe in the middle of a message")
 
     def poll(self, timeout: float | None) -> bool:
         if self.conn.pending():

@@ -22,10 +22,11 @@ on with the next message.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from npipe.errors import ConnectionLost, NpipeError
+from npipe.errors import ConnectionLost, MessageTooLarge, NpipeError
 
 Framing = Literal["samba", "stdlib"]
 SAMBA: Framing = "samba"
@@ -166,6 +167,31 @@ class FrameReader:
         return b"".join(parts)
 
 
+
+def read_message(recv: Callable[[int], bytes], reader: FrameReader, limit: int | None, *,
+                 closed: str, cut: str) -> bytes:
+    """One whole message off a blocking stream: ``recv(n)`` (a socket's recv) driven by
+    ``reader``. An end of stream is MessageLost (``closed`` between messages, ``cut``
+    inside one); a message over ``limit`` is MessageTooLarge, read past and dropped, so
+    the next call reads the next message; a header that is no length of ``reader``'s
+    framing is ConnectionLost."""
+    reader.limit = limit
+    while True:
+        chunk = recv(reader.bytes_needed)
+        if not chunk:
+            raise MessageLost(cut if reader.in_message else closed)
+        try:
+            got = reader.feed(chunk)
+        except ValueError as e:  # (a negative length: not the stdlib's framing)
+            raise ConnectionLost(f"not a message stream: {e}") from None
+        if isinstance(got, Oversized):
+            raise MessageTooLarge(f"bad message length: a message of {got.size} bytes "
+                                  f"is over this connection's limit of {got.limit} "
+                                  "(dropped)")
+        if got is not None:
+            return got
+
+
 __all__ = [
     "CHUNK",
     "SAMBA",
@@ -176,6 +202,7 @@ __all__ = [
     "MessageNotCarried",
     "Oversized",
     "check_smb_message",
+    "read_message",
     "samba_header",
     "stdlib_header",
 ]

@@ -23,7 +23,7 @@ import select
 import socket
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from npipe.acl import Acl
 from npipe.address import PipeAddress
@@ -34,6 +34,9 @@ from npipe.identity import Caller
 from npipe.local.claim import claim_pipe
 from npipe.local.dial import check_admitted, check_server, connect_error, find_socket
 from npipe.local.listener import ClaimedSocket
+
+if TYPE_CHECKING:  # (npipe.connection imports this module when it runs)
+    from npipe.connection import Transport
 
 # The payload of one record (its header byte aside): well under the default socket
 # buffer (net.core.wmem_default, 208 KiB), so a record always fits, and large enough
@@ -207,16 +210,6 @@ class SocketListener:
         finally:
             if self.samba is not None:
                 self.samba.release()
-
-
-class Transport(Protocol):
-    """What npipe.connection.Connection needs of a transport (its Transport)."""
-
-    def fileno(self) -> int: ...
-    def send_message(self, data: memoryview) -> None: ...
-    def recv_message(self, limit: int | None) -> bytes: ...
-    def poll(self, timeout: float | None) -> bool: ...
-    def close(self) -> None: ...
 
 
 def dial_local(addr: PipeAddress, *, server_user: str | int | None,

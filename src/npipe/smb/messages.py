@@ -45,13 +45,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from npipe.address import PipeAddress
-from npipe.errors import MessageTooLarge, UnsupportedPlatform
+from npipe.errors import UnsupportedPlatform
 from npipe.framing import (
     SAMBA,
     FrameReader,
-    MessageLost,
-    Oversized,
     check_smb_message,
+    read_message,
     samba_header,
 )
 from npipe.local.messages import FRAGMENT, LAST, MORE, MessageSocket
@@ -86,21 +85,9 @@ class SambaMessageSocket:
         self.sock.sendall(samba_header(len(data)) + bytes(data))
 
     def recv_message(self, limit: int | None) -> bytes:
-        reader = self._reader
-        reader.limit = limit
-        while True:
-            chunk = self.sock.recv(reader.bytes_needed)
-            if not chunk:
-                if reader.in_message:
-                    raise MessageLost("the SMB caller went away in the middle of a message")
-                raise MessageLost("the SMB caller closed the pipe")
-            got = reader.feed(chunk)
-            if isinstance(got, Oversized):
-                raise MessageTooLarge(f"bad message length: a message of {got.size} bytes "
-                                      f"is over this connection's limit of {got.limit} "
-                                      "(dropped)")
-            if got is not None:
-                return got
+        return read_message(self.sock.recv, self._reader, limit,
+                            closed="the SMB caller closed the pipe",
+                            cut="the SMB caller went away in the middle of a message")
 
     def poll(self, timeout: float | None) -> bool:
         readable, _, _ = select.select([self.sock], [], [], timeout)
