@@ -104,8 +104,18 @@ def _readable(path: Path, ports: Sequence[int]) -> Path:
     return as_port_445(path, ports, path.with_name(path.name + ".445.pcap"))
 
 
+# dumpcap on a veth sees TCP segments in the order the kernel hands them over, not
+# always the sender's: a large segment after the one that follows it, then part of it
+# sent again. Wireshark 3.6 (Debian 12) does not reassemble out of order by default and
+# then calls the retransmitted part "New fragment overlaps old data", a malformed TCP
+# packet although the stream is sound (4.4 of Debian 13 takes it as a retransmission).
+# Reassembling out of order also dissects the SMB2 message those segments complete.
+_TSHARK_PREFS = ("-o", "tcp.reassemble_out_of_order:TRUE")
+
+
 def _tshark(path: Path, ports: Sequence[int], *args: str) -> list[str]:
-    argv = [tool("tshark") or "tshark", "-r", str(_readable(path, ports)), "-n", *args]
+    argv = [tool("tshark") or "tshark", "-r", str(_readable(path, ports)), "-n",
+            *_TSHARK_PREFS, *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=READ_TIMEOUT)
     if done.returncode != 0:
         raise RuntimeError(f"tshark failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
