@@ -56,7 +56,9 @@ log = logging.getLogger("npipe.unix_bridge")
 
 # attach(sock, initial): open the pipe and relay ``sock`` to it, sending it ``initial``
 # first; PipeNotFound at once (not after waiting) if it is missing, ``sock`` left open.
-Attach = Callable[[socket.socket, bytes], Awaitable[None]]
+# It may return the socket that stands for the relay from then on (the tie to a
+# redirector that relays it: see npipe.redirector), which the bridge then tracks.
+Attach = Callable[[socket.socket, bytes], Awaitable["socket.socket | None"]]
 
 # How long a connection whose pipe is missing is held before its calls are answered
 # UNAVAILABLE (unless made with wait_for_ready), and how often the pipe is looked for.
@@ -228,7 +230,7 @@ class PipeBridge:
             self._sockets.add(conn)
         conn.setblocking(True)
         try:
-            await self._attach(conn, b"")
+            self._track(conn, await self._attach(conn, b""))
         except PipeNotFound as exc:
             await self._wait_for_the_pipe(conn, exc)
         except NpipeError as exc:
@@ -249,6 +251,17 @@ class PipeBridge:
             if conn.fileno() >= 0 and self._closed:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+
+    def _track(self, conn: socket.socket, tie: socket.socket | None) -> None:
+        """Count ``tie`` as the relayed connection instead of ``conn``."""
+        if tie is None:
+            return
+        with self._lock:
+            self._sockets.discard(conn)
+            self._sockets.add(tie)
+        if self._closed:
+            with contextlib.suppress(OSError):
+                tie.shutdown(socket.SHUT_RDWR)
 
     async def _wait_for_the_pipe(self, conn: socket.socket, missing: PipeNotFound) -> None:
         """The pipe is not there: hold grpcio's connection (a :class:`CallGate`) and
@@ -300,7 +313,7 @@ class PipeBridge:
                 if loop.time() < next_look or not gate.at_boundary:
                     continue
                 try:
-                    await self._attach(conn, gate.held())
+                    self._track(conn, await self._attach(conn, gate.held()))
                 except PipeNotFound as again:
                     exc = again
                 except NpipeError as failed:
@@ -520,13 +533,14 @@ def bridge_for(
     (``npipe.ioloop.idle_timeout()``: 60 s, $NPIPE_SMB_IDLE_TIMEOUT).
     :func:`npipe.grpc.channel` holds an unpinned bridge for the channel's lifetime.
     """
-    from npipe import smb
+    from npipe import redirector, smb
     from npipe.smb.credentials import Credentials
 
-    client = smb.get_client(backend)
+    name = smb.backend_name(backend)
+    smb.get_client(name)  # (an unknown backend or a missing package fails here)
     addr = smb._remote(address)
     creds = credentials if credentials is not None else Credentials.resolve()
-    key: BridgeKey = (smb.backend_name(backend), addr, creds.identity(), timeout, encrypt,
+    key: BridgeKey = (name, addr, creds.identity(), timeout, encrypt,
                       allow_smb2)
     with _bridges_lock:
         bridge = _bridges.get(key)
@@ -536,12 +550,13 @@ def bridge_for(
                 bridge.pin()
             return bridge
 
-        async def attach(sock: socket.socket, initial: bytes) -> None:
+        async def attach(sock: socket.socket, initial: bytes) -> socket.socket | None:
             # (a failed open leaves sock open: the bridge answers grpcio's calls on it,
             # or waits for a missing pipe: missing_grace=0, it looks once)
-            await client.attach(addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
-                                allow_smb2=allow_smb2, close_on_failure=False,
-                                initial=initial, missing_grace=0)
+            return await redirector.attach(
+                name, addr, sock, credentials=creds, timeout=timeout, encrypt=encrypt,
+                allow_smb2=allow_smb2, close_on_failure=False, initial=initial,
+                missing_grace=0, tied=True)
 
         bridge = PipeBridge(attach, description=addr.posix(), pinned=pin)
         _bridges[key] = bridge

@@ -35,6 +35,14 @@ def channel(address: str, open_timeout: float = 10.0) -> grpc.Channel:
                               allow_smb2=os.environ.get("NPIPE_TEST_ALLOW_SMB2") == "1")
 
 
+def smb_connections() -> list[npipe.smb.SmbConnectionInfo]:
+    """The SMB connections of this process and of its user's redirector (where gRPC
+    channels, npipe.connect and the HTTP client relay their pipes by default)."""
+    import npipe.redirector
+
+    return npipe.smb.get_client().connections() + npipe.redirector.connections()
+
+
 def calls(address: str) -> dict[str, Any]:
     """Every call kind, 8 MiB messages, 100 concurrent calls on one channel."""
     with channel(address) as ch:
@@ -73,7 +81,6 @@ def thousand(address: str, pipes: int = 50, per_pipe: int = 20) -> dict[str, Any
     """1,000 concurrent unary calls: 50 asyncio channels (50 pipe instances, all on one
     SMB connection) with 20 calls in flight on each. Counts the errors, and the SMB
     connections the bridge opened for them."""
-    from npipe.smb import get_client
 
     async def main() -> dict[str, Any]:
         # A local subchannel pool each: grpcio would otherwise share one connection.
@@ -94,7 +101,7 @@ def thousand(address: str, pipes: int = 50, per_pipe: int = 20) -> dict[str, Any
             call(ch, p * per_pipe + i) for p, ch in enumerate(channels) for i in range(per_pipe)
         ))
         elapsed = time.monotonic() - start
-        live = [c for c in get_client().connections() if c.alive]
+        live = [c for c in smb_connections() if c.alive]
         for ch in channels:
             await ch.close()
         return {"ok": sum(results), "errors": errors, "seconds": round(elapsed, 2),
@@ -205,7 +212,6 @@ def security(address: str) -> dict[str, Any]:
     """One call, which must succeed at once (smbd and the server app are ready), then
     what the SMB connection it went through negotiated (SmbConnectionInfo); npipe's
     warnings come back too (the bridge's reason for a pipe it could not open)."""
-    from npipe.smb import get_client
 
     warnings = _npipe_warnings()
     with channel(address) as ch:
@@ -214,7 +220,7 @@ def security(address: str) -> dict[str, Any]:
             error = None
         except grpc.RpcError as e:
             ok, error = False, f"{e.code().name}: {e.details()}"
-        infos = [dataclasses.asdict(c) for c in get_client().connections() if c.alive]
+        infos = [dataclasses.asdict(c) for c in smb_connections() if c.alive]
     return {"ok": ok, "error": error, "warnings": warnings, "connections": infos}
 
 

@@ -160,13 +160,39 @@ def _wait_link(hosts: Hosts, timeout: float = 10.0) -> None:
 
 
 def _remove(hosts: Hosts) -> None:
-    # Deleting a namespace deletes the veth end in it, and with it the peer.
+    # Deleting a namespace deletes the veth end in it, and with it the peer; but only
+    # once no process is left in it (a client's redirector waits out its idle time).
+    _stop_processes_in(hosts.server_ns, hosts.client_ns)
     for ns in (hosts.server_ns, hosts.client_ns):
         _ip("netns", "del", ns, check=False)
     for ifname in (hosts.server_if, hosts.client_if):  # if it was never moved
         _ip("link", "del", ifname, check=False)
 
 
+
+
+def _stop_processes_in(*namespaces: str, grace: float = 5.0) -> None:
+    """SIGTERM what still runs in ``namespaces``; SIGKILL what outlives ``grace``."""
+    import signal
+
+    def pids() -> set[int]:
+        found: set[int] = set()
+        for ns in namespaces:
+            done = subprocess.run([tool("ip") or "ip", "netns", "pids", ns],
+                                  capture_output=True, text=True, check=False)
+            found |= {int(word) for word in done.stdout.split() if word.isdigit()}
+        return found
+
+    left = pids()
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + grace
+        while (left := pids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not left:
+            return
 
 
 # --- a private smbd in the server namespace, and the pipe servers behind it -------------
