@@ -53,15 +53,23 @@ def _native_link_info(link: Any) -> dict[str, Any]:
     return {"dialect": neg.dialect_name if neg else "?", "security": link.security}
 
 
-def _native_info() -> dict[str, Any]:
+def _native_info(want: str | None = None) -> dict[str, Any]:
     """What this process's (only) native SMB connection negotiated. Reads the backend's
-    registry of shared connections, which is private: informational only."""
+    registry of shared connections, which is private: informational only. Relayed by
+    the user's redirector (npipe.redirector), the connection is the redirector's: the
+    one with the protection ``want``ed (the other clients' may be there too)."""
     from npipe.smb.native import client as native
 
     with contextlib.suppress(Exception):
         for registry in list(native._registries.values()):
             for connection in registry.connections():
                 return _native_link_info(connection)
+    import npipe.redirector
+
+    infos = [i for i in npipe.redirector.connections("native") if i.alive]
+    for info in sorted(infos, key=lambda i: security(i.signed, i.encrypted, None) != want):
+        return {"dialect": info.dialect, "security": security(info.signed, info.encrypted,
+                                                              None) + " (by the redirector)"}
     return {}
 
 
@@ -109,6 +117,8 @@ class GrpcClient(BenchClient):
         import npipe.grpc
 
         kind, target = self.kind, self.target
+        if kind == "grpc-smb-inproc":
+            os.environ["NPIPE_REDIRECTOR"] = "off"
         if kind == "grpc-tcp":
             channel = grpc.insecure_channel(
                 target, options=[*options, ("grpc.enable_http_proxy", 0)])
@@ -153,7 +163,7 @@ class GrpcClient(BenchClient):
                                 "Python ssl probe; grpcio's BoringSSL verifies the certificate)"}
         if self.kind == "grpc-smbprotocol":
             return _smbprotocol_backend_info()
-        return _native_info()
+        return _native_info(TRANSPORTS[self.kind].security)
 
     def lat(self, n: int) -> list[float]:
         payload, echo = self.payload, self.echo
@@ -218,9 +228,10 @@ class GrpcClient(BenchClient):
                "seconds": round(elapsed, 4), "calls_s": round(each * callers / elapsed, 1),
                "errors": len(errors), "error_kinds": dict(collections.Counter(errors))}
         if self.kind.startswith("grpc-smb"):
+            import npipe.redirector
             from npipe.smb import get_client
 
-            conns = get_client("native").connections()
+            conns = get_client("native").connections() or npipe.redirector.connections("native")
             out |= {"smb_connections": len(conns), "pipes": sum(c.pipes for c in conns)}
         return out
 

@@ -52,6 +52,9 @@ TRANSPORTS: dict[str, Transport] = {
     "grpc-smb": Transport(
         "grpc-pipe", "grpcio via npipe.grpc.channel('//198.18.0.1/pipe/...'), native, default",
         (MIB,), "grpc-tcp", "grpc-tcp", "encrypted", also_vs="grpc-tls"),
+    "grpc-smb-inproc": Transport(
+        "grpc-pipe", "the same, relayed in the calling process (NPIPE_REDIRECTOR=off)",
+        (MIB,), "grpc-tcp", "grpc-tcp", "encrypted", also_vs="grpc-tls"),
     "grpc-smb-signed": Transport(
         "grpc-pipe", "the same, encrypt=False", (MIB,), "grpc-tcp", "grpc-tcp", "signed"),
     "grpc-smb-unsigned": Transport(
@@ -101,7 +104,7 @@ CLIENT_KINDS = ALL_TRANSPORTS + tuple(CONC_TRANSPORTS)
 # The threads section: sync channels called from threads (``mt`` commands), on the
 # clients of the rounds; each extra channel has a subchannel pool of its own, so it is a
 # pipe instance (or an HTTP/2 connection) of its own.
-THREAD_TRANSPORTS = ("grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-signed")
+THREAD_TRANSPORTS = ("grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-inproc", "grpc-smb-signed")
 
 # The targets: (label, row, base, metric, bound); metric "p50" is row/base (<= bound),
 # "mb_s" is row/base (>= bound), "speedup" is base/row per size and p50 row/base (>= bound).

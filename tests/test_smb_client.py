@@ -165,8 +165,13 @@ def smb_backend(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def _close_connections() -> None:
+    """This process's connections, and those of the redirector that relays its bridges'
+    and blocking callers' pipes (npipe.redirector)."""
+    import npipe.redirector
+
     for name in BACKENDS:
         get_client(name).close_connections()
+        npipe.redirector.close_connections(name)
 
 
 @pytest.fixture(scope="module")
@@ -668,7 +673,7 @@ _MANY_CHANNELS = r"""
 import gc, json, os, sys, threading, time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-import npipe.grpc, npipe.smb, npipe.unix_bridge
+import npipe.grpc, npipe.redirector, npipe.smb, npipe.unix_bridge
 from npipe.smb.credentials import Credentials
 
 port, user, password, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -684,7 +689,9 @@ for ch in channels:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 def report():
-    conns = [c for c in npipe.smb.get_client(backend).connections() if c.alive]
+    # (the channels' pipes are relayed by the user's redirector: its connections)
+    conns = [c for c in npipe.smb.get_client(backend).connections()
+             + npipe.redirector.connections(backend) if c.alive]
     return {
         "os_threads": len(os.listdir("/proc/self/task")),
         "threads": sorted(t.name for t in threading.enumerate()),
@@ -791,6 +798,10 @@ def test_hundred_channels_share_one_connection(
             assert len(busy["threads"]) <= 10
             assert busy["os_threads"] <= 30  # grpcio's own threads included
         assert idle == {**idle, "connections": [], "bridges": 0}
+        # The connection was the redirector's, which closes it once idle (0.5 s here).
+        deadline = time.monotonic() + 5
+        while smbd.established() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert smbd.established() == 0
         assert exit_took < 5
     finally:

@@ -98,4 +98,16 @@ def connections(backend: str | None = None) -> list[SmbConnectionInfo]:
     return client.connections(smb.backend_name(backend))
 
 
-__all__ = ["ENV_MODE", "MODES", "attach", "connections", "mode"]
+def close_connections(backend: str | None = None) -> None:
+    """Disconnect every SMB connection of this user's redirector now, pipes and all
+    (as ``npipe.smb.get_client(backend).close_connections()`` does in this process)."""
+    from npipe import smb
+
+    if mode() == "off":
+        return
+    from npipe.redirector import client
+
+    client.connections(smb.backend_name(backend), close=True)
+
+
+__all__ = ["ENV_MODE", "MODES", "attach", "close_connections", "connections", "mode"]

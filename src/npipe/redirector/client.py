@@ -26,6 +26,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,26 +139,32 @@ def connect(where: Paths | None = None) -> socket.socket:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):  # type: ignore[no-untyped-def]
+def _locked(path: Path) -> Iterator[int]:
+    """Hold the lock file ``path`` (made if missing). A redirector that exits removes it
+    while holding it: the file locked must still be the one at ``path``."""
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o600)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-            raise RedirectorUnavailable(f"{path} is not this user's lock file")
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RedirectorUnavailable(
-                        f"{path} stayed locked for {START_TIMEOUT:g} s") from None
-                time.sleep(0.02)
-        yield fd
-    finally:
-        os.close(fd)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        fd = os.open(path, flags, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise RedirectorUnavailable(f"{path} is not this user's lock file")
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RedirectorUnavailable(
+                            f"{path} stayed locked for {START_TIMEOUT:g} s") from None
+                    time.sleep(0.02)
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_ino == st.st_ino:
+                    yield fd
+                    return
+        finally:
+            os.close(fd)
 
 
 LOG_KEEP = 1 << 20  # a log file larger than this is started afresh
@@ -288,7 +295,7 @@ async def attach(
     return control
 
 
-async def _connections(backend: str) -> list[SmbConnectionInfo]:
+async def _connections(backend: str, op: str) -> list[SmbConnectionInfo]:
     loop = asyncio.get_running_loop()
     where = paths()
     control = await loop.run_in_executor(None, _connect_now, where)
@@ -296,16 +303,18 @@ async def _connections(backend: str) -> list[SmbConnectionInfo]:
         return []
     with control:
         control.setblocking(False)
-        await wire.send_frame(loop, control, protocol.encode_connections_request(backend))
+        await wire.send_frame(loop, control, protocol.encode_connections_request(backend, op))
         reply, _ = await asyncio.wait_for(wire.read_frame(loop, control), ANSWER_GRACE)
     if reply is None:
         raise ConnectionLost("the redirector ended the request without an answer")
     return protocol.decode_connections(reply)
 
 
-def connections(backend: str) -> list[SmbConnectionInfo]:
+def connections(backend: str, *, close: bool = False) -> list[SmbConnectionInfo]:
     """The SMB connections of this user's redirector (of ``backend``), if one runs; []
-    if none does. It is not started for this."""
+    if none does. It is not started for this. ``close``: close them first (pipes and
+    all), then say what is left."""
     from npipe import ioloop
 
-    return ioloop.run(_connections(backend), ANSWER_GRACE + 1)
+    op = "close_connections" if close else "connections"
+    return ioloop.run(_connections(backend, op), ANSWER_GRACE + 1)

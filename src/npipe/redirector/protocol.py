@@ -103,20 +103,25 @@ class AttachRequest:
 
 
 def operation(payload: bytes) -> str:
-    """What a request asks: ``attach`` or ``connections``."""
+    """What a request asks: ``attach``, ``connections`` or ``close_connections``."""
     body = _object(payload)
-    if body.get("v") != VERSION or body.get("op") not in ("attach", "connections"):
+    if body.get("v") != VERSION or body.get("op") not in OPERATIONS:
         raise RedirectorProtocolError(
             f"not a version {VERSION} request: v={body.get('v')!r}, op={body.get('op')!r}")
     return str(body["op"])
 
 
-def encode_connections_request(backend: str) -> bytes:
-    return frame(json.dumps({"v": VERSION, "op": "connections", "backend": backend}).encode())
+OPERATIONS = ("attach", "connections", "close_connections")
+
+
+def encode_connections_request(backend: str, op: str = "connections") -> bytes:
+    """Ask for the connections of ``backend`` (or, op ``close_connections``, to close
+    them: as ``npipe.smb.PipeClient.close_connections`` does, pipes and all)."""
+    return frame(json.dumps({"v": VERSION, "op": op, "backend": backend}).encode())
 
 
 def decode_connections_request(payload: bytes) -> str:
-    """The backend whose connections are asked for."""
+    """The backend whose connections are asked for (or to be closed)."""
     try:
         return _str(_object(payload)["backend"])
     except (KeyError, TypeError) as e:

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from npipe import ioloop, smb
@@ -44,7 +45,8 @@ class Redirector:
         self.path = path
         self.listener = listener
         self.inode = os.stat(path).st_ino
-        self.relays: dict[socket.socket, socket.socket | None] = {}  # relayed -> tie
+        # relayed socket -> what closes its tie to the asking process (if tied)
+        self.relays: dict[socket.socket, Callable[[], None] | None] = {}
         self.pending = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_used = time.monotonic()
@@ -130,11 +132,13 @@ class Redirector:
                 await wire.send_frame(loop, conn, protocol.encode_reply(exc))
             conn.close()
             return
-        if op == "connections":
+        if op in ("connections", "close_connections"):
             if fd is not None:
                 os.close(fd)
-            backend = protocol.decode_connections_request(payload)
-            infos = smb.get_client(backend).connections()
+            client = smb.get_client(protocol.decode_connections_request(payload))
+            if op == "close_connections":
+                client.close_connections()
+            infos = client.connections()
             await wire.send_frame(loop, conn, protocol.encode_connections(infos))
             conn.close()
             return
@@ -168,8 +172,8 @@ class Redirector:
             _shut(relayed)
             return
         if request.tied:
-            self.relays[relayed] = conn
-            wire.close_when_ended(loop, conn, then=lambda: _shut(relayed))
+            self.relays[relayed] = wire.close_when_ended(loop, conn,
+                                                         then=lambda: _shut(relayed))
         else:
             self.relays[relayed] = None
             conn.close()
@@ -178,12 +182,12 @@ class Redirector:
         interval = min(SWEEP, max(ioloop.sweep_interval(), 0.05))
         while True:
             await asyncio.sleep(interval)
-            for relayed, tie in list(self.relays.items()):
+            for relayed, close_tie in list(self.relays.items()):
                 if relayed.fileno() < 0:  # the relay closed it: ended
                     del self.relays[relayed]
                     self.last_used = time.monotonic()
-                    if tie is not None and tie.fileno() >= 0:
-                        tie.close()  # (its reader goes with it: see wire.close_when_ended)
+                    if close_tie is not None:
+                        close_tie()
             if self.relays or self.pending:
                 self.last_used = time.monotonic()
             elif time.monotonic() - self.last_used >= ioloop.idle_timeout() and self._retire():
@@ -205,6 +209,11 @@ class Redirector:
                     return False
             log.info("idle for %g s: exiting", ioloop.idle_timeout())
             self._unlisten()
+            # Under the lock: a process that starts the next one checks, once it holds
+            # the lock, that the file it locked is still there (client._locked).
+            for leftover in (lock, Path(os.fspath(self.path) + ".log")):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
             self._stop()
             return True
         finally:
@@ -232,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, type=Path)
     parser.add_argument("--ready-fd", type=int, default=-1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s npipe-redirector[%(process)d] %(levelname)s "
                                "%(name)s: %(message)s")
+    logging.getLogger("npipe").setLevel(logging.DEBUG if os.environ.get(
+        "NPIPE_REDIRECTOR_DEBUG") else logging.INFO)
     # Fork first: the process that started this one reaps the parent at once, and the
     # redirector is nobody's child (no zombie in an application that never waits). And
     # before listening: SO_PEERCRED names the process that called listen().

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 
 from npipe.redirector import protocol
 
@@ -90,9 +91,21 @@ async def wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) ->
 
 
 def close_when_ended(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                     then: object = None) -> None:
-    """Close ``sock`` (on ``loop``) once its peer ends it; call ``then()`` first if given.
-    Nothing is expected on it: anything that comes is dropped."""
+                     then: Callable[[], None] | None = None) -> Callable[[], None]:
+    """Close ``sock`` (on ``loop``) once its peer ends it, calling ``then()`` first.
+    Nothing is expected on it: anything that comes is dropped. Returns the function
+    that closes it sooner (on ``loop``; never ``sock.close()`` alone: the loop would
+    keep watching a descriptor number that the next socket may get)."""
+    fd = sock.fileno()
+
+    def close() -> None:
+        if sock.fileno() < 0:
+            return
+        loop.remove_reader(fd)
+        if then is not None:
+            with contextlib.suppress(Exception):
+                then()
+        sock.close()
 
     def readable() -> None:
         try:
@@ -102,11 +115,8 @@ def close_when_ended(loop: asyncio.AbstractEventLoop, sock: socket.socket,
             return
         except OSError:
             pass
-        loop.remove_reader(sock.fileno())
-        if callable(then):
-            with contextlib.suppress(Exception):
-                then()
-        sock.close()
+        close()
 
     sock.setblocking(False)
-    loop.add_reader(sock.fileno(), readable)
+    loop.add_reader(fd, readable)
+    return close
