@@ -56,17 +56,22 @@ def _native_link_info(link: Any) -> dict[str, Any]:
 def _native_info(want: str | None = None) -> dict[str, Any]:
     """What this process's (only) native SMB connection negotiated. Reads the backend's
     registry of shared connections, which is private: informational only. Relayed by
-    the user's redirector (npipe.redirector), the connection is the redirector's: the
-    one with the protection ``want``ed (the other clients' may be there too)."""
+    the user's redirector (npipe.redirector), the connection is the redirector's."""
     from npipe.smb.native import client as native
 
     with contextlib.suppress(Exception):
         for registry in list(native._registries.values()):
             for connection in registry.connections():
                 return _native_link_info(connection)
+    return _redirector_info("native", want)
+
+
+def _redirector_info(backend: str, want: str | None) -> dict[str, Any]:
+    """What the redirector's connection of ``backend`` negotiated: the one with the
+    protection ``want``ed, if there is one (the other clients' may be there too)."""
     import npipe.redirector
 
-    infos = [i for i in npipe.redirector.connections("native") if i.alive]
+    infos = [i for i in npipe.redirector.connections(backend) if i.alive]
     for info in sorted(infos, key=lambda i: security(i.signed, i.encrypted, None) != want):
         return {"dialect": info.dialect, "security": security(info.signed, info.encrypted,
                                                               None) + " (by the redirector)"}
@@ -84,7 +89,7 @@ def _smbprotocol_backend_info() -> dict[str, Any]:
         link = backend._registry.connections()[0]
         out["security"] = security(info.signed, info.encrypted,
                                     smbprotocol_algorithm(link.conn, info.encrypted))
-    return out
+    return out or _redirector_info("smbprotocol", "encrypted")
 
 
 def _tls_probe(target: str, ca_pem: str) -> str:

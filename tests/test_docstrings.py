@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api"
 # As scripts/apidocs documents them.
 MODULES = ["npipe", "npipe.grpc", "npipe.http", "npipe.bridges", "npipe.connection",
-           "npipe.blocking", "npipe.extras"]
+           "npipe.redirector", "npipe.blocking", "npipe.extras"]
 
 
 def _pdoc() -> Any:

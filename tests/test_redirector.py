@@ -288,7 +288,7 @@ def test_without_a_redirector_the_relay_runs_here(private_dir: Path,
     assert len(said) == 1 and "longer than a Unix socket address holds" in said[0] \
         and "relaying remote pipes in this process instead" in said[0], said
     monkeypatch.setenv(npipe.redirector.ENV_MODE, "required")
-    with pytest.raises(rclient.RedirectorUnavailable, match="longer than"):
+    with pytest.raises(npipe.redirector.RedirectorUnavailable, match="longer than"):
         attach()
 
 

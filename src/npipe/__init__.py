@@ -26,6 +26,7 @@ from npipe.errors import (
     PipeBusy,
     PipeInUse,
     PipeNotFound,
+    RedirectorUnavailable,
     UnsupportedPlatform,
 )
 from npipe.identity import Caller
@@ -74,6 +75,7 @@ __all__ = [
     "PipeServer",
     "PipeSocket",
     "PipeSocketServer",
+    "RedirectorUnavailable",
     "UnsupportedPlatform",
     "caller",
     "connect",

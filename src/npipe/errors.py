@@ -60,6 +60,10 @@ class MessageTooLarge(NpipeError, OSError):
     dropped (the stdlib's ``OSError("bad message length")``); the connection goes on."""
 
 
+class RedirectorUnavailable(NpipeError):
+    """The user's redirector (npipe.redirector) could not be started or reached."""
+
+
 def says_exiting(exc: BaseException) -> bool:
     """Whether ``exc`` says only that the interpreter is exiting: its thread pools refuse
     new work ("cannot schedule new futures after [interpreter] shutdown"), which a

@@ -27,7 +27,7 @@ import socket
 import sys
 
 from npipe.address import PipeAddress
-from npipe.errors import ConfigError
+from npipe.errors import ConfigError, RedirectorUnavailable
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 
@@ -70,7 +70,7 @@ async def attach(
                 name, address, sock, credentials=credentials, timeout=timeout,
                 encrypt=encrypt, allow_smb2=allow_smb2, close_on_failure=close_on_failure,
                 initial=initial, missing_grace=missing_grace, tied=tied)
-        except client.RedirectorUnavailable as e:
+        except RedirectorUnavailable as e:
             if chosen == "required":
                 raise
             global _warned
@@ -110,4 +110,5 @@ def close_connections(backend: str | None = None) -> None:
     client.connections(smb.backend_name(backend), close=True)
 
 
-__all__ = ["ENV_MODE", "MODES", "attach", "close_connections", "connections", "mode"]
+__all__ = ["ENV_MODE", "MODES", "RedirectorUnavailable", "attach", "close_connections",
+           "connections", "mode"]

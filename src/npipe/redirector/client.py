@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npipe.address import MAX_UNIX_PATH_BYTES, PipeAddress
-from npipe.errors import ConnectionLost, NpipeError
+from npipe.errors import ConnectionLost, RedirectorUnavailable
 from npipe.local.paths import ensure_pipe_dir, pipe_dir
 from npipe.local.peercred import peer_credentials
 from npipe.local.sockets import close_gently
@@ -55,10 +55,6 @@ ANSWER_GRACE = 5.0
 SECRET_ENV = (ENV_USER, ENV_PASSWORD, ENV_DOMAIN, ENV_AUTH_PROTOCOL, "NPIPE_SERVICE_PASSWORD")
 # Environment that changes how SMB behaves: part of the key.
 _SHAPING_ENV = ("KRB5", "NPIPE_SMB_")
-
-
-class RedirectorUnavailable(NpipeError):
-    """The user's redirector could not be started or reached."""
 
 
 @dataclass(frozen=True)
