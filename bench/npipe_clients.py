@@ -66,6 +66,15 @@ def _native_info(want: str | None = None) -> dict[str, Any]:
     return _redirector_info("native", want)
 
 
+def _redirector_connections(backend: str, want: str | None) -> list[Any]:
+    """The redirector's live connections of ``backend`` with the protection ``want``ed:
+    this client's (the redirector serves the other client processes too)."""
+    import npipe.redirector
+
+    return [i for i in npipe.redirector.connections(backend) if i.alive
+            and (want is None or security(i.signed, i.encrypted, None) == want)]
+
+
 def _redirector_info(backend: str, want: str | None) -> dict[str, Any]:
     """What the redirector's connection of ``backend`` negotiated: the one with the
     protection ``want``ed, if there is one (the other clients' may be there too)."""
@@ -233,10 +242,10 @@ class GrpcClient(BenchClient):
                "seconds": round(elapsed, 4), "calls_s": round(each * callers / elapsed, 1),
                "errors": len(errors), "error_kinds": dict(collections.Counter(errors))}
         if self.kind.startswith("grpc-smb"):
-            import npipe.redirector
             from npipe.smb import get_client
 
-            conns = get_client("native").connections() or npipe.redirector.connections("native")
+            conns = get_client("native").connections() or _redirector_connections(
+                "native", TRANSPORTS[self.kind].security)
             out |= {"smb_connections": len(conns), "pipes": sum(c.pipes for c in conns)}
         return out
 
@@ -385,8 +394,10 @@ class ConcurrencyClient(LoopClient):
             return {"channels": len(self.channels)}
         from npipe.smb import get_client
 
-        conns = get_client("native").connections()
-        return {**_native_info(), "channels": len(self.channels), "smb_connections": len(conns),
+        conns = get_client("native").connections() or _redirector_connections(
+            "native", "encrypted")
+        return {**_native_info("encrypted"), "channels": len(self.channels),
+                "smb_connections": len(conns),
                 "pipes": sum(c.pipes for c in conns)}
 
     def lat(self, n: int) -> list[float]:

@@ -79,7 +79,7 @@ def test_cross_host_bench_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = json.loads(out.read_text())
     assert set(raw["summary"]) == set(raw["negotiated"]), raw["negotiated"]
-    assert len(raw["summary"]) == 19, sorted(raw["summary"])
+    assert len(raw["summary"]) == 20, sorted(raw["summary"])
     neg = raw["negotiated"]
     for name in ("grpc-smb-unsigned", "npipe-unsigned", "smb2-echo-unsigned",
                  "minimal-unsigned"):
@@ -141,12 +141,12 @@ def _check_cross_grpc_table(stdout: str, summary: dict[str, Any]) -> None:
         match = CROSS_GRPC_ALSO.fullmatch(line)
         assert match and rows, f"not a row of the gRPC table: {line!r}"
         also[list(rows)[-1]] = match
-    assert list(rows) == ["grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-signed",
-                          "grpc-smb-unsigned", "grpc-smbprotocol"], stdout
+    assert list(rows) == ["grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-inproc",
+                          "grpc-smb-signed", "grpc-smb-unsigned", "grpc-smbprotocol"], stdout
     assert rows["grpc-tcp"]["vs"] is None
     assert all(rows[t]["vs"] == "grpc-tcp" for t in list(rows)[1:]), stdout
     # Like with like: the encrypted pipes against TLS too, the others against TCP only.
-    assert set(also) == {"grpc-smb", "grpc-smbprotocol"}, stdout
+    assert set(also) == {"grpc-smb", "grpc-smb-inproc", "grpc-smbprotocol"}, stdout
     for name, match in also.items():
         row = summary[name]
         assert match["p50_r"] == f"{row['also_p50_ratio']:.2f}", match.string
@@ -175,7 +175,7 @@ def _check_threads_table(stdout: str, threads: dict[str, Any]) -> None:
         match = THREADS_ROW.fullmatch(line)
         assert match, f"not a row of the threads table: {line!r}"
         rows[match["channels"], match["callers"], match["name"]] = match
-    names = ["grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-signed"]
+    names = ["grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-inproc", "grpc-smb-signed"]
     assert list(rows) == [(ch, n, t) for ch in ("1", "8") for n in ("1", "8", "32")
                           for t in names], stdout
     summary = threads["summary"]
@@ -187,7 +187,7 @@ def _check_threads_table(stdout: str, threads: dict[str, Any]) -> None:
         if row["tcp"] is not None:
             tcp = summary["grpc-tcp"][f"{ch}x{n}"]["calls_s"]
             assert row["tcp"] == f"{cell['calls_s'] / tcp:.2f}", row.string
-    for t in ("grpc-smb", "grpc-smb-signed"):
+    for t in ("grpc-smb", "grpc-smb-inproc", "grpc-smb-signed"):
         for n in ("1", "8", "32"):
             last = threads["raw"][t][f"8x{n}"][-1]
             assert (last["smb_connections"], last["pipes"]) == (1, 8), last

@@ -110,5 +110,4 @@ def close_connections(backend: str | None = None) -> None:
     client.connections(smb.backend_name(backend), close=True)
 
 
-__all__ = ["ENV_MODE", "MODES", "RedirectorUnavailable", "attach", "close_connections",
-           "connections", "mode"]
+__all__ = ["RedirectorUnavailable", "attach", "close_connections", "connections", "mode"]

@@ -149,6 +149,7 @@ class SmbConnection(asyncio.Protocol):
         self.pipe_wait = True  # until the server says it has no FSCTL_PIPE_WAIT (Samba)
         self.transceive_ok = True  # until the server refuses FSCTL_PIPE_TRANSCEIVE
         self.retired = False
+        self.stuck = False  # a pipe's CLOSE went unanswered: end with a reset, not LOGOFF
         self.abandoned_reads = 0
         self._waiting: dict[int, Callback] = {}
         self._async_ids: dict[int, int] = {}
@@ -374,17 +375,23 @@ class SmbConnection(asyncio.Protocol):
             pipe.link_lost(error)
 
     async def close(self) -> None:
-        """LOGOFF and disconnect (pipes still open on it end with ConnectionLost)."""
+        """LOGOFF and disconnect (pipes still open on it end with ConnectionLost). A
+        connection with a stuck pipe is reset instead: Samba answers no LOGOFF then, and
+        lets go of the pipe (its server's end) only when the connection breaks off."""
         if not self.alive:
             return
         self.closed = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.request(wire.LOGOFF, wire.small_request(), tree=False),
-                                   2.0)
+        if not self.stuck:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.request(wire.LOGOFF, wire.small_request(), tree=False), 2.0)
         if self.error is None:
             self.error = ConnectionLost(f"the SMB connection to {self.where} was closed")
         assert self.transport is not None
-        self.transport.close()
+        if self.stuck:
+            self.transport.abort()
+        else:
+            self.transport.close()
         self._fail_all()
 
     def retire(self, why: str) -> None:
