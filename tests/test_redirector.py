@@ -160,6 +160,7 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode(errors="replace").partition("=")[::2] for item in raw if item)
 
 
+@pytest.mark.linux_only("reads the redirector's environment and parent from /proc")
 def test_the_first_use_starts_it_and_others_share_it(private_dir: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NPIPE_USER", "someone")
@@ -191,6 +192,7 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
+@pytest.mark.linux_only("reads the redirector's state from /proc")
 def test_it_exits_when_idle(private_dir: Path) -> None:
     with rclient.connect():
         pass
