@@ -22,12 +22,22 @@ def _wake(ready: asyncio.Future[None]) -> None:
 
 
 async def wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _wait(loop, sock, writable=False)
+
+
+async def wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _wait(loop, sock, writable=True)
+
+
+async def _wait(loop: asyncio.AbstractEventLoop, sock: socket.socket, *,
+                writable: bool) -> None:
+    fd = sock.fileno()
     ready = loop.create_future()
-    loop.add_reader(sock.fileno(), _wake, ready)
+    (loop.add_writer if writable else loop.add_reader)(fd, _wake, ready)
     try:
         await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        (loop.remove_writer if writable else loop.remove_reader)(fd)
 
 
 async def read_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket, *,
@@ -79,15 +89,6 @@ async def send_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket, data:
         data = data[sent:]
     if data:
         await loop.sock_sendall(sock, data)
-
-
-async def wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready = loop.create_future()
-    loop.add_writer(sock.fileno(), _wake, ready)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(sock.fileno())
 
 
 def close_when_ended(loop: asyncio.AbstractEventLoop, sock: socket.socket,
