@@ -155,6 +155,23 @@ def test_request_bodies_match_smbprotocol_byte_for_byte(command: int, ours: byte
     assert len(ours) >= fixed and (expected & 1 or len(ours) == fixed)
 
 
+def test_each_connection_has_its_own_client_guid() -> None:
+    """A fresh ClientGuid per connection (per core), even with one Options: Samba gives
+    a connection with a ClientGuid it knows to the smbd process that already serves it,
+    so resetting one connection would not end that process nor a pipe it holds
+    (test_connection_cross_host's vanished client). An explicit one is kept."""
+    def guid(core: Smb2Client) -> bytes:
+        theirs = SMB3NegotiateRequest()
+        theirs.unpack(_unframe(core.negotiate().parts)[64:])
+        return uuid.UUID(str(theirs["client_guid"].get_value())).bytes
+
+    shared = Options()
+    a, b = Smb2Client(shared), Smb2Client(shared)
+    assert guid(a) == a.client_guid != b.client_guid == guid(b)
+    fixed = uuid.UUID(int=7).bytes
+    assert guid(Smb2Client(Options(client_guid=fixed))) == fixed
+
+
 def test_negotiate_and_cancel_structure_sizes() -> None:
     negotiate = _unframe(Smb2Client(Options(client_guid=uuid.UUID(int=7).bytes))
                          .negotiate().parts)[64:]

@@ -389,6 +389,7 @@ class SmbConnection(asyncio.Protocol):
             self.error = ConnectionLost(f"the SMB connection to {self.where} was closed")
         assert self.transport is not None
         if self.stuck:
+            log.info("resetting SMB connection to %s (a pipe on it was stuck)", self.where)
             self.transport.abort()
         else:
             self.transport.close()
@@ -400,6 +401,9 @@ class SmbConnection(asyncio.Protocol):
             return
         self.retired = True
         log.info("retiring SMB connection to %s: %s", self.where, why)
+        if len(self.pipes) > 1:
+            log.debug("SMB connection to %s: disconnects once these are closed: %s",
+                      self.where, ", ".join(sorted(p.name for p in self.pipes)))
         self.release()
 
     def abandoned(self, count: int) -> None:

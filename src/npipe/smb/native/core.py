@@ -12,7 +12,7 @@ One connection carries one session (npipe opens one connection per host and iden
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from npipe.errors import NegotiationTampered
 from npipe.smb.native import wire
@@ -55,7 +55,12 @@ class Options:
     # Sign every message once a session exists. Only benchmarks turn this off (and only
     # a server that does not require signing on SMB 2.x then goes along).
     sign: bool = True
-    client_guid: bytes = field(default_factory=lambda: os.urandom(16))
+    # None: a fresh one for every connection. Samba hands a new connection with a
+    # ClientGuid it knows to the smbd process that serves that client already (for
+    # multichannel), so a connection reset to make smbd let go of a stuck pipe would
+    # not end that process, nor the pipe. npipe does no multichannel: one client per
+    # connection, as separate processes were.
+    client_guid: bytes | None = None
     # Seconds after which a server that has sent nothing, while requests wait on it, is
     # taken for dead: every pipe on the connection then fails with ConnectionLost. An
     # SMB ECHO goes out halfway through such a silence, and TCP keepalive (the same
@@ -99,6 +104,7 @@ class Smb2Client:
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
+        self.client_guid = self.options.client_guid or os.urandom(16)
         self.framer = wire.Framer()
         self.negotiated: Negotiated | None = None
         self.next_message_id = 0
@@ -138,7 +144,7 @@ class Smb2Client:
     def negotiate(self) -> Outgoing:
         opts = self.options
         body = negotiate_request(
-            client_guid=opts.client_guid,
+            client_guid=self.client_guid,
             dialects=opts.dialects,
             signing_required=opts.sign,
             ciphers=opts.ciphers,
@@ -236,7 +242,7 @@ class Smb2Client:
         capabilities, security_mode, dialects = self._offered
         info = validate_negotiate_input(
             capabilities=capabilities,
-            client_guid=self.options.client_guid,
+            client_guid=self.client_guid,
             security_mode=security_mode,
             dialects=dialects,
         )

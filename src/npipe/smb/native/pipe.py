@@ -491,16 +491,15 @@ class RemotePipe(asyncio.Transport):
         self._writes.clear()
         self._queued = 0
         self._give_up_writes()
-        waited_for_close = self._close_sent
         self._send_close()
-        if waited_for_close and self._close_id is not None:
-            # Samba answers the CLOSE only after the TRANSCEIVE it holds, and keeps the
-            # pipe (its server's connection: the server never learns its client went)
-            # until the SMB connection ends. A process that exits ends it; a shared,
-            # long-lived one (the redirector's) must end it too, once its pipes are done.
-            self.link.stuck = True
-            self.link.retire(f"pipe {self.name}: its CLOSE was not answered, so the "
-                             "server keeps it open until this connection ends")
+        # Something of this pipe never finished (a TRANSCEIVE its server does not answer,
+        # WRITEs it does not take, so a CLOSE behind them): Samba keeps the pipe, and its
+        # server's end, until the SMB connection ends. A process that exits ends it; a
+        # shared, long-lived one (the redirector's) must end it too, once its other
+        # pipes are done, with a reset (Samba answers no LOGOFF then either).
+        self.link.stuck = True
+        self.link.retire(f"pipe {self.name} did not close in time, so the server "
+                         "keeps it open until this connection ends")
         self._finish(None)
 
     def _give_up_writes(self) -> None:
