@@ -104,6 +104,37 @@ def test_cross_host_bench_quick(tmp_path: Path) -> None:
     _check_threads_table(proc.stdout, raw["threads"])
 
 
+HOPS_ROW = re.compile(
+    r"(?P<name>grpc-\S+) +(?P<p50>\d+)" + r" +(?P<cpu>\d+)" * 6)
+
+
+@pytest.mark.timeout(240)
+def test_hops_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
+    """hops.py (CPU per call by process) runs its four clients and prints a row of
+    numbers for each: the redirector's column has CPU for grpc-smb only, the TCP
+    clients spend none in smbd. Not a performance check."""
+    require_root_and_samba()
+    out = tmp_path / "hops.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "hops.py"), "--rounds", "1", "--calls", "400",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {m["name"]: m for line in proc.stdout.splitlines()
+            if (m := HOPS_ROW.fullmatch(line.rstrip()))}
+    assert list(rows) == ["grpc-tcp", "grpc-tls", "grpc-smb", "grpc-smb-inproc"], proc.stdout
+    cpu = {name: rounds[0]["cpu_us"] for name, rounds in
+           json.loads(out.read_text())["results"].items()}
+    assert all(c["client"] > 0 and c["server"] > 0 for c in cpu.values()), cpu
+    # (utime and stime are sampled at each clock tick: a process that woke once may be
+    # charged a tick, so "none" is "less than half of the one that does the work")
+    relayed = cpu["grpc-smb"]["redirector"]
+    assert relayed > 0 and all(cpu[t]["redirector"] < relayed / 2 for t in cpu
+                               if t != "grpc-smb"), cpu
+    smbd = min(cpu["grpc-smb"]["smbd"], cpu["grpc-smb-inproc"]["smbd"])
+    assert smbd > 0 and all(cpu[t]["smbd"] < smbd / 2 for t in ("grpc-tcp", "grpc-tls")), cpu
+
+
 # cross_host.py's gRPC table: a row per transport, its ratios to grpc-tcp; the encrypted
 # pipes' rows are followed by a line of their ratios to grpc-tls.
 CROSS_GRPC_ROW = re.compile(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from npipe.smb import BACKENDS, ENV_BACKEND
-from npipe.testing.netns import SmbSite, require_root_and_samba, run_in, smb_site
+from npipe.testing.netns import SmbSite, require_root_and_samba, run_in, samba_version, smb_site
 
 APPS = Path(__file__).resolve().parent / "cross_host"
 ALICE, BOB, PASSWORD = "npm-alice", "npm-bob", "Pipe-Passw0rd!"
@@ -47,11 +47,11 @@ def server(site: SmbSite, name: str, mode: str, max_message: int = 1000,
 
 
 def client(site: SmbSite, scenario: str, name: str, mode: str,
-           user: str = ALICE, *, check: bool = True) -> dict[str, Any]:
+           user: str = ALICE, *, check: bool = True, **env_extra: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("NPIPE_USER", "NPIPE_PASSWORD", "NPIPE_DOMAIN")}
     env.update(NPIPE_USER=user, NPIPE_PASSWORD=PASSWORD,
-               KRB5CCNAME=f"FILE:{site.workdir}/no-such-ccache")
+               KRB5CCNAME=f"FILE:{site.workdir}/no-such-ccache", **env_extra)
     done = run_in(site.hosts.client_ns,
                   [sys.executable, str(APPS / "connection_app.py"), scenario,
                    site.address(name), mode],
@@ -161,16 +161,30 @@ def test_a_server_that_vanishes(site: SmbSite, mode: str) -> None:
     assert r["seconds"] < 30, r
 
 
-def test_a_client_that_vanishes_mid_message(site: SmbSite) -> None:
-    with server(site, "cvmid", "byte", max_message=2 << 20):
-        client(site, "vanish_mid_send", "cvmid", "byte", check=False)
+@pytest.mark.parametrize("redirector", ["off", "shared"])
+def test_a_client_that_vanishes_mid_message(site: SmbSite, redirector: str,
+                                            request: pytest.FixtureRequest) -> None:
+    """The server learns that its client went in the middle of a message. With the
+    redirector the SMB connection outlives the client; the client's last handshake
+    message may have gone as a TRANSCEIVE that the server never answers, so the pipe's
+    CLOSE waits behind it and the connection is reset instead. Samba 4.17 lets go of
+    the pipe then; 4.22 keeps it until the server writes (tests/test_pipe_close.py), so
+    there the server may never learn: an expected failure, not a pass."""
+    if redirector == "shared" and samba_version() >= (4, 18):
+        request.applymarker(pytest.mark.xfail(
+            reason="Samba 4.22 keeps a pipe whose TRANSCEIVE waits, even after its "
+                   "connection ends", strict=False))
+    name = f"cvmid{redirector[:2]}"
+    with server(site, name, "byte", max_message=2 << 20):
+        client(site, "vanish_mid_send", name, "byte", check=False,
+               NPIPE_REDIRECTOR=redirector)
         # The server learns of the end only once smbd has seen the client's TCP close and
         # closed its np/ connection: a first look can come before that (seen on Debian 13).
         # Each look is a connection of its own, whose end is an event too: look on until
         # the one awaited is there.
         deadline = time.monotonic() + 20
         while True:
-            r = client(site, "events_now", "cvmid", "byte")
+            r = client(site, "events_now", name, "byte")
             if any("middle of a message" in e for e in r["events"]) \
                     or time.monotonic() > deadline:
                 break

@@ -52,6 +52,18 @@ def tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=_SBIN_PATH)
 
 
+def samba_version() -> tuple[int, int]:
+    """(major, minor) of the installed smbd (``smbd -V``: "Version 4.22.11-Debian")."""
+    import re
+
+    out = subprocess.run([tool("smbd") or "smbd", "-V"], capture_output=True, text=True,
+                         check=True).stdout
+    found = re.search(r"Version (\d+)\.(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"no version in smbd -V: {out!r}")
+    return int(found[1]), int(found[2])
+
+
 def missing_prerequisites(*more_tools: str) -> str | None:
     """Why the two hosts and smbd cannot run here (not root; Samba, iproute2 or
     ``more_tools`` missing, with the Debian packages that bring them), or None."""
