@@ -334,17 +334,15 @@ def _open_remote(
     addr: PipeAddress, timeout: float, *, credentials: Credentials | None,
     encrypt: bool | None, smb_backend: str | None, allow_smb2: bool,
 ) -> socket.socket:
-    from npipe import redirector, smb
+    from npipe import redirector
     from npipe.smb.credentials import Credentials
 
-    backend = smb.backend_name(smb_backend)
-    smb.get_client(backend)  # (an unknown backend or a missing package fails here)
     creds = credentials if credentials is not None else Credentials.resolve()
     ours, theirs = socket.socketpair()  # (AF_UNIX; on Windows, loopback TCP)
     try:
         # attach() owns ``theirs`` from here: it closes it if the open fails.
         _run_bounded(
-            redirector.attach(backend, addr, theirs, credentials=creds, timeout=timeout,
+            redirector.attach(smb_backend, addr, theirs, credentials=creds, timeout=timeout,
                               encrypt=encrypt, allow_smb2=allow_smb2),
             timeout, addr,
         )

@@ -244,18 +244,16 @@ class PipeBackend(httpcore.NetworkBackend):
         return sock
 
     def _open_remote(self, timeout: float) -> socket.socket:
-        from npipe import ioloop, redirector, smb
+        from npipe import ioloop, redirector
         from npipe.smb.credentials import Credentials
 
         opts = self.options
-        backend = smb.backend_name(opts.smb_backend)
-        smb.get_client(backend)  # (an unknown backend or a missing package fails here)
         creds = opts.credentials if opts.credentials is not None else Credentials.resolve()
         ours, theirs = _socketpair()
         try:
             # attach() owns ``theirs`` from here: it closes it if the open fails.
             ioloop.run(
-                redirector.attach(backend, opts.address, theirs, credentials=creds,
+                redirector.attach(opts.smb_backend, opts.address, theirs, credentials=creds,
                                   timeout=timeout, encrypt=opts.encrypt,
                                   allow_smb2=opts.allow_smb2),
                 timeout + _DEADLINE_GRACE,

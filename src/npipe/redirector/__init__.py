@@ -28,6 +28,7 @@ import sys
 
 from npipe.address import PipeAddress
 from npipe.errors import ConfigError, RedirectorUnavailable
+from npipe.local.sockets import close_gently
 from npipe.smb.credentials import Credentials
 from npipe.smb.info import SmbConnectionInfo
 
@@ -60,8 +61,14 @@ async def attach(
     the redirector relays it (see :func:`npipe.redirector.client.attach`)."""
     from npipe import smb
 
-    name = smb.backend_name(backend)
-    chosen = mode()
+    try:  # (an unknown backend, a missing package or a bad mode fails here, at once)
+        name = smb.backend_name(backend)
+        here = smb.get_client(name)
+        chosen = mode()
+    except BaseException:
+        if close_on_failure:
+            close_gently(sock)
+        raise
     if chosen != "off":
         from npipe.redirector import client
 
@@ -77,7 +84,7 @@ async def attach(
             if not _warned:
                 _warned = True
                 log.warning("%s; relaying remote pipes in this process instead", e)
-    await smb.get_client(name).attach(
+    await here.attach(
         address, sock, credentials=credentials, timeout=timeout, encrypt=encrypt,
         allow_smb2=allow_smb2, close_on_failure=close_on_failure, initial=initial,
         missing_grace=missing_grace)

@@ -89,7 +89,13 @@ def paths(directory: Path | None = None) -> Paths:
         raise RedirectorUnavailable(
             f"the redirector's socket path {sock} is longer than a Unix socket address "
             f"holds ({MAX_UNIX_PATH_BYTES} bytes): set NPIPE_PIPE_DIR to a shorter directory")
-    return Paths(sock, base / (name + ".lock"), base / (name + ".log"))
+    return beside(sock)
+
+
+def beside(sock: Path) -> Paths:
+    """The redirector's files named after its socket (the redirector removes them by
+    these names when it exits)."""
+    return Paths(sock, sock.with_name(sock.name + ".lock"), sock.with_name(sock.name + ".log"))
 
 
 def _connect_now(where: Paths) -> socket.socket | None:

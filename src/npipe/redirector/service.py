@@ -31,7 +31,7 @@ from pathlib import Path
 
 from npipe import ioloop, smb
 from npipe.local.peercred import peer_credentials
-from npipe.redirector import protocol, wire
+from npipe.redirector import client, protocol, wire
 
 log = logging.getLogger("npipe.redirector")
 
@@ -125,12 +125,8 @@ class Redirector:
         try:
             op = protocol.operation(payload)
         except protocol.RedirectorProtocolError as exc:
-            if fd is not None:
-                os.close(fd)
             log.warning("pid %d: %s", pid, exc)
-            with contextlib.suppress(OSError):
-                await wire.send_frame(loop, conn, protocol.encode_reply(exc))
-            conn.close()
+            await _answer_failure(conn, exc, fd)
             return
         if op in ("connections", "close_connections"):
             if fd is not None:
@@ -156,14 +152,10 @@ class Redirector:
                 allow_smb2=request.allow_smb2, close_on_failure=False,
                 initial=request.initial, missing_grace=request.missing_grace)
         except Exception as exc:
-            if fd is not None:
-                os.close(fd)
             if relayed is not None:
                 relayed.close()  # this descriptor only: the asking process answers on it
             log.debug("pid %d: %s: %s", pid, type(exc).__name__, exc)
-            with contextlib.suppress(OSError):
-                await wire.send_frame(loop, conn, protocol.encode_reply(exc))
-            conn.close()
+            await _answer_failure(conn, exc, fd)
             return
         try:
             await wire.send_frame(loop, conn, protocol.encode_reply(None))
@@ -196,7 +188,8 @@ class Redirector:
     def _retire(self) -> bool:
         """Stop listening, unless a process is starting a redirector right now (then
         it may be about to use this one: look again later)."""
-        lock = Path(os.fspath(self.path) + ".lock")
+        files = client.beside(self.path)
+        lock = files.lock
         try:
             fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -211,7 +204,7 @@ class Redirector:
             self._unlisten()
             # Under the lock: a process that starts the next one checks, once it holds
             # the lock, that the file it locked is still there (client._locked).
-            for leftover in (lock, Path(os.fspath(self.path) + ".log")):
+            for leftover in (files.lock, files.log):
                 with contextlib.suppress(OSError):
                     os.unlink(leftover)
             self._stop()
@@ -227,6 +220,16 @@ class Redirector:
             if os.lstat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
         self.listener.close()
+
+
+async def _answer_failure(conn: socket.socket, failure: BaseException, fd: int | None) -> None:
+    """Tell the asking process what failed (if it still listens), close the descriptor
+    it sent (if not yet a socket here) and the connection."""
+    if fd is not None:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        await wire.send_frame(asyncio.get_running_loop(), conn, protocol.encode_reply(failure))
+    conn.close()
 
 
 def _shut(relayed: socket.socket) -> None:
