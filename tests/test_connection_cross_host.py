@@ -162,18 +162,13 @@ def test_a_server_that_vanishes(site: SmbSite, mode: str) -> None:
 
 
 @pytest.mark.parametrize("redirector", ["off", "shared"])
-def test_a_client_that_vanishes_mid_message(site: SmbSite, redirector: str,
-                                            request: pytest.FixtureRequest) -> None:
+def test_a_client_that_vanishes_mid_message(site: SmbSite, redirector: str) -> None:
     """The server learns that its client went in the middle of a message. With the
     redirector the SMB connection outlives the client; the client's last handshake
     message may have gone as a TRANSCEIVE that the server never answers, so the pipe's
     CLOSE waits behind it and the connection is reset instead. Samba 4.17 lets go of
     the pipe then; 4.22 keeps it until the server writes (tests/test_pipe_close.py), so
     there the server may never learn: an expected failure, not a pass."""
-    if redirector == "shared" and samba_version() >= (4, 18):
-        request.applymarker(pytest.mark.xfail(
-            reason="Samba 4.22 keeps a pipe whose TRANSCEIVE waits, even after its "
-                   "connection ends", strict=False))
     name = f"cvmid{redirector[:2]}"
     with server(site, name, "byte", max_message=2 << 20):
         client(site, "vanish_mid_send", name, "byte", check=False,
@@ -189,4 +184,9 @@ def test_a_client_that_vanishes_mid_message(site: SmbSite, redirector: str,
                     or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-    assert any("middle of a message" in e for e in r["events"]), json.dumps(r)
+    learned = any("middle of a message" in e for e in r["events"])
+    if not learned and redirector == "shared" and samba_version() >= (4, 18):
+        # Only the assertion is expected to fail there, not the server's start or stop.
+        pytest.xfail("Samba 4.22 keeps a pipe whose TRANSCEIVE waits, even after its "
+                     "connection ends: " + json.dumps(r))
+    assert learned, json.dumps(r)
