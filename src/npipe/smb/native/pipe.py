@@ -291,6 +291,10 @@ class RemotePipe(asyncio.Transport):
                 return
             if len(data) >= asked - 1:  # full (Samba gives 65,535 for 65,536)
                 self._window = min(self._window * 2, MAX_READS)
+                # More is on its way: ask for it before handing this on, so that the next
+                # READ's round trip overlaps the protocol's work on this data (a loop
+                # turn later cost ~75 us per 64 KiB echo, measured).
+                self._post_reads()
             elif self._window > MIN_READS:
                 self._window -= 1
             if self.message_mode:
