@@ -35,6 +35,7 @@ from npipe.testing.netns import run_in
 
 SCRIPT = Path(__file__).resolve()
 SIZES = ((64, 128), (4096, 128), (65536, 32), (1 << 20, 8))
+SLOW_S = 0.002  # an echo of at most 64 KiB that takes longer than this stalled
 
 
 def old_reads() -> None:
@@ -95,6 +96,7 @@ def client(address: str, host: str, turns: int, with_old: bool) -> None:
                 if got != msg:
                     raise AssertionError("the echo differs")
             out[size] = size / statistics.median(times) / 1e6
+            slow[kind][size] += sum(t > SLOW_S for t in times)
         return out
 
     async def minimal_turn() -> dict[int, float]:
@@ -108,9 +110,11 @@ def client(address: str, host: str, turns: int, with_old: bool) -> None:
                 if got != msg:
                     raise AssertionError("the echo differs")
             out[size] = size / statistics.median(times) / 1e6
+            slow["minimal"][size] += sum(t > SLOW_S for t in times)
         return out
 
     mbs: dict[str, list[dict[int, float]]] = {k: [] for k in kinds}
+    slow = {k: dict.fromkeys((s for s, _ in SIZES), 0) for k in kinds}
     for turn in range(turns + 1):  # the first: warm-up
         for i in range(len(kinds)):
             kind = kinds[(turn + i) % len(kinds)]
@@ -128,6 +132,9 @@ def client(address: str, host: str, turns: int, with_old: bool) -> None:
     for kind in kinds:
         print(f"{kind:<16}" + "".join(
             f"{statistics.median(t[s] for t in mbs[kind]):>9.3g}" for s, _ in SIZES))
+    print("echoes of 64 B to 64 KiB that took over 2 ms (warm-up turn included): " + ", ".join(
+        f"{kind} " + " / ".join(str(slow[kind][s]) for s, _ in SIZES[:3]) for kind in kinds)
+        + f" of {' / '.join(str(n * (turns + 1)) for _, n in SIZES[:3])}")
     for kind in (k for k in kinds if k != "minimal"):
         cells = []
         for size, _ in SIZES:
