@@ -134,6 +134,48 @@ def test_hops_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
     assert smbd > 0 and all(cpu[t]["smbd"] < smbd / 2 for t in ("grpc-tcp", "grpc-tls")), cpu
 
 
+ECHO_TURNS_RATIO = re.compile(
+    r"(?P<name>npipe(?:-old-reads)?) / minimal: 64 B (?P<r64>[\d.]+)x \[[\d.]+-[\d.]+\], "
+    r"4 KiB [\d.]+x \[[\d.]+-[\d.]+\], 64 KiB [\d.]+x \[[\d.]+-[\d.]+\], "
+    r"1 MiB [\d.]+x \[[\d.]+-[\d.]+\]")
+
+
+@pytest.mark.timeout(240)
+def test_echo_turns_bench_runs_and_prints_its_ratios() -> None:
+    """echo_turns.py runs npipe, npipe with the old READ timing and the minimal client
+    in one process and prints a ratio line for each npipe, and its stall counts. Not a
+    performance check."""
+    require_root_and_samba()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "echo_turns.py"), "--turns", "1", "--old-reads"],
+        capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = [m["name"] for line in proc.stdout.splitlines()
+             if (m := ECHO_TURNS_RATIO.fullmatch(line.rstrip()))]
+    assert names == ["npipe", "npipe-old-reads"], proc.stdout
+    assert "took over 2 ms" in proc.stdout and "minimal" in proc.stdout, proc.stdout
+
+
+FRONTDOOR_ROW = re.compile(
+    r" +(?P<threads>\d+) +(?P<inproc>\d+) \[\d+-\d+\] +(?P<own>\d+) \[\d+-\d+\]"
+    r" +(?P<ratio>[\d.]+)x \[[\d.]+-[\d.]+\]")
+
+
+@pytest.mark.timeout(240)
+def test_frontdoor_process_bench_runs_and_prints_its_table() -> None:
+    """frontdoor_process.py serves the same service with the Samba front door in and out
+    of grpcio's process and prints a row per thread count. Not a performance check."""
+    require_root_and_samba()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "frontdoor_process.py"), "--rounds", "1", "--calls",
+         "300", "--threads", "1,8"],
+        capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [m for line in proc.stdout.splitlines() if (m := FRONTDOOR_ROW.fullmatch(line))]
+    assert [int(m["threads"]) for m in rows] == [1, 8], proc.stdout
+    assert all(int(m["inproc"]) > 0 and int(m["own"]) > 0 for m in rows), proc.stdout
+
+
 # cross_host.py's gRPC table: a row per transport, its ratios to grpc-tcp; the encrypted
 # pipes' rows are followed by a line of their ratios to grpc-tls.
 CROSS_GRPC_ROW = re.compile(
