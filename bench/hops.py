@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {results[k][-1]['p50']:.0f}us" for k in KINDS), file=sys.stderr)
         flames: list[Path] = []
         if args.flame:
-            pids = {who: pid for pid, (who, _) in processes(namespaces).items()
-                    if who in ("client", "redirector", "server")}
-            # the grpc-smb client only (each client kind is a process of its own)
-            pids["client"] = clients["grpc-smb"].pid
-            pids["server"] = servers["grpc-pipe"][0].pid
+            # the grpc-smb client and the pipe's server (each kind is a process of its
+            # own), and the user's redirector, which relays grpc-smb's pipe
+            pids = {"client": clients["grpc-smb"].pid, "server": servers["grpc-pipe"][0].pid}
+            pids.update((who, pid) for pid, (who, _) in processes(namespaces).items()
+                        if who == "redirector")
             calls = args.calls * 3
             seconds = max(5.0, calls * 0.0012)
             started = time.monotonic()
