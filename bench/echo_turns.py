@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ SIZES = ((64, 128), (4096, 128), (65536, 32), (1 << 20, 8))
 SLOW_S = 0.002  # an echo of at most 64 KiB that takes longer than this stalled
 
 
-def old_reads() -> None:
-    """Make a full READ's follow-up READ wait for the loop's next turn, as before."""
+def old_reads() -> Callable[[bool], None]:
+    """A switch between npipe as it is and npipe whose full READ's follow-up READ waits
+    for the loop's next turn, as before (methods of RemotePipe swapped, bench-only)."""
     from npipe.smb.native import pipe
 
     deliver, post = pipe.RemotePipe._deliver, pipe.RemotePipe._post_reads
@@ -55,19 +57,11 @@ def old_reads() -> None:
         if not getattr(self, "_bench_delivering", False):
             post(self)  # (in _deliver: skipped; the call_soon after it posts)
 
-    pipe.RemotePipe._deliver = delivering  # type: ignore[method-assign]
-    pipe.RemotePipe._post_reads = posting  # type: ignore[method-assign]
+    def switch(on: bool) -> None:
+        pipe.RemotePipe._deliver, pipe.RemotePipe._post_reads = (  # type: ignore[method-assign]
+            (delivering, posting) if on else (deliver, post))
 
-
-def patched(on: bool) -> None:
-    from npipe.smb.native import pipe
-
-    if not hasattr(pipe, "_bench_saved"):
-        pipe._bench_saved = (pipe.RemotePipe._deliver,  # type: ignore[attr-defined]
-                             pipe.RemotePipe._post_reads)
-    pipe.RemotePipe._deliver, pipe.RemotePipe._post_reads = pipe._bench_saved  # type: ignore[attr-defined,method-assign]
-    if on:
-        old_reads()
+    return switch
 
 
 def client(address: str, host: str, turns: int, with_old: bool) -> None:
@@ -77,40 +71,38 @@ def client(address: str, host: str, turns: int, with_old: bool) -> None:
     loop = asyncio.new_event_loop()
     streams = {}
     kinds = ["npipe", "minimal"] + (["npipe-old-reads"] if with_old else [])
+    set_old_reads = old_reads() if with_old else None
     for kind in kinds:
         if kind != "minimal":
             streams[kind] = loop.run_until_complete(
                 npipe.open_connection(address, smb_backend="native"))
 
-    async def npipe_turn(kind: str) -> dict[int, float]:
+    def npipe_echo(kind: str) -> Callable[[bytes], Awaitable[bytes]]:
         reader, writer = streams[kind]
+
+        async def echo(msg: bytes) -> bytes:
+            writer.write(msg)
+            got = await asyncio.wait_for(reader.readexactly(len(msg)), 60)
+            await writer.drain()
+            return got
+
+        return echo
+
+    async def minimal_echo(msg: bytes) -> bytes:
+        return await asyncio.wait_for(minimal.echo(msg), 60)
+
+    async def echo_turn(kind: str, echo: Callable[[bytes], Awaitable[bytes]]) -> dict[int, float]:
         out = {}
         for size, n in SIZES:
             msg, times = os.urandom(size), []
             for _ in range(n):
                 t0 = time.perf_counter()
-                writer.write(msg)
-                got = await asyncio.wait_for(reader.readexactly(size), 60)
-                await writer.drain()
+                got = await echo(msg)
                 times.append(time.perf_counter() - t0)
                 if got != msg:
                     raise AssertionError("the echo differs")
             out[size] = size / statistics.median(times) / 1e6
             slow[kind][size] += sum(t > SLOW_S for t in times)
-        return out
-
-    async def minimal_turn() -> dict[int, float]:
-        out = {}
-        for size, n in SIZES:
-            msg, times = os.urandom(size), []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                got = await asyncio.wait_for(minimal.echo(msg), 60)
-                times.append(time.perf_counter() - t0)
-                if got != msg:
-                    raise AssertionError("the echo differs")
-            out[size] = size / statistics.median(times) / 1e6
-            slow["minimal"][size] += sum(t > SLOW_S for t in times)
         return out
 
     mbs: dict[str, list[dict[int, float]]] = {k: [] for k in kinds}
@@ -119,13 +111,15 @@ def client(address: str, host: str, turns: int, with_old: bool) -> None:
         for i in range(len(kinds)):
             kind = kinds[(turn + i) % len(kinds)]
             if kind == "minimal":
-                got = minimal.run(minimal_turn())
+                got = minimal.run(echo_turn(kind, minimal_echo))
             else:
-                patched(kind == "npipe-old-reads")
-                got = loop.run_until_complete(npipe_turn(kind))
+                if set_old_reads is not None:
+                    set_old_reads(kind == "npipe-old-reads")
+                got = loop.run_until_complete(echo_turn(kind, npipe_echo(kind)))
             if turn:
                 mbs[kind].append(got)
-    patched(False)
+    if set_old_reads is not None:
+        set_old_reads(False)
     print(f"echo MB/s, median over {turns} turns; ratio: median of the per-turn ratios "
           "[min-max]")
     print(f"{'client':<16}" + "".join(f"{_size(s):>9}" for s, _ in SIZES))
